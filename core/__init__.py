@@ -1,0 +1,61 @@
+"""llmpress: plugin-based compression of Hugging Face models.
+
+Public API::
+
+    import llmpress
+    model, report = llmpress.compress(model, {"stages": [{"method": "wanda", "sparsity": 0.5}]},
+                                      "calib.txt", tokenizer=tok)
+"""
+
+from __future__ import annotations
+
+from llmpress.hookspecs import hookimpl, hookspec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "hookimpl",
+    "hookspec",
+    "compress",
+    "Recipe",
+    "Stage",
+    "MethodConfig",
+    "PruningConfig",
+    "get_plugin_manager",
+    "perplexity",
+    "save_compressed",
+    "load_model",
+    "__version__",
+]
+
+
+def __getattr__(name: str):  # noqa: ANN202 - lazy public API, no heavy imports at import time
+    if name == "compress":
+        from llmpress.pipeline import compress
+
+        return compress
+    if name in ("Recipe", "Stage"):
+        from llmpress import recipe
+
+        return getattr(recipe, name)
+    if name in ("MethodConfig", "PruningConfig"):
+        from llmpress import config
+
+        return getattr(config, name)
+    if name == "get_plugin_manager":
+        from llmpress.plugin_manager import get_plugin_manager
+
+        return get_plugin_manager
+    if name == "perplexity":
+        from llmpress.evaluate import perplexity
+
+        return perplexity
+    if name == "save_compressed":
+        from llmpress.save import save_compressed
+
+        return save_compressed
+    if name == "load_model":
+        from llmpress.loading import load_model
+
+        return load_model
+    raise AttributeError(f"module 'llmpress' has no attribute {name!r}")

@@ -1,0 +1,96 @@
+"""Capture the inputs of the first block and run one block over all calibration batches."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to end the model forward at the first block."""
+
+
+def _to(x: Any, device: torch.device | str) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, tuple):
+        return tuple(_to(v, device) for v in x)
+    if isinstance(x, list):
+        return [_to(v, device) for v in x]
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+@contextlib.contextmanager
+def outside_blocks_on(model: nn.Module, block_prefix: str, device: torch.device) -> Iterator[None]:
+    """Temporarily move every parameter and buffer *not* in the blocks to ``device``."""
+    moved: list[tuple[torch.Tensor, torch.device]] = []
+    prefix = block_prefix + "."
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if not name.startswith(prefix) and t.device != device:
+            moved.append((t, t.device))
+            t.data = t.data.to(device)
+    try:
+        yield
+    finally:
+        for t, dev in moved:
+            t.data = t.data.to(dev)
+
+
+class BlockActivations:
+    """Calibration activations flowing between blocks, one entry per batch.
+
+    ``hidden[i]``: [B, L, d] input of the current block for batch ``i``; ``kwargs[i]``: the
+    other arguments the model passed to its blocks (attention mask, position embeddings).
+    ``store``: where activations rest between uses (the compute device, or CPU to offload).
+    """
+
+    def __init__(self, store: torch.device, compute: torch.device) -> None:
+        self.store = store
+        self.compute = compute
+        self.hidden: list[torch.Tensor] = []
+        self.kwargs: list[dict[str, Any]] = []
+
+    @torch.no_grad()
+    def capture(self, model: nn.Module, first_block: nn.Module, ids: torch.Tensor, batch_size: int) -> None:
+        """Run the model on ``ids`` [n, L] until its first block and keep that block's inputs."""
+
+        def hook(mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            kw = dict(kwargs)
+            x = args[0] if args else kw.pop("hidden_states")
+            kw.pop("past_key_values", None)
+            kw.pop("past_key_value", None)
+            kw.pop("layer_past", None)
+            kw["use_cache"] = False
+            self.hidden.append(x.detach().to(self.store))
+            self.kwargs.append(kw)
+            raise _Stop
+
+        handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            for batch in ids.split(batch_size):
+                with contextlib.suppress(_Stop):
+                    model(input_ids=batch.to(self.compute), use_cache=False)
+        finally:
+            handle.remove()
+
+    @torch.no_grad()
+    def run(self, block: nn.Module, *, keep_outputs: bool, on_batch: Any = None) -> None:
+        """Run ``block`` over every batch; with ``keep_outputs`` the outputs become the inputs."""
+        for i, x in enumerate(self.hidden):
+            if on_batch is not None:
+                on_batch()
+            out = block(x.to(self.compute), **self.kwargs[i])
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            if keep_outputs:
+                self.hidden[i] = out.to(self.store)
+            del out

@@ -1,0 +1,135 @@
+"""The ``llmpress`` command line: compress, eval, plugins, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from llmpress.errors import LlmpressError
+
+log = logging.getLogger("llmpress")
+
+
+def _compress(a: argparse.Namespace) -> int:
+    import torch
+
+    from llmpress.loading import load_model
+    from llmpress.pipeline import compress
+    from llmpress.plugin_manager import get_plugin_manager
+    from llmpress.recipe import Recipe
+    from llmpress.save import save_compressed
+
+    recipe = Recipe.load(a.recipe)
+    recipe.resolve(get_plugin_manager())  # unknown method / bad option: fail before loading anything
+    out = Path(a.out)
+    if out.exists() and not a.overwrite:
+        raise LlmpressError(f"output directory {out} already exists; pass --overwrite or pick another")
+    model, tok = load_model(a.model, dtype=a.dtype, device="cpu" if a.offload_model else a.device)
+    saved_dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    model, report = compress(
+        model, recipe, a.calib, tokenizer=tok, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
+        device=a.device, batch_size=a.batch_size, offload_activations=a.offload_activations,
+    )
+    save_dtype = saved_dtype if isinstance(saved_dtype, torch.dtype) and not a.keep_dtype else None
+    save_compressed(model, out, tokenizer=tok, report=report, dtype=save_dtype, overwrite=a.overwrite)
+    print(f"compressed {len(report.modules)} layers to {out} "
+          f"(overall sparsity {report.overall_sparsity:.4f}, {report.wall_time_s:.1f}s)")
+    return 0
+
+
+def _eval(a: argparse.Namespace) -> int:
+    from llmpress.evaluate import perplexity
+    from llmpress.loading import load_model
+
+    model, tok = load_model(a.model_dir, dtype=a.dtype, device=a.device)
+    if tok is None:
+        raise LlmpressError(f"{a.model_dir} has no tokenizer; perplexity needs one")
+    res = perplexity(model, tok, Path(a.text), seqlen=a.seqlen, batch_size=a.batch_size,
+                     max_tokens=a.max_tokens, device=a.device, progress=not a.json)
+    if a.json:
+        print(json.dumps(res))
+    else:
+        print(f"perplexity {res['perplexity']:.4f} over {int(res['windows'])} windows of {a.seqlen} tokens")
+    return 0
+
+
+def _plugins(a: argparse.Namespace) -> int:
+    from llmpress.plugin_manager import get_plugin_manager
+
+    pm = get_plugin_manager()
+    rows = pm.plugins()
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(n) for n in rows) if rows else 10
+    for name, methods in sorted(rows.items()):
+        print(f"{name:<{width}}  {pm.plugin_origin(name):<28} methods: {', '.join(methods) or '-'}")
+    return 0
+
+
+def _demo(a: argparse.Namespace) -> int:
+    from llmpress.demo import run_demo
+
+    run_demo(Path(a.out) if a.out else None, steps=a.steps)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmpress", description="Compress Hugging Face models with plugins.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("compress", help="compress a model with a recipe")
+    c.add_argument("model", help="local model folder or Hub id")
+    c.add_argument("--recipe", required=True, help="YAML or JSON recipe file")
+    c.add_argument("--calib", help="calibration text (.txt, .jsonl, dataset folder or Hub dataset id)")
+    c.add_argument("--out", required=True, help="output folder (written atomically)")
+    c.add_argument("--nsamples", type=int, default=128)
+    c.add_argument("--seqlen", type=int, default=2048)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default="cpu", help="compute device, e.g. cuda or cuda:0")
+    c.add_argument("--dtype", default="auto", help="compute dtype (auto: fp32 on CPU, stored dtype on GPU)")
+    c.add_argument("--batch-size", type=int, default=None, help="calibration sequences per block forward")
+    c.add_argument("--offload-activations", action="store_true", help="keep calibration activations on CPU")
+    c.add_argument("--offload-model", action="store_true", help="keep the model on CPU, one block at a time on --device")
+    c.add_argument("--keep-dtype", action="store_true", help="save in the compute dtype instead of the checkpoint's")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=_compress)
+
+    e = sub.add_parser("eval", help="evaluate a (compressed) model")
+    e.add_argument("model_dir")
+    e.add_argument("--text", required=True, help="text file for perplexity")
+    e.add_argument("--seqlen", type=int, default=256)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-tokens", type=int, default=None)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--dtype", default="auto")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=_eval)
+
+    pl = sub.add_parser("plugins", help="list plugins and their methods")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=_plugins)
+
+    d = sub.add_parser("demo", help="build, prune, evaluate, save and reload a small model")
+    d.add_argument("--out", default=None, help="keep the saved models here")
+    d.add_argument("--steps", type=int, default=300, help="training steps of the demo model")
+    d.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (LlmpressError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Method configs: one frozen, typed, versioned dataclass per method, round-tripping to JSON.
+
+A recipe stage such as ``{method: wanda, sparsity: 0.5, pattern: "2:4"}`` becomes
+``WandaConfig(sparsity=0.5, pattern="2:4")``. ``to_dict()`` is what goes into the saved
+recipe, ``config.json`` and the model card; ``from_dict()`` reads it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, TypeVar, get_type_hints
+
+from llmpress.errors import RecipeError
+from llmpress.targets import SparsityTarget, parse_pattern
+
+C = TypeVar("C", bound="MethodConfig")
+
+#: statistics a method can ask the engine to collect for each target layer's input
+KNOWN_STATS = frozenset({"hessian", "sq_norms"})
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+    """Base class of every method config.
+
+    Subclasses set ``method`` (the registered name), ``version`` (bumped when the meaning
+    of a field changes) and ``stats`` (what the engine must collect: ``"hessian"`` for
+    ``X^T X``, ``"sq_norms"`` for per-input-column sums of squares). Fields are the method's
+    options with defaults; ``validate()`` raises :class:`RecipeError` on bad values.
+    """
+
+    method: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+    stats: ClassVar[frozenset[str]] = frozenset()
+    needs_calibration: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check option values; raise :class:`RecipeError` naming the bad option."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: ``method``, ``version`` and every field."""
+        out: dict[str, Any] = {"method": self.method, "version": self.version}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        """Build from a dict (a recipe stage or a saved ``to_dict()``), checking keys."""
+        data = dict(data)
+        method = data.pop("method", cls.method)
+        if method != cls.method:
+            raise RecipeError(f"config for method {method!r} given to {cls.__name__} ({cls.method!r})")
+        version = data.pop("version", cls.version)
+        if int(version) > cls.version:
+            raise RecipeError(
+                f"{cls.method} config version {version} is newer than this llmpress supports "
+                f"({cls.version}); upgrade llmpress"
+            )
+        names = set(cls.field_names())
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise RecipeError(
+                f"unknown option(s) {unknown} for method {cls.method!r}; "
+                f"valid options: {sorted(names)}"
+            )
+        hints = get_type_hints(cls)
+        kwargs = {}
+        for k, v in data.items():
+            if isinstance(v, list) and "tuple" in str(hints.get(k, "")):
+                v = tuple(v)
+            kwargs[k] = v
+        try:
+            return cls(**kwargs)
+        except TypeError as e:  # pragma: no cover - defensive
+            raise RecipeError(f"bad options for method {cls.method!r}: {e}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class PruningConfig(MethodConfig):
+    """Shared options of pruning methods.
+
+    ``sparsity`` is the fraction of weights set to zero in each target layer. ``pattern``
+    is ``"unstructured"`` or ``"N:M"`` (N weights kept in every M consecutive input
+    weights, NVIDIA's convention: ``"2:4"`` is 50 %). With an ``N:M`` pattern ``sparsity``
+    may be omitted; if given it must equal ``1 - N/M``.
+    """
+
+    sparsity: float | None = None
+    pattern: str = "unstructured"
+
+    def validate(self) -> None:
+        nm = parse_pattern(self.pattern)  # raises on a bad pattern
+        s = self.sparsity
+        if s is None:
+            if nm is None:
+                raise RecipeError(f"method {self.method!r}: 'sparsity' is required with an unstructured pattern")
+            return
+        if isinstance(s, bool) or not isinstance(s, (int, float)):
+            raise RecipeError(f"method {self.method!r}: sparsity must be a number, got {s!r}")
+        if not 0.0 <= float(s) < 1.0:
+            raise RecipeError(
+                f"method {self.method!r}: sparsity {s} is outside [0, 1); use e.g. 0.5 for 50 %"
+            )
+        if nm is not None:
+            n, m = nm
+            implied = 1.0 - n / m
+            if abs(float(s) - implied) > 1e-9:
+                raise RecipeError(
+                    f"method {self.method!r}: sparsity {s} contradicts pattern {self.pattern!r} "
+                    f"(which keeps {n} of every {m}, i.e. sparsity {implied:g}); drop 'sparsity' "
+                    f"or make them agree"
+                )
+
+    def sparsity_target(self, group: str = "row") -> SparsityTarget:
+        """The :class:`SparsityTarget` this config asks for."""
+        nm = parse_pattern(self.pattern)
+        s = float(self.sparsity) if self.sparsity is not None else 1.0 - nm[0] / nm[1]  # type: ignore[index]
+        return SparsityTarget(sparsity=s, nm=nm, group=group)

@@ -1,0 +1,84 @@
+"""Load a model with the Auto class its config implies (causal LM, masked LM, ...)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmpress.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+# (mapping name in transformers.models.auto.modeling_auto, Auto class name), most specific first
+_AUTO_CLASSES = (
+    ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "AutoModelForCausalLM"),
+    ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", "AutoModelForMaskedLM"),
+    ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "AutoModelForSeq2SeqLM"),
+    ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "AutoModelForSequenceClassification"),
+    ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "AutoModelForTokenClassification"),
+    ("MODEL_FOR_PRETRAINING_MAPPING_NAMES", "AutoModelForPreTraining"),
+    ("MODEL_MAPPING_NAMES", "AutoModel"),
+)
+
+
+def auto_class_for(config: Any) -> Any:
+    """The transformers Auto class that loads ``config``'s architecture."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    archs = list(getattr(config, "architectures", None) or [])
+    for mapping_name, auto_name in _AUTO_CLASSES:
+        mapping = getattr(modeling_auto, mapping_name, {})
+        names = set()
+        for v in mapping.values():
+            names.update(v if isinstance(v, (list, tuple)) else [v])
+        if any(a in names for a in archs):
+            return getattr(transformers, auto_name)
+    if not archs:
+        log.warning("config names no architecture; loading with AutoModelForCausalLM")
+        return transformers.AutoModelForCausalLM
+    raise ModelError(f"no transformers Auto class loads architecture {archs}; llmpress supports Hub models")
+
+
+def _dtype(dtype: str | torch.dtype | None, device: str) -> Any:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        # CPU math in half precision is slow and lossy: compute in fp32 there
+        return torch.float32 if device == "cpu" else "auto"
+    try:
+        return getattr(torch, str(dtype))
+    except AttributeError:
+        raise ModelError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16") from None
+
+
+def load_model(
+    name_or_path: str | Path,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, Any]:
+    """Load ``(model, tokenizer)`` from a local folder or Hub id; tokenizer may be ``None``."""
+    import transformers
+
+    src = str(name_or_path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read a model config from {src!r}: {e}") from e
+    cls = auto_class_for(config)
+    log.info("loading %s with %s", src, cls.__name__)
+    model = cls.from_pretrained(src, dtype=_dtype(dtype, device), trust_remote_code=trust_remote_code)
+    model.to(device)
+    model.eval()
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        log.warning("no tokenizer loaded from %s (%s)", src, e)
+        tok = None
+    return model, tok

@@ -1,0 +1,118 @@
+"""The plugin manager: built-in and third-party plugins found through one entry-point group."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from llmpress import hookspecs
+from llmpress.config import MethodConfig
+from llmpress.errors import RecipeError
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "llmpress"
+DISABLE_ENV = "LLMPRESS_DISABLE_PLUGINS"
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodInfo:
+    """A registered method: its name, config class and the plugin that registered it."""
+
+    name: str
+    config_cls: type[MethodConfig]
+    plugin: str
+
+
+class Llmpress:
+    """A pluggy manager plus the method registry built from ``llmpress_register_methods``."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self.pm = pm
+        self.hook = pm.hook
+        self.methods: dict[str, MethodInfo] = {}
+        self._collect_methods()
+
+    def _collect_methods(self) -> None:
+        for impl in self.pm.hook.llmpress_register_methods.get_hookimpls():
+            plugin_name = self.pm.get_name(impl.plugin) or repr(impl.plugin)
+
+            def register(name: str, config_cls: type[MethodConfig], _p: str = plugin_name) -> None:
+                if not (isinstance(config_cls, type) and issubclass(config_cls, MethodConfig)):
+                    raise TypeError(f"plugin {_p!r}: {name!r} must register a MethodConfig subclass")
+                if name in self.methods:
+                    raise RecipeError(
+                        f"method {name!r} registered twice: by {self.methods[name].plugin!r} and {_p!r}"
+                    )
+                if config_cls.method != name:
+                    raise TypeError(f"plugin {_p!r}: {config_cls.__name__}.method is {config_cls.method!r}, not {name!r}")
+                self.methods[name] = MethodInfo(name, config_cls, _p)
+
+            impl.function(register=register)
+
+    def method(self, name: str) -> MethodInfo:
+        """Look a method up by name; a clear error lists the known ones."""
+        try:
+            return self.methods[name]
+        except KeyError:
+            known = ", ".join(sorted(self.methods)) or "(none)"
+            raise RecipeError(
+                f"unknown method {name!r}; known methods: {known}. Third-party methods come from "
+                f"packages declaring an entry point in the 'llmpress' group (see `llmpress plugins`)"
+            ) from None
+
+    def plugins(self) -> dict[str, list[str]]:
+        """Plugin name -> the methods it registers (plugins with none map to [])."""
+        out: dict[str, list[str]] = {}
+        for name, plugin in self.pm.list_name_plugin():
+            if plugin is None:
+                continue
+            out[name] = sorted(m.name for m in self.methods.values() if m.plugin == name)
+        return out
+
+    def plugin_origin(self, name: str) -> str:
+        plugin = self.pm.get_plugin(name)
+        for p, dist in self.pm.list_plugin_distinfo():
+            if p is plugin:
+                return f"{dist.project_name} {dist.version}"
+        return getattr(plugin, "__name__", repr(plugin))
+
+
+def make_plugin_manager(extra_plugins: list[ModuleType | Any] | None = None, load_entrypoints: bool = True) -> Llmpress:
+    """Build a fresh manager: specs, entry-point plugins, extra plugins, then ``check_pending``.
+
+    Names listed (comma-separated) in ``$LLMPRESS_DISABLE_PLUGINS`` are blocked.
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for name in os.environ.get(DISABLE_ENV, "").split(","):
+        if name.strip():
+            pm.set_blocked(name.strip())
+    if load_entrypoints:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    for p in extra_plugins or []:
+        pm.register(p)
+    pm.check_pending()
+    return Llmpress(pm)
+
+
+_default: Llmpress | None = None
+
+
+def get_plugin_manager() -> Llmpress:
+    """The process-wide manager, built on first use."""
+    global _default
+    if _default is None:
+        _default = make_plugin_manager()
+    return _default
+
+
+def reset_plugin_manager() -> None:
+    """Forget the process-wide manager (after installing a plugin or changing the env)."""
+    global _default
+    _default = None

@@ -1,0 +1,1 @@
+"""Pure quantization math: uniform group-wise grids (``grid``) and bit packing (``packing``)."""

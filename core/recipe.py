@@ -1,0 +1,155 @@
+"""Recipes: an ordered list of stages, from YAML/JSON files, dicts or Python dataclasses.
+
+```yaml
+stages:
+  - method: wanda          # a registered method name
+    sparsity: 0.5          # every other key is an option of the method's config
+    pattern: "2:4"
+    targets: ["mlp"]       # optional regexes over module names (default: all block linears)
+    ignore: ["down_proj"]  # optional regexes removed from the targets
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmpress.config import MethodConfig
+from llmpress.errors import RecipeError
+from llmpress.plugin_manager import Llmpress, get_plugin_manager
+
+_STAGE_KEYS = ("method", "targets", "ignore")
+
+
+@dataclasses.dataclass
+class Stage:
+    """One compression step: a method, its options and the layers it applies to."""
+
+    method: str
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    targets: list[str] | None = None
+    ignore: list[str] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, config: MethodConfig, targets: list[str] | None = None, ignore: Sequence[str] = ()) -> Stage:
+        d = config.to_dict()
+        d.pop("version")
+        return cls(method=d.pop("method"), options=d, targets=targets, ignore=list(ignore))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.method, **self.options}
+        if self.targets is not None:
+            out["targets"] = list(self.targets)
+        if self.ignore:
+            out["ignore"] = list(self.ignore)
+        return out
+
+
+@dataclasses.dataclass
+class ResolvedStage:
+    """A stage with its validated method config."""
+
+    index: int
+    stage: Stage
+    config: MethodConfig
+
+    @property
+    def name(self) -> str:
+        return f"stage {self.index} ({self.stage.method})"
+
+
+@dataclasses.dataclass
+class Recipe:
+    """An ordered list of :class:`Stage` (or :class:`MethodConfig`, taken as a stage)."""
+
+    stages: list[Stage | MethodConfig]
+
+    def normalized(self) -> list[Stage]:
+        return [s if isinstance(s, Stage) else Stage.from_config(s) for s in self.stages]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stages": [s.to_dict() for s in self.normalized()]}
+
+    def resolve(self, pm: Llmpress | None = None) -> list[ResolvedStage]:
+        """Validate every stage (method known, options valid) and build its config."""
+        pm = pm or get_plugin_manager()
+        stages = self.normalized()
+        if not stages:
+            raise RecipeError("the recipe has no stages; add e.g. {method: wanda, sparsity: 0.5}")
+        out = []
+        for i, st in enumerate(stages):
+            info = pm.method(st.method)
+            try:
+                cfg = info.config_cls.from_dict(dict(st.options))
+            except RecipeError as e:
+                raise RecipeError(f"stage {i} ({st.method}): {e}") from None
+            out.append(ResolvedStage(i, st, cfg))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Recipe:
+        """From ``{"stages": [...]}``, a list of stage dicts, or one stage dict."""
+        if isinstance(data, dict) and "stages" in data:
+            extra = set(data) - {"stages"}
+            if extra:
+                raise RecipeError(f"unknown top-level recipe keys {sorted(extra)}; a recipe has only 'stages'")
+            data = data["stages"]
+        elif isinstance(data, dict) and "method" in data:
+            data = [data]
+        if not isinstance(data, list):
+            raise RecipeError("a recipe is a mapping with a 'stages' list (see the README)")
+        stages: list[Stage | MethodConfig] = []
+        for i, d in enumerate(data):
+            if not isinstance(d, dict) or "method" not in d:
+                raise RecipeError(f"stage {i} must be a mapping with a 'method' key, got {d!r}")
+            d = dict(d)
+            method = d.pop("method")
+            targets = d.pop("targets", None)
+            ignore = d.pop("ignore", [])
+            if isinstance(targets, str):
+                targets = [targets]
+            if isinstance(ignore, str):
+                ignore = [ignore]
+            opts = d.pop("options", {}) or {}
+            stages.append(Stage(method=str(method), options={**d, **opts}, targets=targets, ignore=list(ignore)))
+        return cls(stages=stages)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        """Read a ``.yaml``/``.yml``/``.json`` recipe file."""
+        p = Path(path)
+        if not p.is_file():
+            raise RecipeError(f"recipe file {p} does not exist")
+        text = p.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise RecipeError(f"recipe file {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from e
+        try:
+            return cls.from_dict(data)
+        except RecipeError as e:
+            raise RecipeError(f"{p}: {e}") from None
+
+    def dump(self, path: str | Path) -> None:
+        p = Path(path)
+        d = self.to_dict()
+        p.write_text(json.dumps(d, indent=2) if p.suffix == ".json" else yaml.safe_dump(d, sort_keys=False))
+
+
+def as_recipe(recipe: Recipe | dict[str, Any] | list[Any] | str | Path | MethodConfig) -> Recipe:
+    """Accept a Recipe, a dict/list, a file path or a single method config."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, MethodConfig):
+        return Recipe(stages=[recipe])
+    if isinstance(recipe, (str, Path)):
+        return Recipe.load(recipe)
+    if isinstance(recipe, list) and recipe and all(isinstance(s, (Stage, MethodConfig)) for s in recipe):
+        return Recipe(stages=list(recipe))
+    return Recipe.from_dict(recipe)

@@ -1,0 +1,57 @@
+"""What a compression run reports: per-module sparsity and methods, totals, timings."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass
+class ModuleReport:
+    """One compressed layer: its methods, shape and measured sparsity."""
+
+    name: str
+    methods: list[str]
+    shape: tuple[int, int]
+    sparsity: float = 0.0
+    info: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "methods": self.methods,
+            "shape": list(self.shape),
+            "sparsity": round(self.sparsity, 6),
+            **({"info": self.info} if self.info else {}),
+        }
+
+
+@dataclasses.dataclass
+class CompressionReport:
+    """Summary of a :func:`llmpress.compress` run (``to_dict()`` is saved as JSON)."""
+
+    recipe: dict[str, Any]
+    modules: dict[str, ModuleReport] = dataclasses.field(default_factory=dict)
+    calibration: dict[str, Any] = dataclasses.field(default_factory=dict)
+    device: str = "cpu"
+    wall_time_s: float = 0.0
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: per-module quantization state for export (not JSON; filled by quantization methods)
+    quant_state: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def overall_sparsity(self) -> float:
+        """Fraction of zeros over all compressed layers' weights."""
+        total = sum(m.shape[0] * m.shape[1] for m in self.modules.values())
+        zeros = sum(m.sparsity * m.shape[0] * m.shape[1] for m in self.modules.values())
+        return zeros / total if total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe,
+            "overall_sparsity": round(self.overall_sparsity, 6),
+            "modules": {k: v.to_dict() for k, v in self.modules.items()},
+            "calibration": self.calibration,
+            "device": self.device,
+            "wall_time_s": round(self.wall_time_s, 3),
+            "versions": self.versions,
+        }

@@ -1,0 +1,1 @@
+"""Built-in llmpress plugins: one module per method, registered through entry points."""

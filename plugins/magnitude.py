@@ -1,0 +1,49 @@
+"""Magnitude pruning: drop the weights of smallest ``|W|`` (no calibration data).
+
+By default one threshold per layer, as in the Wanda authors' magnitude baseline;
+``group: row`` prunes each output row to the same sparsity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from llmpress import hookimpl
+from llmpress.config import MethodConfig, PruningConfig
+from llmpress.errors import RecipeError
+from llmpress.modules import get_weight
+from llmpress.stats import LayerStats
+from llmpress.targets import SparsityTarget
+
+
+@dataclasses.dataclass(frozen=True)
+class MagnitudeConfig(PruningConfig):
+    """``group``: ``"layer"`` (one threshold per layer) or ``"row"`` (per output row)."""
+
+    method: ClassVar[str] = "magnitude"
+    needs_calibration: ClassVar[bool] = False
+    group: str = "layer"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.group not in ("layer", "row"):
+            raise RecipeError(f"magnitude: group must be 'layer' or 'row', got {self.group!r}")
+
+    def sparsity_target(self, group: str | None = None) -> SparsityTarget:
+        return super().sparsity_target(group or self.group)
+
+
+@hookimpl
+def llmpress_register_methods(register) -> None:  # noqa: ANN001
+    register("magnitude", MagnitudeConfig)
+
+
+@hookimpl
+def llmpress_score_importance(module: nn.Module, stats: LayerStats | None, config: MethodConfig) -> torch.Tensor | None:
+    if not isinstance(config, MagnitudeConfig):
+        return None
+    return get_weight(module).detach().abs().float()  # [out, in]

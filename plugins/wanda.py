@@ -1,0 +1,42 @@
+"""Wanda (Sun et al., 2023): prune by ``|W_ij| * ||X_j||_2``, compared within each output row."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from llmpress import hookimpl
+from llmpress.config import MethodConfig, PruningConfig
+from llmpress.modules import get_weight
+from llmpress.stats import LayerStats
+
+
+@dataclasses.dataclass(frozen=True)
+class WandaConfig(PruningConfig):
+    """Wanda: no weight update; the comparison group is the output row (the paper's choice)."""
+
+    method: ClassVar[str] = "wanda"
+    stats: ClassVar[frozenset[str]] = frozenset({"sq_norms"})
+
+
+def wanda_scores(weight: torch.Tensor, col_norms: torch.Tensor) -> torch.Tensor:
+    """weight: [out, in], col_norms: [in] -> scores [out, in] = |W| * ||X_j||."""
+    return weight.abs().float() * col_norms.float().unsqueeze(0)
+
+
+@hookimpl
+def llmpress_register_methods(register) -> None:  # noqa: ANN001
+    register("wanda", WandaConfig)
+
+
+@hookimpl
+def llmpress_score_importance(module: nn.Module, stats: LayerStats | None, config: MethodConfig) -> torch.Tensor | None:
+    if not isinstance(config, WandaConfig):
+        return None
+    if stats is None:
+        raise ValueError("wanda needs calibration statistics (input column norms)")
+    w = get_weight(module).detach()
+    return wanda_scores(w, stats.col_norms.to(w.device))
