@@ -6,12 +6,32 @@ Layers fed the very same input tensor (``q/k/v_proj``, ``gate/up_proj``) share o
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from llmpress.modules import in_out_features
+
+
+_CHUNK = 8192  # token rows per fp32 upcast, bounds the temporary memory
+
+
+@contextlib.contextmanager
+def _exact_tf32(enabled: bool) -> Iterator[None]:
+    """Allow TF32 matmuls; exact for fp16/bf16 inputs (their mantissas fit TF32's 10 bits,
+    products are exact in fp32 and accumulation stays fp32)."""
+    if not enabled:
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 class LayerStats:
@@ -28,14 +48,19 @@ class LayerStats:
             torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
         )
         self._sq_norms = None if hessian else torch.zeros(in_features, dtype=torch.float32, device=device)
+        #: derived tensors shared by the layers fed this input (e.g. an inverse Cholesky factor)
+        self.cache: dict[str, Any] = {}
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
         """Accumulate a batch of inputs x: [..., in_features]."""
         x = x.reshape(-1, self.in_features)  # [tokens, in]
         if self.xtx is not None:
-            xf = x.float()
-            self.xtx.addmm_(xf.t(), xf)  # [in, in]
+            exact_tf32 = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+            with _exact_tf32(exact_tf32):
+                for xc in x.split(_CHUNK):
+                    xf = xc.float()  # [chunk, in]
+                    self.xtx.addmm_(xf.t(), xf)  # [in, in]
         else:
             assert self._sq_norms is not None
             self._sq_norms += torch.linalg.vector_norm(x, dim=0, dtype=torch.float32).square()

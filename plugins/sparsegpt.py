@@ -18,7 +18,7 @@ from torch import nn
 from llmpress import hookimpl
 from llmpress.config import MethodConfig, PruningConfig
 from llmpress.errors import RecipeError
-from llmpress.linalg import inverse_cholesky_upper, prepare_hessian
+from llmpress.linalg import cached_inverse_cholesky
 from llmpress.modules import get_weight
 from llmpress.stats import LayerStats
 from llmpress.update import UpdateResult
@@ -41,64 +41,52 @@ class SparseGPTConfig(PruningConfig):
             raise RecipeError(f"sparsegpt: percdamp must be in [0, 10), got {self.percdamp}")
 
 
-def _prune_lowest_in_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool [rows, c]: True at the ``k`` lowest scores of each row."""
-    pruned = torch.zeros_like(scores, dtype=torch.bool)
-    if k > 0:
-        pruned.scatter_(1, torch.topk(scores, k, dim=1, largest=False).indices, True)
-    return pruned
-
-
 @torch.no_grad()
 def sparsegpt_prune(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    U: torch.Tensor,
     sparsity: float,
     nm: tuple[int, int] | None = None,
     blocksize: int = 128,
-    percdamp: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prune ``weight`` [out, in] given the input Hessian [in, in]; returns ``(W', keep)``.
+    """Prune ``weight`` [out, in] given ``U``, the upper Cholesky factor of the damped inverse
+    input Hessian (:func:`llmpress.linalg.inverse_cholesky_upper`); returns ``(W', keep)``.
 
-    Unstructured: exactly ``int(sparsity * out * in)`` weights are pruned overall (each
-    block prunes its share, chosen layer-wide within the block). ``nm=(N, M)``: N of every
-    M consecutive input weights are kept, chosen when the group's first column is reached.
+    Unstructured: exactly ``round(sparsity * out * in)`` weights are pruned (each block
+    prunes its share, chosen layer-wide within the block). ``nm=(N, M)``: N of every M
+    consecutive input weights are kept, chosen when the group's first column is reached.
+    Works on the transpose so that each column step is two kernels on contiguous rows.
     """
-    H, W = prepare_hessian(hessian.float(), weight.float())
-    rows, cols = W.shape
-    U = inverse_cholesky_upper(H, percdamp)  # [in, in], upper
-    del H
-    pruned = torch.zeros_like(W, dtype=torch.bool)  # [out, in]
+    WT = weight.t().to(torch.float32, copy=True).contiguous()  # [in, out]
+    cols, rows = WT.shape
+    WT[torch.diagonal(U) == 0] = 0.0  # pragma: no cover - dead inputs have U_jj = 1, kept for safety
+    prunedT = torch.zeros_like(WT, dtype=torch.bool)  # [in, out]
     done = 0
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()  # [out, c]
+        W1 = WT[i1:i2]  # view [c, out]
         U1 = U[i1:i2, i1:i2]  # [c, c]
-        d = torch.diagonal(U1)  # [c]
-        Err1 = torch.zeros_like(W1)
-        P1 = torch.zeros_like(W1, dtype=torch.bool)  # [out, c]
+        d = torch.diagonal(U1).unsqueeze(1)  # [c, 1]
+        P1 = prunedT[i1:i2]  # view [c, out]
         if nm is None:
             k = round(sparsity * rows * i2) - done  # cumulative rounding keeps the total exact
-            sal = (W1.square() / d.square().unsqueeze(0)).flatten()  # [out * c]
             if k > 0:
+                sal = (W1.square() / d.square()).flatten()  # [c * out] OBS saliency
                 P1.view(-1)[torch.topk(sal, k, largest=False).indices] = True
             done += k
+        F1 = P1.float() / d  # [c, out]: err = w * F
+        Err1 = torch.empty_like(W1)  # [c, out]
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
-                m = nm[1]
-                sal = W1[:, i : i + m].square() / d[i : i + m].square().unsqueeze(0)  # [out, m]
-                P1[:, i : i + m] = _prune_lowest_in_rows(sal, m - nm[0])
-            w = W1[:, i]  # [out]
-            q = torch.where(P1[:, i], torch.zeros_like(w), w)
-            err = (w - q) / d[i]  # [out]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            W1[:, i] = q
-            Err1[:, i] = err
-        W[:, i1:i2] = W1
-        pruned[:, i1:i2] = P1
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    keep = ~pruned
-    return W * keep, keep
+                n, m = nm
+                sal = W1[i : i + m].square() / d[i : i + m].square()  # [m, out]
+                P1[i : i + m].scatter_(0, torch.topk(sal, m - n, dim=0, largest=False).indices, True)
+                F1[i : i + m] = P1[i : i + m].float() / d[i : i + m]
+            e = torch.mul(W1[i], F1[i], out=Err1[i])  # [out] error of pruning column i
+            W1[i:].addr_(U1[i, i:], e, alpha=-1.0)  # spread it over the block's later columns
+        WT[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)  # lazy update of the rest
+    keep = ~prunedT.t()  # [out, in]
+    return WT.t() * keep, keep
 
 
 @hookimpl
@@ -116,7 +104,8 @@ def llmpress_update_weights(
         raise ValueError("sparsegpt needs calibration statistics (the input Hessian)")
     t = config.sparsity_target()
     w = get_weight(module).detach()
-    new, keep = sparsegpt_prune(w, stats.hessian, t.sparsity, t.nm, int(config.blocksize), float(config.percdamp))
+    U = cached_inverse_cholesky(stats, float(config.percdamp))
+    new, keep = sparsegpt_prune(w, U, t.sparsity, t.nm, int(config.blocksize))
     if mask is not None:  # weights pruned by an earlier stage stay pruned
         keep = keep & mask.to(keep.device)
     return UpdateResult(weight=new.to(w.dtype), mask=keep)
