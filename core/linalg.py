@@ -32,33 +32,41 @@ def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor) -> tuple[torch.
     return hessian, weight
 
 
-def damp(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """``H + percdamp * mean(diag(H)) * I`` (in place on ``hessian``, which is returned)."""
-    d = percdamp * torch.mean(torch.diag(hessian))
-    hessian.diagonal().add_(d)
-    return hessian
-
-
-def inverse_cholesky_upper(hessian: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6) -> torch.Tensor:
+def inverse_cholesky_upper(
+    hessian: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6, overwrite: bool = False
+) -> torch.Tensor:
     """Upper Cholesky factor of the damped inverse Hessian: ``U`` with ``U^T U = (H + λI)^-1``.
 
-    hessian: [in, in] float32 (not modified). If the damped matrix is not positive definite
-    (numerically), the damping is multiplied by 10 and retried, with a warning.
+    hessian: [in, in] float32, unchanged unless ``overwrite`` (then damped in place). Dead
+    inputs (zero diagonal) get a unit diagonal. If the damped matrix is not numerically
+    positive definite, the damping grows 10x and is retried, with a warning.
     """
-    pd = percdamp
+    return _inverse_cholesky_from([hessian if overwrite else hessian.clone()], percdamp, max_tries)
+
+
+def _inverse_cholesky_from(box: list[torch.Tensor], percdamp: float, max_tries: int = 6) -> torch.Tensor:
+    """Like :func:`inverse_cholesky_upper`, taking the only reference to H out of ``box`` so
+    each [in, in] intermediate is freed as soon as the next exists (peak: two matrices)."""
+    H = box.pop()
+    dead = dead_inputs(H)
+    H[dead, dead] = 1.0
+    mean_diag = torch.mean(torch.diagonal(H))
+    applied, pd = 0.0, percdamp
     for attempt in range(max_tries):
-        H = damp(hessian.clone(), pd)
+        H.diagonal().add_((pd - applied) * mean_diag)
+        applied = pd
         L, info = torch.linalg.cholesky_ex(H)
-        del H
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
+            del H
+            L = torch.cholesky_inverse(L)  # H^-1, replacing L
+            U, info = torch.linalg.cholesky_ex(L, upper=True)
             del L
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            del Hinv
             if int(info) == 0:
                 if attempt:
                     log.warning("Hessian needed damping %.3g (asked %.3g) to be positive definite", pd, percdamp)
                 return U
+            raise torch.linalg.LinAlgError("inverse Hessian is not positive definite; raise 'percdamp'")
+        del L
         pd = pd * 10 if pd > 0 else 1e-6
     raise torch.linalg.LinAlgError(
         f"Hessian is not positive definite even with damping {pd:g}; use more calibration samples "
@@ -72,10 +80,7 @@ def cached_inverse_cholesky(stats: Any, percdamp: float) -> torch.Tensor:
     key = f"inv_chol_upper:{percdamp}"
     U = stats.cache.get(key)
     if U is None:
-        H = stats.hessian  # a fresh tensor
-        dead = dead_inputs(H)
-        H[dead, dead] = 1.0
-        U = inverse_cholesky_upper(H, percdamp)
-        stats.cache.clear()  # keep one factor per input alive at most
+        # X^T X is consumed in place: it is only needed up to scale (the damping is relative)
+        U = _inverse_cholesky_from([stats.take_xtx()], percdamp)
         stats.cache[key] = U
     return U

@@ -147,7 +147,7 @@ def compress(
         dataset) tokenized with ``tokenizer`` into ``nsamples x seqlen`` windows (seed
         ``seed``). Not needed when every stage works without data (magnitude).
     :param device: where each block is compressed (default: the model's device).
-    :param batch_size: calibration sequences per block forward (default: ~16k tokens).
+    :param batch_size: calibration sequences per block forward (default: ~8k tokens).
     :param offload_activations: keep calibration activations on CPU between uses.
     """
     t_start = time.perf_counter()
@@ -172,7 +172,7 @@ def compress(
         calib_info = {"nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "seed": seed}
         if isinstance(calibration, (str,)) or hasattr(calibration, "__fspath__"):
             calib_info["source"] = str(calibration)
-        bs = batch_size or max(1, min(ids.shape[0], 16384 // ids.shape[1]))
+        bs = batch_size or max(1, min(ids.shape[0], 8192 // ids.shape[1]))
         store = torch.device("cpu") if offload_activations else dev
         acts = BlockActivations(store=store, compute=dev)
         with outside_blocks_on(model, engine.prefix, dev):

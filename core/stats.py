@@ -68,17 +68,30 @@ class LayerStats:
 
     @property
     def hessian(self) -> torch.Tensor:
-        """Mean ``X^T X / n`` (float32 [in, in])."""
+        """Mean ``X^T X / n`` (float32 [in, in], a new tensor)."""
         if self.xtx is None:
-            raise RuntimeError("this stage did not ask for the Hessian (add 'hessian' to its config's stats)")
+            raise RuntimeError(
+                "no Hessian: this stage's config did not list 'hessian' in its stats, or it was "
+                "consumed by take_xtx() (use the cached factor in stats.cache)"
+            )
         return self.xtx / max(self.nsamples, 1)
+
+    def take_xtx(self) -> torch.Tensor:
+        """Hand over ``X^T X`` itself (no copy) to a caller that overwrites it; column norms
+        stay available, ``hessian`` does not."""
+        if self.xtx is None:
+            raise RuntimeError("the Hessian was not collected or was already taken")
+        xtx, self.xtx = self.xtx, None
+        self._sq_norms = torch.diagonal(xtx).clone()
+        return xtx
 
     @property
     def sq_norms(self) -> torch.Tensor:
         """Per-input-column ``||X_j||^2`` (float32 [in])."""
         if self.xtx is not None:
             return torch.diagonal(self.xtx).clone()
-        assert self._sq_norms is not None
+        if self._sq_norms is None:
+            raise RuntimeError("no statistics collected")
         return self._sq_norms
 
     @property
