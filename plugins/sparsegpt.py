@@ -59,7 +59,6 @@ def sparsegpt_prune(
     """
     WT = weight.t().to(torch.float32, copy=True).contiguous()  # [in, out]
     cols, rows = WT.shape
-    WT[torch.diagonal(U) == 0] = 0.0  # pragma: no cover - dead inputs have U_jj = 1, kept for safety
     prunedT = torch.zeros_like(WT, dtype=torch.bool)  # [in, out]
     done = 0
     for i1 in range(0, cols, blocksize):
