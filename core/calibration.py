@@ -36,7 +36,9 @@ def read_documents(
     else:
         path = Path(str(source))
         if len(str(source)) > 4096 or "\n" in str(source):
-            raise CalibrationError("a calibration string is taken as a path; pass raw text as a list of strings")
+            raise CalibrationError(
+                "a calibration string is taken as a path; pass raw text as a list of strings"
+            )
         if path.is_file():
             docs = _read_file(path, text_field)
         elif path.is_dir() or not str(source).endswith((".txt", ".jsonl", ".json")):
@@ -65,7 +67,9 @@ def _read_file(path: Path, text_field: str) -> list[str]:
                 elif isinstance(rec, dict) and text_field in rec:
                     docs.append(str(rec[text_field]))
                 else:
-                    raise CalibrationError(f"{path}:{ln}: expected a string or an object with a {text_field!r} field")
+                    raise CalibrationError(
+                        f"{path}:{ln}: expected a string or an object with a {text_field!r} field"
+                    )
         return docs
     return [path.read_text(encoding="utf-8")]
 
@@ -135,5 +139,7 @@ def build_calibration(
         return sample_windows(source.long(), nsamples, seqlen, seed)
     docs = read_documents(source, **dataset_kwargs)
     stream = tokenize_documents(tokenizer, docs)
-    log.info("calibration: %d tokens from %d documents -> %d x %d", stream.numel(), len(docs), nsamples, seqlen)
+    log.info(
+        "calibration: %d tokens from %d documents -> %d x %d", stream.numel(), len(docs), nsamples, seqlen
+    )
     return sample_windows(stream, nsamples, seqlen, seed)

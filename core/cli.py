@@ -30,13 +30,23 @@ def _compress(a: argparse.Namespace) -> int:
     model, tok = load_model(a.model, dtype=a.dtype, device="cpu" if a.offload_model else a.device)
     saved_dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
     model, report = compress(
-        model, recipe, a.calib, tokenizer=tok, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
-        device=a.device, batch_size=a.batch_size, offload_activations=a.offload_activations,
+        model,
+        recipe,
+        a.calib,
+        tokenizer=tok,
+        nsamples=a.nsamples,
+        seqlen=a.seqlen,
+        seed=a.seed,
+        device=a.device,
+        batch_size=a.batch_size,
+        offload_activations=a.offload_activations,
     )
     save_dtype = saved_dtype if isinstance(saved_dtype, torch.dtype) and not a.keep_dtype else None
     save_compressed(model, out, tokenizer=tok, report=report, dtype=save_dtype, overwrite=a.overwrite)
-    print(f"compressed {len(report.modules)} layers to {out} "
-          f"(overall sparsity {report.overall_sparsity:.4f}, {report.wall_time_s:.1f}s)")
+    print(
+        f"compressed {len(report.modules)} layers to {out} "
+        f"(overall sparsity {report.overall_sparsity:.4f}, {report.wall_time_s:.1f}s)"
+    )
     return 0
 
 
@@ -47,8 +57,16 @@ def _eval(a: argparse.Namespace) -> int:
     model, tok = load_model(a.model_dir, dtype=a.dtype, device=a.device)
     if tok is None:
         raise LlmpressError(f"{a.model_dir} has no tokenizer; perplexity needs one")
-    res = perplexity(model, tok, Path(a.text), seqlen=a.seqlen, batch_size=a.batch_size,
-                     max_tokens=a.max_tokens, device=a.device, progress=not a.json)
+    res = perplexity(
+        model,
+        tok,
+        Path(a.text),
+        seqlen=a.seqlen,
+        batch_size=a.batch_size,
+        max_tokens=a.max_tokens,
+        device=a.device,
+        progress=not a.json,
+    )
     if a.json:
         print(json.dumps(res))
     else:
@@ -94,8 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="auto", help="compute dtype (auto: fp32 on CPU, stored dtype on GPU)")
     c.add_argument("--batch-size", type=int, default=None, help="calibration sequences per block forward")
     c.add_argument("--offload-activations", action="store_true", help="keep calibration activations on CPU")
-    c.add_argument("--offload-model", action="store_true", help="keep the model on CPU, one block at a time on --device")
-    c.add_argument("--keep-dtype", action="store_true", help="save in the compute dtype instead of the checkpoint's")
+    c.add_argument(
+        "--offload-model", action="store_true", help="keep the model on CPU, one block at a time on --device"
+    )
+    c.add_argument(
+        "--keep-dtype", action="store_true", help="save in the compute dtype instead of the checkpoint's"
+    )
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=_compress)
 
@@ -123,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.func(args) or 0)
     except (LlmpressError, FileExistsError, FileNotFoundError) as e:

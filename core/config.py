@@ -69,8 +69,7 @@ class MethodConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise RecipeError(
-                f"unknown option(s) {unknown} for method {cls.method!r}; "
-                f"valid options: {sorted(names)}"
+                f"unknown option(s) {unknown} for method {cls.method!r}; valid options: {sorted(names)}"
             )
         hints = get_type_hints(cls)
         kwargs = {}
@@ -102,7 +101,9 @@ class PruningConfig(MethodConfig):
         s = self.sparsity
         if s is None:
             if nm is None:
-                raise RecipeError(f"method {self.method!r}: 'sparsity' is required with an unstructured pattern")
+                raise RecipeError(
+                    f"method {self.method!r}: 'sparsity' is required with an unstructured pattern"
+                )
             return
         if isinstance(s, bool) or not isinstance(s, (int, float)):
             raise RecipeError(f"method {self.method!r}: sparsity must be a number, got {s!r}")

@@ -36,8 +36,13 @@ def train_demo_model(text: str, steps: int = 300, seqlen: int = 128, seed: int =
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=256, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=seqlen,
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=seqlen,
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(cfg)
@@ -75,14 +80,24 @@ def run_demo(out: Path | None = None, steps: int = 300) -> list[dict[str, Any]]:
     base = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="llmpress-demo-"))
     dense_dir = base / "dense"
     save_compressed(dense, dense_dir, overwrite=True)
-    rows = [{"method": "dense", "pattern": "-", "sparsity": 0.0,
-             "ppl": perplexity(dense, tok, held, seqlen=128)["perplexity"], "reload": "-", "time_s": 0.0}]
+    rows = [
+        {
+            "method": "dense",
+            "pattern": "-",
+            "sparsity": 0.0,
+            "ppl": perplexity(dense, tok, held, seqlen=128)["perplexity"],
+            "reload": "-",
+            "time_s": 0.0,
+        }
+    ]
     for method in ("magnitude", "wanda", "sparsegpt"):
         for pattern in ("unstructured", "2:4"):
             model = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
             recipe = {"stages": [{"method": method, "sparsity": 0.5, "pattern": pattern}]}
             t = time.perf_counter()
-            model, report = compress(model, recipe, [train], tokenizer=tok, nsamples=32, seqlen=128, progress=False)
+            model, report = compress(
+                model, recipe, [train], tokenizer=tok, nsamples=32, seqlen=128, progress=False
+            )
             dt = time.perf_counter() - t
             d = base / f"{method}-{pattern.replace(':', 'of')}"
             save_compressed(model, d, report=report, overwrite=True)
@@ -90,11 +105,20 @@ def run_demo(out: Path | None = None, steps: int = 300) -> list[dict[str, Any]]:
             x = torch.arange(64).view(1, 64)
             with torch.no_grad():
                 same = torch.equal(model(input_ids=x).logits, back(input_ids=x).logits)
-            rows.append({"method": method, "pattern": pattern, "sparsity": report.overall_sparsity,
-                         "ppl": perplexity(model, tok, held, seqlen=128)["perplexity"],
-                         "reload": "identical" if same else "DIFFERENT", "time_s": dt})
+            rows.append(
+                {
+                    "method": method,
+                    "pattern": pattern,
+                    "sparsity": report.overall_sparsity,
+                    "ppl": perplexity(model, tok, held, seqlen=128)["perplexity"],
+                    "reload": "identical" if same else "DIFFERENT",
+                    "time_s": dt,
+                }
+            )
     print(f"{'method':<10} {'pattern':<13} {'sparsity':>8} {'perplexity':>10} {'reload':>10} {'time':>7}")
     for r in rows:
-        print(f"{r['method']:<10} {r['pattern']:<13} {r['sparsity']:>8.3f} {r['ppl']:>10.3f} {r['reload']:>10} {r['time_s']:>6.2f}s")
+        print(
+            f"{r['method']:<10} {r['pattern']:<13} {r['sparsity']:>8.3f} {r['ppl']:>10.3f} {r['reload']:>10} {r['time_s']:>6.2f}s"
+        )
     print(f"saved models under {base}")
     return rows

@@ -27,7 +27,11 @@ def text_windows(tokenizer: Any, text: str, seqlen: int, max_tokens: int | None 
 
 @torch.no_grad()
 def perplexity_of_windows(
-    model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device: str | torch.device | None = None, progress: bool = False
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
     """exp(mean NLL) over all next-token predictions of every window; logits in fp32."""
     if not getattr(model.config, "is_decoder", False) and not _is_causal(model):
@@ -37,9 +41,16 @@ def perplexity_of_windows(
     for x in tqdm(windows.split(batch_size), desc="perplexity", disable=not progress):
         x = x.to(dev)
         logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()  # [B, L-1, V]
-        nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum").item()
+        nll += F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum"
+        ).item()
         count += x[:, 1:].numel()
-    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": float(count), "windows": float(windows.shape[0])}
+    return {
+        "perplexity": math.exp(nll / count),
+        "nll": nll / count,
+        "tokens": float(count),
+        "windows": float(windows.shape[0]),
+    }
 
 
 def _is_causal(model: nn.Module) -> bool:

@@ -63,7 +63,9 @@ def _inverse_cholesky_from(box: list[torch.Tensor], percdamp: float, max_tries: 
             del L
             if int(info) == 0:
                 if attempt:
-                    log.warning("Hessian needed damping %.3g (asked %.3g) to be positive definite", pd, percdamp)
+                    log.warning(
+                        "Hessian needed damping %.3g (asked %.3g) to be positive definite", pd, percdamp
+                    )
                 return U
             raise torch.linalg.LinAlgError("inverse Hessian is not positive definite; raise 'percdamp'")
         del L

@@ -33,7 +33,7 @@ def auto_class_for(config: Any) -> Any:
     archs = list(getattr(config, "architectures", None) or [])
     for mapping_name, auto_name in _AUTO_CLASSES:
         mapping = getattr(modeling_auto, mapping_name, {})
-        names = set()
+        names: set[str] = set()
         for v in mapping.values():
             names.update(v if isinstance(v, (list, tuple)) else [v])
         if any(a in names for a in archs):

@@ -29,12 +29,14 @@ def is_linear(module: nn.Module) -> bool:
 def get_weight(module: nn.Module) -> torch.Tensor:
     """The weight as ``[out_features, in_features]`` (a view for Linear, transposed for Conv1D)."""
     w = module.weight
+    assert isinstance(w, torch.Tensor), f"{type(module).__name__} has no weight tensor"
     return w.t() if _is_conv1d(module) else w
 
 
 def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
     """Write ``weight`` ([out, in], any dtype) into the layer, keeping its dtype and device."""
     p = module.weight
+    assert isinstance(p, torch.Tensor), f"{type(module).__name__} has no weight tensor"
     new = weight.t() if _is_conv1d(module) else weight
     with torch.no_grad():
         p.copy_(new.to(device=p.device, dtype=p.dtype))
@@ -87,9 +89,7 @@ def select_targets(
     ``ignore``: regexes removing names. Raises :class:`RecipeError` if nothing matches.
     """
     block_prefix, blocks = find_blocks(model)
-    in_blocks = [
-        f"{block_prefix}.{i}.{n}" for i, blk in enumerate(blocks) for n in block_linears(blk)
-    ]
+    in_blocks = [f"{block_prefix}.{i}.{n}" for i, blk in enumerate(blocks) for n in block_linears(blk)]
     if patterns is None:
         names = in_blocks
     else:
@@ -99,8 +99,7 @@ def select_targets(
         for p, r in zip(patterns, regs):
             if not any(r.search(n) for n in all_linear):
                 raise RecipeError(
-                    f"{stage_name}: target {p!r} matches no linear layer; example names: "
-                    f"{all_linear[:3]}"
+                    f"{stage_name}: target {p!r} matches no linear layer; example names: {all_linear[:3]}"
                 )
         outside = [n for n in names if n not in set(in_blocks)]
         if outside:

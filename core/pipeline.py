@@ -34,7 +34,9 @@ from llmpress.versions import versions
 log = logging.getLogger(__name__)
 
 
-def _plan(model: nn.Module, stages: Sequence[ResolvedStage]) -> tuple[str, nn.ModuleList, list[dict[int, list[str]]]]:
+def _plan(
+    model: nn.Module, stages: Sequence[ResolvedStage]
+) -> tuple[str, nn.ModuleList, list[dict[int, list[str]]]]:
     """Per stage: block index -> target names relative to the block. Validates shapes first."""
     prefix, blocks = find_blocks(model)
     plans: list[dict[int, list[str]]] = []
@@ -62,7 +64,9 @@ def _default_device(model: nn.Module) -> torch.device:
 class _Engine:
     """State of one compression run."""
 
-    def __init__(self, model: nn.Module, stages: list[ResolvedStage], pm: Llmpress, device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, stages: list[ResolvedStage], pm: Llmpress, device: torch.device
+    ) -> None:
         self.model = model
         self.stages = stages
         self.pm = pm
@@ -90,7 +94,13 @@ class _Engine:
             del stats
 
     def _apply(
-        self, name: str, rel: str, mod: nn.Module, stats: LayerStats | None, st: ResolvedStage, keep: dict[str, torch.Tensor]
+        self,
+        name: str,
+        rel: str,
+        mod: nn.Module,
+        stats: LayerStats | None,
+        st: ResolvedStage,
+        keep: dict[str, torch.Tensor],
     ) -> None:
         hook, cfg = self.pm.hook, st.config
         t0 = time.perf_counter()
@@ -102,7 +112,9 @@ class _Engine:
             mask = keep[rel]  # earlier stages' mask: pruned weights must stay zero
         res = hook.llmpress_update_weights(module=mod, mask=mask, stats=stats, config=cfg)
         if res is None:
-            raise ModelError(f"{st.name}: no plugin updated {name} (method {cfg.method!r} implements no update hook)")
+            raise ModelError(
+                f"{st.name}: no plugin updated {name} (method {cfg.method!r} implements no update hook)"
+            )
         if not isinstance(res, UpdateResult):
             res = UpdateResult(weight=res, mask=mask)
         new_mask = res.mask if res.mask is not None else mask
@@ -113,9 +125,12 @@ class _Engine:
             w = w * keep[rel].to(w.device)
         set_weight(mod, w)
         if res.quant is not None:
-            self.quant_state[name] = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in res.quant.items()}
+            self.quant_state[name] = {
+                k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in res.quant.items()
+            }
         rep = self.modules_report.setdefault(
-            name, ModuleReport(name=name, methods=[], shape=tuple(get_weight(mod).shape))  # type: ignore[arg-type]
+            name,
+            ModuleReport(name=name, methods=[], shape=tuple(get_weight(mod).shape)),  # type: ignore[arg-type]
         )
         rep.methods.append(cfg.method)
         rep.info.update(res.info)
@@ -203,5 +218,10 @@ def compress(
         versions=versions(),
         quant_state=engine.quant_state,
     )
-    log.info("compressed %d layers, overall sparsity %.4f in %.1fs", len(report.modules), report.overall_sparsity, report.wall_time_s)
+    log.info(
+        "compressed %d layers, overall sparsity %.4f in %.1fs",
+        len(report.modules),
+        report.overall_sparsity,
+        report.wall_time_s,
+    )
     return model, report

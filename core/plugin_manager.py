@@ -50,7 +50,9 @@ class Llmpress:
                         f"method {name!r} registered twice: by {self.methods[name].plugin!r} and {_p!r}"
                     )
                 if config_cls.method != name:
-                    raise TypeError(f"plugin {_p!r}: {config_cls.__name__}.method is {config_cls.method!r}, not {name!r}")
+                    raise TypeError(
+                        f"plugin {_p!r}: {config_cls.__name__}.method is {config_cls.method!r}, not {name!r}"
+                    )
                 self.methods[name] = MethodInfo(name, config_cls, _p)
 
             impl.function(register=register)
@@ -83,7 +85,9 @@ class Llmpress:
         return getattr(plugin, "__name__", repr(plugin))
 
 
-def make_plugin_manager(extra_plugins: list[ModuleType | Any] | None = None, load_entrypoints: bool = True) -> Llmpress:
+def make_plugin_manager(
+    extra_plugins: list[ModuleType | Any] | None = None, load_entrypoints: bool = True
+) -> Llmpress:
     """Build a fresh manager: specs, entry-point plugins, extra plugins, then ``check_pending``.
 
     Names listed (comma-separated) in ``$LLMPRESS_DISABLE_PLUGINS`` are blocked.

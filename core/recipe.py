@@ -37,7 +37,9 @@ class Stage:
     ignore: list[str] = dataclasses.field(default_factory=list)
 
     @classmethod
-    def from_config(cls, config: MethodConfig, targets: list[str] | None = None, ignore: Sequence[str] = ()) -> Stage:
+    def from_config(
+        cls, config: MethodConfig, targets: list[str] | None = None, ignore: Sequence[str] = ()
+    ) -> Stage:
         d = config.to_dict()
         d.pop("version")
         return cls(method=d.pop("method"), options=d, targets=targets, ignore=list(ignore))
@@ -98,7 +100,9 @@ class Recipe:
         if isinstance(data, dict) and "stages" in data:
             extra = set(data) - {"stages"}
             if extra:
-                raise RecipeError(f"unknown top-level recipe keys {sorted(extra)}; a recipe has only 'stages'")
+                raise RecipeError(
+                    f"unknown top-level recipe keys {sorted(extra)}; a recipe has only 'stages'"
+                )
             data = data["stages"]
         elif isinstance(data, dict) and "method" in data:
             data = [data]
@@ -117,7 +121,9 @@ class Recipe:
             if isinstance(ignore, str):
                 ignore = [ignore]
             opts = d.pop("options", {}) or {}
-            stages.append(Stage(method=str(method), options={**d, **opts}, targets=targets, ignore=list(ignore)))
+            stages.append(
+                Stage(method=str(method), options={**d, **opts}, targets=targets, ignore=list(ignore))
+            )
         return cls(stages=stages)
 
     @classmethod
@@ -130,7 +136,9 @@ class Recipe:
         try:
             data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
         except (json.JSONDecodeError, yaml.YAMLError) as e:
-            raise RecipeError(f"recipe file {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from e
+            raise RecipeError(
+                f"recipe file {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}"
+            ) from e
         try:
             return cls.from_dict(data)
         except RecipeError as e:

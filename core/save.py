@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from llmpress.report import CompressionReport
 
@@ -31,7 +30,9 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
     """
     out = Path(out_dir).resolve()
     if out.exists() and not overwrite:
-        raise FileExistsError(f"output directory {out} already exists; pass overwrite=True (--overwrite) or pick another")
+        raise FileExistsError(
+            f"output directory {out} already exists; pass overwrite=True (--overwrite) or pick another"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -49,7 +50,7 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
 
 
 def save_compressed(
-    model: nn.Module,
+    model: Any,
     out_dir: str | Path,
     *,
     tokenizer: Any = None,

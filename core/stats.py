@@ -15,7 +15,6 @@ from torch import nn
 
 from llmpress.modules import in_out_features
 
-
 _CHUNK = 8192  # token rows per fp32 upcast, bounds the temporary memory
 
 

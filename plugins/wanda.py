@@ -33,7 +33,9 @@ def llmpress_register_methods(register) -> None:  # noqa: ANN001
 
 
 @hookimpl
-def llmpress_score_importance(module: nn.Module, stats: LayerStats | None, config: MethodConfig) -> torch.Tensor | None:
+def llmpress_score_importance(
+    module: nn.Module, stats: LayerStats | None, config: MethodConfig
+) -> torch.Tensor | None:
     if not isinstance(config, WandaConfig):
         return None
     if stats is None:

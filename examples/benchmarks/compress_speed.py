@@ -33,11 +33,26 @@ def build(small: bool, device: str, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if small:
-        cfg = LlamaConfig(hidden_size=256, intermediate_size=896, num_hidden_layers=4, num_attention_heads=8,
-                          num_key_value_heads=2, vocab_size=4096, max_position_embeddings=2048)
+        cfg = LlamaConfig(
+            hidden_size=256,
+            intermediate_size=896,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            vocab_size=4096,
+            max_position_embeddings=2048,
+        )
     else:
-        cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+        cfg = LlamaConfig(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
+        )
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)
@@ -69,21 +84,29 @@ def main() -> None:
     rows = []
     for method in a.methods.split(","):
         model = build(a.small, device, dtype)
-        ids = torch.randint(0, model.config.vocab_size, (a.nsamples, a.seqlen), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(
+            0, model.config.vocab_size, (a.nsamples, a.seqlen), generator=torch.Generator().manual_seed(0)
+        )
         model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         t = time.perf_counter()
-        _, report = llmpress.compress(model, {"stages": [RECIPES[method]]}, ids, device=device,
-                                      batch_size=a.batch_size, progress=False)
+        _, report = llmpress.compress(
+            model, {"stages": [RECIPES[method]]}, ids, device=device, batch_size=a.batch_size, progress=False
+        )
         if device == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t
-        row = {"method": method, "time": dt, "sparsity": report.overall_sparsity,
-               "model_gb": model_bytes / 2**30, "baseline": None if a.small else BASELINE_S.get(method),
-               "target": None if a.small else TARGET_S.get(method)}
+        row = {
+            "method": method,
+            "time": dt,
+            "sparsity": report.overall_sparsity,
+            "model_gb": model_bytes / 2**30,
+            "baseline": None if a.small else BASELINE_S.get(method),
+            "target": None if a.small else TARGET_S.get(method),
+        }
         if device == "cuda":
             row["peak_extra_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
             row["budget_gb"] = budget_bytes(model, a.nsamples, a.seqlen, 2) / 2**30
@@ -92,10 +115,22 @@ def main() -> None:
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
-    print(f"\n{'Llama-3-8B shape' if not a.small else 'small config'}, calibration {a.nsamples} x {a.seqlen}, device {device}\n")
-    print_table(rows, [("method", "method", ""), ("time", "wall s", ".1f"), ("baseline", "llm-compressor 0.14 s", ".1f"),
-                       ("target", "target s", ".0f"), ("sparsity", "sparsity", ".3f"), ("model_gb", "model GiB", ".2f"),
-                       ("peak_extra_gb", "peak above model GiB", ".2f"), ("budget_gb", "budget GiB", ".2f")])
+    print(
+        f"\n{'Llama-3-8B shape' if not a.small else 'small config'}, calibration {a.nsamples} x {a.seqlen}, device {device}\n"
+    )
+    print_table(
+        rows,
+        [
+            ("method", "method", ""),
+            ("time", "wall s", ".1f"),
+            ("baseline", "llm-compressor 0.14 s", ".1f"),
+            ("target", "target s", ".0f"),
+            ("sparsity", "sparsity", ".3f"),
+            ("model_gb", "model GiB", ".2f"),
+            ("peak_extra_gb", "peak above model GiB", ".2f"),
+            ("budget_gb", "budget GiB", ".2f"),
+        ],
+    )
 
 
 if __name__ == "__main__":

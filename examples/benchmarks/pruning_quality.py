@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 from _common import REF_LM, print_table
@@ -23,9 +24,12 @@ from llmpress.loading import load_model
 # reference implementations (the papers' code) on this model, 64 x 256 calibration
 REFERENCE = {
     ("dense", "-"): 5.831,
-    ("magnitude", "unstructured"): 8.437, ("magnitude", "2:4"): 17.199,
-    ("wanda", "unstructured"): 7.796, ("wanda", "2:4"): 12.541,
-    ("sparsegpt", "unstructured"): 6.992, ("sparsegpt", "2:4"): 8.824,
+    ("magnitude", "unstructured"): 8.437,
+    ("magnitude", "2:4"): 17.199,
+    ("wanda", "unstructured"): 7.796,
+    ("wanda", "2:4"): 12.541,
+    ("sparsegpt", "unstructured"): 6.992,
+    ("sparsegpt", "2:4"): 8.824,
 }
 
 
@@ -45,7 +49,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
 
     _, tok = load_model(a.model)
-    windows = text_windows(tok, open(a.eval, encoding="utf-8").read(), 256, a.max_tokens)
+    windows = text_windows(tok, Path(a.eval).read_text(encoding="utf-8"), 256, a.max_tokens)
 
     def fresh():
         m, _ = load_model(a.model, dtype=torch.float32, device=a.device)
@@ -54,7 +58,9 @@ def main() -> None:
     rows = []
     dense = fresh()
     ppl = perplexity_of_windows(dense, windows, batch_size=32)["perplexity"]
-    rows.append({"method": "dense", "pattern": "-", "ppl": ppl, "ref": REFERENCE[("dense", "-")], "time": 0.0})
+    rows.append(
+        {"method": "dense", "pattern": "-", "ppl": ppl, "ref": REFERENCE[("dense", "-")], "time": 0.0}
+    )
     del dense
     for method in a.methods.split(","):
         for pattern in a.patterns.split(","):
@@ -63,21 +69,49 @@ def main() -> None:
             if a.device.startswith("cuda"):
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            llmpress.compress(model, recipe, a.calib, tokenizer=tok, nsamples=a.nsamples, seqlen=a.seqlen,
-                              seed=a.seed, device=a.device, progress=False)
+            llmpress.compress(
+                model,
+                recipe,
+                a.calib,
+                tokenizer=tok,
+                nsamples=a.nsamples,
+                seqlen=a.seqlen,
+                seed=a.seed,
+                device=a.device,
+                progress=False,
+            )
             if a.device.startswith("cuda"):
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t
             ppl = perplexity_of_windows(model, windows, batch_size=32)["perplexity"]
-            rows.append({"method": method, "pattern": pattern, "ppl": ppl, "ref": REFERENCE.get((method, pattern)), "time": dt})
+            rows.append(
+                {
+                    "method": method,
+                    "pattern": pattern,
+                    "ppl": ppl,
+                    "ref": REFERENCE.get((method, pattern)),
+                    "time": dt,
+                }
+            )
             del model
     for r in rows:
         r["delta"] = 100 * (r["ppl"] / r["ref"] - 1) if r["ref"] else None
         r["ok"] = "yes" if r["delta"] is None or r["delta"] <= 1.5 else "NO"
-    print(f"\nperplexity on {a.eval} ({windows.shape[0]} windows x 256 tokens), calibration {a.nsamples} x {a.seqlen}, device {a.device}\n")
-    print_table(rows, [("method", "method", ""), ("pattern", "pattern", ""), ("ppl", "perplexity", ".3f"),
-                       ("ref", "reference", ".3f"), ("delta", "vs reference %", "+.2f"), ("ok", "within 1.5 %", ""),
-                       ("time", "compress time s", ".2f")])
+    print(
+        f"\nperplexity on {a.eval} ({windows.shape[0]} windows x 256 tokens), calibration {a.nsamples} x {a.seqlen}, device {a.device}\n"
+    )
+    print_table(
+        rows,
+        [
+            ("method", "method", ""),
+            ("pattern", "pattern", ""),
+            ("ppl", "perplexity", ".3f"),
+            ("ref", "reference", ".3f"),
+            ("delta", "vs reference %", "+.2f"),
+            ("ok", "within 1.5 %", ""),
+            ("time", "compress time s", ".2f"),
+        ],
+    )
 
 
 if __name__ == "__main__":

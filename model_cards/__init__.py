@@ -1,0 +1,1 @@
+"""Jinja templates for llmpress model cards (package data)."""
