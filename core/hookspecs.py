@@ -49,6 +49,18 @@ def llmpress_register_methods(register: Callable[[str, type[MethodConfig]], None
 
 
 @hookspec(firstresult=True)
+def llmpress_method_citation(method: str) -> str | None:
+    """BibTeX entry (or entries) to cite when ``method`` was used.
+
+    :param method: a registered method name.
+    :returns: a BibTeX string if this plugin provides ``method``, else ``None``. Model cards
+        cite every method of a recipe through this hook.
+
+    ``firstresult``.
+    """
+
+
+@hookspec(firstresult=True)
 def llmpress_score_importance(
     module: nn.Module, stats: LayerStats, config: MethodConfig
 ) -> torch.Tensor | None:

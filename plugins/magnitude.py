@@ -37,6 +37,19 @@ class MagnitudeConfig(PruningConfig):
         return super().sparsity_target(group or self.group)
 
 
+CITATION = """@inproceedings{han2015learning,
+  title     = {Learning both Weights and Connections for Efficient Neural Networks},
+  author    = {Han, Song and Pool, Jeff and Tran, John and Dally, William J.},
+  booktitle = {Advances in Neural Information Processing Systems},
+  year      = {2015}
+}"""
+
+
+@hookimpl
+def llmpress_method_citation(method: str) -> str | None:
+    return CITATION if method == "magnitude" else None
+
+
 @hookimpl
 def llmpress_register_methods(register) -> None:  # noqa: ANN001
     register("magnitude", MagnitudeConfig)

@@ -88,6 +88,19 @@ def sparsegpt_prune(
     return WT.t() * keep, keep
 
 
+CITATION = """@inproceedings{frantar2023sparsegpt,
+  title     = {{SparseGPT}: Massive Language Models Can Be Accurately Pruned in One-Shot},
+  author    = {Frantar, Elias and Alistarh, Dan},
+  booktitle = {International Conference on Machine Learning},
+  year      = {2023}
+}"""
+
+
+@hookimpl
+def llmpress_method_citation(method: str) -> str | None:
+    return CITATION if method == "sparsegpt" else None
+
+
 @hookimpl
 def llmpress_register_methods(register) -> None:  # noqa: ANN001
     register("sparsegpt", SparseGPTConfig)

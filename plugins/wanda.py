@@ -27,6 +27,19 @@ def wanda_scores(weight: torch.Tensor, col_norms: torch.Tensor) -> torch.Tensor:
     return weight.abs().float() * col_norms.float().unsqueeze(0)
 
 
+CITATION = """@inproceedings{sun2024simple,
+  title     = {A Simple and Effective Pruning Approach for Large Language Models},
+  author    = {Sun, Mingjie and Liu, Zhuang and Bair, Anna and Kolter, J. Zico},
+  booktitle = {International Conference on Learning Representations},
+  year      = {2024}
+}"""
+
+
+@hookimpl
+def llmpress_method_citation(method: str) -> str | None:
+    return CITATION if method == "wanda" else None
+
+
 @hookimpl
 def llmpress_register_methods(register) -> None:  # noqa: ANN001
     register("wanda", WandaConfig)
