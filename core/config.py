@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, TypeVar, get_type_hints
 
-from llmpress.errors import RecipeError
+from llmpress.errors import ModelError, RecipeError
+from llmpress.masks import check_nm_divides
 from llmpress.targets import SparsityTarget, parse_pattern
 
 C = TypeVar("C", bound="MethodConfig")
@@ -39,6 +40,10 @@ class MethodConfig:
 
     def validate(self) -> None:
         """Check option values; raise :class:`RecipeError` naming the bad option."""
+
+    def check_module(self, name: str, in_features: int, out_features: int) -> None:
+        """Check that this config can compress a layer of this shape (before any work);
+        raise :class:`llmpress.errors.ModelError` naming the module and the fix."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: ``method``, ``version`` and every field."""
@@ -121,8 +126,53 @@ class PruningConfig(MethodConfig):
                     f"or make them agree"
                 )
 
+    def check_module(self, name: str, in_features: int, out_features: int) -> None:
+        nm = parse_pattern(self.pattern)
+        if nm is not None:
+            check_nm_divides(in_features, nm[0], nm[1], name)
+
     def sparsity_target(self, group: str = "row") -> SparsityTarget:
         """The :class:`SparsityTarget` this config asks for."""
         nm = parse_pattern(self.pattern)
         s = float(self.sparsity) if self.sparsity is not None else 1.0 - nm[0] / nm[1]  # type: ignore[index]
         return SparsityTarget(sparsity=s, nm=nm, group=group)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig(MethodConfig):
+    """Shared options of weight quantization methods.
+
+    ``bits``: 2 to 8. ``group_size``: -1 for one scale per output channel, else the number of
+    consecutive input weights sharing a scale (32, 64, 128, ...; must divide the layer's
+    in_features). ``symmetric``: symmetric grid (no zero point stored).
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+
+    def validate(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise RecipeError(f"method {self.method!r}: bits must be an integer from 2 to 8, got {self.bits!r}")
+        gs = self.group_size
+        if isinstance(gs, bool) or not isinstance(gs, int) or (gs != -1 and gs < 1):
+            raise RecipeError(
+                f"method {self.method!r}: group_size must be -1 (per output channel) or a positive "
+                f"integer such as 128, got {gs!r}"
+            )
+        if not isinstance(self.symmetric, bool):
+            raise RecipeError(f"method {self.method!r}: symmetric must be true or false, got {self.symmetric!r}")
+
+    def check_module(self, name: str, in_features: int, out_features: int) -> None:
+        gs = self.group_size
+        if gs != -1 and in_features % gs:
+            ok = [g for g in (32, 64, 128, 256) if in_features % g == 0]
+            raise ModelError(
+                f"group_size {gs} does not divide {name} (in_features={in_features}); use "
+                f"{' or '.join(map(str, ok)) if ok else 'group_size: -1'} or exclude the module with 'ignore'"
+            )
+
+    def quant_spec(self):  # noqa: ANN201 - QuantSpec, imported lazily
+        from llmpress.quant.grid import QuantSpec
+
+        return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)

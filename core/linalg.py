@@ -76,13 +76,17 @@ def _inverse_cholesky_from(box: list[torch.Tensor], percdamp: float, max_tries: 
     )
 
 
-def cached_inverse_cholesky(stats: Any, percdamp: float) -> torch.Tensor:
-    """``inverse_cholesky_upper`` of a :class:`LayerStats`' Hessian (dead inputs fixed),
-    computed once and shared by every layer fed the same input (q/k/v, gate/up)."""
-    key = f"inv_chol_upper:{percdamp}"
+def cached_inverse_cholesky(stats: Any, percdamp: float, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """``inverse_cholesky_upper`` of a :class:`LayerStats`' Hessian (dead inputs fixed), with
+    rows and columns in the order ``perm`` if given; computed once and shared by every layer
+    fed the same input (q/k/v, gate/up)."""
+    key = f"inv_chol_upper:{percdamp}:{'perm' if perm is not None else 'natural'}"
     U = stats.cache.get(key)
     if U is None:
         # X^T X is consumed in place: it is only needed up to scale (the damping is relative)
-        U = _inverse_cholesky_from([stats.take_xtx()], percdamp)
+        box = [stats.take_xtx()]  # the box holds the only reference, so it can be freed early
+        if perm is not None:
+            box[0] = box[0][perm][:, perm]
+        U = _inverse_cholesky_from(box, percdamp)
         stats.cache[key] = U
     return U

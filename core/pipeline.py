@@ -21,13 +21,11 @@ from tqdm.auto import tqdm
 from llmpress.calibration import CalibrationSource, build_calibration
 from llmpress.capture import BlockActivations, outside_blocks_on
 from llmpress.errors import CalibrationError, ModelError
-from llmpress.masks import check_nm_divides
 from llmpress.modules import find_blocks, get_weight, in_out_features, select_targets, set_weight
 from llmpress.plugin_manager import Llmpress, get_plugin_manager
 from llmpress.recipe import Recipe, ResolvedStage, as_recipe
 from llmpress.report import CompressionReport, ModuleReport
-from llmpress.stats import LayerStats, StatsCollector
-from llmpress.targets import parse_pattern
+from llmpress.stats import LayerStats, StatsCollector, input_groups
 from llmpress.update import UpdateResult
 from llmpress.versions import versions
 
@@ -43,11 +41,9 @@ def _plan(
     modules = dict(model.named_modules())
     for st in stages:
         names = select_targets(model, st.stage.targets, st.stage.ignore, st.name)
-        nm = parse_pattern(getattr(st.config, "pattern", "unstructured") or "unstructured")
         per_block: dict[int, list[str]] = defaultdict(list)
         for n in names:
-            if nm is not None:
-                check_nm_divides(in_out_features(modules[n])[0], nm[0], nm[1], n)
+            st.config.check_module(n, *in_out_features(modules[n]))
             idx, rel = n[len(prefix) + 1 :].split(".", 1)
             per_block[int(idx)].append(rel)
         plans.append(dict(per_block))
@@ -82,16 +78,21 @@ class _Engine:
             rels = self.plans[si].get(i, [])
             if not rels:
                 continue
-            mods = {r: linears[r] for r in rels}
-            stats: dict[str, LayerStats] = {}
-            if acts is not None and st.config.needs_calibration:
-                needs = set(st.config.stats) or {"sq_norms"}
-                with StatsCollector(mods, needs) as col:
-                    acts.run(block, keep_outputs=False, on_batch=col.new_batch)
-                stats = col.stats
-            for rel, mod in mods.items():
-                self._apply(f"{self.prefix}.{i}.{rel}", rel, mod, stats.get(rel), st, keep)
-            del stats
+            pending = {r: linears[r] for r in rels}
+            sequential = bool(getattr(st.config, "true_sequential", False))
+            while pending:
+                stats: dict[str, LayerStats] = {}
+                group = list(pending)
+                if acts is not None and st.config.needs_calibration:
+                    needs = set(st.config.stats) or {"sq_norms"}
+                    with StatsCollector(pending, needs) as col:
+                        acts.run(block, keep_outputs=False, on_batch=col.new_batch)
+                    stats = col.stats
+                    if sequential:  # only the first input group now; the rest see its output
+                        group = input_groups(col)[0]
+                for rel in group:
+                    self._apply(f"{self.prefix}.{i}.{rel}", rel, pending.pop(rel), stats.get(rel), st, keep)
+                del stats
 
     def _apply(
         self,
@@ -107,7 +108,10 @@ class _Engine:
         scores = hook.llmpress_score_importance(module=mod, stats=stats, config=cfg)
         mask = None
         if scores is not None:
-            mask = hook.llmpress_select_mask(scores=scores, target=cfg.sparsity_target(), config=cfg)  # type: ignore[attr-defined]
+            target_fn = getattr(cfg, "sparsity_target", None)
+            if target_fn is None:
+                raise ModelError(f"{st.name}: {type(cfg).__name__} returned scores but has no sparsity_target()")
+            mask = hook.llmpress_select_mask(scores=scores, target=target_fn(), config=cfg)
         elif rel in keep:
             mask = keep[rel]  # earlier stages' mask: pruned weights must stay zero
         res = hook.llmpress_update_weights(module=mod, mask=mask, stats=stats, config=cfg)

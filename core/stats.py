@@ -110,6 +110,8 @@ class StatsCollector:
         self.modules = modules
         self.hessian = "hessian" in set(needs)
         self.stats: dict[str, LayerStats] = {}
+        #: layer names in the order their forward first ran
+        self.order: list[str] = []
         self._seen: list[tuple[torch.Tensor, str]] = []  # inputs of this batch (kept alive)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -130,6 +132,8 @@ class StatsCollector:
     def _make_hook(self, name: str):  # noqa: ANN202
         def hook(mod: nn.Module, args: tuple) -> None:
             x = args[0]
+            if name not in self.order:
+                self.order.append(name)
             for prev, owner in self._seen:
                 if prev is x or (prev.data_ptr() == x.data_ptr() and prev.shape == x.shape):
                     # same input as an earlier layer: share its stats, accumulate once
@@ -141,3 +145,11 @@ class StatsCollector:
             self.stats[name].add(x.detach())
 
         return hook
+
+
+def input_groups(collector: StatsCollector) -> list[list[str]]:
+    """Layers grouped by shared input, groups in execution order (q/k/v, o, gate/up, down)."""
+    groups: dict[int, list[str]] = {}
+    for name in collector.order:
+        groups.setdefault(id(collector.stats[name]), []).append(name)
+    return list(groups.values())

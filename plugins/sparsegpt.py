@@ -20,6 +20,7 @@ from llmpress.config import MethodConfig, PruningConfig
 from llmpress.errors import RecipeError
 from llmpress.linalg import cached_inverse_cholesky
 from llmpress.modules import get_weight
+from llmpress.obs import obs_sweep
 from llmpress.stats import LayerStats
 from llmpress.update import UpdateResult
 
@@ -41,7 +42,6 @@ class SparseGPTConfig(PruningConfig):
             raise RecipeError(f"sparsegpt: percdamp must be in [0, 10), got {self.percdamp}")
 
 
-@torch.no_grad()
 def sparsegpt_prune(
     weight: torch.Tensor,
     U: torch.Tensor,
@@ -53,37 +53,38 @@ def sparsegpt_prune(
     input Hessian (:func:`llmpress.linalg.inverse_cholesky_upper`); returns ``(W', keep)``.
 
     Unstructured: exactly ``round(sparsity * out * in)`` weights are pruned (each block
-    prunes its share, chosen layer-wide within the block). ``nm=(N, M)``: N of every M
-    consecutive input weights are kept, chosen when the group's first column is reached.
-    Works on the transpose so that each column step is two kernels on contiguous rows.
+    prunes its share, chosen layer-wide within the block by the OBS saliency
+    ``w^2 / U_jj^2`` of the current weights). ``nm=(N, M)``: N of every M consecutive input
+    weights are kept, chosen when the group's first column is reached.
     """
     WT = weight.t().to(torch.float32, copy=True).contiguous()  # [in, out]
-    cols, rows = WT.shape
+    rows = WT.shape[1]
     prunedT = torch.zeros_like(WT, dtype=torch.bool)  # [in, out]
+    F = torch.zeros_like(WT)  # [in, out]: pruned / U_jj, so err = w * F
     done = 0
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        W1 = WT[i1:i2]  # view [c, out]
-        U1 = U[i1:i2, i1:i2]  # [c, c]
-        d = torch.diagonal(U1).unsqueeze(1)  # [c, 1]
-        P1 = prunedT[i1:i2]  # view [c, out]
-        if nm is None:
-            k = round(sparsity * rows * i2) - done  # cumulative rounding keeps the total exact
-            if k > 0:
-                sal = (W1.square() / d.square()).flatten()  # [c * out] OBS saliency
-                P1.view(-1)[torch.topk(sal, k, largest=False).indices] = True
-            done += k
-        F1 = P1.float() / d  # [c, out]: err = w * F
-        Err1 = torch.empty_like(W1)  # [c, out]
-        for i in range(i2 - i1):
-            if nm is not None and i % nm[1] == 0:
-                n, m = nm
-                sal = W1[i : i + m].square() / d[i : i + m].square()  # [m, out]
-                P1[i : i + m].scatter_(0, torch.topk(sal, m - n, dim=0, largest=False).indices, True)
-                F1[i : i + m] = P1[i : i + m].float() / d[i : i + m]
-            e = torch.mul(W1[i], F1[i], out=Err1[i])  # [out] error of pruning column i
-            W1[i:].addr_(U1[i, i:], e, alpha=-1.0)  # spread it over the block's later columns
-        WT[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)  # lazy update of the rest
+
+    def begin_block(i1: int, i2: int, W1: torch.Tensor, d: torch.Tensor) -> None:
+        nonlocal done
+        if nm is not None:
+            return
+        k = round(sparsity * rows * i2) - done  # cumulative rounding keeps the total exact
+        if k > 0:
+            sal = (W1.square() / d.square().unsqueeze(1)).flatten()  # [c * out] OBS saliency
+            prunedT[i1:i2].view(-1)[torch.topk(sal, k, largest=False).indices] = True
+        F[i1:i2] = prunedT[i1:i2].float() / d.unsqueeze(1)
+        done += k
+
+    def step(j: int, i: int, w: torch.Tensor, d_i: torch.Tensor, err: torch.Tensor) -> None:
+        if nm is not None and i % nm[1] == 0:
+            n, m = nm
+            Wg = WT[j : j + m]  # [m, out], current values of the group
+            dg = torch.diagonal(U)[j : j + m].unsqueeze(1)  # [m, 1]
+            sal = Wg.square() / dg.square()
+            prunedT[j : j + m].scatter_(0, torch.topk(sal, m - n, dim=0, largest=False).indices, True)
+            F[j : j + m] = prunedT[j : j + m].float() / dg
+        torch.mul(w, F[j], out=err)
+
+    obs_sweep(WT, U, step, blocksize, begin_block)
     keep = ~prunedT.t()  # [out, in]
     return WT.t() * keep, keep
 

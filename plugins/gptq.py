@@ -1,0 +1,137 @@
+"""GPTQ (Frantar et al., 2023): quantize columns one by one, spreading each rounding error
+over the not-yet-quantized columns with the inverse-Hessian Cholesky factor (OBS).
+
+Options: ``act_order`` (process columns by decreasing Hessian diagonal; groups stay
+*static*, i.e. defined on the original column order and fixed before the sweep, so no
+reordering is needed at run time), ``true_sequential`` (quantize q/k/v, then o, then
+gate/up, then down, each seeing the already-quantized layers' outputs), ``blocksize``,
+``percdamp``. A weight pruned by an earlier stage keeps the zero point's code: exactly 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from llmpress import hookimpl
+from llmpress.config import MethodConfig, QuantConfig
+from llmpress.errors import RecipeError
+from llmpress.linalg import cached_inverse_cholesky
+from llmpress.modules import get_weight
+from llmpress.obs import obs_sweep
+from llmpress.quant.grid import compute_qparams, dequantize_weight, group_qparams
+from llmpress.quant.state import quant_state
+from llmpress.stats import LayerStats
+from llmpress.update import UpdateResult
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQConfig(QuantConfig):
+    """GPTQ: quantization grid options plus the OBS sweep's."""
+
+    method: ClassVar[str] = "gptq"
+    stats: ClassVar[frozenset[str]] = frozenset({"hessian"})
+    blocksize: int = 128
+    percdamp: float = 0.01
+    act_order: bool = False
+    true_sequential: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if int(self.blocksize) < 1:
+            raise RecipeError(f"gptq: blocksize must be >= 1, got {self.blocksize}")
+        if not 0 <= float(self.percdamp) < 10:
+            raise RecipeError(f"gptq: percdamp must be in [0, 10), got {self.percdamp}")
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: torch.Tensor,
+    U: torch.Tensor,
+    config: QuantConfig,
+    perm: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+    blocksize: int = 128,
+) -> tuple[torch.Tensor, dict]:
+    """Quantize ``weight`` [out, in]; ``U`` is the inverse-Hessian Cholesky factor *in the
+    processing order* ``perm`` (``None``: natural order). Returns (dequantized W, quant state).
+
+    Groups are contiguous in the original column order. Without ``perm`` each group's grid
+    is fitted when its first column is reached (the reference's lazy grid); with ``perm``
+    (act-order) all grids are fitted up front on the original weights (static groups).
+    """
+    spec = config.quant_spec()
+    out_f, in_f = weight.shape
+    gs = in_f if config.group_size == -1 else config.group_size
+    W = weight.float()
+    order = perm if perm is not None else torch.arange(in_f, device=W.device)
+    WT = W.t()[order].contiguous()  # [in, out], processing order
+    keepT = None if keep is None else keep.t()[order].contiguous()  # [in, out]
+    n_groups = in_f // gs
+    scales = torch.zeros(out_f, n_groups, device=W.device)
+    zeros = torch.zeros(out_f, n_groups, device=W.device)
+    if perm is not None:  # static groups, fitted before any update
+        scales, zeros = group_qparams(W, dataclasses.replace(spec, group_size=gs))
+    codesT = torch.empty(in_f, out_f, dtype=torch.uint8, device=W.device)  # [in, out], original order
+    maxq = spec.maxq
+    order_list = order.tolist()
+
+    def step(j: int, i: int, w: torch.Tensor, d_i: torch.Tensor, err: torch.Tensor) -> None:
+        col = order_list[j]
+        g = col // gs
+        if perm is None and col % gs == 0:  # lazy grid for the group starting here
+            s, z = compute_qparams(WT[j : j + gs].t(), spec)  # [out, 1] each
+            scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
+        s, z = scales[:, g], zeros[:, g]
+        c = torch.clamp(torch.round(w / s) + z, 0, maxq)  # [out]
+        if keepT is not None:
+            c = torch.where(keepT[j], c, z)  # pruned: zero point -> exactly 0
+        codesT[col] = c.to(torch.uint8)
+        torch.sub(w, s * (c - z), out=err).div_(d_i)
+
+    obs_sweep(WT, U, step, blocksize)
+    codes = codesT.t().contiguous()  # [out, in]
+    w_hat = dequantize_weight(codes, scales, zeros, config.group_size)
+    return w_hat, quant_state(codes, scales, zeros, config)
+
+
+def act_order_perm(stats: LayerStats) -> torch.Tensor:
+    """Columns by decreasing Hessian diagonal (stable)."""
+    return torch.sort(stats.sq_norms, descending=True, stable=True).indices
+
+
+CITATION = """@inproceedings{frantar2023gptq,
+  title     = {{GPTQ}: Accurate Post-Training Quantization for Generative Pre-trained Transformers},
+  author    = {Frantar, Elias and Ashkboos, Saleh and Hoefler, Torsten and Alistarh, Dan},
+  booktitle = {International Conference on Learning Representations},
+  year      = {2023}
+}"""
+
+
+@hookimpl
+def llmpress_method_citation(method: str) -> str | None:
+    return CITATION if method == "gptq" else None
+
+
+@hookimpl
+def llmpress_register_methods(register) -> None:  # noqa: ANN001
+    register("gptq", GPTQConfig)
+
+
+@hookimpl
+def llmpress_update_weights(
+    module: nn.Module, mask: torch.Tensor | None, stats: LayerStats | None, config: MethodConfig
+) -> UpdateResult | None:
+    if not isinstance(config, GPTQConfig):
+        return None
+    if stats is None:
+        raise ValueError("gptq needs calibration statistics (the input Hessian)")
+    w = get_weight(module).detach()
+    perm = act_order_perm(stats).to(w.device) if config.act_order else None
+    U = cached_inverse_cholesky(stats, float(config.percdamp), perm)
+    keep = None if mask is None else mask.to(w.device)
+    new, state = gptq_quantize(w, U, config, perm, keep, int(config.blocksize))
+    return UpdateResult(weight=new.to(w.dtype), mask=mask, quant=state)
