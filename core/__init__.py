@@ -13,6 +13,18 @@ from llmpress.hookspecs import hookimpl, hookspec
 
 __version__ = "0.1.0"
 
+
+def _register_with_transformers() -> None:
+    # `import llmpress` makes `from_pretrained` load llmpress checkpoints (quant_method "llmpress")
+    try:
+        from llmpress.hf_quantizer import register
+    except ImportError:  # pragma: no cover - transformers missing or too old
+        return
+    register()
+
+
+_register_with_transformers()
+
 __all__ = [
     "hookimpl",
     "hookspec",
@@ -24,6 +36,7 @@ __all__ = [
     "get_plugin_manager",
     "perplexity",
     "save_compressed",
+    "save_quantized",
     "load_model",
     "__version__",
 ]
@@ -50,10 +63,10 @@ def __getattr__(name: str):  # noqa: ANN202 - lazy public API, no heavy imports 
         from llmpress.evaluate import perplexity
 
         return perplexity
-    if name == "save_compressed":
-        from llmpress.save import save_compressed
+    if name in ("save_compressed", "save_quantized"):
+        from llmpress import save
 
-        return save_compressed
+        return getattr(save, name)
     if name == "load_model":
         from llmpress.loading import load_model
 

@@ -51,27 +51,10 @@ def _compress(a: argparse.Namespace) -> int:
 
 
 def _eval(a: argparse.Namespace) -> int:
-    from llmpress.evaluate import perplexity
-    from llmpress.loading import load_model
+    # perplexity (--text) and lm-eval tasks (--tasks) on one loaded model; results feed the model card
+    from llmpress.hub.cli import eval_command
 
-    model, tok = load_model(a.model_dir, dtype=a.dtype, device=a.device)
-    if tok is None:
-        raise LlmpressError(f"{a.model_dir} has no tokenizer; perplexity needs one")
-    res = perplexity(
-        model,
-        tok,
-        Path(a.text),
-        seqlen=a.seqlen,
-        batch_size=a.batch_size,
-        max_tokens=a.max_tokens,
-        device=a.device,
-        progress=not a.json,
-    )
-    if a.json:
-        print(json.dumps(res))
-    else:
-        print(f"perplexity {res['perplexity']:.4f} over {int(res['windows'])} windows of {a.seqlen} tokens")
-    return 0
+    return eval_command(a)
 
 
 def _plugins(a: argparse.Namespace) -> int:
@@ -123,7 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a (compressed) model")
     e.add_argument("model_dir")
-    e.add_argument("--text", required=True, help="text file for perplexity")
+    e.add_argument("--text", default=None, help="text file for perplexity")
+    e.add_argument("--tasks", default=None, help="comma-separated lm-eval-harness tasks, e.g. hellaswag,arc_easy")
+    e.add_argument("--limit", default=None, help="documents per task (a fraction if < 1)")
+    e.add_argument("--include-path", action="append", default=None, help="folder of local lm-eval task YAMLs")
+    e.add_argument("--no-save", action="store_true", help="do not record results in DIR/llmpress_eval.json")
     e.add_argument("--seqlen", type=int, default=256)
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-tokens", type=int, default=None)
@@ -131,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="auto")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=_eval)
+
+    from llmpress.hub import cli as hub_cli  # argparse only; the Hub client loads when `push` runs
+
+    pu = sub.add_parser("push", help="publish a saved model folder and its model card to the Hub")
+    hub_cli.add_push_arguments(pu)
+    pu.set_defaults(func=hub_cli.push_command)
 
     pl = sub.add_parser("plugins", help="list plugins and their methods")
     pl.add_argument("--json", action="store_true")

@@ -83,3 +83,68 @@ def save_compressed(
             extra(tmp)
     log.info("saved to %s", out_dir)
     return Path(out_dir)
+
+
+def cast_saved_tensors(model: Any, dtype: torch.dtype) -> None:
+    """Cast floating parameters and *persistent* buffers to ``dtype`` (in place), leaving
+    computed buffers such as RoPE's ``inv_freq`` as ``from_pretrained`` would: the model then
+    computes exactly like its saved-and-reloaded copy."""
+    persistent = set(model.state_dict().keys())
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and (name in persistent) and t.dtype != dtype:
+            t.data = t.data.to(dtype)
+
+
+def pack_model(model: Any, report: CompressionReport, sparse: str = "auto", dtype: torch.dtype = torch.float16) -> dict[str, dict[str, Any]]:
+    """Replace each compressed layer by its packed runtime module (in place).
+
+    Quantized layers become ``int`` (or ``int-2:4``); pruned-only layers become ``2:4`` or
+    ``bitmask`` when that is smaller (``sparse="dense"`` keeps them dense). Returns the
+    per-module format entries for ``quantization_config``.
+    """
+    from llmpress.formats import choose_format
+    from llmpress.modules import get_weight
+    from llmpress.plugin_manager import get_plugin_manager
+    from llmpress.runtime import replace_module
+
+    hook = get_plugin_manager().hook
+    dtype_name = str(dtype).replace("torch.", "")
+    modules: dict[str, dict[str, Any]] = {}
+    for name, rep in report.modules.items():
+        mod = model.get_submodule(name)
+        quant = report.quant_state.get(name)
+        w = get_weight(mod)
+        keep = (w != 0) if (rep.sparsity > 0 or quant is not None) else None
+        target = choose_format(quant, keep, sparse)
+        if target is None:
+            continue
+        res = hook.llmpress_export_kernel(module=mod, packed={"quant": quant, "keep": keep, "dtype": dtype_name}, target=target)
+        if res is None:
+            raise RuntimeError(f"no plugin exports {name} to format {target!r}")
+        replace_module(model, name, res["module"])
+        modules[name] = res["config"]
+    return modules
+
+
+def save_quantized(
+    model: Any,
+    out_dir: str | Path,
+    *,
+    report: CompressionReport,
+    tokenizer: Any = None,
+    sparse: str = "auto",
+    dtype: torch.dtype = torch.float16,
+    overwrite: bool = False,
+) -> Path:
+    """Pack the compressed layers (in place), then save with a ``quantization_config``.
+
+    The folder loads with ``import llmpress; AutoModel*.from_pretrained(dir)``. Without
+    packed layers (dense pruning) it is an ordinary checkpoint, as :func:`save_compressed`.
+    """
+    from llmpress.hf_quantizer import LlmpressConfig
+
+    cast_saved_tensors(model, dtype)
+    modules = pack_model(model, report, sparse, dtype)
+    if modules:
+        model.config.quantization_config = LlmpressConfig(modules=modules, recipe=report.recipe)
+    return save_compressed(model, out_dir, tokenizer=tokenizer, report=report, overwrite=overwrite)
