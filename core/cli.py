@@ -20,7 +20,7 @@ def _compress(a: argparse.Namespace) -> int:
     from llmpress.pipeline import compress
     from llmpress.plugin_manager import get_plugin_manager
     from llmpress.recipe import Recipe
-    from llmpress.save import save_compressed
+    from llmpress.save import save_result
 
     recipe = Recipe.load(a.recipe)
     recipe.resolve(get_plugin_manager())  # unknown method / bad option: fail before loading anything
@@ -42,7 +42,10 @@ def _compress(a: argparse.Namespace) -> int:
         offload_activations=a.offload_activations,
     )
     save_dtype = saved_dtype if isinstance(saved_dtype, torch.dtype) and not a.keep_dtype else None
-    save_compressed(model, out, tokenizer=tok, report=report, dtype=save_dtype, overwrite=a.overwrite)
+    save_result(
+        model, out, report=report, tokenizer=tok, dtype=save_dtype, overwrite=a.overwrite,
+        fmt=a.format, sparse_format=a.sparse_format,
+    )
     print(
         f"compressed {len(report.modules)} layers to {out} "
         f"(overall sparsity {report.overall_sparsity:.4f}, {report.wall_time_s:.1f}s)"
@@ -100,6 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--keep-dtype", action="store_true", help="save in the compute dtype instead of the checkpoint's"
+    )
+    c.add_argument(
+        "--format", default="llmpress", choices=["llmpress", "compressed-tensors"],
+        help="on-disk format: llmpress (packed, loads after `import llmpress`) or compressed-tensors "
+        "(weight-only int4/int8, read natively by vLLM and transformers)",
+    )
+    c.add_argument(
+        "--sparse-format", default=None, choices=["dense", "auto", "bitmask", "2:4"],
+        help="storage of pruned layers: dense (an ordinary checkpoint; default for pruning-only recipes), "
+        "auto (2:4 or bitmask when smaller; default with quantization), bitmask or 2:4",
     )
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=_compress)

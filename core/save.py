@@ -148,3 +148,30 @@ def save_quantized(
     if modules:
         model.config.quantization_config = LlmpressConfig(modules=modules, recipe=report.recipe)
     return save_compressed(model, out_dir, tokenizer=tokenizer, report=report, overwrite=overwrite)
+
+
+def save_result(
+    model: Any,
+    out_dir: str | Path,
+    *,
+    report: CompressionReport,
+    tokenizer: Any = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    fmt: str = "llmpress",
+    sparse_format: str | None = None,
+) -> Path:
+    """Save a compression result in the right form: packed (quantized, or pruned with a
+    sparse format), compressed-tensors, or an ordinary dense checkpoint."""
+    if fmt == "compressed-tensors":
+        from llmpress.compressed_tensors import save_compressed_tensors
+
+        return save_compressed_tensors(model, out_dir, report=report, tokenizer=tokenizer, overwrite=overwrite)
+    if fmt != "llmpress":
+        raise ValueError(f"unknown format {fmt!r}; use 'llmpress' or 'compressed-tensors'")
+    if report.quant_state or sparse_format not in (None, "dense"):
+        return save_quantized(
+            model, out_dir, report=report, tokenizer=tokenizer, sparse=sparse_format or "auto",
+            dtype=dtype or torch.float16, overwrite=overwrite,
+        )
+    return save_compressed(model, out_dir, tokenizer=tokenizer, report=report, dtype=dtype, overwrite=overwrite)

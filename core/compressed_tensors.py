@@ -1,0 +1,102 @@
+"""Export weight-only int4/int8 models in the compressed-tensors ``pack-quantized`` layout,
+which vLLM and transformers (with the ``compressed-tensors`` package) read natively.
+
+Per quantized layer ``name`` (weight [out, in], groups of ``group_size`` inputs):
+``name.weight_packed`` int32 [out, ceil(in*bits/32)] (signed codes ``q`` stored as
+``q + 2**(bits-1)`` in a little-endian bitstream: exactly llmpress's codes),
+``name.weight_scale`` [out, n_groups] and ``name.weight_shape`` int64 [2]. Symmetric grids
+only: asymmetric pack-quantized checkpoints do not load in transformers 5.x.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from llmpress.errors import LlmpressError
+from llmpress.quant.packing import pack_int32
+from llmpress.report import CompressionReport
+from llmpress.save import REPORT_FILE, atomic_directory
+
+
+def _scheme(q: dict[str, Any]) -> dict[str, Any]:
+    per_channel = q["group_size"] == -1
+    return {
+        "num_bits": q["bits"], "type": "int", "symmetric": q["symmetric"],
+        "strategy": "channel" if per_channel else "group", "group_size": None if per_channel else q["group_size"],
+        "dynamic": False, "actorder": None, "observer": "minmax", "block_structure": None,
+    }
+
+
+def compressed_tensors_config(report: CompressionReport) -> dict[str, Any]:
+    """The ``quantization_config`` (one config group per distinct grid)."""
+    groups: dict[str, dict[str, Any]] = {}
+    for name, q in sorted(report.quant_state.items()):
+        key = json.dumps(_scheme(q), sort_keys=True)
+        groups.setdefault(key, {"targets": [], "weights": _scheme(q), "input_activations": None,
+                                "output_activations": None, "format": "pack-quantized"})["targets"].append(name)
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())},
+        "ignore": ["lm_head"],
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+    }
+
+
+def compressed_tensors_state_dict(model: Any, report: CompressionReport, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's state dict with each quantized layer's ``weight`` replaced by its packed form."""
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    for name, q in report.quant_state.items():
+        if q["bits"] not in (4, 8):
+            raise LlmpressError(f"compressed-tensors export supports 4 and 8 bits; {name} has {q['bits']}")
+        w = sd.pop(f"{name}.weight")
+        out_f, in_f = w.shape
+        codes = q["codes"].to(torch.uint8)  # pruned weights hold the zero point's code
+        sd[f"{name}.weight_packed"] = pack_int32(codes, q["bits"])
+        sd[f"{name}.weight_scale"] = q["scales"].to(dtype).contiguous()
+        sd[f"{name}.weight_shape"] = torch.tensor([out_f, in_f], dtype=torch.int64)
+        if not q["symmetric"]:
+            raise LlmpressError(
+                f"{name} uses an asymmetric grid: transformers 5.x cannot load asymmetric compressed-tensors "
+                f"pack-quantized checkpoints (it allocates the zero point unpacked while the decompressor "
+                f"expects it packed); quantize with 'symmetric: true' for this export, or use --format llmpress"
+            )
+    return {k: v.contiguous().cpu() for k, v in sd.items()}
+
+
+def save_compressed_tensors(
+    model: Any,
+    out_dir: str | Path,
+    *,
+    report: CompressionReport,
+    tokenizer: Any = None,
+    dtype: torch.dtype = torch.float16,
+    overwrite: bool = False,
+) -> Path:
+    """Write a compressed-tensors checkpoint (atomically). Pruned-only layers stay dense."""
+    if not report.quant_state:
+        raise LlmpressError("compressed-tensors export needs a quantized model (add an rtn or gptq stage)")
+    sd = compressed_tensors_state_dict(model, report, dtype)
+    sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied:
+        sd.pop("lm_head.weight", None)
+    with atomic_directory(out_dir, overwrite) as tmp:
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        cfg = model.config.to_dict()
+        cfg["quantization_config"] = compressed_tensors_config(report)
+        cfg["dtype"] = str(dtype).replace("torch.", "")
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2))
+    return Path(out_dir)
