@@ -71,29 +71,33 @@ def gptq_quantize(
     WT = W.t()[order].contiguous()  # [in, out], processing order
     keepT = None if keep is None else keep.t()[order].contiguous()  # [in, out]
     n_groups = in_f // gs
-    scales = torch.zeros(out_f, n_groups, device=W.device)
-    zeros = torch.zeros(out_f, n_groups, device=W.device)
+    scalesT = torch.zeros(n_groups, out_f, device=W.device)  # [G, out]: one contiguous row per group
+    zerosT = torch.zeros(n_groups, out_f, device=W.device)
     if perm is not None:  # static groups, fitted before any update
-        scales, zeros = group_qparams(W, dataclasses.replace(spec, group_size=gs))
+        sc, zc = group_qparams(W, dataclasses.replace(spec, group_size=gs))  # [out, G]
+        scalesT, zerosT = sc.t().contiguous(), zc.t().contiguous()
     codesT = torch.empty(in_f, out_f, dtype=torch.uint8, device=W.device)  # [in, out], original order
-    maxq = spec.maxq
+    maxq = float(spec.maxq)
     order_list = order.tolist()
+    buf = torch.empty(out_f, device=W.device)
 
     def step(j: int, i: int, w: torch.Tensor, d_i: torch.Tensor, err: torch.Tensor) -> None:
         col = order_list[j]
         g = col // gs
         if perm is None and col % gs == 0:  # lazy grid for the group starting here
-            s, z = compute_qparams(WT[j : j + gs].t(), spec)  # [out, 1] each
-            scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
-        s, z = scales[:, g], zeros[:, g]
-        c = torch.clamp(torch.round(w / s) + z, 0, maxq)  # [out]
+            sg, zg = compute_qparams(WT[j : j + gs].t(), spec)  # [out, 1] each
+            scalesT[g], zerosT[g] = sg[:, 0], zg[:, 0]
+        s, z = scalesT[g], zerosT[g]  # [out]
+        torch.div(w, s, out=buf).round_().add_(z).clamp_(0.0, maxq)  # codes as float
         if keepT is not None:
-            c = torch.where(keepT[j], c, z)  # pruned: zero point -> exactly 0
-        codesT[col] = c.to(torch.uint8)
-        torch.sub(w, s * (c - z), out=err).div_(d_i)
+            torch.where(keepT[j], buf, z, out=buf)  # pruned: zero point -> exactly 0
+        codesT[col].copy_(buf)
+        buf.sub_(z)
+        torch.addcmul(w, s, buf, value=-1.0, out=err).div_(d_i)  # (w - q) / d
 
     obs_sweep(WT, U, step, blocksize)
     codes = codesT.t().contiguous()  # [out, in]
+    scales, zeros = scalesT.t().contiguous(), zerosT.t().contiguous()  # [out, G]
     w_hat = dequantize_weight(codes, scales, zeros, config.group_size)
     return w_hat, quant_state(codes, scales, zeros, config)
 
