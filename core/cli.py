@@ -16,7 +16,7 @@ log = logging.getLogger("llmpress")
 def _compress(a: argparse.Namespace) -> int:
     import torch
 
-    from llmpress.loading import load_model
+    from llmpress.loading import load_model, stored_dtype
     from llmpress.pipeline import compress
     from llmpress.plugin_manager import get_plugin_manager
     from llmpress.recipe import Recipe
@@ -27,8 +27,8 @@ def _compress(a: argparse.Namespace) -> int:
     out = Path(a.out)
     if out.exists() and not a.overwrite:
         raise LlmpressError(f"output directory {out} already exists; pass --overwrite or pick another")
+    saved_dtype = stored_dtype(a.model)  # read before loading: loading in fp32 overwrites config.dtype
     model, tok = load_model(a.model, dtype=a.dtype, device="cpu" if a.offload_model else a.device)
-    saved_dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
     model, report = compress(
         model,
         recipe,

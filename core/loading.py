@@ -82,3 +82,17 @@ def load_model(
         log.warning("no tokenizer loaded from %s (%s)", src, e)
         tok = None
     return model, tok
+
+
+def stored_dtype(name_or_path: str | Path, trust_remote_code: bool = False) -> torch.dtype | None:
+    """The dtype a checkpoint's config says its weights are stored in (``None`` if unknown)."""
+    import transformers
+
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    dt = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    if isinstance(dt, str):
+        dt = getattr(torch, dt, None)
+    return dt if isinstance(dt, torch.dtype) else None

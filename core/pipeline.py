@@ -215,6 +215,7 @@ def compress(
 
     report = CompressionReport(
         recipe=rec.to_dict(),
+        base_model=getattr(model, "name_or_path", None) or None,
         modules=engine.modules_report,
         calibration=calib_info,
         device=str(dev),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,28 @@ from llmpress.config import MethodConfig
 from llmpress.errors import RecipeError
 from llmpress.plugin_manager import Llmpress, get_plugin_manager
 
-_STAGE_KEYS = ("method", "targets", "ignore")
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 without base-60 numbers: ``pattern: 2:4`` stays the string "2:4"."""
+
+
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+        r"|\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
 
 
 @dataclasses.dataclass
@@ -134,7 +156,7 @@ class Recipe:
             raise RecipeError(f"recipe file {p} does not exist")
         text = p.read_text(encoding="utf-8")
         try:
-            data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+            data = json.loads(text) if p.suffix.lower() == ".json" else yaml.load(text, Loader=_RecipeLoader)
         except (json.JSONDecodeError, yaml.YAMLError) as e:
             raise RecipeError(
                 f"recipe file {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}"

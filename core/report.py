@@ -30,6 +30,8 @@ class CompressionReport:
     """Summary of a :func:`llmpress.compress` run (``to_dict()`` is saved as JSON)."""
 
     recipe: dict[str, Any]
+    #: where the uncompressed model came from (Hub id or folder), for model cards
+    base_model: str | None = None
     modules: dict[str, ModuleReport] = dataclasses.field(default_factory=dict)
     calibration: dict[str, Any] = dataclasses.field(default_factory=dict)
     device: str = "cpu"
@@ -47,6 +49,7 @@ class CompressionReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "base_model": self.base_model,
             "recipe": self.recipe,
             "overall_sparsity": round(self.overall_sparsity, 6),
             "modules": {k: v.to_dict() for k, v in self.modules.items()},

@@ -66,12 +66,14 @@ def save_compressed(
     """
     with atomic_directory(out_dir, overwrite) as tmp:
         if dtype is not None and dtype != next(model.parameters()).dtype:
-            orig = next(model.parameters()).dtype
-            model.to(dtype)
+            # save a cast copy of the weights; the model itself is left as it is
+            state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+            old = getattr(model.config, "dtype", None)
+            model.config.dtype = dtype
             try:
-                model.save_pretrained(tmp)
+                model.save_pretrained(tmp, state_dict=state)
             finally:
-                model.to(orig)
+                model.config.dtype = old
         else:
             model.save_pretrained(tmp)
         if tokenizer is not None:

@@ -31,6 +31,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import get_session, hf_raise_for_status
+
 from llmpress.hub.local_server import DEFAULT_USER, LocalHubServer
 
 # The fixtures (local_hub, local_hub_factory) come from the plugin, as plugin authors would use it.

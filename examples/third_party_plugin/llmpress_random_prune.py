@@ -1,0 +1,57 @@
+"""An example third-party llmpress plugin: the ``random`` pruning method.
+
+It registers a method named ``random`` whose config has one option of its own, ``seed``,
+and scores every weight with seeded uniform noise. llmpress's built-in ``masking`` plugin
+then prunes the lowest scores (per output row, or ``N:M``) and zeroes them, exactly as for
+magnitude or Wanda. Useful as a sanity baseline: any real method should beat it.
+
+Recipe::
+
+    stages:
+      - method: random
+        sparsity: 0.5
+        seed: 1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+import llmpress
+from llmpress.config import MethodConfig, PruningConfig
+from llmpress.errors import RecipeError
+from llmpress.modules import get_weight
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomPruneConfig(PruningConfig):
+    """Random pruning. ``seed``: seed of the scores (the same seed gives the same masks)."""
+
+    method: ClassVar[str] = "random"
+    needs_calibration: ClassVar[bool] = False
+    seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise RecipeError(f"random: seed must be a non-negative integer, got {self.seed!r}")
+
+
+@llmpress.hookimpl
+def llmpress_register_methods(register) -> None:  # noqa: ANN001
+    register("random", RandomPruneConfig)
+
+
+@llmpress.hookimpl
+def llmpress_score_importance(module: nn.Module, stats: object, config: MethodConfig) -> torch.Tensor | None:
+    if not isinstance(config, RandomPruneConfig):
+        return None  # not our method: let the plugin that owns the config answer
+    w = get_weight(module)  # [out, in]
+    # mix the layer shape into the seed so layers of different shapes get unrelated scores
+    g = torch.Generator().manual_seed(config.seed * 1_000_003 + zlib.crc32(str(tuple(w.shape)).encode()))
+    return torch.rand(tuple(w.shape), generator=g).to(w.device)  # [out, in]

@@ -1,0 +1,535 @@
+"""Model cards of compressed models: metadata and body from a saved folder, rendered with Jinja.
+
+:func:`build_card` reads the folder (config.json, ``llmpress_report.json``,
+``llmpress_eval.json``, safetensors headers, ``quantization_config``), draws the allocation
+plot into it, and renders a template of ``llmpress.model_cards`` (``"default"`` or
+``"short"``) or a user's file into a :class:`huggingface_hub.ModelCard`.
+
+Templates are Jinja with ``StrictUndefined`` (a misspelled variable is an error, not an empty
+string). A template starts with the metadata block::
+
+    ---
+    {{ card_data }}
+    ---
+
+and may use these variables (a user template can also ``{% extends "default.md.j2" %}``):
+``model_name``, ``repo_id``, ``base_model`` (Hub id or None), ``base_label``, ``summary``,
+``stages`` (list of ``{method, description, options}``), ``recipe_yaml``, ``size`` (a
+:class:`SizeSummary`), ``size_rows`` (``{label, before, after}``), ``sparsity``, ``modules``
+(``{name, shape, methods, sparsity, bits}``), ``plot`` (relative PNG path or None),
+``calibration``, ``compute`` (``{device, wall_time, versions}``), ``usage`` (Python code),
+``citations`` (``{method, bibtex}``), ``missing_citations``, ``evaluations`` (``{task, metric,
+value, stderr, samples, notes}``), ``tags``, ``quantized``, ``license``, ``pipeline_tag``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmpress.hub.errors import CardTemplateError
+from llmpress.hub.eval_harness import EvalRecord
+from llmpress.hub.folder import CARD_FILE, PLOT_FILE, FolderInfo, SizeStats, hub_size, local_size, read_folder
+
+log = logging.getLogger(__name__)
+
+BUILTIN_TEMPLATES = ("default", "short")
+LIBRARY_NAME = "transformers"  # loads with transformers (after `import llmpress` for the packed format)
+
+_PIPELINE_TAGS = {
+    "AutoModelForCausalLM": "text-generation",
+    "AutoModelForMaskedLM": "fill-mask",
+    "AutoModelForSeq2SeqLM": "text2text-generation",
+    "AutoModelForSequenceClassification": "text-classification",
+    "AutoModelForTokenClassification": "token-classification",
+}
+_METHOD_NAMES = {"wanda": "Wanda", "sparsegpt": "SparseGPT", "gptq": "GPTQ", "rtn": "RTN", "owl": "OWL"}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeSummary:
+    """Size and bits per parameter of the dense base and of the compressed checkpoint."""
+
+    before: SizeStats
+    after: SizeStats
+    layer_bits_before: float
+    layer_bits_after: float
+
+    @property
+    def ratio(self) -> float:
+        return self.before.nbytes / self.after.nbytes if self.after.nbytes else 0.0
+
+
+@dataclasses.dataclass
+class CardContext:
+    """The card's metadata and the template variables (see the module docstring)."""
+
+    data: Any  # huggingface_hub.ModelCardData
+    variables: dict[str, Any]
+
+
+def templates_dir() -> Path:
+    """The folder of the built-in templates (package ``llmpress.model_cards``)."""
+    from llmpress import model_cards
+
+    return Path(model_cards.__file__).resolve().parent
+
+
+# ------------------------------------------------------------------------- building blocks
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _is_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name or name.startswith((".", "/", "~")) or Path(name).exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _resolve_base(base_model: str | None, info: FolderInfo) -> tuple[str | None, Path | None]:
+    """(Hub id, local folder) of the base model from the argument, the report or config.json."""
+    report = info.report or {}
+    for cand in (base_model, report.get("base_model"), report.get("model"), info.config.get("_name_or_path")):
+        if not cand:
+            continue
+        cand = str(cand)
+        if Path(cand).expanduser().is_dir():
+            return None, Path(cand).expanduser()
+        if _is_hub_id(cand):
+            return cand, None
+        log.warning("base model %r is neither a local folder nor a valid Hub id; ignoring it", cand)
+    return None, None
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _base_license(hub_id: str | None, local: Path | None, api: Any) -> str | None:
+    """The base model's license: its local README metadata, else its Hub card."""
+    from huggingface_hub import ModelCard
+
+    try:
+        if local is not None and (local / CARD_FILE).is_file():
+            return ModelCard.load(local / CARD_FILE).data.license
+        if hub_id is not None and api is not None and not _offline():
+            card_data = api.model_info(hub_id).card_data
+            return card_data.license if card_data is not None else None
+    except Exception as e:  # a missing or unreadable base card only loses the license
+        log.info("no license found for the base model (%s: %s)", type(e).__name__, e)
+    return None
+
+
+def _size_summary(info: FolderInfo, hub_id: str | None, local: Path | None, api: Any) -> SizeSummary:
+    after = info.size()
+    before = local_size(local) if local is not None else None
+    if before is None and hub_id is not None and api is not None and not _offline():
+        before = hub_size(hub_id, api)
+    if before is None:  # the dense model at the checkpoint's float dtype
+        nbytes = after.params * info.dtype_bits // 8
+        before = SizeStats(params=after.params, nbytes=nbytes, measured=False, data_bytes=nbytes)
+    mods = info.modules()
+    params = sum(m.params for m in mods)
+    return SizeSummary(
+        before=before,
+        after=after,
+        layer_bits_before=before.bits_per_param,
+        layer_bits_after=8.0 * sum(m.nbytes for m in mods) / params if params else after.bits_per_param,
+    )
+
+
+def _describe_stage(stage: dict[str, Any]) -> str:
+    method = str(stage.get("method"))
+    name = _METHOD_NAMES.get(method, method)
+    if "sparsity" in stage:
+        pattern = stage.get("pattern") or "unstructured"
+        text = f"{name} pruning to {100 * float(stage['sparsity']):.0f} % {pattern} sparsity"
+    elif "bits" in stage:
+        gs = stage.get("group_size")
+        group = "per output channel" if gs == -1 else f"group size {gs}" if gs else "default groups"
+        text = f"{name} quantization to {stage['bits']} bits ({group})"
+    else:
+        text = f"{name}"
+    if stage.get("targets"):
+        text += f" on layers matching {', '.join(map(str, stage['targets']))}"
+    if stage.get("ignore"):
+        text += f" except {', '.join(map(str, stage['ignore']))}"
+    return text
+
+
+def _tags(info: FolderInfo, extra: Sequence[str]) -> list[str]:
+    tags = ["llmpress"]
+    for s in info.stages:
+        tags.append(str(s.get("method")))
+        if "sparsity" in s:
+            tags += ["sparse", f"{s.get('pattern') or 'unstructured'}-sparsity"]
+        if "bits" in s:
+            tags += ["quantized", f"{s['bits']}-bit"]
+    if info.quantized:
+        bits = {m.nominal_bits for m in info.modules() if m.nominal_bits}
+        tags += ["quantized", *(f"{b}-bit" for b in sorted(bits))]
+    return list(dict.fromkeys([*tags, *extra]))
+
+
+def method_citations(methods: Sequence[str], pm: Any = None) -> tuple[list[dict[str, str]], list[str]]:
+    """``([{method, bibtex}], [methods without one])`` through ``llmpress_method_citation``."""
+    from llmpress.plugin_manager import get_plugin_manager
+
+    pm = pm or get_plugin_manager()
+    found, missing = [], []
+    for m in dict.fromkeys(methods):
+        bib = pm.hook.llmpress_method_citation(method=m)
+        if bib:
+            found.append({"method": m, "bibtex": bib.strip()})
+        else:
+            missing.append(m)
+    return found, missing
+
+
+def _auto_class(folder: Path) -> str:
+    try:
+        import transformers
+
+        from llmpress.loading import auto_class_for
+
+        return auto_class_for(transformers.AutoConfig.from_pretrained(folder)).__name__
+    except Exception as e:  # unknown architecture: the snippet falls back to the causal LM class
+        log.warning("cannot tell the Auto class of %s (%s); assuming AutoModelForCausalLM", folder, e)
+        return "AutoModelForCausalLM"
+
+
+def usage_snippet(repo_id: str, auto_class: str, *, packed: bool, tokenizer: bool) -> str:
+    """Python code that loads ``repo_id`` and runs it (works when pasted); ``packed`` adds the
+    ``import llmpress`` that llmpress's packed format needs."""
+    lines = ["import llmpress  # registers llmpress's packed format with transformers"] if packed else []
+    lines.append(f"from transformers import {auto_class}" + (", AutoTokenizer" if tokenizer else ""))
+    lines += ["", f'model = {auto_class}.from_pretrained("{repo_id}")']
+    if not tokenizer:
+        lines += ["import torch", "", "print(model(torch.tensor([[1, 2, 3]])).logits.shape)"]
+    elif auto_class == "AutoModelForCausalLM":
+        lines += [
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+            'inputs = tokenizer("The quick brown fox", return_tensors="pt")',
+            "outputs = model.generate(**inputs, max_new_tokens=20, do_sample=False)",
+            "print(tokenizer.decode(outputs[0], skip_special_tokens=True))",
+        ]
+    else:
+        lines += [
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+            'inputs = tokenizer("The quick brown fox", return_tensors="pt")',
+            "print(model(**inputs).logits.shape)",
+        ]
+    return "\n".join(lines)
+
+
+def _eval_results(records: Sequence[EvalRecord], task_type: str, model_name: str) -> list[Any]:
+    from huggingface_hub import EvalResult
+
+    out = []
+    for r in records:
+        label = r.metric + (f" ({r.samples} samples)" if r.limit is not None and r.samples else "")
+        out.append(
+            EvalResult(
+                task_type=task_type,
+                dataset_type=r.dataset_type or r.task,
+                dataset_name=r.dataset or r.task,
+                dataset_split=r.split,
+                metric_type=r.metric,
+                metric_value=r.value,
+                metric_name=label,
+            )
+        )
+    return out
+
+
+def _calibration_text(calib: dict[str, Any]) -> str:
+    if not calib:
+        return "None: every method of the recipe works without calibration data."
+    src = calib.get("source")
+    if src and (Path(src).is_absolute() or Path(src).exists()):
+        src = Path(src).name  # a local path says nothing to readers (and may leak a home folder)
+    where = f" drawn from `{src}`" if src else " (token ids passed in Python)"
+    return (
+        f"{calib.get('nsamples', '?')} sequences of {calib.get('seqlen', '?')} tokens{where}, "
+        f"random windows with seed {calib.get('seed', 0)}."
+    )
+
+
+# ------------------------------------------------------------------------------ context
+
+
+def build_card_context(
+    folder: str | Path,
+    *,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    license: str | None = None,
+    tags: Sequence[str] = (),
+    api: Any = None,
+    pm: Any = None,
+    write_plot: bool = True,
+) -> CardContext:
+    """Metadata and template variables of ``folder``'s card.
+
+    :param repo_id: where the model is (or will be) published; used in the title and the usage
+        snippet (default: the folder name).
+    :param base_model: Hub id (or local folder) of the dense model; default: the report's or
+        config.json's record of it. A Hub id goes into ``base_model`` metadata; its license
+        and size are read from the Hub through ``api`` (an ``HfApi``) when possible.
+    :param license: overrides the license carried from the base model.
+    :param write_plot: draw ``llmpress_allocation.png`` into the folder for the card.
+    """
+    from huggingface_hub import ModelCardData
+
+    info = read_folder(folder)
+    path = info.path
+    repo = repo_id or path.resolve().name
+    model_name = repo.split("/")[-1]
+    hub_id, local = _resolve_base(base_model, info)
+    base_label = hub_id or (local.name if local is not None else "a dense model")
+    size = _size_summary(info, hub_id, local, api)
+    mods = info.modules()
+    report = info.report or {}
+    stages = info.stages
+    quantized = info.quantized
+    auto_class = _auto_class(path)
+    pipeline_tag = _PIPELINE_TAGS.get(auto_class)
+    license = license or _base_license(hub_id, local, api)
+    records = [
+        EvalRecord.from_dict(r) for r in (info.evaluation or {}).get("results", []) if isinstance(r, dict)
+    ]
+    citations, missing = method_citations([str(s.get("method")) for s in stages], pm)
+
+    plot = None
+    if write_plot and mods:
+        from llmpress.hub.plot import allocation_plot
+
+        try:
+            plot = (
+                PLOT_FILE
+                if allocation_plot(mods, path / PLOT_FILE, show_bits=quantized or info.packed)
+                else None
+            )
+        except OSError as e:
+            log.warning("could not write the allocation plot into %s (%s)", path, e)
+
+    sparsity = float(report.get("overall_sparsity", 0.0))
+    summary = (
+        f"This is {f'[{hub_id}](https://huggingface.co/{hub_id})' if hub_id else base_label} compressed with "
+        f"llmpress: {'; then '.join(_describe_stage(s) for s in stages) or 'no compression stage'}. "
+        f"The recipe compressed {len(mods)} linear layers of the repeated blocks (embeddings and the output head stay "
+        f"dense); their measured sparsity is {100 * sparsity:.1f} %. The checkpoint takes "
+        f"{_fmt_bytes(size.after.nbytes)} ({size.after.bits_per_param:.2f} bits per parameter) against "
+        f"{_fmt_bytes(size.before.nbytes)} ({size.before.bits_per_param:.2f}) for the dense model"
+        f"{'' if size.before.measured else ' (estimated at the same dtype)'}."
+    )
+    if info.packed:
+        summary += (
+            " Load it after `import llmpress`, which registers llmpress's packed format with transformers."
+        )
+    elif sparsity > 0 and not quantized:
+        summary += (
+            " Pruned weights are stored as zeros in dense tensors, so the file does not shrink; speed and size "
+            "gains need sparse kernels or a packed format."
+        )
+
+    relation: dict[str, Any] = {}
+    if hub_id is not None and quantized:
+        # The Hub defines base_model_relation in {adapter, merge, quantized, finetune}. Pruned-only
+        # models fit none of them (no training, no new weights besides zeros), so it is omitted.
+        relation["base_model_relation"] = "quantized"
+    tag_list = _tags(info, tags)
+    data = ModelCardData(
+        base_model=hub_id,
+        library_name=LIBRARY_NAME,
+        pipeline_tag=pipeline_tag,
+        license=license,
+        tags=tag_list,
+        model_name=model_name,
+        eval_results=_eval_results(records, pipeline_tag or "text-generation", model_name) or None,
+        **relation,
+    )
+    calib = report.get("calibration") or {}
+    variables: dict[str, Any] = {
+        "model_name": model_name,
+        "repo_id": repo,
+        "base_model": hub_id,
+        "base_label": base_label,
+        "summary": summary,
+        "stages": [
+            {"method": s.get("method"), "description": _describe_stage(s), "options": s} for s in stages
+        ],
+        "recipe_yaml": yaml.safe_dump(report.get("recipe") or {}, sort_keys=False).strip(),
+        "size": size,
+        "size_rows": [
+            {
+                "label": "checkpoint size",
+                "before": _fmt_bytes(size.before.nbytes),
+                "after": _fmt_bytes(size.after.nbytes),
+            },
+            {"label": "parameters", "before": f"{size.before.params:,}", "after": f"{size.after.params:,}"},
+            {
+                "label": "bits per parameter (overall)",
+                "before": f"{size.before.bits_per_param:.2f}",
+                "after": f"{size.after.bits_per_param:.2f}",
+            },
+            {
+                "label": "bits per parameter (compressed layers)",
+                "before": f"{size.layer_bits_before:.2f}",
+                "after": f"{size.layer_bits_after:.2f}",
+            },
+            {"label": "sparsity (compressed layers)", "before": "0.0 %", "after": f"{100 * sparsity:.1f} %"},
+        ],
+        "size_estimated": not size.before.measured,
+        "sparsity": sparsity,
+        "modules": [
+            {
+                "name": m.name,
+                "shape": f"{m.shape[0]}×{m.shape[1]}",
+                "methods": ", ".join(m.methods),
+                "sparsity": f"{100 * m.sparsity:.1f} %",
+                "bits": f"{m.bits_per_param:.2f}" + (f" ({m.nominal_bits}-bit)" if m.nominal_bits else ""),
+            }
+            for m in mods
+        ],
+        "plot": plot,
+        "calibration": _calibration_text(calib),
+        "compute": {
+            "device": report.get("device", "unknown"),
+            "wall_time": f"{float(report.get('wall_time_s', 0.0)):.1f} s",
+            "versions": report.get("versions") or {},
+        },
+        "usage": usage_snippet(
+            repo,
+            auto_class,
+            packed=info.packed,
+            tokenizer=any((path / f).is_file() for f in _TOKENIZER_FILES),
+        ),
+        "citations": citations,
+        "missing_citations": missing,
+        "evaluations": [
+            {
+                "task": r.task,
+                "metric": r.metric,
+                "value": f"{r.value:.4f}",
+                "stderr": f"{r.stderr:.4f}" if r.stderr is not None else "",
+                "samples": r.samples if r.samples is not None else "",
+                "notes": r.notes or (f"limit {r.limit:g}" if r.limit is not None else ""),
+            }
+            for r in records
+        ],
+        "tags": tag_list,
+        "quantized": quantized,
+        "license": license,
+        "pipeline_tag": pipeline_tag,
+    }
+    return CardContext(data=data, variables=variables)
+
+
+# ------------------------------------------------------------------------------ rendering
+
+
+def _template_path(template: str | Path) -> Path:
+    if str(template) in BUILTIN_TEMPLATES:
+        return templates_dir() / f"{template}.md.j2"
+    path = Path(template).expanduser()
+    if not path.is_file():
+        raise CardTemplateError(
+            f"model card template {str(template)!r} not found: use {' or '.join(map(repr, BUILTIN_TEMPLATES))} "
+            "or the path of a Jinja file"
+        )
+    return path.resolve()
+
+
+def _template_line(err: BaseException, filenames: set[str]) -> int | None:
+    """Line of the template being rendered when ``err`` was raised (Jinja maps frames to it)."""
+    lines = [f.lineno for f in traceback.extract_tb(err.__traceback__) if f.filename in filenames]
+    return lines[-1] if lines else getattr(err, "lineno", None)
+
+
+def render_card(context: CardContext, template: str | Path = "default") -> Any:
+    """Render ``template`` with ``context`` into a :class:`huggingface_hub.ModelCard`.
+
+    :raises CardTemplateError: naming the template file and line for a syntax error, an
+        undefined variable or an error raised while rendering, or for invalid metadata.
+    """
+    import jinja2
+    from huggingface_hub import ModelCard
+
+    path = _template_path(template)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader([str(path.parent), str(templates_dir())]),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    card_data = context.data.to_yaml()
+    try:
+        tpl = env.get_template(path.name)
+    except jinja2.TemplateSyntaxError as e:
+        raise CardTemplateError(
+            f"model card template {e.filename or path}, line {e.lineno}: {e.message}"
+        ) from None
+    filenames = {str(path), str(templates_dir() / path.name)}
+    try:
+        text = tpl.render(card_data=card_data, **context.variables)
+    except jinja2.TemplateSyntaxError as e:  # in an included/extended template
+        raise CardTemplateError(
+            f"model card template {e.filename or path}, line {e.lineno}: {e.message}"
+        ) from None
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as e:
+        filenames |= {str(p) for p in templates_dir().glob("*.j2")}
+        line = _template_line(e, filenames)
+        where = f", line {line}" if line else ""
+        raise CardTemplateError(f"model card template {path}{where}: {type(e).__name__}: {e}") from None
+    if not text.lstrip().startswith("---"):  # a template without metadata still gets it
+        text = f"---\n{card_data}\n---\n\n{text}"
+    try:
+        return ModelCard(text)
+    except ValueError as e:
+        raise CardTemplateError(f"model card template {path} produced invalid metadata: {e}") from None
+
+
+def build_card(folder: str | Path, *, template: str | Path = "default", **kwargs: Any) -> Any:
+    """Build and render the card of a saved folder (``kwargs``: see :func:`build_card_context`)."""
+    return render_card(build_card_context(folder, **kwargs), template)
+
+
+def write_card(folder: str | Path, card: Any) -> Path:
+    """Write ``card`` (a ``ModelCard`` or text) as ``folder/README.md``, atomically."""
+    folder = Path(folder)
+    text = card if isinstance(card, str) else str(card)
+    fd, tmp = tempfile.mkstemp(prefix=".README.", suffix=".md", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, folder / CARD_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return folder / CARD_FILE

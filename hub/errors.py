@@ -1,0 +1,21 @@
+"""Errors of the publishing layer; each message names the problem and the fix."""
+
+from __future__ import annotations
+
+from llmpress.errors import LlmpressError
+
+
+class PublishError(LlmpressError):
+    """Pushing to or pulling from the Hub failed (authentication, repo name, network, server).
+
+    Nothing is left half-published: a Hub commit is atomic, so re-running the same push
+    after fixing the cause completes it.
+    """
+
+
+class CardTemplateError(LlmpressError, ValueError):
+    """A model card template cannot be parsed or rendered; the message names the file and line."""
+
+
+class EvalTaskError(LlmpressError, ValueError):
+    """An lm-eval-harness task cannot be found, loaded or run."""
