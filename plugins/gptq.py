@@ -11,6 +11,7 @@ gate/up, then down, each seeing the already-quantized layers' outputs), ``blocks
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import torch
@@ -19,10 +20,11 @@ from torch import nn
 from llmpress import hookimpl
 from llmpress.config import MethodConfig, QuantConfig
 from llmpress.errors import RecipeError
+from llmpress.kernels.gptq_block import HAVE_TRITON, gptq_block_triton
 from llmpress.linalg import cached_inverse_cholesky
 from llmpress.modules import get_weight
 from llmpress.obs import obs_sweep
-from llmpress.quant.grid import compute_qparams, dequantize_weight, group_qparams
+from llmpress.quant.grid import QuantSpec, compute_qparams, dequantize_weight, group_qparams
 from llmpress.quant.state import quant_state
 from llmpress.stats import LayerStats
 from llmpress.update import UpdateResult
@@ -55,6 +57,7 @@ def gptq_quantize(
     perm: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
     blocksize: int = 128,
+    use_triton: bool | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Quantize ``weight`` [out, in]; ``U`` is the inverse-Hessian Cholesky factor *in the
     processing order* ``perm`` (``None``: natural order). Returns (dequantized W, quant state).
@@ -62,6 +65,7 @@ def gptq_quantize(
     Groups are contiguous in the original column order. Without ``perm`` each group's grid
     is fitted when its first column is reached (the reference's lazy grid); with ``perm``
     (act-order) all grids are fitted up front on the original weights (static groups).
+    ``use_triton``: run each block as one Triton kernel (default: on CUDA when available).
     """
     spec = config.quant_spec()
     out_f, in_f = weight.shape
@@ -95,11 +99,41 @@ def gptq_quantize(
         buf.sub_(z)
         torch.addcmul(w, s, buf, value=-1.0, out=err).div_(d_i)  # (w - q) / d
 
-    obs_sweep(WT, U, step, blocksize)
+    if use_triton is None:
+        use_triton = W.is_cuda and HAVE_TRITON
+    if use_triton:
+        _sweep_triton(WT, U, order, scalesT, zerosT, codesT, keepT, spec, gs, blocksize, lazy=perm is None)
+    else:
+        obs_sweep(WT, U, step, blocksize)
     codes = codesT.t().contiguous()  # [out, in]
     scales, zeros = scalesT.t().contiguous(), zerosT.t().contiguous()  # [out, G]
     w_hat = dequantize_weight(codes, scales, zeros, config.group_size)
     return w_hat, quant_state(codes, scales, zeros, config)
+
+
+def _sweep_triton(
+    WT: torch.Tensor, U: torch.Tensor, order: torch.Tensor, scalesT: torch.Tensor, zerosT: torch.Tensor,
+    codesT: torch.Tensor, keepT: torch.Tensor | None, spec: QuantSpec, gs: int, blocksize: int, lazy: bool,
+) -> None:
+    """The same sweep with one Triton launch per block. Lazy grids are fitted at block starts,
+    so blocks are cut at group boundaries (the block size changes float rounding only)."""
+    bs = min(blocksize, 128)
+    if lazy:
+        bs = math.gcd(gs, bs)
+    cols = WT.shape[0]
+    for i1 in range(0, cols, bs):
+        i2 = min(i1 + bs, cols)
+        W1 = WT[i1:i2]  # [c, out]
+        if lazy:
+            for j in range(-(-i1 // gs) * gs, i2, gs):  # groups starting in this block
+                sg, zg = compute_qparams(WT[j : j + gs].t(), spec)  # [out, 1]
+                scalesT[j // gs], zerosT[j // gs] = sg[:, 0], zg[:, 0]
+        cols_orig = order[i1:i2]
+        g = torch.div(cols_orig, gs, rounding_mode="floor")
+        Q, E = gptq_block_triton(W1, U[i1:i2, i1:i2], scalesT[g], zerosT[g], spec.maxq,
+                                 None if keepT is None else keepT[i1:i2])
+        codesT[cols_orig] = Q
+        WT[i2:].addmm_(U[i1:i2, i2:].t(), E, alpha=-1.0)
 
 
 def act_order_perm(stats: LayerStats) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Triton kernels (optional: every kernel has a pure-torch twin it is tested against)."""
