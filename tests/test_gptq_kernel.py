@@ -45,7 +45,8 @@ SCRIPT = textwrap.dedent(
         _, sa = gptq_quantize(W, U, cfg, perm, kp, 128, use_triton=False)
         _, sb = gptq_quantize(W, U, cfg, perm, kp, 128, use_triton=True)
         assert torch.equal(sa["codes"], sb["codes"]), (gs, sym, act)
-        assert torch.equal(sa["scales"], sb["scales"]) and torch.equal(sa["zeros"], sb["zeros"])
+        # grids fitted mid-block see rank-1 vs one matmul's rounding: equal up to float error
+        assert torch.allclose(sa["scales"], sb["scales"], rtol=1e-5) and torch.equal(sa["zeros"], sb["zeros"])
     print("OK")
     """
 )
