@@ -28,7 +28,7 @@ from llmpress.errors import LlmpressError
 from llmpress.loading import load_model
 from llmpress.masks import is_nm_sparse
 from llmpress.quant.packing import unpack_int32
-from llmpress.save import save_result
+from llmpress.save import save_quantized, save_result
 
 pytest.importorskip("compressed_tensors")
 
@@ -194,3 +194,36 @@ def test_cli_format_compressed_tensors(tmp_path: Path, capsys: pytest.CaptureFix
     assert rc == 2
     assert "asymmetric grid" in capsys.readouterr().err
     assert not (tmp_path / "asym").exists()
+
+
+def test_save_result_passes_dtype_to_the_export(tmp_path: Path) -> None:
+    """``save_result(..., fmt="compressed-tensors", dtype=...)`` (used by the CLI with the
+    checkpoint's dtype, and by ``LlmpressQuantizer.quantize(dtype=...)``) must store that dtype.
+
+    BUG (fails today): ``save_result`` drops ``dtype`` for compressed-tensors, so the export is
+    always fp16 (a bf16 checkpoint is silently narrowed to fp16)."""
+    model, rep = llmpress.compress(tiny_llama(), CASES["int8-channel"], calib_ids(), progress=False)
+    save_result(model, tmp_path / "ct", report=rep, fmt="compressed-tensors", dtype=torch.bfloat16)
+    with safe_open(str(tmp_path / "ct" / "model.safetensors"), framework="pt") as f:
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.weight_scale").dtype == torch.bfloat16
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+    assert json.loads((tmp_path / "ct" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_export_after_save_quantized(tmp_path: Path) -> None:
+    """After ``save_quantized`` (which packs the layers in place) a compressed-tensors export of
+    the same model must still work, or fail with a clear LlmpressError.
+
+    BUG (fails today): it reads the packed int32 ``weight`` as the dense weight and fails inside
+    the compressed-tensors package (``ValueError: tensor column shape must be divisble by the
+    given group_size 32 but got 8``)."""
+    model, rep = llmpress.compress(tiny_llama(), CASES["int4-g32"], calib_ids(), progress=False)
+    save_quantized(model, tmp_path / "packed", report=rep)
+    try:
+        save_compressed_tensors(model, tmp_path / "ct", report=rep, dtype=torch.float32)
+    except LlmpressError:
+        assert not (tmp_path / "ct").exists()
+        return
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "packed", dtype=torch.float32)
+    assert torch.allclose(logits(loaded), logits(ref), atol=1e-3)
