@@ -56,8 +56,14 @@ def compressed_tensors_state_dict(model: Any, report: CompressionReport, dtype: 
     for name, q in report.quant_state.items():
         if q["bits"] not in (4, 8):
             raise LlmpressError(f"compressed-tensors export supports 4 and 8 bits; {name} has {q['bits']}")
-        w = sd.pop(f"{name}.weight")
-        out_f, in_f = w.shape
+        if type(model.get_submodule(name)).__name__ == "Conv1D":
+            raise LlmpressError(
+                f"{name} is a GPT-2 style Conv1D, which transformers' compressed-tensors loader does not "
+                f"replace (it would load random weights); use --format llmpress for this model"
+            )
+        for suffix in ("weight", "weight_scale", "weight_zero", "weight_meta", "weight_bitmask"):
+            sd.pop(f"{name}.{suffix}", None)  # dense weight, or llmpress's packed tensors
+        out_f, in_f = q["codes"].shape
         codes = q["codes"].to(torch.uint8)  # pruned weights hold the zero point's code
         sd[f"{name}.weight_packed"] = pack_int32(codes, q["bits"])
         sd[f"{name}.weight_scale"] = q["scales"].to(dtype).contiguous()

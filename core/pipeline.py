@@ -139,7 +139,12 @@ class _Engine:
         rep.methods.append(cfg.method)
         rep.info.update(res.info)
         rep.info[f"{cfg.method}_time_s"] = round(time.perf_counter() - t0, 4)
-        rep.sparsity = float((get_weight(mod) == 0).float().mean())
+        # the pruned fraction: from the mask when there is one (quantization may round a few
+        # kept weights to 0, which is not pruning), else the measured zeros of a dense update
+        if rel in keep:
+            rep.sparsity = 1.0 - float(keep[rel].float().mean())
+        elif name not in self.quant_state:
+            rep.sparsity = float((get_weight(mod) == 0).float().mean())
 
 
 def compress(

@@ -112,8 +112,13 @@ def pack_model(model: Any, report: CompressionReport, sparse: str = "auto", dtyp
     hook = get_plugin_manager().hook
     dtype_name = str(dtype).replace("torch.", "")
     modules: dict[str, dict[str, Any]] = {}
+    from llmpress.runtime import LlmpressLinear
+
     for name, rep in report.modules.items():
         mod = model.get_submodule(name)
+        if isinstance(mod, LlmpressLinear):  # packed by an earlier save: keep it as it is
+            modules[name] = mod.fmt.to_dict()
+            continue
         quant = report.quant_state.get(name)
         w = get_weight(mod)
         keep = (w != 0) if (rep.sparsity > 0 or quant is not None) else None
@@ -168,7 +173,9 @@ def save_result(
     if fmt == "compressed-tensors":
         from llmpress.compressed_tensors import save_compressed_tensors
 
-        return save_compressed_tensors(model, out_dir, report=report, tokenizer=tokenizer, overwrite=overwrite)
+        return save_compressed_tensors(
+            model, out_dir, report=report, tokenizer=tokenizer, overwrite=overwrite, dtype=dtype or torch.float16
+        )
     if fmt != "llmpress":
         raise ValueError(f"unknown format {fmt!r}; use 'llmpress' or 'compressed-tensors'")
     if report.quant_state or sparse_format not in (None, "dense"):
