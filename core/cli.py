@@ -43,8 +43,14 @@ def _compress(a: argparse.Namespace) -> int:
     )
     save_dtype = saved_dtype if isinstance(saved_dtype, torch.dtype) and not a.keep_dtype else None
     save_result(
-        model, out, report=report, tokenizer=tok, dtype=save_dtype, overwrite=a.overwrite,
-        fmt=a.format, sparse_format=a.sparse_format,
+        model,
+        out,
+        report=report,
+        tokenizer=tok,
+        dtype=save_dtype,
+        overwrite=a.overwrite,
+        fmt=a.format,
+        sparse_format=a.sparse_format,
     )
     print(
         f"compressed {len(report.modules)} layers to {out} "
@@ -105,12 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-dtype", action="store_true", help="save in the compute dtype instead of the checkpoint's"
     )
     c.add_argument(
-        "--format", default="llmpress", choices=["llmpress", "compressed-tensors"],
+        "--format",
+        default="llmpress",
+        choices=["llmpress", "compressed-tensors"],
         help="on-disk format: llmpress (packed, loads after `import llmpress`) or compressed-tensors "
         "(weight-only int4/int8, read natively by vLLM and transformers)",
     )
     c.add_argument(
-        "--sparse-format", default=None, choices=["dense", "auto", "bitmask", "2:4"],
+        "--sparse-format",
+        default=None,
+        choices=["dense", "auto", "bitmask", "2:4"],
         help="storage of pruned layers: dense (an ordinary checkpoint; default for pruning-only recipes), "
         "auto (2:4 or bitmask when smaller; default with quantization), bitmask or 2:4",
     )
@@ -120,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a (compressed) model")
     e.add_argument("model_dir")
     e.add_argument("--text", default=None, help="text file for perplexity")
-    e.add_argument("--tasks", default=None, help="comma-separated lm-eval-harness tasks, e.g. hellaswag,arc_easy")
+    e.add_argument(
+        "--tasks", default=None, help="comma-separated lm-eval-harness tasks, e.g. hellaswag,arc_easy"
+    )
     e.add_argument("--limit", default=None, help="documents per task (a fraction if < 1)")
     e.add_argument("--include-path", action="append", default=None, help="folder of local lm-eval task YAMLs")
     e.add_argument("--no-save", action="store_true", help="do not record results in DIR/llmpress_eval.json")

@@ -26,9 +26,15 @@ from llmpress.save import REPORT_FILE, atomic_directory
 def _scheme(q: dict[str, Any]) -> dict[str, Any]:
     per_channel = q["group_size"] == -1
     return {
-        "num_bits": q["bits"], "type": "int", "symmetric": q["symmetric"],
-        "strategy": "channel" if per_channel else "group", "group_size": None if per_channel else q["group_size"],
-        "dynamic": False, "actorder": None, "observer": "minmax", "block_structure": None,
+        "num_bits": q["bits"],
+        "type": "int",
+        "symmetric": q["symmetric"],
+        "strategy": "channel" if per_channel else "group",
+        "group_size": None if per_channel else q["group_size"],
+        "dynamic": False,
+        "actorder": None,
+        "observer": "minmax",
+        "block_structure": None,
     }
 
 
@@ -37,8 +43,16 @@ def compressed_tensors_config(report: CompressionReport) -> dict[str, Any]:
     groups: dict[str, dict[str, Any]] = {}
     for name, q in sorted(report.quant_state.items()):
         key = json.dumps(_scheme(q), sort_keys=True)
-        groups.setdefault(key, {"targets": [], "weights": _scheme(q), "input_activations": None,
-                                "output_activations": None, "format": "pack-quantized"})["targets"].append(name)
+        groups.setdefault(
+            key,
+            {
+                "targets": [],
+                "weights": _scheme(q),
+                "input_activations": None,
+                "output_activations": None,
+                "format": "pack-quantized",
+            },
+        )["targets"].append(name)
     return {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
@@ -50,7 +64,9 @@ def compressed_tensors_config(report: CompressionReport) -> dict[str, Any]:
     }
 
 
-def compressed_tensors_state_dict(model: Any, report: CompressionReport, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def compressed_tensors_state_dict(
+    model: Any, report: CompressionReport, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     """The model's state dict with each quantized layer's ``weight`` replaced by its packed form."""
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     for name, q in report.quant_state.items():

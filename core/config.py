@@ -153,7 +153,9 @@ class QuantConfig(MethodConfig):
 
     def validate(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise RecipeError(f"method {self.method!r}: bits must be an integer from 2 to 8, got {self.bits!r}")
+            raise RecipeError(
+                f"method {self.method!r}: bits must be an integer from 2 to 8, got {self.bits!r}"
+            )
         gs = self.group_size
         if isinstance(gs, bool) or not isinstance(gs, int) or (gs != -1 and gs < 1):
             raise RecipeError(
@@ -161,7 +163,9 @@ class QuantConfig(MethodConfig):
                 f"integer such as 128, got {gs!r}"
             )
         if not isinstance(self.symmetric, bool):
-            raise RecipeError(f"method {self.method!r}: symmetric must be true or false, got {self.symmetric!r}")
+            raise RecipeError(
+                f"method {self.method!r}: symmetric must be true or false, got {self.symmetric!r}"
+            )
 
     def check_module(self, name: str, in_features: int, out_features: int) -> None:
         gs = self.group_size

@@ -159,7 +159,9 @@ def pack_module(
     return out
 
 
-def unpack_module(fmt: ModuleFormat, t: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def unpack_module(
+    fmt: ModuleFormat, t: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Dense weight [out, in] in ``dtype`` from the stored tensors."""
     o, i = fmt.out_features, fmt.in_features
     if fmt.format == "bitmask":
@@ -173,7 +175,11 @@ def unpack_module(fmt: ModuleFormat, t: dict[str, torch.Tensor], dtype: torch.dt
     cols = i // 2 if fmt.format == "int-2:4" else i
     codes = unpack_int32(t["weight"], fmt.bits, cols).to(torch.float32)  # [out, cols]
     scale = t["weight_scale"].to(torch.float32)  # [out, G]
-    zero = t["weight_zero"].to(torch.float32) if "weight_zero" in t else torch.full_like(scale, 2 ** (fmt.bits - 1))
+    zero = (
+        t["weight_zero"].to(torch.float32)
+        if "weight_zero" in t
+        else torch.full_like(scale, 2 ** (fmt.bits - 1))
+    )
     gs = i if fmt.group_size in (None, -1) else int(fmt.group_size)
     if fmt.format == "int-2:4":
         g = _slot_columns(t["weight_meta"], o, i) // gs  # group of each slot's original column

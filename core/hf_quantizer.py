@@ -41,12 +41,14 @@ class LlmpressConfig(QuantizationConfigMixin):
         llmpress_version: str | None = None,
         **kwargs: Any,
     ) -> None:
-        self.quant_method = QUANT_METHOD
+        self.quant_method = QUANT_METHOD  # type: ignore[assignment]  # transformers types this as its enum
         self.format_version = int(format_version)
         self.llmpress_version = llmpress_version or package_version("llmpress")
         self.modules = dict(modules or {})
         self.recipe = recipe or {}
-        self.note = kwargs.pop("note", "load with: pip install llmpress, then `import llmpress` before from_pretrained")
+        self.note = kwargs.pop(
+            "note", "load with: pip install llmpress, then `import llmpress` before from_pretrained"
+        )
         self.post_init()
 
     def post_init(self) -> None:
@@ -87,7 +89,9 @@ def verify_safetensors(path: str | Path) -> None:
 
             header = json.loads(f.read(n))
     except (struct.error, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{p} is not a valid safetensors file ({e}); re-download or re-save it") from None
+        raise CheckpointError(
+            f"{p} is not a valid safetensors file ({e}); re-download or re-save it"
+        ) from None
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise CheckpointError(
@@ -103,10 +107,13 @@ class LlmpressHfQuantizer(HfQuantizer):
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    def _process_model_before_weight_loading(self, model: Any, checkpoint_files: list[str] | None = None, **kwargs: Any) -> Any:
+    def _process_model_before_weight_loading(
+        self, model: Any, checkpoint_files: list[str] | None = None, **kwargs: Any
+    ) -> Any:
         for f in checkpoint_files or []:
             verify_safetensors(f)
         cfg = self.quantization_config
+        assert isinstance(cfg, LlmpressConfig)
         known = dict(model.named_modules())
         for name, fmt in cfg.module_formats().items():
             if name not in known:
@@ -118,9 +125,13 @@ class LlmpressHfQuantizer(HfQuantizer):
             w = getattr(old, "weight", None)
             shape = tuple(w.shape) if w is not None else None
             if shape not in ((fmt.out_features, fmt.in_features), (fmt.in_features, fmt.out_features)):
-                raise CheckpointError(f"module {name!r} has weight shape {shape}, but the checkpoint stores {fmt.out_features}x{fmt.in_features}")
+                raise CheckpointError(
+                    f"module {name!r} has weight shape {shape}, but the checkpoint stores {fmt.out_features}x{fmt.in_features}"
+                )
             dev = w.device if w is not None else None
-            replace_module(model, name, LlmpressLinear(fmt, bias=getattr(old, "bias", None) is not None, device=dev))
+            replace_module(
+                model, name, LlmpressLinear(fmt, bias=getattr(old, "bias", None) is not None, device=dev)
+            )
         return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:

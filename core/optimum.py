@@ -1,9 +1,9 @@
 """An ``optimum`` quantizer front end for people used to optimum's API.
 
-    from llmpress.optimum import LlmpressQuantizer
-    q = LlmpressQuantizer.from_pretrained("model-id-or-dir")            # or a loaded model
-    q.quantize("out_dir", recipe={"stages": [{"method": "gptq", "bits": 4}]},
-               calibration="calib.txt", nsamples=128, seqlen=2048)
+from llmpress.optimum import LlmpressQuantizer
+q = LlmpressQuantizer.from_pretrained("model-id-or-dir")            # or a loaded model
+q.quantize("out_dir", recipe={"stages": [{"method": "gptq", "bits": 4}]},
+           calibration="calib.txt", nsamples=128, seqlen=2048)
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ class LlmpressQuantizer(OptimumQuantizer):
         self.tokenizer = tokenizer
 
     @classmethod
-    def from_pretrained(cls, model_or_path: str | Path | Any, file_name: str | None = None, **load_kwargs: Any) -> LlmpressQuantizer:
+    def from_pretrained(
+        cls, model_or_path: str | Path | Any, file_name: str | None = None, **load_kwargs: Any
+    ) -> LlmpressQuantizer:
         """From a Hub id, a local folder or an already loaded model (``file_name`` is unused)."""
         if isinstance(model_or_path, (str, Path)):
             model, tok = load_model(model_or_path, **load_kwargs)
@@ -42,7 +44,9 @@ class LlmpressQuantizer(OptimumQuantizer):
         if recipe is None:
             raise ValueError("quantize() needs recipe=, e.g. {'stages': [{'method': 'gptq', 'bits': 4}]}")
         calibration = kwargs.pop("calibration", None)
-        save_kw = {k: kwargs.pop(k) for k in ("format", "sparse_format", "overwrite", "dtype") if k in kwargs}
+        save_kw: dict[str, Any] = {
+            k: kwargs.pop(k) for k in ("format", "sparse_format", "overwrite", "dtype") if k in kwargs
+        }
         if "format" in save_kw:
             save_kw["fmt"] = save_kw.pop("format")
         kwargs.setdefault("tokenizer", self.tokenizer)

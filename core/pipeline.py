@@ -110,7 +110,9 @@ class _Engine:
         if scores is not None:
             target_fn = getattr(cfg, "sparsity_target", None)
             if target_fn is None:
-                raise ModelError(f"{st.name}: {type(cfg).__name__} returned scores but has no sparsity_target()")
+                raise ModelError(
+                    f"{st.name}: {type(cfg).__name__} returned scores but has no sparsity_target()"
+                )
             mask = hook.llmpress_select_mask(scores=scores, target=target_fn(), config=cfg)
         elif rel in keep:
             mask = keep[rel]  # earlier stages' mask: pruned weights must stay zero

@@ -29,7 +29,9 @@ def register_backend(name: str, fn: Backend) -> None:
 class LlmpressLinear(nn.Module):
     """A linear layer stored in one of llmpress's packed formats (see :mod:`llmpress.formats`)."""
 
-    def __init__(self, fmt: ModuleFormat, bias: bool = False, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, fmt: ModuleFormat, bias: bool = False, device: torch.device | str | None = None
+    ) -> None:
         super().__init__()
         self.fmt = fmt
         self.in_features = fmt.in_features
@@ -37,7 +39,9 @@ class LlmpressLinear(nn.Module):
         for suffix, (shape, dtype) in fmt.tensor_shapes().items():
             self.register_buffer(suffix, torch.zeros(shape, dtype=dtype, device=device))
         if bias:
-            self.bias = nn.Parameter(torch.zeros(fmt.out_features, dtype=fmt.torch_dtype, device=device), requires_grad=False)
+            self.bias = nn.Parameter(
+                torch.zeros(fmt.out_features, dtype=fmt.torch_dtype, device=device), requires_grad=False
+            )
         else:
             self.register_parameter("bias", None)
         self._dense_cache: torch.Tensor | None = None

@@ -97,7 +97,9 @@ def cast_saved_tensors(model: Any, dtype: torch.dtype) -> None:
             t.data = t.data.to(dtype)
 
 
-def pack_model(model: Any, report: CompressionReport, sparse: str = "auto", dtype: torch.dtype = torch.float16) -> dict[str, dict[str, Any]]:
+def pack_model(
+    model: Any, report: CompressionReport, sparse: str = "auto", dtype: torch.dtype = torch.float16
+) -> dict[str, dict[str, Any]]:
     """Replace each compressed layer by its packed runtime module (in place).
 
     Quantized layers become ``int`` (or ``int-2:4``); pruned-only layers become ``2:4`` or
@@ -125,7 +127,9 @@ def pack_model(model: Any, report: CompressionReport, sparse: str = "auto", dtyp
         target = choose_format(quant, keep, sparse)
         if target is None:
             continue
-        res = hook.llmpress_export_kernel(module=mod, packed={"quant": quant, "keep": keep, "dtype": dtype_name}, target=target)
+        res = hook.llmpress_export_kernel(
+            module=mod, packed={"quant": quant, "keep": keep, "dtype": dtype_name}, target=target
+        )
         if res is None:
             raise RuntimeError(f"no plugin exports {name} to format {target!r}")
         replace_module(model, name, res["module"])
@@ -174,13 +178,25 @@ def save_result(
         from llmpress.compressed_tensors import save_compressed_tensors
 
         return save_compressed_tensors(
-            model, out_dir, report=report, tokenizer=tokenizer, overwrite=overwrite, dtype=dtype or torch.float16
+            model,
+            out_dir,
+            report=report,
+            tokenizer=tokenizer,
+            overwrite=overwrite,
+            dtype=dtype or torch.float16,
         )
     if fmt != "llmpress":
         raise ValueError(f"unknown format {fmt!r}; use 'llmpress' or 'compressed-tensors'")
     if report.quant_state or sparse_format not in (None, "dense"):
         return save_quantized(
-            model, out_dir, report=report, tokenizer=tokenizer, sparse=sparse_format or "auto",
-            dtype=dtype or torch.float16, overwrite=overwrite,
+            model,
+            out_dir,
+            report=report,
+            tokenizer=tokenizer,
+            sparse=sparse_format or "auto",
+            dtype=dtype or torch.float16,
+            overwrite=overwrite,
         )
-    return save_compressed(model, out_dir, tokenizer=tokenizer, report=report, dtype=dtype, overwrite=overwrite)
+    return save_compressed(
+        model, out_dir, tokenizer=tokenizer, report=report, dtype=dtype, overwrite=overwrite
+    )

@@ -27,7 +27,9 @@ def llmpress_export_kernel(module: nn.Module, packed: dict[str, Any], target: st
     dtype = str(packed.get("dtype", "float16")).replace("torch.", "")
     keep = packed.get("keep")
     fmt = ModuleFormat(
-        format=target, in_features=in_f, out_features=out_f,
+        format=target,
+        in_features=in_f,
+        out_features=out_f,
         bits=None if quant is None else quant["bits"],
         group_size=None if quant is None else quant["group_size"],
         symmetric=False if quant is None else quant["symmetric"],

@@ -112,8 +112,17 @@ def gptq_quantize(
 
 
 def _sweep_triton(
-    WT: torch.Tensor, U: torch.Tensor, order: torch.Tensor, scalesT: torch.Tensor, zerosT: torch.Tensor,
-    codesT: torch.Tensor, keepT: torch.Tensor | None, spec: QuantSpec, gs: int, blocksize: int, lazy: bool,
+    WT: torch.Tensor,
+    U: torch.Tensor,
+    order: torch.Tensor,
+    scalesT: torch.Tensor,
+    zerosT: torch.Tensor,
+    codesT: torch.Tensor,
+    keepT: torch.Tensor | None,
+    spec: QuantSpec,
+    gs: int,
+    blocksize: int,
+    lazy: bool,
 ) -> None:
     """The same sweep with one Triton launch per block. Lazy grids are fitted at block starts,
     so blocks are cut at group boundaries (the block size changes float rounding only)."""
@@ -130,8 +139,9 @@ def _sweep_triton(
                 scalesT[j // gs], zerosT[j // gs] = sg[:, 0], zg[:, 0]
         cols_orig = order[i1:i2]
         g = torch.div(cols_orig, gs, rounding_mode="floor")
-        Q, E = gptq_block_triton(W1, U[i1:i2, i1:i2], scalesT[g], zerosT[g], spec.maxq,
-                                 None if keepT is None else keepT[i1:i2])
+        Q, E = gptq_block_triton(
+            W1, U[i1:i2, i1:i2], scalesT[g], zerosT[g], spec.maxq, None if keepT is None else keepT[i1:i2]
+        )
         codesT[cols_orig] = Q
         WT[i2:].addmm_(U[i1:i2, i2:].t(), E, alpha=-1.0)
 

@@ -33,36 +33,67 @@ def tiny_llama(
     seed: int = 0, vocab: int = VOCAB, hidden: int = HIDDEN, intermediate: int = INTERMEDIATE, **kw: Any
 ) -> nn.Module:
     cfg = tf.LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0, **kw,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        **kw,
     )
     return _seeded(lambda: tf.LlamaForCausalLM(cfg), seed)
 
 
 def tiny_qwen2(seed: int = 0, **kw: Any) -> nn.Module:
     cfg = tf.Qwen2Config(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=0, eos_token_id=0, **kw,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=0,
+        **kw,
     )
     return _seeded(lambda: tf.Qwen2ForCausalLM(cfg), seed)
 
 
 def tiny_mistral(seed: int = 0, **kw: Any) -> nn.Module:
     cfg = tf.MistralConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=0, eos_token_id=0, **kw,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=0,
+        **kw,
     )
     return _seeded(lambda: tf.MistralForCausalLM(cfg), seed)
 
 
 def tiny_opt(seed: int = 0, **kw: Any) -> nn.Module:
     cfg = tf.OPTConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=INTERMEDIATE, num_hidden_layers=LAYERS,
-        num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=HIDDEN,
-        bos_token_id=0, eos_token_id=0, pad_token_id=1, **kw,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        ffn_dim=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        word_embed_proj_dim=HIDDEN,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+        **kw,
     )
     return _seeded(lambda: tf.OPTForCausalLM(cfg), seed)
 
@@ -70,8 +101,15 @@ def tiny_opt(seed: int = 0, **kw: Any) -> nn.Module:
 def tiny_gpt2(seed: int = 0, **kw: Any) -> nn.Module:
     """GPT-2: the block layers are transformers ``Conv1D`` (weight stored ``[in, out]``)."""
     cfg = tf.GPT2Config(
-        vocab_size=VOCAB, n_embd=HIDDEN, n_inner=INTERMEDIATE, n_layer=LAYERS, n_head=4, n_positions=128,
-        bos_token_id=0, eos_token_id=0, **kw,
+        vocab_size=VOCAB,
+        n_embd=HIDDEN,
+        n_inner=INTERMEDIATE,
+        n_layer=LAYERS,
+        n_head=4,
+        n_positions=128,
+        bos_token_id=0,
+        eos_token_id=0,
+        **kw,
     )
     return _seeded(lambda: tf.GPT2LMHeadModel(cfg), seed)
 
@@ -154,7 +192,9 @@ def make_tokenizer() -> tf.PreTrainedTokenizerFast:
     trainer = trainers.WordLevelTrainer(special_tokens=["<eos>", "<unk>"], show_progress=False)
     tk.train_from_iterator([make_text(2000, seed=s) for s in range(3)], trainer)
     assert tk.get_vocab_size() <= VOCAB
-    return tf.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
+    return tf.PreTrainedTokenizerFast(
+        tokenizer_object=tk, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>"
+    )
 
 
 def save_model_dir(path: Path, model: nn.Module, tokenizer: Any) -> Path:

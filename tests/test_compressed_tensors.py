@@ -132,7 +132,9 @@ def test_joint_24_sparse_export_keeps_zeros(tmp_path: Path) -> None:
 
 
 def test_asymmetric_is_a_clear_error(tmp_path: Path) -> None:
-    model, rep = llmpress.compress(tiny_llama(), {"method": "rtn", "bits": 4, "group_size": 32}, None, progress=False)
+    model, rep = llmpress.compress(
+        tiny_llama(), {"method": "rtn", "bits": 4, "group_size": 32}, None, progress=False
+    )
     with pytest.raises(LlmpressError, match=r"asymmetric grid.*symmetric: true") as ei:
         save_compressed_tensors(model, tmp_path / "ct", report=rep)
     assert "model.layers.0.self_attn.q_proj" in str(ei.value)
@@ -149,7 +151,9 @@ def test_unsupported_bits_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_pruned_only_model_is_a_clear_error(tmp_path: Path) -> None:
-    model, rep = llmpress.compress(tiny_llama(), {"method": "magnitude", "sparsity": 0.5}, None, progress=False)
+    model, rep = llmpress.compress(
+        tiny_llama(), {"method": "magnitude", "sparsity": 0.5}, None, progress=False
+    )
     with pytest.raises(LlmpressError, match="needs a quantized model"):
         save_compressed_tensors(model, tmp_path / "ct", report=rep)
 
@@ -169,10 +173,24 @@ def test_cli_format_compressed_tensors(tmp_path: Path, capsys: pytest.CaptureFix
     recipe = tmp_path / "r.yaml"
     recipe.write_text("stages:\n  - method: gptq\n    bits: 4\n    group_size: 32\n    symmetric: true\n")
     out = tmp_path / "ct"
-    rc = main([
-        "compress", str(src), "--recipe", str(recipe), "--calib", str(tmp_path / "calib.txt"), "--out", str(out),
-        "--nsamples", "4", "--seqlen", "32", "--format", "compressed-tensors",
-    ])
+    rc = main(
+        [
+            "compress",
+            str(src),
+            "--recipe",
+            str(recipe),
+            "--calib",
+            str(tmp_path / "calib.txt"),
+            "--out",
+            str(out),
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "32",
+            "--format",
+            "compressed-tensors",
+        ]
+    )
     assert rc == 0
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "compressed-tensors"
@@ -180,7 +198,12 @@ def test_cli_format_compressed_tensors(tmp_path: Path, capsys: pytest.CaptureFix
     # the same compression in-process (same text, windows and seed) gives the same model
     ref, tok = load_model(src)
     ref, _ = llmpress.compress(
-        ref, {"stages": [CASES["int4-g32"]]}, tmp_path / "calib.txt", tokenizer=tok, nsamples=4, seqlen=32,
+        ref,
+        {"stages": [CASES["int4-g32"]]},
+        tmp_path / "calib.txt",
+        tokenizer=tok,
+        nsamples=4,
+        seqlen=32,
         progress=False,
     )
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -190,7 +213,18 @@ def test_cli_format_compressed_tensors(tmp_path: Path, capsys: pytest.CaptureFix
     # asymmetric through the CLI: exit code 2 and the reason, nothing written
     recipe.write_text("stages:\n  - method: rtn\n    bits: 4\n    group_size: 32\n")
     capsys.readouterr()
-    rc = main(["compress", str(src), "--recipe", str(recipe), "--out", str(tmp_path / "asym"), "--format", "compressed-tensors"])
+    rc = main(
+        [
+            "compress",
+            str(src),
+            "--recipe",
+            str(recipe),
+            "--out",
+            str(tmp_path / "asym"),
+            "--format",
+            "compressed-tensors",
+        ]
+    )
     assert rc == 2
     assert "asymmetric grid" in capsys.readouterr().err
     assert not (tmp_path / "asym").exists()

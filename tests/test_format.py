@@ -90,7 +90,14 @@ def test_pack_unpack_module_roundtrip(case: dict) -> None:
             keep = _random_24_keep(o, i, g)
             zero_codes = zeros.repeat_interleave(i if gs == -1 else gs, dim=1).to(torch.uint8)
             codes = torch.where(keep, codes, zero_codes)  # pruned weights hold the zero point
-        quant = {"codes": codes, "scales": scales, "zeros": zeros, "bits": bits, "group_size": gs, "symmetric": sym}
+        quant = {
+            "codes": codes,
+            "scales": scales,
+            "zeros": zeros,
+            "bits": bits,
+            "group_size": gs,
+            "symmetric": sym,
+        }
         weight = dequantize_weight(codes, scales, zeros, gs)
         fmt = ModuleFormat(kind, i, o, bits=bits, group_size=gs, symmetric=sym, dtype=dt)
     else:
@@ -153,7 +160,9 @@ def test_module_format_validation() -> None:
     with pytest.raises(CheckpointError, match="dtype"):
         ModuleFormat("2:4", 64, 64, dtype="float8")
     with pytest.raises(CheckpointError, match="bad quantization_config entry for m.q_proj"):
-        ModuleFormat.from_dict({"format": "int", "in_features": 64, "out_features": 64, "colour": 1}, "m.q_proj")
+        ModuleFormat.from_dict(
+            {"format": "int", "in_features": 64, "out_features": 64, "colour": 1}, "m.q_proj"
+        )
 
 
 # ------------------------------------------------------------------------------ save -> load
@@ -216,7 +225,12 @@ def test_int_roundtrip_bits_groups(method: str, bits: int, sym: bool, tmp_path: 
 
 SPARSE_CASES = {
     # name: (factory, recipe, sparse, expected format)
-    "llama-int-2:4": (tiny_llama, {"stages": [{"method": "sparsegpt", "pattern": "2:4"}, INT4["stages"][0]]}, "auto", "int-2:4"),
+    "llama-int-2:4": (
+        tiny_llama,
+        {"stages": [{"method": "sparsegpt", "pattern": "2:4"}, INT4["stages"][0]]},
+        "auto",
+        "int-2:4",
+    ),
     "gpt2-int-2:4": (
         tiny_gpt2,
         {"stages": [{"method": "wanda", "pattern": "2:4"}, {"method": "rtn", "bits": 4, "group_size": 32}]},
@@ -250,7 +264,9 @@ def test_sparse_formats_roundtrip(case: str, tmp_path: Path) -> None:
 
 
 def test_pruned_only_dense_is_an_ordinary_checkpoint(tmp_path: Path) -> None:
-    model, rep = llmpress.compress(tiny_llama(), {"method": "wanda", "sparsity": 0.5}, calib_ids(), progress=False)
+    model, rep = llmpress.compress(
+        tiny_llama(), {"method": "wanda", "sparsity": 0.5}, calib_ids(), progress=False
+    )
     save_quantized(model, tmp_path / "m", report=rep, sparse="dense")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert "quantization_config" not in cfg
@@ -264,7 +280,16 @@ def saved_formats(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
     for fmt, recipe, sparse in [
         ("int", {"method": "rtn", "bits": 4, "group_size": 32}, "auto"),
-        ("int-2:4", {"stages": [{"method": "wanda", "pattern": "2:4"}, {"method": "rtn", "bits": 3, "group_size": -1}]}, "auto"),
+        (
+            "int-2:4",
+            {
+                "stages": [
+                    {"method": "wanda", "pattern": "2:4"},
+                    {"method": "rtn", "bits": 3, "group_size": -1},
+                ]
+            },
+            "auto",
+        ),
         ("2:4", {"method": "wanda", "pattern": "2:4"}, "auto"),
         ("bitmask", {"method": "wanda", "sparsity": 0.5}, "bitmask"),
     ]:
@@ -295,8 +320,13 @@ def test_saved_folder_contents(saved_formats: dict) -> None:
     ]
     assert len(cfg["modules"]) == 14
     assert cfg["modules"]["model.layers.1.mlp.down_proj"] == {
-        "format": "int", "in_features": 128, "out_features": 64, "bits": 4, "group_size": 32,
-        "symmetric": False, "dtype": "float16",
+        "format": "int",
+        "in_features": 128,
+        "out_features": 64,
+        "bits": 4,
+        "group_size": 32,
+        "symmetric": False,
+        "dtype": "float16",
     }
 
 
@@ -307,12 +337,17 @@ def _layer_shapes(model: torch.nn.Module, names: list[str]) -> list[tuple[int, i
     return [tuple(weight_of(model.get_submodule(n)).shape) for n in names]
 
 
-@pytest.mark.parametrize(("bits", "gs", "sym"), [(4, 32, False), (4, -1, True), (2, 32, True), (8, 64, False)])
+@pytest.mark.parametrize(
+    ("bits", "gs", "sym"), [(4, 32, False), (4, -1, True), (2, 32, True), (8, 64, False)]
+)
 def test_quantized_file_size(bits: int, gs: int, sym: bool, tmp_path: Path) -> None:
     """Quantized layers take about bits/16 of their fp16 size, plus the scales (and zero points)."""
     tiny_llama().half().save_pretrained(tmp_path / "dense")
     model, rep = llmpress.compress(
-        tiny_llama(), {"method": "rtn", "bits": bits, "group_size": gs, "symmetric": sym}, None, progress=False
+        tiny_llama(),
+        {"method": "rtn", "bits": bits, "group_size": gs, "symmetric": sym},
+        None,
+        progress=False,
     )
     shapes = _layer_shapes(model, list(rep.quant_state))
     save_quantized(model, tmp_path / "q", report=rep)
@@ -323,11 +358,15 @@ def test_quantized_file_size(bits: int, gs: int, sym: bool, tmp_path: Path) -> N
     overhead = sum(o * (1 if gs == -1 else i // gs) * (2 if sym else 3) for o, i in shapes)  # scale (+ zero)
     assert q_layers >= fp16_layers * bits / 16
     assert q_layers <= fp16_layers * bits / 16 * 1.05 + overhead * 1.05 + 64 * len(shapes)
-    assert (tmp_path / "q" / "model.safetensors").stat().st_size < (tmp_path / "dense" / "model.safetensors").stat().st_size
+    assert (tmp_path / "q" / "model.safetensors").stat().st_size < (
+        tmp_path / "dense" / "model.safetensors"
+    ).stat().st_size
 
 
 def test_bitmask_file_is_smaller_than_dense(tmp_path: Path) -> None:
-    model, rep = llmpress.compress(tiny_llama(), {"method": "wanda", "sparsity": 0.5}, calib_ids(), progress=False)
+    model, rep = llmpress.compress(
+        tiny_llama(), {"method": "wanda", "sparsity": 0.5}, calib_ids(), progress=False
+    )
     save_compressed(model, tmp_path / "dense", report=rep, dtype=torch.float16)
     shapes = _layer_shapes(model, list(rep.modules))
     save_quantized(model, tmp_path / "bm", report=rep, sparse="bitmask")
@@ -375,10 +414,23 @@ def _cli_compress(env: dict, recipe_text: str, name: str, *extra: str) -> Path:
     recipe = env["base"] / f"{name}.yaml"
     recipe.write_text(recipe_text)
     out = env["base"] / name
-    rc = main([
-        "compress", str(env["model"]), "--recipe", str(recipe), "--calib", str(env["calib"]), "--out", str(out),
-        "--nsamples", "4", "--seqlen", "32", *extra,
-    ])
+    rc = main(
+        [
+            "compress",
+            str(env["model"]),
+            "--recipe",
+            str(recipe),
+            "--calib",
+            str(env["calib"]),
+            "--out",
+            str(out),
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "32",
+            *extra,
+        ]
+    )
     assert rc == 0
     return out
 
@@ -391,7 +443,9 @@ def _cli_eval(env: dict, out: Path, capsys: pytest.CaptureFixture) -> dict:
     return res
 
 
-@pytest.mark.parametrize(("recipe", "fmt"), [(RECIPE_GPTQ, "int"), (RECIPE_24_GPTQ, "int-2:4")], ids=["gptq", "2:4+gptq"])
+@pytest.mark.parametrize(
+    ("recipe", "fmt"), [(RECIPE_GPTQ, "int"), (RECIPE_24_GPTQ, "int-2:4")], ids=["gptq", "2:4+gptq"]
+)
 def test_cli_compress_and_eval(cli_env: dict, recipe: str, fmt: str, capsys: pytest.CaptureFixture) -> None:
     assert yaml.safe_load(recipe)["stages"][-1] == {"method": "gptq", "bits": 4, "group_size": 128}
     out = _cli_compress(cli_env, recipe, fmt.replace(":", ""))
@@ -422,8 +476,22 @@ def test_cli_bad_group_size_names_the_module(cli_env: dict, capsys: pytest.Captu
     recipe = cli_env["base"] / "bad.yaml"
     recipe.write_text("stages:\n  - method: gptq\n    bits: 4\n    group_size: 96\n")
     out = cli_env["base"] / "bad"
-    rc = main(["compress", str(cli_env["model"]), "--recipe", str(recipe), "--calib", str(cli_env["calib"]),
-               "--out", str(out), "--nsamples", "4", "--seqlen", "32"])
+    rc = main(
+        [
+            "compress",
+            str(cli_env["model"]),
+            "--recipe",
+            str(recipe),
+            "--calib",
+            str(cli_env["calib"]),
+            "--out",
+            str(out),
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "32",
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "model.layers.0.self_attn.q_proj" in err and "group_size 96" in err
@@ -445,7 +513,9 @@ def test_cli_bad_bits(cli_env: dict, bits: str, capsys: pytest.CaptureFixture) -
 
 
 def test_bfloat16_checkpoint_roundtrips(tmp_path: Path) -> None:
-    model, rep = llmpress.compress(tiny_llama(), {"method": "rtn", "bits": 4, "group_size": 32}, None, progress=False)
+    model, rep = llmpress.compress(
+        tiny_llama(), {"method": "rtn", "bits": 4, "group_size": 32}, None, progress=False
+    )
     save_quantized(model, tmp_path / "bf16", report=rep, dtype=torch.bfloat16)
     cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert {m["dtype"] for m in cfg["quantization_config"]["modules"].values()} == {"bfloat16"}
@@ -485,7 +555,9 @@ def test_saving_an_already_packed_model_again(tmp_path: Path) -> None:
 
     BUG (fails today): the second call re-packs the already packed layers and crashes with
     ``RuntimeError: output with shape [64, 1] doesn't match the broadcast shape [64, 8]``."""
-    model, rep = llmpress.compress(tiny_llama(), {"method": "rtn", "bits": 4, "group_size": 32}, None, progress=False)
+    model, rep = llmpress.compress(
+        tiny_llama(), {"method": "rtn", "bits": 4, "group_size": 32}, None, progress=False
+    )
     save_quantized(model, tmp_path / "a", report=rep)
     try:
         save_quantized(model, tmp_path / "b", report=rep)

@@ -30,7 +30,9 @@ Q_PROJ = "model.layers.0.self_attn.q_proj"
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A tiny Llama quantized with RTN 4-bit g32 (no calibration) and saved."""
-    model, rep = llmpress.compress(tiny_llama(), {"method": "rtn", "bits": 4, "group_size": 32}, None, progress=False)
+    model, rep = llmpress.compress(
+        tiny_llama(), {"method": "rtn", "bits": 4, "group_size": 32}, None, progress=False
+    )
     d = save_quantized(model, tmp_path_factory.mktemp("hfq") / "rtn4", report=rep)
     return {"dir": d, "model": model, "logits": logits(model)}
 
@@ -161,7 +163,9 @@ def test_verify_safetensors_accepts_a_good_file_and_ignores_others(saved: dict, 
 def test_unknown_module_names_the_module(saved: dict, tmp_path: Path) -> None:
     d = _copy(saved, tmp_path)
     ghost = "model.layers.7.mlp.up_proj"
-    _edit_config(d, lambda q: q["modules"].__setitem__(ghost, dict(q["modules"]["model.layers.0.mlp.up_proj"])))
+    _edit_config(
+        d, lambda q: q["modules"].__setitem__(ghost, dict(q["modules"]["model.layers.0.mlp.up_proj"]))
+    )
     with pytest.raises(CheckpointError, match=r"names module 'model\.layers\.7\.mlp\.up_proj'") as ei:
         AutoModelForCausalLM.from_pretrained(d)
     assert "LlamaForCausalLM" in str(ei.value)
@@ -170,7 +174,9 @@ def test_unknown_module_names_the_module(saved: dict, tmp_path: Path) -> None:
 def test_wrong_module_shape_names_the_module(saved: dict, tmp_path: Path) -> None:
     d = _copy(saved, tmp_path)
     _edit_config(d, lambda q: q["modules"][Q_PROJ].__setitem__("in_features", 128))
-    with pytest.raises(CheckpointError, match=r"module 'model\.layers\.0\.self_attn\.q_proj' has weight shape"):
+    with pytest.raises(
+        CheckpointError, match=r"module 'model\.layers\.0\.self_attn\.q_proj' has weight shape"
+    ):
         AutoModelForCausalLM.from_pretrained(d)
 
 
@@ -191,7 +197,9 @@ def test_unknown_module_format(saved: dict, tmp_path: Path) -> None:
 def test_unknown_module_entry_key_names_the_module(saved: dict, tmp_path: Path) -> None:
     d = _copy(saved, tmp_path)
     _edit_config(d, lambda q: q["modules"][Q_PROJ].__setitem__("colour", "red"))
-    with pytest.raises(CheckpointError, match=r"bad quantization_config entry for model\.layers\.0\.self_attn\.q_proj"):
+    with pytest.raises(
+        CheckpointError, match=r"bad quantization_config entry for model\.layers\.0\.self_attn\.q_proj"
+    ):
         AutoModelForCausalLM.from_pretrained(d)
 
 

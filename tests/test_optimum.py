@@ -51,8 +51,12 @@ def test_quantize_from_a_folder_with_text_calibration(tmp_path: Path) -> None:
     q = LlmpressQuantizer.from_pretrained(src)
     assert q.tokenizer is not None
     q.quantize(
-        tmp_path / "q", recipe={"stages": [{"method": "sparsegpt", "pattern": "2:4"}, *RECIPE["stages"]]},
-        calibration=str(tmp_path / "calib.txt"), nsamples=4, seqlen=32, progress=False,
+        tmp_path / "q",
+        recipe={"stages": [{"method": "sparsegpt", "pattern": "2:4"}, *RECIPE["stages"]]},
+        calibration=str(tmp_path / "calib.txt"),
+        nsamples=4,
+        seqlen=32,
+        progress=False,
     )
     assert (tmp_path / "q" / "tokenizer.json").is_file()
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
@@ -65,8 +69,13 @@ def test_quantize_to_compressed_tensors(tmp_path: Path) -> None:
     pytest.importorskip("compressed_tensors")
     q = LlmpressQuantizer.from_pretrained(tiny_llama())
     stage = {**RECIPE["stages"][0], "symmetric": True}
-    q.quantize(tmp_path / "ct", recipe={"stages": [stage]}, calibration=calib_ids(), progress=False,
-               format="compressed-tensors")
+    q.quantize(
+        tmp_path / "ct",
+        recipe={"stages": [stage]},
+        calibration=calib_ids(),
+        progress=False,
+        format="compressed-tensors",
+    )
     cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "compressed-tensors"
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)

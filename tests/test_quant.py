@@ -199,7 +199,9 @@ def test_group_size_must_divide_every_targeted_layer() -> None:
         llmpress.compress(tiny_llama(), {"method": "rtn", "group_size": 128}, None, progress=False)
     # restricted to the layers it divides, the same grid works
     _, rep = llmpress.compress(
-        tiny_llama(), {"stages": [{"method": "rtn", "group_size": 128, "targets": ["down_proj"]}]}, None,
+        tiny_llama(),
+        {"stages": [{"method": "rtn", "group_size": 128, "targets": ["down_proj"]}]},
+        None,
         progress=False,
     )
     assert sorted(rep.quant_state) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
@@ -263,7 +265,10 @@ JOINT = {
         ]
     },
     "wanda+rtn": {
-        "stages": [{"method": "wanda", "sparsity": 0.5, "pattern": "2:4"}, {"method": "rtn", "bits": 4, "group_size": 32}]
+        "stages": [
+            {"method": "wanda", "sparsity": 0.5, "pattern": "2:4"},
+            {"method": "rtn", "bits": 4, "group_size": 32},
+        ]
     },
 }
 JOINT_ARCHS = {"llama": tiny_llama, "opt": tiny_opt}

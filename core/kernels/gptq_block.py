@@ -25,9 +25,21 @@ if HAVE_TRITON:
 
     @triton.jit
     def _gptq_block_kernel(
-        W_ptr, U_ptr, S_ptr, Z_ptr, K_ptr, Q_ptr, E_ptr,
-        c, N, stride_w, stride_u, maxq,
-        HAS_KEEP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+        W_ptr,
+        U_ptr,
+        S_ptr,
+        Z_ptr,
+        K_ptr,
+        Q_ptr,
+        E_ptr,
+        c,
+        N,
+        stride_w,
+        stride_u,
+        maxq,
+        HAS_KEEP: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] output channels
@@ -58,7 +70,12 @@ if HAVE_TRITON:
 
 
 def gptq_block_triton(
-    W1: torch.Tensor, U1: torch.Tensor, S: torch.Tensor, Z: torch.Tensor, maxq: int, keep: torch.Tensor | None = None
+    W1: torch.Tensor,
+    U1: torch.Tensor,
+    S: torch.Tensor,
+    Z: torch.Tensor,
+    maxq: int,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One block: W1 [c, N] (rows = columns of W, contiguous), U1 [c, c] (a view of U is
     fine), per-column grids S, Z [c, N], keep [c, N] (bool) -> (codes uint8 [c, N], err [c, N])."""
@@ -72,15 +89,33 @@ def gptq_block_triton(
     BLOCK_N = 32
     grid = (triton.cdiv(N, BLOCK_N),)
     _gptq_block_kernel[grid](
-        W1, U1, S.contiguous(), Z.contiguous(), K, Q, E,
-        c, N, W1.stride(0), U1.stride(0), float(maxq),
-        HAS_KEEP=keep is not None, BLOCK_C=128, BLOCK_N=BLOCK_N, num_warps=4,
+        W1,
+        U1,
+        S.contiguous(),
+        Z.contiguous(),
+        K,
+        Q,
+        E,
+        c,
+        N,
+        W1.stride(0),
+        U1.stride(0),
+        float(maxq),
+        HAS_KEEP=keep is not None,
+        BLOCK_C=128,
+        BLOCK_N=BLOCK_N,
+        num_warps=4,
     )
     return Q, E
 
 
 def gptq_block_torch(
-    W1: torch.Tensor, U1: torch.Tensor, S: torch.Tensor, Z: torch.Tensor, maxq: int, keep: torch.Tensor | None = None
+    W1: torch.Tensor,
+    U1: torch.Tensor,
+    S: torch.Tensor,
+    Z: torch.Tensor,
+    maxq: int,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The pure-torch twin of :func:`gptq_block_triton` (the reference in tests)."""
     W1 = W1.clone()

@@ -7,7 +7,9 @@ from typing import Any
 import torch
 
 
-def quant_state(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, config: Any) -> dict[str, Any]:
+def quant_state(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, config: Any
+) -> dict[str, Any]:
     """codes uint8 [out, in], scales/zeros float32 [out, n_groups] (zeros integer-valued),
     plus the grid's settings from a :class:`llmpress.config.QuantConfig`."""
     return {

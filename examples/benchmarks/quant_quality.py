@@ -32,7 +32,11 @@ CONFIGS = [
     ("RTN 3-bit g128", [{"method": "rtn", **Q3}], 6.991),
     ("GPTQ 3-bit g128", [{"method": "gptq", **Q3}], 6.558),
     ("GPTQ 3-bit g128 act-order", [{"method": "gptq", **Q3, "act_order": True}], 6.505),
-    ("RTN 2:4 + 4-bit g128", [{"method": "magnitude", "pattern": "2:4", "group": "row"}, {"method": "rtn", **Q4}], None),
+    (
+        "RTN 2:4 + 4-bit g128",
+        [{"method": "magnitude", "pattern": "2:4", "group": "row"}, {"method": "rtn", **Q4}],
+        None,
+    ),
     ("GPTQ 2:4 + 4-bit g128", [SP24, {"method": "gptq", **Q4}], None),
     ("SparseGPT 2:4 + 4-bit per-channel", [SP24, {"method": "gptq", "bits": 4, "group_size": -1}], 9.051),
 ]
@@ -61,16 +65,31 @@ def main() -> None:
     dense, _ = load_model(a.model, dtype=torch.float32, device=a.device)
     dense_dir = out_root / "dense"
     llmpress.save_compressed(dense, dense_dir, dtype=torch.float16)
-    rows = [{"name": "dense fp16", "ppl": perplexity_of_windows(dense, windows, 32)["perplexity"], "ref": 5.831,
-             "mb": dir_size(dense_dir) / 1e6, "time": 0.0}]
+    rows = [
+        {
+            "name": "dense fp16",
+            "ppl": perplexity_of_windows(dense, windows, 32)["perplexity"],
+            "ref": 5.831,
+            "mb": dir_size(dense_dir) / 1e6,
+            "time": 0.0,
+        }
+    ]
     del dense
     for name, stages, ref in CONFIGS:
         if a.only and not any(s.strip() in name for s in a.only.split(",")):
             continue
         model, _ = load_model(a.model, dtype=torch.float32, device=a.device)
         t = time.perf_counter()
-        model, report = llmpress.compress(model, {"stages": stages}, a.calib, tokenizer=tok, nsamples=a.nsamples,
-                                          seqlen=a.seqlen, device=a.device, progress=False)
+        model, report = llmpress.compress(
+            model,
+            {"stages": stages},
+            a.calib,
+            tokenizer=tok,
+            nsamples=a.nsamples,
+            seqlen=a.seqlen,
+            device=a.device,
+            progress=False,
+        )
         dt = time.perf_counter() - t
         ppl = perplexity_of_windows(model, windows, 32)["perplexity"]
         row = {"name": name, "ppl": ppl, "ref": ref, "time": dt}
@@ -84,10 +103,21 @@ def main() -> None:
     for r in rows:
         r["delta"] = 100 * (r["ppl"] / r["ref"] - 1) if r.get("ref") else None
         r["ok"] = "-" if r["delta"] is None else ("yes" if r["delta"] <= 1.0 else "NO")
-    print(f"\nperplexity on {a.eval} ({windows.shape[0]} windows x 256), calibration {a.nsamples} x {a.seqlen}, {a.device}\n")
-    print_table(rows, [("name", "config", ""), ("ppl", "perplexity", ".3f"), ("ref", "reference", ".3f"),
-                       ("delta", "vs reference %", "+.2f"), ("ok", "within 1 %", ""), ("mb", "safetensors MB", ".2f"),
-                       ("time", "compress s", ".1f")])
+    print(
+        f"\nperplexity on {a.eval} ({windows.shape[0]} windows x 256), calibration {a.nsamples} x {a.seqlen}, {a.device}\n"
+    )
+    print_table(
+        rows,
+        [
+            ("name", "config", ""),
+            ("ppl", "perplexity", ".3f"),
+            ("ref", "reference", ".3f"),
+            ("delta", "vs reference %", "+.2f"),
+            ("ok", "within 1 %", ""),
+            ("mb", "safetensors MB", ".2f"),
+            ("time", "compress s", ".1f"),
+        ],
+    )
 
 
 if __name__ == "__main__":
