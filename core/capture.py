@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,14 @@ class BlockActivations:
         self.kwargs: list[dict[str, Any]] = []
 
     @torch.no_grad()
-    def capture(self, model: nn.Module, first_block: nn.Module, ids: torch.Tensor, batch_size: int) -> None:
+    def capture(
+        self,
+        model: nn.Module,
+        first_block: nn.Module,
+        ids: torch.Tensor,
+        batch_size: int,
+        progress: bool = False,
+    ) -> None:
         """Run the model on ``ids`` [n, L] until its first block and keep that block's inputs."""
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -76,7 +84,7 @@ class BlockActivations:
 
         handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            for batch in ids.split(batch_size):
+            for batch in tqdm(ids.split(batch_size), desc="calibration batches", disable=not progress):
                 with contextlib.suppress(_Stop):
                     model(input_ids=batch.to(self.compute), use_cache=False)
         finally:

@@ -62,13 +62,14 @@ def llmpress_method_citation(method: str) -> str | None:
 
 @hookspec(firstresult=True)
 def llmpress_score_importance(
-    module: nn.Module, stats: LayerStats, config: MethodConfig
+    module: nn.Module, stats: LayerStats | None, config: MethodConfig
 ) -> torch.Tensor | None:
     """Score the importance of ``module``'s weights; higher means more important.
 
     :param module: the target layer (``nn.Linear`` or GPT-2 ``Conv1D``); read its weight
         as ``[out_features, in_features]`` with :func:`llmpress.modules.get_weight`.
-    :param stats: calibration statistics of the layer's input (``X^T X``, column norms).
+    :param stats: calibration statistics of the layer's input (``X^T X``, column norms), or
+        ``None`` when the stage needs no calibration data (``config.needs_calibration``).
     :param config: the stage's method config.
     :returns: a float tensor of scores. Its shape says the granularity: ``[out, in]`` per
         weight, ``[out]`` per output channel, ``[in]`` per input channel; or ``None`` when
@@ -102,7 +103,7 @@ def llmpress_select_mask(
 def llmpress_update_weights(
     module: nn.Module,
     mask: torch.Tensor | None,
-    stats: LayerStats,
+    stats: LayerStats | None,
     config: MethodConfig,
 ) -> torch.Tensor | UpdateResult | None:
     """Compute the layer's new weights.
@@ -111,7 +112,7 @@ def llmpress_update_weights(
         the returned value back.
     :param mask: the keep mask from ``llmpress_select_mask``, or ``None`` when the method
         selects its own mask here (SparseGPT) or prunes nothing (quantization).
-    :param stats: calibration statistics of the layer's input.
+    :param stats: calibration statistics of the layer's input (``None`` without calibration).
     :param config: the stage's method config.
     :returns: a ``[out, in]`` weight tensor, or an :class:`llmpress.update.UpdateResult`
         carrying the weight plus its keep mask and quantization state; ``None`` if the config

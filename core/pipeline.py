@@ -202,7 +202,7 @@ def compress(
         store = torch.device("cpu") if offload_activations else dev
         acts = BlockActivations(store=store, compute=dev)
         with outside_blocks_on(model, engine.prefix, dev):
-            acts.capture(model, engine.blocks[0], ids, bs)
+            acts.capture(model, engine.blocks[0], ids, bs, progress=progress)
         log.info("captured %d calibration batches of %d x %d", len(acts.hidden), bs, ids.shape[1])
 
     blocks = engine.blocks
