@@ -81,9 +81,9 @@ def _plugins(a: argparse.Namespace) -> int:
 
 
 def _demo(a: argparse.Namespace) -> int:
-    from llmpress.demo import run_demo
+    from llmpress.demo import format_table, run_demo
 
-    run_demo(Path(a.out) if a.out else None, steps=a.steps)
+    print(format_table(run_demo(Path(a.out) if a.out else None, steps=a.steps)))
     return 0
 
 

@@ -62,8 +62,19 @@ def train_demo_model(text: str, steps: int = 300, seqlen: int = 128, seed: int =
     return model.eval()
 
 
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The demo's result table as text."""
+    lines = [f"{'method':<10} {'pattern':<13} {'sparsity':>8} {'perplexity':>10} {'reload':>10} {'time':>7}"]
+    for r in rows:
+        lines.append(
+            f"{r['method']:<10} {r['pattern']:<13} {r['sparsity']:>8.3f} {r['ppl']:>10.3f} "
+            f"{r['reload']:>10} {r['time_s']:>6.2f}s"
+        )
+    return "\n".join(lines)
+
+
 def run_demo(out: Path | None = None, steps: int = 300) -> list[dict[str, Any]]:
-    """Run the demo; returns the table rows (also printed)."""
+    """Run the demo; returns the table rows (see :func:`format_table`)."""
     from transformers import AutoModelForCausalLM
 
     from llmpress.evaluate import perplexity
@@ -115,10 +126,5 @@ def run_demo(out: Path | None = None, steps: int = 300) -> list[dict[str, Any]]:
                     "time_s": dt,
                 }
             )
-    print(f"{'method':<10} {'pattern':<13} {'sparsity':>8} {'perplexity':>10} {'reload':>10} {'time':>7}")
-    for r in rows:
-        print(
-            f"{r['method']:<10} {r['pattern']:<13} {r['sparsity']:>8.3f} {r['ppl']:>10.3f} {r['reload']:>10} {r['time_s']:>6.2f}s"
-        )
-    print(f"saved models under {base}")
+    log.info("saved models under %s", base)
     return rows

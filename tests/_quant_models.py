@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import models  # tests/models.py (conftest puts tests/ on sys.path)
 import torch
 import transformers as tf
 from torch import nn
@@ -24,94 +25,38 @@ INTERMEDIATE = 128
 LAYERS = 2
 
 
-def _seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return build().eval()
+# the factories of tests/models.py, at this file's sizes (in_features multiples of 64)
+_SIZES = dict(
+    vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, max_position_embeddings=128
+)
 
 
 def tiny_llama(
     seed: int = 0, vocab: int = VOCAB, hidden: int = HIDDEN, intermediate: int = INTERMEDIATE, **kw: Any
 ) -> nn.Module:
-    cfg = tf.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-        **kw,
+    return models.tiny_llama(
+        seed, vocab=vocab, hidden=hidden, intermediate=intermediate, **{"max_position_embeddings": 128, **kw}
     )
-    return _seeded(lambda: tf.LlamaForCausalLM(cfg), seed)
 
 
 def tiny_qwen2(seed: int = 0, **kw: Any) -> nn.Module:
-    cfg = tf.Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=0,
-        eos_token_id=0,
-        **kw,
-    )
-    return _seeded(lambda: tf.Qwen2ForCausalLM(cfg), seed)
+    return models.tiny_qwen2(seed, **{**_SIZES, **kw})
 
 
 def tiny_mistral(seed: int = 0, **kw: Any) -> nn.Module:
-    cfg = tf.MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=0,
-        eos_token_id=0,
-        **kw,
-    )
-    return _seeded(lambda: tf.MistralForCausalLM(cfg), seed)
+    return models.tiny_mistral(seed, **{**_SIZES, **kw})
 
 
 def tiny_opt(seed: int = 0, **kw: Any) -> nn.Module:
-    cfg = tf.OPTConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        ffn_dim=INTERMEDIATE,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        max_position_embeddings=128,
-        word_embed_proj_dim=HIDDEN,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=1,
-        **kw,
-    )
-    return _seeded(lambda: tf.OPTForCausalLM(cfg), seed)
+    sizes = dict(vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=INTERMEDIATE, word_embed_proj_dim=HIDDEN)
+    return models.tiny_opt(seed, **{**sizes, "max_position_embeddings": 128, **kw})
 
 
 def tiny_gpt2(seed: int = 0, **kw: Any) -> nn.Module:
     """GPT-2: the block layers are transformers ``Conv1D`` (weight stored ``[in, out]``)."""
-    cfg = tf.GPT2Config(
-        vocab_size=VOCAB,
-        n_embd=HIDDEN,
-        n_inner=INTERMEDIATE,
-        n_layer=LAYERS,
-        n_head=4,
-        n_positions=128,
-        bos_token_id=0,
-        eos_token_id=0,
-        **kw,
+    return models.tiny_gpt2(
+        seed, **{"vocab_size": VOCAB, "n_embd": HIDDEN, "n_inner": INTERMEDIATE, "n_positions": 128, **kw}
     )
-    return _seeded(lambda: tf.GPT2LMHeadModel(cfg), seed)
 
 
 ARCHS: dict[str, Callable[..., nn.Module]] = {
