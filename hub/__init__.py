@@ -5,8 +5,7 @@ Public API (imported lazily; importing ``llmpress.hub`` loads nothing heavy)::
     from llmpress.hub import push, pull, attach_card, build_card, evaluate
 
     llmpress.hub.evaluate(model, tok, tasks=["hellaswag"], limit=100, save_to="out")  # llmpress_eval.json
-    info = llmpress.hub.push("out", "me/tiny-wanda")      # folder + README.md card, one commit
-    print(info.repo_url)
+    url = llmpress.hub.push("out", "me/tiny-wanda").repo_url  # folder + README.md card, one commit
     model, tok = llmpress.hub.pull("me/tiny-wanda")
 """
 
