@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
+import threading
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from llmpress.errors import LlmpressError
@@ -129,3 +132,31 @@ def eval_command(a: argparse.Namespace) -> int:
         err = f" ± {r.stderr:.4f}" if r.stderr is not None else ""
         print(f"{r.task} {r.metric} {r.value:.4f}{err} ({r.samples} samples)")
     return 0
+
+
+def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def local_server_main(argv: list[str] | None = None) -> None:
+    """Command line entry point: serve a local Hub until interrupted."""
+    parser = argparse.ArgumentParser(description="Serve a local Hugging Face Hub-compatible server.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--root", type=Path, required=True, help="storage directory")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from llmpress.hub.local_server import LocalHubServer
+
+    server = LocalHubServer(args.root, host=args.host, port=args.port).start()
+    print(server.url, flush=True)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()

@@ -20,17 +20,15 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
-import signal
 import socket
 import socketserver
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any
 
 from ._local_http import Request, Response, error_response
@@ -42,7 +40,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_USER = "local-user"
 """User name of every request when the server is created without ``tokens``."""
 
-__all__ = ["DEFAULT_USER", "FailureRule", "LocalHubServer", "RequestRecord", "main"]
+__all__ = ["DEFAULT_USER", "FailureRule", "LocalHubServer", "RequestRecord"]
 
 
 @dataclass(frozen=True)
@@ -335,31 +333,7 @@ class LocalHubServer:
         return self._routes.dispatch(request)
 
 
-def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command line entry point: serve a local Hub until interrupted."""
-    parser = argparse.ArgumentParser(description="Serve a local Hugging Face Hub-compatible server.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    parser.add_argument("--root", type=Path, required=True, help="storage directory")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    server = LocalHubServer(args.root, host=args.host, port=args.port).start()
-    print(server.url, flush=True)
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-
-
 if __name__ == "__main__":
-    main()
+    from llmpress.hub.cli import local_server_main
+
+    local_server_main()

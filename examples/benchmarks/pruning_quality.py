@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import REF_LM, print_table
+from _common import REF_LM, compare_to_reference, print_table
 
 import llmpress
 from llmpress.evaluate import perplexity_of_windows, text_windows
@@ -94,9 +94,7 @@ def main() -> None:
                 }
             )
             del model
-    for r in rows:
-        r["delta"] = 100 * (r["ppl"] / r["ref"] - 1) if r["ref"] else None
-        r["ok"] = "yes" if r["delta"] is None or r["delta"] <= 1.5 else "NO"
+    compare_to_reference(rows, 1.5)
     print(
         f"\nperplexity on {a.eval} ({windows.shape[0]} windows x 256 tokens), calibration {a.nsamples} x {a.seqlen}, device {a.device}\n"
     )

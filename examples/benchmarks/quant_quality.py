@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import REF_LM, print_table
+from _common import REF_LM, compare_to_reference, print_table
 
 import llmpress
 from llmpress.evaluate import perplexity_of_windows, text_windows
@@ -100,9 +100,7 @@ def main() -> None:
             row["mb"] = dir_size(d) / 1e6
         rows.append(row)
         del model
-    for r in rows:
-        r["delta"] = 100 * (r["ppl"] / r["ref"] - 1) if r.get("ref") else None
-        r["ok"] = "-" if r["delta"] is None else ("yes" if r["delta"] <= 1.0 else "NO")
+    compare_to_reference(rows, 1.0)
     print(
         f"\nperplexity on {a.eval} ({windows.shape[0]} windows x 256), calibration {a.nsamples} x {a.seqlen}, {a.device}\n"
     )
