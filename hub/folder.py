@@ -1,10 +1,11 @@
 """What a saved llmpress folder says about itself: config, report, evaluation and tensor sizes.
 
-Sizes are read from the safetensors headers (no tensor is loaded): every tensor's dtype,
-shape and byte length. A compressed module (a name in ``llmpress_report.json``) owns every
-tensor under its prefix (``q_proj.weight``, or packed ``q_proj.qweight`` + ``q_proj.scales``);
-its *logical* parameter count is ``out * in`` (+ bias) whatever the storage, so bits per
-parameter = ``8 * bytes / logical params`` is comparable before and after packing.
+Sizes are read from the safetensors headers with ``safetensors.safe_open`` (no tensor is
+loaded): every tensor's dtype, shape and byte length. A compressed module (a name in
+``llmpress_report.json``) owns every tensor under its prefix (``q_proj.weight``, or packed
+``q_proj.qweight`` + ``q_proj.scales``); its *logical* parameter count is ``out * in``
+(+ bias) whatever the storage, so bits per parameter = ``8 * bytes / logical params`` is
+comparable before and after packing.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import json
 import logging
 import math
 import re
-import struct
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -34,17 +34,30 @@ _DTYPE_BITS = {
     "float8_e4m3fn": 8,
     "float8_e5m2": 8,
 }
-_SAFETENSORS_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
+#: bits per element of each safetensors dtype (sub-byte types are packed)
+_SAFETENSORS_BITS = {
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
+    "C64": 64,
+    "F32": 32,
+    "I32": 32,
+    "U32": 32,
+    "F16": 16,
+    "BF16": 16,
+    "I16": 16,
+    "U16": 16,
+    "F8_E4M3": 8,
+    "F8_E5M2": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "I8": 8,
+    "U8": 8,
+    "BOOL": 8,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "F4": 4,
 }
 _BLOCK_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -64,16 +77,19 @@ class TensorInfo:
 
 
 def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
-    """Tensor name -> :class:`TensorInfo` from a safetensors file's JSON header."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+    """Tensor name -> :class:`TensorInfo` from a safetensors file's header (no tensor is loaded)."""
+    from safetensors import safe_open
+
     out = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = meta["data_offsets"]
-        out[name] = TensorInfo(name, meta["dtype"], tuple(meta["shape"]), int(end) - int(start))
+    with safe_open(str(path), framework="pt") as f:
+        names = f.keys()
+        for name in names:
+            view = f.get_slice(name)
+            dtype, shape = view.get_dtype(), tuple(int(d) for d in view.get_shape())
+            bits = _SAFETENSORS_BITS.get(dtype)
+            if bits is None:
+                raise ValueError(f"{path}: tensor {name!r} has a dtype unknown to llmpress ({dtype})")
+            out[name] = TensorInfo(name, dtype, shape, math.ceil(math.prod(shape) * bits / 8))
     return out
 
 
@@ -288,7 +304,7 @@ def hub_size(repo_id: str, api: Any) -> SizeStats | None:
         meta = api.get_safetensors_metadata(repo_id)
         counts = [fm.parameter_count for fm in meta.files_metadata.values()]
         params = sum(n for c in counts for n in c.values())
-        data = sum(n * _SAFETENSORS_BYTES.get(dtype, 2) for c in counts for dtype, n in c.items())
+        data = sum(n * _SAFETENSORS_BITS.get(dtype, 16) // 8 for c in counts for dtype, n in c.items())
         info = api.model_info(repo_id, files_metadata=True)
         nbytes = sum(s.size or 0 for s in info.siblings or [] if s.rfilename.endswith(".safetensors"))
     except Exception as e:  # any failure (offline, no safetensors, no access) -> estimate instead
