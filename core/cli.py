@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from llmpress.errors import LlmpressError
 
@@ -60,10 +61,63 @@ def _compress(a: argparse.Namespace) -> int:
 
 
 def _eval(a: argparse.Namespace) -> int:
-    # perplexity (--text) and lm-eval tasks (--tasks) on one loaded model; results feed the model card
-    from llmpress.hub.cli import eval_command
+    """``llmpress eval``: perplexity on ``--text`` and/or lm-eval ``--tasks`` on one loaded model.
 
-    return eval_command(a)
+    ``--json`` prints one JSON object: the perplexity keys at the top level and
+    ``"tasks": {task: {metric: value}}`` when tasks ran. Results are merged into
+    ``DIR/llmpress_eval.json`` (unless ``--no-save``) for the model card.
+    """
+    from llmpress.eval_harness import parse_limit, perplexity_record, run_lm_eval, save_eval
+    from llmpress.evaluate import perplexity
+    from llmpress.loading import load_model
+
+    tasks = [t.strip() for t in (a.tasks or "").split(",") if t.strip()]
+    limit = parse_limit(a.limit)
+    if a.text is None and not tasks:
+        raise LlmpressError(
+            "eval needs --text FILE (perplexity) and/or --tasks T1,T2 (lm-eval-harness tasks)"
+        )
+    model, tok = load_model(a.model_dir, dtype=a.dtype, device=a.device)
+    if tok is None:
+        raise LlmpressError(
+            f"{a.model_dir} has no tokenizer; {'perplexity' if a.text else 'evaluation'} needs one"
+        )
+    out: dict[str, Any] = {}
+    records = []
+    if a.text is not None:
+        res = perplexity(
+            model,
+            tok,
+            Path(a.text),
+            seqlen=a.seqlen,
+            batch_size=a.batch_size,
+            max_tokens=a.max_tokens,
+            device=a.device,
+            progress=not a.json,
+        )
+        out.update(res)
+        records.append(perplexity_record(res, a.text, a.seqlen))
+    task_records = (
+        run_lm_eval(model, tok, tasks, limit=limit, include_path=a.include_path, batch_size=a.batch_size)
+        if tasks
+        else []
+    )
+    if tasks:
+        table: dict[str, dict[str, float]] = {}
+        for r in task_records:
+            table.setdefault(r.task, {})[r.metric] = r.value
+        out["tasks"] = table
+    if not a.no_save and Path(a.model_dir).is_dir():
+        save_eval(a.model_dir, records + task_records)
+    if a.json:
+        print(json.dumps(out))
+        return 0
+    if a.text is not None:
+        print(f"perplexity {out['perplexity']:.4f} over {int(out['windows'])} windows of {a.seqlen} tokens")
+    for r in task_records:
+        err = f" ± {r.stderr:.4f}" if r.stderr is not None else ""
+        print(f"{r.task} {r.metric} {r.value:.4f}{err} ({r.samples} samples)")
+    return 0
 
 
 def _plugins(a: argparse.Namespace) -> int:

@@ -19,3 +19,7 @@ class CalibrationError(LlmpressError, ValueError):
 
 class CheckpointError(LlmpressError, ValueError):
     """A saved checkpoint is corrupt, incomplete or from a newer llmpress."""
+
+
+class EvalTaskError(LlmpressError, ValueError):
+    """An lm-eval-harness task cannot be found, loaded or run."""

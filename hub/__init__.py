@@ -1,4 +1,4 @@
-"""llmpress.hub: publishing compressed models to the Hugging Face Hub, and a local Hub for tests.
+"""llmpress.hub: publishing compressed models to the Hugging Face Hub.
 
 Public API (imported lazily; importing ``llmpress.hub`` loads nothing heavy)::
 
@@ -7,6 +7,9 @@ Public API (imported lazily; importing ``llmpress.hub`` loads nothing heavy)::
     llmpress.hub.evaluate(model, tok, tasks=["hellaswag"], limit=100, save_to="out")  # llmpress_eval.json
     url = llmpress.hub.push("out", "me/tiny-wanda").repo_url  # folder + README.md card, one commit
     model, tok = llmpress.hub.pull("me/tiny-wanda")
+
+Evaluation lives in core (:mod:`llmpress.eval_harness`); ``evaluate``, ``run_lm_eval``,
+``load_eval``, ``save_eval``, ``EvalRecord`` and ``EvalTaskError`` are re-exported here.
 """
 
 from __future__ import annotations
@@ -34,23 +37,23 @@ __all__ = [
 ]
 
 _HOME = {
-    "push": "publish",
-    "pull": "publish",
-    "attach_card": "publish",
-    "repo_url": "publish",
-    "build_card": "card",
-    "build_card_context": "card",
-    "render_card": "card",
-    "write_card": "card",
-    "method_citations": "card",
-    "evaluate": "eval_harness",
-    "run_lm_eval": "eval_harness",
-    "load_eval": "eval_harness",
-    "save_eval": "eval_harness",
-    "EvalRecord": "eval_harness",
-    "PublishError": "errors",
-    "CardTemplateError": "errors",
-    "EvalTaskError": "errors",
+    "push": "llmpress.hub.publish",
+    "pull": "llmpress.hub.publish",
+    "attach_card": "llmpress.hub.publish",
+    "repo_url": "llmpress.hub.publish",
+    "build_card": "llmpress.hub.card",
+    "build_card_context": "llmpress.hub.card",
+    "render_card": "llmpress.hub.card",
+    "write_card": "llmpress.hub.card",
+    "method_citations": "llmpress.hub.card",
+    "evaluate": "llmpress.eval_harness",
+    "run_lm_eval": "llmpress.eval_harness",
+    "load_eval": "llmpress.eval_harness",
+    "save_eval": "llmpress.eval_harness",
+    "EvalRecord": "llmpress.eval_harness",
+    "PublishError": "llmpress.hub.errors",
+    "CardTemplateError": "llmpress.hub.errors",
+    "EvalTaskError": "llmpress.errors",
 }
 
 
@@ -58,5 +61,5 @@ def __getattr__(name: str) -> Any:
     if name in _HOME:
         import importlib
 
-        return getattr(importlib.import_module(f"llmpress.hub.{_HOME[name]}"), name)
+        return getattr(importlib.import_module(_HOME[name]), name)
     raise AttributeError(f"module 'llmpress.hub' has no attribute {name!r}")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from llmpress.errors import LlmpressError
+from llmpress.errors import EvalTaskError, LlmpressError
+
+# EvalTaskError belongs to core's evaluation (llmpress.eval_harness); re-exported for hub users.
+__all__ = ["CardTemplateError", "EvalTaskError", "PublishError"]
 
 
 class PublishError(LlmpressError):
@@ -15,7 +18,3 @@ class PublishError(LlmpressError):
 
 class CardTemplateError(LlmpressError, ValueError):
     """A model card template cannot be parsed or rendered; the message names the file and line."""
-
-
-class EvalTaskError(LlmpressError, ValueError):
-    """An lm-eval-harness task cannot be found, loaded or run."""

@@ -19,10 +19,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from llmpress.eval_harness import EVAL_FILE
+
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "llmpress_report.json"
-EVAL_FILE = "llmpress_eval.json"
 PLOT_FILE = "llmpress_allocation.png"
 CARD_FILE = "README.md"
 

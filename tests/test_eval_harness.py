@@ -14,9 +14,9 @@ from models import DATA_DIR, calib_ids, save_model_dir, tiny_llama
 
 import llmpress
 from llmpress.cli import main
-from llmpress.hub import EvalTaskError, build_card
-from llmpress.hub.eval_harness import EvalRecord, load_eval, run_lm_eval, save_eval
-from llmpress.hub.folder import EVAL_FILE
+from llmpress.errors import EvalTaskError
+from llmpress.eval_harness import EVAL_FILE, EvalRecord, load_eval, run_lm_eval, save_eval
+from llmpress.hub import build_card
 
 pytest.importorskip("lm_eval")
 
@@ -146,3 +146,19 @@ def test_cli_eval_errors(pruned, tokenizer, tmp_path: Path, offline, capsys) -> 
     assert main(["eval", str(folder), "--tasks", "nope", "--include-path", str(TASKS), "--no-save"]) == 2
     assert "unknown lm-eval task" in capsys.readouterr().err
     assert not (folder / EVAL_FILE).exists()
+
+
+def test_evaluation_lives_in_core_and_hub_reexports_it() -> None:
+    import subprocess
+    import sys
+
+    import llmpress.eval_harness as harness
+    import llmpress.hub
+
+    assert llmpress.hub.EvalTaskError is EvalTaskError and llmpress.hub.EvalRecord is harness.EvalRecord
+    assert (llmpress.hub.evaluate, llmpress.hub.load_eval) == (harness.evaluate, harness.load_eval)
+    code = (
+        "import sys, llmpress, llmpress.cli, llmpress.eval_harness\n"
+        "assert not [m for m in sys.modules if m.startswith('llmpress.hub')], sorted(sys.modules)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

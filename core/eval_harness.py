@@ -1,0 +1,306 @@
+"""Evaluation of an in-memory model: lm-eval-harness tasks and perplexity, saved beside the model.
+
+lm-eval runs through its ``HFLM`` wrapper around the model object itself (no re-load, no
+re-quantization). Local tasks are task YAMLs in a folder passed as ``include_path``; a YAML
+can read a JSONL file next to it with a ``custom_dataset: !function module.fn`` loader (see
+``tests/data/lm_eval_tasks/``), which runs offline.
+
+Results are :class:`EvalRecord` rows stored in ``DIR/llmpress_eval.json``::
+
+    {"version": 1, "results": [{"task": "tiny_mc", "metric": "acc", "value": 0.5, ...}, ...]}
+
+A new result replaces the stored one with the same ``(task, metric)``; the model card turns
+every row into a ``model-index`` entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from llmpress.errors import EvalTaskError, LlmpressError
+
+log = logging.getLogger(__name__)
+
+EVAL_FILE = "llmpress_eval.json"
+EVAL_FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRecord:
+    """One evaluation number: a task, a metric and its value (plus where it came from)."""
+
+    task: str
+    metric: str
+    value: float
+    stderr: float | None = None
+    #: dataset shown in the card and in ``model-index`` (``dataset.name``)
+    dataset: str | None = None
+    #: Hub dataset id when there is one, else the task name (``model-index`` ``dataset.type``)
+    dataset_type: str | None = None
+    split: str | None = None
+    #: number of documents (or perplexity windows) actually scored
+    samples: int | None = None
+    limit: float | None = None
+    num_fewshot: int | None = None
+    higher_is_better: bool | None = None
+    source: str = "lm-eval"
+    notes: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.task, self.metric)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalRecord:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ------------------------------------------------------------------------------ storage
+
+
+def load_eval(folder: str | Path) -> list[EvalRecord]:
+    """The records saved in ``folder/llmpress_eval.json`` (empty if there is none)."""
+    path = Path(folder) / EVAL_FILE
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return [EvalRecord.from_dict(r) for r in data.get("results", []) if isinstance(r, dict)]
+
+
+def save_eval(folder: str | Path, records: Sequence[EvalRecord]) -> Path:
+    """Merge ``records`` into ``folder/llmpress_eval.json`` (atomically); same (task, metric) replaced."""
+    folder = Path(folder)
+    merged = {r.key: r for r in load_eval(folder)}
+    merged.update({r.key: r for r in records})
+    data = {
+        "version": EVAL_FORMAT_VERSION,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "results": [r.to_dict() for r in merged.values()],
+    }
+    path = folder / EVAL_FILE
+    fd, tmp = tempfile.mkstemp(prefix=f".{EVAL_FILE}.", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log.info("saved %d evaluation result(s) to %s", len(records), path)
+    return path
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+
+def perplexity_record(result: dict[str, float], text: str | Path, seqlen: int) -> EvalRecord:
+    """An :class:`EvalRecord` for a :func:`llmpress.perplexity` result on a text file."""
+    name = Path(text).name
+    return EvalRecord(
+        task=name,
+        metric="perplexity",
+        value=float(result["perplexity"]),
+        dataset=name,
+        dataset_type="text",
+        samples=int(result["windows"]),
+        higher_is_better=False,
+        source="llmpress perplexity",
+        notes=f"{int(result['windows'])} windows of {seqlen} tokens",
+    )
+
+
+# ------------------------------------------------------------------------------- lm-eval
+
+
+def parse_limit(value: str | None) -> float | None:
+    """``--limit`` as lm-eval takes it: a number of documents per task, or a fraction when < 1."""
+    if value is None:
+        return None
+    try:
+        n = float(value)
+    except ValueError:
+        raise LlmpressError(
+            f"--limit must be a number of documents (or a fraction < 1), got {value!r}"
+        ) from None
+    if n <= 0:
+        raise LlmpressError(f"--limit must be positive, got {value!r}")
+    return int(n) if n >= 1 else n
+
+
+def _lm_eval() -> Any:
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM  # noqa: F401 - checks the HF backend is present
+    except ImportError as e:
+        raise EvalTaskError(
+            f"lm-eval-harness is needed for --tasks but cannot be imported ({e}); "
+            "install it with: pip install 'llmpress[eval]'"
+        ) from e
+    return lm_eval
+
+
+def _known(tm: Any, task: str) -> bool:
+    return task in tm.all_tasks or bool(tm.match_tasks([task])) or Path(task).is_file()
+
+
+def task_manager(tasks: Sequence[str], include_path: Sequence[str | Path] | None = None) -> Any:
+    """An lm-eval ``TaskManager`` that knows every name in ``tasks``.
+
+    When local task folders are given and hold every task, lm-eval's built-in task index is
+    skipped (indexing it takes seconds). Unknown names raise :class:`EvalTaskError`.
+    """
+    _lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(Path(p)) for p in include_path or []]
+    for p in paths:
+        if not Path(p).exists():
+            raise EvalTaskError(f"--include-path {p} does not exist")
+    if paths:
+        tm = TaskManager(include_path=paths, include_defaults=False)
+        if all(_known(tm, t) for t in tasks):
+            return tm
+    tm = TaskManager(include_path=paths or None)
+    unknown = [t for t in tasks if not _known(tm, t)]
+    if unknown:
+        hint = (
+            "pass --include-path DIR for local task YAMLs"
+            if not paths
+            else f"searched {paths} and lm-eval's tasks"
+        )
+        raise EvalTaskError(f"unknown lm-eval task(s) {unknown}; {hint} (`lm-eval ls tasks` lists them)")
+    return tm
+
+
+def _records(results: dict[str, Any], limit: float | None) -> list[EvalRecord]:
+    """Flatten lm-eval's ``results`` (``{"task": {"acc,none": v, "acc_stderr,none": s}}``)."""
+    out = []
+    for task, res in results.get("results", {}).items():
+        cfg = results.get("configs", {}).get(task, {})
+        hib = results.get("higher_is_better", {}).get(task, {})
+        samples = results.get("n-samples", {}).get(task, {}).get("effective")
+        path = cfg.get("dataset_path")
+        hub_dataset = (
+            isinstance(path, str)
+            and path not in ("json", "csv", "text", "parquet")
+            and not Path(path).exists()
+        )
+        for key, value in res.items():
+            if "," not in key or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            metric, filt = key.split(",", 1)
+            if metric.endswith("_stderr"):
+                continue
+            stderr = res.get(f"{metric}_stderr,{filt}")
+            out.append(
+                EvalRecord(
+                    task=task,
+                    metric=metric if filt == "none" else f"{metric} ({filt})",
+                    value=float(value),
+                    stderr=float(stderr)
+                    if isinstance(stderr, (int, float)) and not isinstance(stderr, bool)
+                    else None,
+                    dataset=(cfg.get("dataset_name") or path) if hub_dataset else task,
+                    dataset_type=path if hub_dataset else task,
+                    split=cfg.get("test_split") or cfg.get("validation_split"),
+                    samples=int(samples) if samples is not None else None,
+                    limit=limit,
+                    num_fewshot=results.get("n-shot", {}).get(task),
+                    higher_is_better=hib.get(metric),
+                    source=f"lm-eval {results.get('lm_eval_version', '')}".strip(),
+                )
+            )
+    return out
+
+
+def run_lm_eval(
+    model: Any,
+    tokenizer: Any,
+    tasks: Sequence[str],
+    *,
+    limit: float | None = None,
+    include_path: Sequence[str | Path] | None = None,
+    batch_size: int = 8,
+    num_fewshot: int | None = None,
+    seed: int = 0,
+) -> list[EvalRecord]:
+    """Run lm-eval-harness ``tasks`` on the in-memory ``model`` through ``HFLM``.
+
+    :param model: a loaded (possibly compressed) transformers model; it is not re-loaded.
+    :param tasks: lm-eval task, group or tag names, or task YAML paths.
+    :param limit: documents per task (a fraction when < 1); ``None`` runs them all.
+    :param include_path: folders of local task YAMLs.
+    :returns: one :class:`EvalRecord` per (task, metric).
+    """
+    if not tasks:
+        raise EvalTaskError("no lm-eval task given")
+    lm_eval = _lm_eval()
+    from lm_eval.models.huggingface import HFLM
+
+    tm = task_manager(tasks, include_path)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    t0 = time.perf_counter()
+    try:
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            limit=limit,
+            num_fewshot=num_fewshot,
+            task_manager=tm,
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    except (KeyError, ValueError, FileNotFoundError, ConnectionError) as e:
+        raise EvalTaskError(f"lm-eval could not run {list(tasks)}: {type(e).__name__}: {e}") from e
+    if results is None:  # non-zero rank of a distributed run
+        return []
+    records = _records(results, limit)
+    log.info("lm-eval %s: %d result(s) in %.1fs", list(tasks), len(records), time.perf_counter() - t0)
+    return records
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    *,
+    tasks: Sequence[str] = (),
+    text: str | Path | None = None,
+    limit: float | None = None,
+    include_path: Sequence[str | Path] | None = None,
+    seqlen: int = 256,
+    batch_size: int = 8,
+    save_to: str | Path | None = None,
+) -> list[EvalRecord]:
+    """Perplexity on ``text`` and/or lm-eval ``tasks`` on one in-memory model; optionally saved.
+
+    :param save_to: a model folder; the records are merged into its ``llmpress_eval.json``
+        so that the model card (``llmpress push``) lists them in its ``model-index``.
+    """
+    from llmpress.evaluate import perplexity
+
+    records: list[EvalRecord] = []
+    if text is not None:
+        res = perplexity(model, tokenizer, Path(text), seqlen=seqlen, batch_size=batch_size)
+        records.append(perplexity_record(res, text, seqlen))
+    if tasks:
+        records += run_lm_eval(
+            model, tokenizer, tasks, limit=limit, include_path=include_path, batch_size=batch_size
+        )
+    if save_to is not None and records:
+        save_eval(save_to, records)
+    return records
