@@ -2,9 +2,9 @@
 
     python examples/publish.py --endpoint https://huggingface.co --repo-id me/tiny-wanda --token hf_...
 
-Try it offline against a local Hub-compatible server::
+Try it offline against the test suite's local Hub-compatible server (``tests/localhub``)::
 
-    python -m llmpress.hub.local_server --root /tmp/hub --port 8080 &
+    PYTHONPATH=tests python -m localhub --root /tmp/hub --port 8080 &
     HF_HUB_DISABLE_XET=1 python examples/publish.py --endpoint http://127.0.0.1:8080 --repo-id me/tiny
 
 Without ``--model`` it builds a small Llama trained for ``--steps`` on llmpress's own source
@@ -23,6 +23,7 @@ from typing import Any
 
 import llmpress
 import llmpress.hub
+from llmpress.eval_harness import evaluate
 
 
 def byte_tokenizer() -> Any:
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tasks = [t for t in a.tasks.split(",") if t]
     include = [a.include_path] if a.include_path else None
-    for r in llmpress.hub.evaluate(
+    for r in evaluate(
         model,
         tok,
         text=eval_text,

@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny tokenizer, a saved tiny model folder, a fresh plugin manager.
 
-The model factories and helpers live in ``tests/models.py`` (imported as ``models``).
+The model factories and helpers live in ``tests/models.py`` (imported as ``models``). The
+local Hub (``tests/localhub``, fixtures ``local_hub`` and ``local_hub_factory``) is enabled
+here, so that it sets ``HF_ENDPOINT`` before any test module imports ``huggingface_hub``.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from pathlib import Path
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
-# pytest runs with --import-mode=importlib: make the helper module ``models`` importable
+# pytest runs with --import-mode=importlib: make the helpers ``models`` and ``localhub`` importable
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
+
+pytest_plugins = ["localhub.plugin"]
 
 
 def pytest_configure(config: pytest.Config) -> None:

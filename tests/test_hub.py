@@ -11,25 +11,22 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 from huggingface_hub import HfApi, ModelCard, ModelCardData
+from localhub import LocalHubServer
 from models import DATA_DIR, calib_ids, tiny_llama
 
 import llmpress
 from llmpress.cli import main
+from llmpress.eval_harness import EvalRecord, evaluate, load_eval, save_eval
 from llmpress.hub import CardTemplateError, PublishError, attach_card, build_card, pull, push
-from llmpress.hub.eval_harness import EvalRecord, evaluate, load_eval, save_eval
 from llmpress.hub.folder import PLOT_FILE, read_folder
-from llmpress.hub.local_server import LocalHubServer
 from llmpress.plugin_manager import get_plugin_manager
 from llmpress.save import save_result
-
-pytest_plugins = ["llmpress.hub.testing"]
 
 EVAL = DATA_DIR / "eval.txt"
 RECIPE = {"stages": [{"method": "wanda", "sparsity": 0.5}]}
@@ -263,23 +260,12 @@ def test_server_errors_past_retries_then_rerun(local_hub: LocalHubServer, folder
 
 
 def test_server_down_mid_upload_then_rerun_succeeds(
-    local_hub: LocalHubServer, compressed, folder: Path, monkeypatch: pytest.MonkeyPatch
+    local_hub: LocalHubServer, compressed, folder: Path
 ) -> None:
-    original = local_hub._dispatch
-
-    def dispatch(request):  # the server dies when the commit arrives (after the LFS uploads)
-        if "/commit/" in request.path:
-            stopper = threading.Thread(target=local_hub.stop)
-            stopper.start()
-            stopper.join()
-            raise ConnectionAbortedError("the server went down")
-        return original(request)
-
-    monkeypatch.setattr(local_hub, "_dispatch", dispatch)
+    local_hub.fail_next(paths_containing="/commit/", crash=True)  # dies when the commit arrives (after LFS)
     with pytest.raises(PublishError, match=rf"cannot reach {re.escape(local_hub.url)} .*re-run"):
         push(folder, "local-user/crash", retries=1)
     assert not local_hub.running
-    monkeypatch.setattr(local_hub, "_dispatch", original)
     local_hub.start()
     assert HfApi().list_repo_files("local-user/crash") == [".gitattributes"]
     push(folder, "local-user/crash")

@@ -1,4 +1,4 @@
-"""Tests of the local Hub server, driven by the real ``huggingface_hub`` client (and ``transformers``)."""
+"""Tests of the local Hub server (``tests/localhub``), driven by the real ``huggingface_hub`` client."""
 
 from __future__ import annotations
 
@@ -31,11 +31,11 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import get_session, hf_raise_for_status
+from localhub import DEFAULT_USER, LocalHubServer
+from localhub.objects import RepoRef
 
-from llmpress.hub.local_server import DEFAULT_USER, LocalHubServer
-
-# The fixtures (local_hub, local_hub_factory) come from the plugin, as plugin authors would use it.
-pytest_plugins = ["pytester", "llmpress.hub.testing"]
+# local_hub and local_hub_factory come from localhub.plugin, enabled in conftest.py
+pytest_plugins = ["pytester"]
 
 LFS_THRESHOLD = 10 * 1024 * 1024
 
@@ -249,26 +249,28 @@ def test_concurrent_commits(local_hub: LocalHubServer) -> None:
     assert {f"f{i}.txt" for i in range(8)} <= set(api.list_repo_files("alice/tiny"))
 
 
-def test_branches_deletions_settings_and_delete_repo(local_hub: LocalHubServer) -> None:
+def test_branches_and_file_deletion(local_hub: LocalHubServer) -> None:
     api = HfApi()
     api.create_repo("alice/tiny")
     api.upload_folder(
         repo_id="alice/tiny", folder_path=_folder_with({"d/a.txt": b"a", "d/b.txt": b"b"}, local_hub)
     )
     api.create_branch("alice/tiny", branch="dev")
+    api.create_branch("alice/tiny", branch="dev", exist_ok=True)
     api.upload_file(path_or_fileobj=b"c", path_in_repo="c.txt", repo_id="alice/tiny", revision="dev")
     assert "c.txt" in api.list_repo_files("alice/tiny", revision="dev")
     assert "c.txt" not in api.list_repo_files("alice/tiny")
-    assert {b.name for b in api.list_repo_refs("alice/tiny").branches} == {"main", "dev"}
+    assert set(local_hub.store.refs(_ref("alice/tiny"))["branches"]) == {"main", "dev"}
 
     api.delete_file("d/a.txt", "alice/tiny")
-    api.delete_folder("d", "alice/tiny")
-    assert api.list_repo_files("alice/tiny") == [".gitattributes"]
-    api.update_repo_settings("alice/tiny", private=True)
-    assert api.model_info("alice/tiny").private is True
-    api.delete_branch("alice/tiny", branch="dev")
-    api.delete_repo("alice/tiny")
-    assert not api.repo_exists("alice/tiny")
+    assert api.list_repo_files("alice/tiny") == [".gitattributes", "d/b.txt"]
+    with pytest.raises(EntryNotFoundError):
+        api.delete_file("d/a.txt", "alice/tiny")
+
+
+def _ref(repo_id: str) -> RepoRef:
+    namespace, name = repo_id.split("/")
+    return RepoRef("model", namespace, name)
 
 
 def _folder_with(files: dict[str, bytes], server: LocalHubServer) -> Path:
@@ -480,22 +482,33 @@ def test_restart_keeps_port_and_data(tmp_path: Path) -> None:
         assert HfApi(endpoint=other.url, token=False).list_repo_files("alice/persisted") == [".gitattributes"]
 
 
-def test_pointing_hf_client_to_restores_constants(tmp_path: Path) -> None:
-    from llmpress.hub.testing import pointing_hf_client_to  # after pytest registered the plugin module
+def test_client_points_at_the_server_through_hf_endpoint(local_hub: LocalHubServer) -> None:
+    # set by localhub.plugin before huggingface_hub was imported: nothing is patched
+    assert hf_constants.ENDPOINT == os.environ["HF_ENDPOINT"] == local_hub.url
+    assert hf_constants.HF_HUB_DISABLE_XET is True
+    HfApi().create_repo("alice/ctx")
+    HfApi().upload_file(path_or_fileobj=b"ctx", path_in_repo="f.txt", repo_id="alice/ctx")
+    downloaded = Path(hf_hub_download("alice/ctx", "f.txt"))
+    assert downloaded.read_bytes() == b"ctx" and Path(os.environ["HF_HOME"]) in downloaded.parents
 
-    endpoint_before, xet_before = hf_constants.ENDPOINT, hf_constants.HF_HUB_DISABLE_XET
-    with LocalHubServer(tmp_path / "hub") as server, pointing_hf_client_to(server.url, tmp_path / "home"):
-        assert server.url == hf_constants.ENDPOINT and hf_constants.HF_HUB_DISABLE_XET is True
-        HfApi().create_repo("alice/ctx")
-        HfApi().upload_file(path_or_fileobj=b"ctx", path_in_repo="f.txt", repo_id="alice/ctx")
-        downloaded = Path(hf_hub_download("alice/ctx", "f.txt"))
-        assert downloaded.read_bytes() == b"ctx" and (tmp_path / "home") in downloaded.parents
-    assert (endpoint_before, xet_before) == (hf_constants.ENDPOINT, hf_constants.HF_HUB_DISABLE_XET)
+
+def test_crash_drops_the_connection_and_restart_keeps_the_data(local_hub: LocalHubServer) -> None:
+    api = HfApi()
+    api.create_repo("alice/tiny")
+    local_hub.fail_next(paths_containing="/commit/", crash=True)
+    with pytest.raises(Exception) as excinfo:  # noqa: B017 - the HTTP client's own transport error
+        api.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id="alice/tiny")
+    assert type(excinfo.value).__name__ == "RemoteProtocolError"  # no HTTP answer at all
+    assert not local_hub.running
+    local_hub.start()
+    assert api.list_repo_files("alice/tiny") == [".gitattributes"]
+    api.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id="alice/tiny")
+    assert "x.txt" in api.list_repo_files("alice/tiny")
 
 
 def test_cli_prints_url_and_serves(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    cmd = [sys.executable, "-m", "llmpress.hub.local_server", "--port", "0", "--root", str(tmp_path)]
+    cmd = [sys.executable, "-m", "localhub", "--port", "0", "--root", str(tmp_path)]
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True) as proc:
         try:
             assert proc.stdout is not None
@@ -508,8 +521,10 @@ def test_cli_prints_url_and_serves(tmp_path: Path) -> None:
             proc.wait(timeout=10)
 
 
-def test_plugin_via_pytest_plugins(pytester: pytest.Pytester) -> None:
-    pytester.makeconftest('pytest_plugins = ["llmpress.hub.testing"]\n')
+def test_plugin_via_pytest_plugins(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a new process: the plugin must set HF_ENDPOINT before huggingface_hub is imported
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in sys.path if p))
+    pytester.makeconftest('pytest_plugins = ["localhub.plugin"]\n')
     pytester.makepyfile(
         """
         import pytest
@@ -530,7 +545,7 @@ def test_plugin_via_pytest_plugins(pytester: pytest.Pytester) -> None:
             HfApi(token="tok").create_repo("dave/repo")
         """
     )
-    result = pytester.runpytest_inprocess(
-        "-p", "no:cacheprovider", "-W", "error::pytest.PytestUnknownMarkWarning"
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-W", "error::pytest.PytestUnknownMarkWarning", timeout=120
     )
     result.assert_outcomes(passed=2)
