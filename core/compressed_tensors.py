@@ -20,17 +20,18 @@ from safetensors.torch import save_file
 from llmpress.errors import LlmpressError
 from llmpress.quant.packing import pack_int32
 from llmpress.report import CompressionReport
+from llmpress.results import QuantState, compression_state
 from llmpress.save import REPORT_FILE, atomic_directory
 
 
-def _scheme(q: dict[str, Any]) -> dict[str, Any]:
-    per_channel = q["group_size"] == -1
+def _scheme(q: QuantState) -> dict[str, Any]:
+    per_channel = q.group_size == -1
     return {
-        "num_bits": q["bits"],
+        "num_bits": q.bits,
         "type": "int",
-        "symmetric": q["symmetric"],
+        "symmetric": q.symmetric,
         "strategy": "channel" if per_channel else "group",
-        "group_size": None if per_channel else q["group_size"],
+        "group_size": None if per_channel else q.group_size,
         "dynamic": False,
         "actorder": None,
         "observer": "minmax",
@@ -38,10 +39,10 @@ def _scheme(q: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def compressed_tensors_config(report: CompressionReport) -> dict[str, Any]:
+def compressed_tensors_config(quantized: dict[str, QuantState]) -> dict[str, Any]:
     """The ``quantization_config`` (one config group per distinct grid)."""
     groups: dict[str, dict[str, Any]] = {}
-    for name, q in sorted(report.quant_state.items()):
+    for name, q in sorted(quantized.items()):
         key = json.dumps(_scheme(q), sort_keys=True)
         groups.setdefault(
             key,
@@ -64,32 +65,40 @@ def compressed_tensors_config(report: CompressionReport) -> dict[str, Any]:
     }
 
 
-def compressed_tensors_state_dict(
-    model: Any, report: CompressionReport, dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
-    """The model's state dict with each quantized layer's ``weight`` replaced by its packed form."""
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    for name, q in report.quant_state.items():
-        if q["bits"] not in (4, 8):
-            raise LlmpressError(f"compressed-tensors export supports 4 and 8 bits; {name} has {q['bits']}")
+def check_exportable(model: Any, quantized: dict[str, QuantState]) -> None:
+    """Raise :class:`LlmpressError` unless every quantized layer fits compressed-tensors."""
+    if not quantized:
+        raise LlmpressError("compressed-tensors export needs a quantized model (add an rtn or gptq stage)")
+    for name, q in quantized.items():
+        if q.bits not in (4, 8):
+            raise LlmpressError(f"compressed-tensors export supports 4 and 8 bits; {name} has {q.bits}")
         if type(model.get_submodule(name)).__name__ == "Conv1D":
             raise LlmpressError(
                 f"{name} is a GPT-2 style Conv1D, which transformers' compressed-tensors loader does not "
                 f"replace (it would load random weights); use --format llmpress for this model"
             )
-        for suffix in ("weight", "weight_scale", "weight_zero", "weight_meta", "weight_bitmask"):
-            sd.pop(f"{name}.{suffix}", None)  # dense weight, or llmpress's packed tensors
-        out_f, in_f = q["codes"].shape
-        codes = q["codes"].to(torch.uint8)  # pruned weights hold the zero point's code
-        sd[f"{name}.weight_packed"] = pack_int32(codes, q["bits"])
-        sd[f"{name}.weight_scale"] = q["scales"].to(dtype).contiguous()
-        sd[f"{name}.weight_shape"] = torch.tensor([out_f, in_f], dtype=torch.int64)
-        if not q["symmetric"]:
+        if not q.symmetric:
             raise LlmpressError(
                 f"{name} uses an asymmetric grid: transformers 5.x cannot load asymmetric compressed-tensors "
                 f"pack-quantized checkpoints (it allocates the zero point unpacked while the decompressor "
                 f"expects it packed); quantize with 'symmetric: true' for this export, or use --format llmpress"
             )
+
+
+def compressed_tensors_state_dict(
+    model: Any, quantized: dict[str, QuantState], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The model's state dict with each quantized layer's ``weight`` replaced by its packed form."""
+    check_exportable(model, quantized)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    for name, q in quantized.items():
+        for suffix in ("weight", "weight_scale", "weight_zero", "weight_meta", "weight_bitmask"):
+            sd.pop(f"{name}.{suffix}", None)  # dense weight, or llmpress's packed tensors
+        out_f, in_f = q.codes.shape
+        codes = q.codes.to(torch.uint8)  # pruned weights hold the zero point's code
+        sd[f"{name}.weight_packed"] = pack_int32(codes, q.bits)
+        sd[f"{name}.weight_scale"] = q.scales.to(dtype).contiguous()
+        sd[f"{name}.weight_shape"] = torch.tensor([out_f, in_f], dtype=torch.int64)
     return {k: v.contiguous().cpu() for k, v in sd.items()}
 
 
@@ -103,9 +112,8 @@ def save_compressed_tensors(
     overwrite: bool = False,
 ) -> Path:
     """Write a compressed-tensors checkpoint (atomically). Pruned-only layers stay dense."""
-    if not report.quant_state:
-        raise LlmpressError("compressed-tensors export needs a quantized model (add an rtn or gptq stage)")
-    sd = compressed_tensors_state_dict(model, report, dtype)
+    quantized = compression_state(model).quantized
+    sd = compressed_tensors_state_dict(model, quantized, dtype)
     sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
     tied = getattr(model.config, "tie_word_embeddings", False)
     if tied:
@@ -113,7 +121,7 @@ def save_compressed_tensors(
     with atomic_directory(out_dir, overwrite) as tmp:
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         cfg = model.config.to_dict()
-        cfg["quantization_config"] = compressed_tensors_config(report)
+        cfg["quantization_config"] = compressed_tensors_config(quantized)
         cfg["dtype"] = str(dtype).replace("torch.", "")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         if getattr(model, "generation_config", None) is not None:

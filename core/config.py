@@ -12,12 +12,10 @@ from typing import Any, ClassVar, TypeVar, get_type_hints
 
 from llmpress.errors import ModelError, RecipeError
 from llmpress.masks import check_nm_divides
+from llmpress.quant.grid import QuantSpec, check_spec, grid_problem
 from llmpress.targets import SparsityTarget, parse_pattern
 
 C = TypeVar("C", bound="MethodConfig")
-
-#: statistics a method can ask the engine to collect for each target layer's input
-KNOWN_STATS = frozenset({"hessian", "sq_norms"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,21 +23,43 @@ class MethodConfig:
     """Base class of every method config.
 
     Subclasses set ``method`` (the registered name), ``version`` (bumped when the meaning
-    of a field changes) and ``stats`` (what the engine must collect: ``"hessian"`` for
-    ``X^T X``, ``"sq_norms"`` for per-input-column sums of squares). Fields are the method's
-    options with defaults; ``validate()`` raises :class:`RecipeError` on bad values.
+    of a field changes) and declare what the engine needs to know:
+
+    * ``stats``: the statistics to collect for each target layer's input (names from
+      :data:`llmpress.stats.STATISTICS`: ``"hessian"``, ``"sq_norms"``, ``"mean_var"``,
+      ``"absmax"``, ``"token_norms"``, ``"grad"``);
+    * ``needs_calibration``: whether the method needs calibration data at all;
+    * ``scope``: ``"layer"`` (score -> mask -> update on each target layer) or ``"block"``
+      (one ``llmpress_change_block`` call per block);
+    * :meth:`sparsity_target`: the mask a scoring method must select (``None``: no mask);
+    * :meth:`sequential`: compress a block's layers input group by input group.
+
+    Fields are the method's options with defaults; ``validate()`` raises
+    :class:`RecipeError` on bad values.
     """
 
     method: ClassVar[str] = ""
     version: ClassVar[int] = 1
-    stats: ClassVar[frozenset[str]] = frozenset()
+    stats: ClassVar[frozenset[str]] = frozenset({"sq_norms"})
     needs_calibration: ClassVar[bool] = True
+    scope: ClassVar[str] = "layer"
+    #: BibTeX of the method's paper(s), cited in model cards
+    citation: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Check option values; raise :class:`RecipeError` naming the bad option."""
+
+    def sparsity_target(self) -> SparsityTarget | None:
+        """What mask selection must achieve for this config, or ``None`` (no mask selection)."""
+        return None
+
+    def sequential(self) -> bool:
+        """True to compress a block's layers input group by input group (q/k/v, then o, ...),
+        each group seeing the already-compressed groups' outputs (GPTQ's true-sequential)."""
+        return False
 
     def check_module(self, name: str, in_features: int, out_features: int) -> None:
         """Check that this config can compress a layer of this shape (before any work);
@@ -131,11 +151,14 @@ class PruningConfig(MethodConfig):
         if nm is not None:
             check_nm_divides(in_features, nm[0], nm[1], name)
 
-    def sparsity_target(self, group: str = "row") -> SparsityTarget:
+    #: the comparison group of unstructured selection: ``"row"`` or ``"layer"``
+    selection_group: ClassVar[str] = "row"
+
+    def sparsity_target(self) -> SparsityTarget:
         """The :class:`SparsityTarget` this config asks for."""
         nm = parse_pattern(self.pattern)
         s = float(self.sparsity) if self.sparsity is not None else 1.0 - nm[0] / nm[1]  # type: ignore[index]
-        return SparsityTarget(sparsity=s, nm=nm, group=group)
+        return SparsityTarget(sparsity=s, nm=nm, group=self.selection_group)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,31 +175,16 @@ class QuantConfig(MethodConfig):
     symmetric: bool = False
 
     def validate(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise RecipeError(
-                f"method {self.method!r}: bits must be an integer from 2 to 8, got {self.bits!r}"
-            )
-        gs = self.group_size
-        if isinstance(gs, bool) or not isinstance(gs, int) or (gs != -1 and gs < 1):
-            raise RecipeError(
-                f"method {self.method!r}: group_size must be -1 (per output channel) or a positive "
-                f"integer such as 128, got {gs!r}"
-            )
-        if not isinstance(self.symmetric, bool):
-            raise RecipeError(
-                f"method {self.method!r}: symmetric must be true or false, got {self.symmetric!r}"
-            )
+        problem = grid_problem(self.bits, self.group_size, self.symmetric)
+        if problem is not None:
+            raise RecipeError(f"method {self.method!r}: {problem}")
 
     def check_module(self, name: str, in_features: int, out_features: int) -> None:
-        gs = self.group_size
-        if gs != -1 and in_features % gs:
-            ok = [g for g in (32, 64, 128, 256) if in_features % g == 0]
-            raise ModelError(
-                f"group_size {gs} does not divide {name} (in_features={in_features}); use "
-                f"{' or '.join(map(str, ok)) if ok else 'group_size: -1'} or exclude the module with 'ignore'"
-            )
+        try:
+            check_spec(self.quant_spec(), in_features, name)
+        except ValueError as e:
+            raise ModelError(str(e)) from None
 
-    def quant_spec(self):  # noqa: ANN201 - QuantSpec, imported lazily
-        from llmpress.quant.grid import QuantSpec
-
+    def quant_spec(self) -> QuantSpec:
+        """The grid these options describe."""
         return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)

@@ -16,6 +16,10 @@ For a layer ``name`` with weight [out, in] the checkpoint holds, by ``format``:
 ``bitmask``  ``name.weight`` fp16/bf16 [nnz] kept values in row-major order +
              ``name.weight_bitmask`` uint8 [out, ceil(in/8)] (bit j of byte k = input 8k+j)
 
+``dense``    ``name.weight`` fp16/bf16/fp32 [out, in]: a plain layer whose shape differs from what the
+             model's config builds (structured pruning with per-layer widths)
+``dropped``  no tensors: a sub-block (attention or MLP) that adds nothing to the residual stream
+
 A dequantized weight is ``scale[g] * (code - zero[g])`` with ``g = input // group_size``;
 pruned weights hold the zero point's code, i.e. exactly 0. ``name.bias`` is unchanged.
 Packed tensors are stored under ``weight`` on purpose: without llmpress, transformers
@@ -25,9 +29,11 @@ refuses the shapes instead of silently loading random weights.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from llmpress.errors import CheckpointError
 from llmpress.quant.packing import (
@@ -39,15 +45,20 @@ from llmpress.quant.packing import (
     unpack_bitmask,
     unpack_int32,
 )
+from llmpress.results import LayerResult, QuantState
 
 FORMAT_VERSION = 1
-FORMATS = ("int", "int-2:4", "2:4", "bitmask")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+Shapes = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
 @dataclasses.dataclass(frozen=True)
 class ModuleFormat:
-    """How one layer is stored: the per-module entry of ``quantization_config``."""
+    """How one layer is stored: the per-module entry of ``quantization_config``.
+
+    ``resized``: the layer's shape differs from what the model's config builds (structured
+    pruning); ``kind``: ``attention`` or ``mlp`` for a ``dropped`` sub-block.
+    """
 
     format: str
     in_features: int
@@ -57,14 +68,22 @@ class ModuleFormat:
     symmetric: bool = False
     dtype: str = "float16"
     nnz: int | None = None  # bitmask: number of stored values
+    resized: bool = False
+    kind: str | None = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
-            raise CheckpointError(f"unknown module format {self.format!r}; this llmpress reads {FORMATS}")
+            raise CheckpointError(
+                f"unknown module format {self.format!r}; this llmpress reads {sorted(FORMATS)}"
+            )
         if self.quantized and (self.bits is None or self.group_size is None):
             raise CheckpointError(f"format {self.format!r} needs bits and group_size")
         if self.dtype not in _DTYPES:
             raise CheckpointError(f"unknown scale/value dtype {self.dtype!r}")
+
+    @property
+    def spec(self) -> FormatSpec:
+        return FORMATS[self.format]
 
     @property
     def quantized(self) -> bool:
@@ -79,7 +98,10 @@ class ModuleFormat:
         return 1 if self.group_size in (None, -1) else self.in_features // int(self.group_size)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        d = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        if not self.resized:
+            d.pop("resized")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], name: str = "module") -> ModuleFormat:
@@ -88,90 +110,84 @@ class ModuleFormat:
         except TypeError as e:
             raise CheckpointError(f"bad quantization_config entry for {name}: {e}") from None
 
-    def tensor_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    def tensor_shapes(self) -> Shapes:
         """Suffix -> (shape, dtype) of every stored tensor."""
-        nnz = self.nnz
-        o, i = self.out_features, self.in_features
-        meta = ((o, (i + 7) // 8), torch.uint8)
-        if self.format == "bitmask":
-            return {"weight": ((nnz if nnz is not None else 0,), self.torch_dtype), "weight_bitmask": meta}
-        if self.format == "2:4":
-            return {"weight": ((o, i // 2), self.torch_dtype), "weight_meta": meta}
-        assert self.bits is not None
-        cols = i // 2 if self.format == "int-2:4" else i
-        out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
-            "weight": ((o, packed_int32_width(cols, self.bits)), torch.int32),
-            "weight_scale": ((o, self.n_groups), self.torch_dtype),
-        }
-        if not self.symmetric:
-            out["weight_zero"] = ((o, self.n_groups), torch.uint8)
-        if self.format == "int-2:4":
-            out["weight_meta"] = meta
-        return out
+        return self.spec.tensors(self)
 
 
-def choose_format(quant: dict[str, Any] | None, keep: torch.Tensor | None, sparse: str) -> str | None:
-    """The storage format of a layer; ``sparse`` is ``"auto"``, ``"dense"``, ``"bitmask"`` or
-    ``"2:4"``. ``None`` means a plain dense weight (no packing)."""
-    is24 = keep is not None and _is_24(keep)
-    if quant is not None:
-        return "int-2:4" if is24 and sparse in ("auto", "2:4") else "int"
-    if keep is None or sparse == "dense":
-        return None
-    if sparse == "2:4" or (sparse == "auto" and is24):
-        if not is24:
-            raise CheckpointError("sparse format '2:4' asked for a layer that is not 2:4 sparse")
-        return "2:4"
-    density = float(keep.float().mean())
-    # bitmask costs 1 bit per weight + the kept values: worth it below ~15/16 density
-    return "bitmask" if density < 0.9 else None
+@dataclasses.dataclass(frozen=True)
+class FormatSpec:
+    """One storage format of the registry, used both when saving and when loading.
+
+    ``tensors(fmt)`` names the stored tensors (suffix -> shape, dtype); ``pack(fmt, weight,
+    result)`` makes them from a layer's weight [out, in] and its committed result;
+    ``unpack(fmt, tensors, dtype)`` rebuilds the dense weight; ``runtime(fmt, bias, device)``
+    makes the module that computes with the stored tensors. ``packed``: the runtime is an
+    :class:`llmpress.runtime.LlmpressLinear`, run by a kernel chosen at load.
+    """
+
+    name: str
+    tensors: Callable[[ModuleFormat], Shapes]
+    pack: Callable[[ModuleFormat, torch.Tensor, LayerResult | None], dict[str, torch.Tensor]]
+    unpack: Callable[[ModuleFormat, dict[str, torch.Tensor], torch.dtype], torch.Tensor] | None
+    runtime: Callable[[ModuleFormat, bool, torch.device | None], nn.Module]
+    packed: bool = True
 
 
-def _is_24(keep: torch.Tensor) -> bool:
-    o, i = keep.shape
-    return i % 4 == 0 and bool((keep.reshape(o, i // 4, 4).sum(-1) <= 2).all())
+FORMATS: dict[str, FormatSpec] = {}
 
 
-def pack_module(
-    fmt: ModuleFormat, weight: torch.Tensor, quant: dict[str, Any] | None, keep: torch.Tensor | None
-) -> dict[str, torch.Tensor]:
-    """Tensors to store for a layer: weight [out, in] (dequantized), its quant record and mask."""
-    dt = fmt.torch_dtype
-    if fmt.format == "bitmask":
-        k = keep if keep is not None else weight != 0
-        return {"weight": weight[k].to(dt).contiguous(), "weight_bitmask": pack_bitmask(k)}
-    if fmt.format == "2:4":
-        values, meta = pack_24(weight)
-        return {"weight": values.to(dt).contiguous(), "weight_meta": meta}
-    assert quant is not None and fmt.bits is not None
-    codes = quant["codes"].to(weight.device)
+def register_format(spec: FormatSpec) -> None:
+    """Add a storage format (names are unique)."""
+    if spec.name in FORMATS:
+        raise ValueError(f"format {spec.name!r} is already registered")
+    FORMATS[spec.name] = spec
+
+
+# ------------------------------------------------------------------------------ int, int-2:4
+
+
+def _meta_shape(fmt: ModuleFormat) -> tuple[tuple[int, ...], torch.dtype]:
+    return (fmt.out_features, (fmt.in_features + 7) // 8), torch.uint8
+
+
+def _int_tensors(fmt: ModuleFormat) -> Shapes:
+    assert fmt.bits is not None
+    o, i = fmt.out_features, fmt.in_features
+    cols = i // 2 if fmt.format == "int-2:4" else i
+    out: Shapes = {
+        "weight": ((o, packed_int32_width(cols, fmt.bits)), torch.int32),
+        "weight_scale": ((o, fmt.n_groups), fmt.torch_dtype),
+    }
+    if not fmt.symmetric:
+        out["weight_zero"] = ((o, fmt.n_groups), torch.uint8)
+    if fmt.format == "int-2:4":
+        out["weight_meta"] = _meta_shape(fmt)
+    return out
+
+
+def _int_pack(fmt: ModuleFormat, weight: torch.Tensor, result: LayerResult | None) -> dict[str, torch.Tensor]:
+    quant = None if result is None else result.quant
+    if quant is None or fmt.bits is None:
+        raise CheckpointError(f"format {fmt.format!r} needs the layer's quantization state")
+    codes = quant.codes.to(weight.device)
     out: dict[str, torch.Tensor] = {}
     if fmt.format == "int-2:4":
-        assert keep is not None
+        keep = result.mask if result is not None and result.mask is not None else weight != 0
         _, meta = pack_24(keep.to(weight.device).float())  # slot indices of the kept weights
         # padding slots point at pruned weights, whose code is the zero point: they decode to 0
         codes = codes.gather(1, _slot_columns(meta, fmt.out_features, fmt.in_features))  # [out, in/2]
         out["weight_meta"] = meta
     out["weight"] = pack_int32(codes, fmt.bits)
-    out["weight_scale"] = quant["scales"].to(device=weight.device, dtype=dt).contiguous()
+    out["weight_scale"] = quant.scales.to(device=weight.device, dtype=fmt.torch_dtype).contiguous()
     if not fmt.symmetric:
-        out["weight_zero"] = quant["zeros"].to(device=weight.device).round().to(torch.uint8).contiguous()
+        out["weight_zero"] = quant.zeros.to(device=weight.device).round().to(torch.uint8).contiguous()
     return out
 
 
-def unpack_module(
-    fmt: ModuleFormat, t: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """Dense weight [out, in] in ``dtype`` from the stored tensors."""
-    o, i = fmt.out_features, fmt.in_features
-    if fmt.format == "bitmask":
-        keep = unpack_bitmask(t["weight_bitmask"], i)
-        w = torch.zeros(o, i, dtype=dtype, device=t["weight"].device)
-        w[keep] = t["weight"].to(dtype)
-        return w
-    if fmt.format == "2:4":
-        return unpack_24(t["weight"].to(dtype), t["weight_meta"], i)
+def _int_unpack(fmt: ModuleFormat, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     assert fmt.bits is not None
+    o, i = fmt.out_features, fmt.in_features
     cols = i // 2 if fmt.format == "int-2:4" else i
     codes = unpack_int32(t["weight"], fmt.bits, cols).to(torch.float32)  # [out, cols]
     scale = t["weight_scale"].to(torch.float32)  # [out, G]
@@ -194,3 +210,124 @@ def _slot_columns(meta: torch.Tensor, out_features: int, in_features: int) -> to
     ones = torch.ones(out_features, in_features // 2, device=meta.device)
     dense = unpack_24(ones, meta, in_features)  # 1 at both slots of every group
     return torch.nonzero(dense, as_tuple=False)[:, 1].view(out_features, in_features // 2)
+
+
+# ------------------------------------------------------------------------------ 2:4, bitmask
+
+
+def _24_tensors(fmt: ModuleFormat) -> Shapes:
+    return {
+        "weight": ((fmt.out_features, fmt.in_features // 2), fmt.torch_dtype),
+        "weight_meta": _meta_shape(fmt),
+    }
+
+
+def _24_pack(fmt: ModuleFormat, weight: torch.Tensor, result: LayerResult | None) -> dict[str, torch.Tensor]:
+    values, meta = pack_24(weight)
+    return {"weight": values.to(fmt.torch_dtype).contiguous(), "weight_meta": meta}
+
+
+def _24_unpack(fmt: ModuleFormat, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return unpack_24(t["weight"].to(dtype), t["weight_meta"], fmt.in_features)
+
+
+def _bitmask_tensors(fmt: ModuleFormat) -> Shapes:
+    nnz = fmt.nnz if fmt.nnz is not None else 0
+    return {"weight": ((nnz,), fmt.torch_dtype), "weight_bitmask": _meta_shape(fmt)}
+
+
+def _bitmask_pack(
+    fmt: ModuleFormat, weight: torch.Tensor, result: LayerResult | None
+) -> dict[str, torch.Tensor]:
+    k = result.mask.to(weight.device) if result is not None and result.mask is not None else weight != 0
+    return {"weight": weight[k].to(fmt.torch_dtype).contiguous(), "weight_bitmask": pack_bitmask(k)}
+
+
+def _bitmask_unpack(fmt: ModuleFormat, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    keep = unpack_bitmask(t["weight_bitmask"], fmt.in_features)
+    w = torch.zeros(fmt.out_features, fmt.in_features, dtype=dtype, device=t["weight"].device)
+    w[keep] = t["weight"].to(dtype)
+    return w
+
+
+# ------------------------------------------------------------------------------ dense, dropped
+
+
+def _dense_tensors(fmt: ModuleFormat) -> Shapes:
+    return {"weight": ((fmt.out_features, fmt.in_features), fmt.torch_dtype)}
+
+
+def _dense_pack(
+    fmt: ModuleFormat, weight: torch.Tensor, result: LayerResult | None
+) -> dict[str, torch.Tensor]:
+    return {"weight": weight.to(fmt.torch_dtype).contiguous()}
+
+
+def _dense_runtime(fmt: ModuleFormat, bias: bool, device: torch.device | None) -> nn.Module:
+    return nn.Linear(fmt.in_features, fmt.out_features, bias=bias, device=device, dtype=fmt.torch_dtype)
+
+
+def _dropped_runtime(fmt: ModuleFormat, bias: bool, device: torch.device | None) -> nn.Module:
+    from llmpress.blocks import DroppedModule
+
+    return DroppedModule(fmt.kind or "mlp")
+
+
+def _packed_runtime(fmt: ModuleFormat, bias: bool, device: torch.device | None) -> nn.Module:
+    from llmpress.runtime import LlmpressLinear
+
+    return LlmpressLinear(fmt, bias=bias, device=device)
+
+
+for _spec in (
+    FormatSpec("int", _int_tensors, _int_pack, _int_unpack, _packed_runtime),
+    FormatSpec("int-2:4", _int_tensors, _int_pack, _int_unpack, _packed_runtime),
+    FormatSpec("2:4", _24_tensors, _24_pack, _24_unpack, _packed_runtime),
+    FormatSpec("bitmask", _bitmask_tensors, _bitmask_pack, _bitmask_unpack, _packed_runtime),
+    FormatSpec("dense", _dense_tensors, _dense_pack, None, _dense_runtime, packed=False),
+    FormatSpec("dropped", lambda f: {}, lambda f, w, r: {}, None, _dropped_runtime, packed=False),
+):
+    register_format(_spec)
+
+#: the formats of packed layers (stored compressed, run by an LlmpressLinear)
+PACKED_FORMATS = tuple(n for n, s in FORMATS.items() if s.packed)
+
+
+def choose_format(quant: QuantState | None, keep: torch.Tensor | None, sparse: str) -> str | None:
+    """The storage format of a layer; ``sparse`` is ``"auto"``, ``"dense"``, ``"bitmask"`` or
+    ``"2:4"``. ``None`` means a plain dense weight (no packing)."""
+    is24 = keep is not None and _is_24(keep)
+    if quant is not None:
+        return "int-2:4" if is24 and sparse in ("auto", "2:4") else "int"
+    if keep is None or sparse == "dense":
+        return None
+    if sparse == "2:4" or (sparse == "auto" and is24):
+        if not is24:
+            raise CheckpointError("sparse format '2:4' asked for a layer that is not 2:4 sparse")
+        return "2:4"
+    density = float(keep.float().mean())
+    # bitmask costs 1 bit per weight + the kept values: worth it below ~15/16 density
+    return "bitmask" if density < 0.9 else None
+
+
+def _is_24(keep: torch.Tensor) -> bool:
+    o, i = keep.shape
+    return i % 4 == 0 and bool((keep.reshape(o, i // 4, 4).sum(-1) <= 2).all())
+
+
+def pack_module(
+    fmt: ModuleFormat, weight: torch.Tensor, result: LayerResult | None = None
+) -> dict[str, torch.Tensor]:
+    """Tensors to store for a layer: its weight [out, in] and its committed result."""
+    return fmt.spec.pack(fmt, weight, result)
+
+
+def unpack_module(
+    fmt: ModuleFormat, t: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Dense weight [out, in] in ``dtype`` from the stored tensors."""
+    if fmt.spec.unpack is None:
+        if fmt.format == "dense":
+            return t["weight"].to(dtype)
+        raise CheckpointError(f"format {fmt.format!r} stores no weight")
+    return fmt.spec.unpack(fmt, t, dtype)

@@ -10,16 +10,17 @@ are, bit for bit.
 from __future__ import annotations
 
 import logging
-import struct
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import SafetensorError, safe_open
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from llmpress.errors import CheckpointError
 from llmpress.formats import FORMAT_VERSION, ModuleFormat
-from llmpress.runtime import LlmpressLinear, replace_module
+from llmpress.runtime import replace_module, select_kernels
 from llmpress.versions import package_version
 
 log = logging.getLogger(__name__)
@@ -75,28 +76,23 @@ class LlmpressConfig(QuantizationConfigMixin):
 
 
 def verify_safetensors(path: str | Path) -> None:
-    """Raise :class:`CheckpointError` naming ``path`` if it is truncated or its header is corrupt."""
+    """Raise :class:`CheckpointError` naming ``path`` if it is truncated or its header is
+    corrupt (``safe_open`` checks that the header's offsets cover the file exactly)."""
     p = Path(path)
     if p.suffix != ".safetensors":
         return
-    size = p.stat().st_size
     try:
-        with p.open("rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise ValueError(f"header length {n} exceeds the file")
-            import json
-
-            header = json.loads(f.read(n))
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        with safe_open(str(p), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        if "incomplete metadata" in str(e) or "not fully covered" in str(e):
+            raise CheckpointError(
+                f"{p} is truncated or padded: its header does not describe the file's {p.stat().st_size} "
+                f"bytes ({e}); re-download it"
+            ) from None
         raise CheckpointError(
             f"{p} is not a valid safetensors file ({e}); re-download or re-save it"
         ) from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise CheckpointError(
-            f"{p} is truncated: its header describes {8 + n + end} bytes but the file has {size}; re-download it"
-        )
 
 
 class LlmpressHfQuantizer(HfQuantizer):
@@ -123,18 +119,23 @@ class LlmpressHfQuantizer(HfQuantizer):
                 )
             old = known[name]
             w = getattr(old, "weight", None)
-            shape = tuple(w.shape) if w is not None else None
-            if shape not in ((fmt.out_features, fmt.in_features), (fmt.in_features, fmt.out_features)):
-                raise CheckpointError(
-                    f"module {name!r} has weight shape {shape}, but the checkpoint stores {fmt.out_features}x{fmt.in_features}"
-                )
-            dev = w.device if w is not None else None
-            replace_module(
-                model, name, LlmpressLinear(fmt, bias=getattr(old, "bias", None) is not None, device=dev)
-            )
+            if fmt.format != "dropped" and not fmt.resized:
+                shape = tuple(w.shape) if isinstance(w, torch.Tensor) else None
+                if shape not in ((fmt.out_features, fmt.in_features), (fmt.in_features, fmt.out_features)):
+                    raise CheckpointError(
+                        f"module {name!r} has weight shape {shape}, but the checkpoint stores "
+                        f"{fmt.out_features}x{fmt.in_features}"
+                    )
+            dev = w.device if isinstance(w, torch.Tensor) else None
+            bias = isinstance(getattr(old, "bias", None), torch.Tensor)
+            replace_module(model, name, fmt.spec.runtime(fmt, bias, dev))
         return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        """Choose each packed layer's kernel once, now that its tensors are in place."""
+        chosen = select_kernels(model)
+        if chosen:
+            log.info("llmpress kernels: %s", ", ".join(sorted(set(chosen.values()))))
         return model
 
     def is_serializable(self, safe_serialization: Any = None) -> bool:

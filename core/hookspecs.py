@@ -1,24 +1,32 @@
 """The llmpress hook contract: every hook a plugin may implement.
 
 A plugin is a module (or object) holding functions decorated with ``@llmpress.hookimpl``
-whose names match the specs below. Plugins implement only the hooks they need. The
-pipeline calls them in this order for every target module of a block:
+whose names match the specs below. Plugins implement only the hooks they need.
 
-    score = llmpress_score_importance(module, stats, config)
-    keep  = llmpress_select_mask(scores=score, target, config)   # skipped when score is None
-    new   = llmpress_update_weights(module, mask=keep, stats, config)
+**Dispatch by config type.** A plugin registers its methods (config classes) with
+``llmpress_register_methods``. The per-method hooks (score, mask, update, block change) of
+a plugin that registered methods are called only with configs of *its own* methods, so an
+implementation never checks the config's type. Plugins that register no method (the
+built-in ``masking`` defaults, say) are *general*: they are called for every method, after
+the method's own plugin when marked ``trylast``.
 
-Methods are dispatched by the config object: every ``firstresult`` hook must return
-``None`` for a config that is not its own (``isinstance`` check on its config class), so
-the first plugin that recognises the config answers. Default behaviours (mask selection by
-score, applying a mask) are ordinary built-in plugins marked ``trylast`` so any plugin can
-override them.
+For every target layer of a ``scope = "layer"`` method the engine calls, without touching
+the model::
+
+    score  = llmpress_score_importance(module, stats, config)
+    keep   = llmpress_select_mask(scores=score, target, config)  # if score is not None
+    result = llmpress_update_weights(module, mask=keep, stats, config)
+
+and then commits ``result`` (a :class:`llmpress.results.LayerResult`). For a
+``scope = "block"`` method it calls ``llmpress_change_block`` once per block and applies the
+returned change. When a compressed model is loaded, ``llmpress_export_kernel`` offers the
+kernels that can run each stored layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -26,10 +34,13 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from llmpress.blocks import BlockChange, BlockContext
     from llmpress.config import MethodConfig
+    from llmpress.formats import ModuleFormat
+    from llmpress.kernels.registry import Kernel
+    from llmpress.results import LayerResult
     from llmpress.stats import LayerStats
     from llmpress.targets import SparsityTarget
-    from llmpress.update import UpdateResult
 
 PROJECT = "llmpress"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -42,21 +53,11 @@ def llmpress_register_methods(register: Callable[[str, type[MethodConfig]], None
 
     Called once when the plugin manager is built. Call ``register(name, config_cls)`` for
     each method: ``name`` is what a recipe's ``method:`` key says, ``config_cls`` a frozen
-    :class:`llmpress.config.MethodConfig` subclass whose fields are the method's options.
-    Registering a name twice (from any plugin) is an error. Not ``firstresult``; the return
-    value is ignored.
-    """
-
-
-@hookspec(firstresult=True)
-def llmpress_method_citation(method: str) -> str | None:
-    """BibTeX entry (or entries) to cite when ``method`` was used.
-
-    :param method: a registered method name.
-    :returns: a BibTeX string if this plugin provides ``method``, else ``None``. Model cards
-        cite every method of a recipe through this hook.
-
-    ``firstresult``.
+    :class:`llmpress.config.MethodConfig` subclass whose fields are the method's options and
+    whose class variables declare what the engine needs (statistics, scope, citation).
+    The config class is the dispatch key: this plugin's per-method hooks receive only its
+    configs. Registering a name twice (from any plugin) is an error. Not ``firstresult``;
+    the return value is ignored.
     """
 
 
@@ -68,13 +69,12 @@ def llmpress_score_importance(
 
     :param module: the target layer (``nn.Linear`` or GPT-2 ``Conv1D``); read its weight
         as ``[out_features, in_features]`` with :func:`llmpress.modules.get_weight`.
-    :param stats: calibration statistics of the layer's input (``X^T X``, column norms), or
+    :param stats: the statistics of the layer's input that ``config.stats`` asked for, or
         ``None`` when the stage needs no calibration data (``config.needs_calibration``).
-    :param config: the stage's method config.
-    :returns: a float tensor of scores. Its shape says the granularity: ``[out, in]`` per
-        weight, ``[out]`` per output channel, ``[in]`` per input channel; or ``None`` when
-        the config is not this plugin's, or when the method selects its mask inside the
-        weight update (SparseGPT's adaptive selection).
+    :param config: the stage's method config (always one of this plugin's methods).
+    :returns: a float tensor of per-weight scores ``[out, in]``, or ``None`` when the method
+        selects its mask inside the weight update (SparseGPT) or prunes nothing
+        (quantization).
 
     ``firstresult``: the first non-``None`` answer wins.
     """
@@ -87,13 +87,13 @@ def llmpress_select_mask(
     """Choose which weights to keep from their scores.
 
     :param scores: the tensor returned by ``llmpress_score_importance``.
-    :param target: sparsity level and pattern (unstructured or ``N:M``) and the comparison
-        group (per output row or the whole layer).
+    :param target: ``config.sparsity_target()``: sparsity level, pattern (unstructured or
+        ``N:M``) and comparison group (per output row or the whole layer).
     :param config: the stage's method config.
     :returns: a boolean *keep* mask of the same shape as ``scores`` (``True`` = kept), or
-        ``None`` if this plugin does not handle the config. The built-in ``masking`` plugin
-        answers for every config (``trylast``): smallest scores pruned, ties broken by a
-        stable sort (lower index pruned first).
+        ``None`` to leave it to the next plugin. The built-in ``masking`` plugin answers
+        last for every method: smallest scores pruned, ties broken by a stable sort (lower
+        index pruned first).
 
     ``firstresult``.
     """
@@ -105,55 +105,56 @@ def llmpress_update_weights(
     mask: torch.Tensor | None,
     stats: LayerStats | None,
     config: MethodConfig,
-) -> torch.Tensor | UpdateResult | None:
-    """Compute the layer's new weights.
+) -> LayerResult | None:
+    """Compute the layer's compressed state, without writing the model.
 
-    :param module: the target layer; its weight is untouched until the pipeline writes
-        the returned value back.
-    :param mask: the keep mask from ``llmpress_select_mask``, or ``None`` when the method
-        selects its own mask here (SparseGPT) or prunes nothing (quantization).
-    :param stats: calibration statistics of the layer's input (``None`` without calibration).
+    :param module: the target layer; it must not be modified.
+    :param mask: the keep mask from ``llmpress_select_mask``, or the mask accumulated by
+        earlier stages (weights they pruned must stay zero), or ``None``.
+    :param stats: the statistics ``config.stats`` asked for (``None`` without calibration).
     :param config: the stage's method config.
-    :returns: a ``[out, in]`` weight tensor, or an :class:`llmpress.update.UpdateResult`
-        carrying the weight plus its keep mask and quantization state; ``None`` if the config
-        is not this plugin's. The built-in ``masking`` plugin answers last for any config
-        with a mask by zeroing the pruned weights (magnitude, Wanda).
+    :returns: a :class:`llmpress.results.LayerResult`: the new weight (or ``None`` to keep
+        it), the keep mask, the quantization state, the reconstruction loss; or ``None`` to
+        leave it to the next plugin. The built-in ``masking`` plugin answers last when a
+        mask is given (a result that only carries the mask).
 
-    Weights that a previous stage pruned (exact zeros recorded in the module's mask) must
-    stay zero: the pipeline re-applies the accumulated mask after every update.
+    The engine commits the result: writes the weight with the accumulated mask applied and
+    records the result for saving. ``firstresult``.
+    """
+
+
+@hookspec(firstresult=True)
+def llmpress_change_block(
+    block: BlockContext, config: MethodConfig
+) -> BlockChange | Sequence[BlockChange] | None:
+    """Compute a change spanning several modules of one block (``config.scope == "block"``).
+
+    :param block: the block (its module, index, qualified name, the model's config) and
+        the statistics ``config.stats`` asked for, for every linear layer of the block by
+        its name relative to the block.
+    :param config: the stage's method config.
+    :returns: one change or a sequence of changes for the core to apply
+        (:mod:`llmpress.blocks`): :class:`~llmpress.blocks.PruneChannels` (heads or neurons
+        removed across coupled modules; shapes change), :class:`~llmpress.blocks.ScaleChannels`
+        (scales moved from a norm or linear into the following linears), or
+        :class:`~llmpress.blocks.DropSubBlocks`; ``None`` or an empty sequence to leave the
+        block as it is. The block must not be modified by the hook.
 
     ``firstresult``.
     """
 
 
-@hookspec(firstresult=True)
-def llmpress_search_allocation(problem: Any, config: MethodConfig) -> dict[str, Any] | None:
-    """Choose a compression level per layer under a global budget.
+@hookspec
+def llmpress_export_kernel(fmt: ModuleFormat, device: torch.device) -> Sequence[Kernel] | None:
+    """Offer kernels that can run a stored layer of format ``fmt`` on ``device``.
 
-    :param problem: an allocation problem: the layer names, a *level database* (for each
-        layer, compressed variants at several levels with their cost in parameters, bits or
-        latency) and a fitness callable (perplexity or KL divergence to the dense model on
-        calibration tokens) that scores a candidate assignment.
-    :param config: the search method's config (uniform, OWL, EvoPress, greedy depth).
-    :returns: ``{layer_name: level}`` for every layer in the problem, or ``None`` if the
-        config is not this plugin's. The pipeline stitches the chosen variants together.
+    Called once per packed layer when a compressed model is loaded (after its weights are
+    in place). Every plugin may offer kernels; the runtime picks the one the user asked for
+    (``LLMPRESS_KERNEL``) or else the one with the highest ``priority``, and the kernel
+    repacks the layer's stored tensors once into its own layout.
 
-    ``firstresult``.
-    """
-
-
-@hookspec(firstresult=True)
-def llmpress_export_kernel(module: nn.Module, packed: dict[str, Any], target: str) -> Any | None:
-    """Turn a compressed layer into a runtime module for a deployment target.
-
-    :param module: the compressed layer (weights already updated).
-    :param packed: its compressed state: keep mask, quantization codes, scales, zeros,
-        group index, low-rank factors, as produced by the weight-update stage.
-    :param target: the packing target, e.g. ``"dense"``, ``"bitmask"``, ``"2:4"``,
-        ``"int4"``, ``"int8"``, ``"lowrank"``.
-    :returns: an object holding the runtime ``nn.Module``, the tensors to serialize and the
-        per-module ``quantization_config`` entry; ``None`` if this plugin cannot export that
-        target (the next plugin is asked).
-
-    ``firstresult``.
+    :param fmt: the layer's entry of the format registry (format name, shape, grid).
+    :param device: where the layer's tensors are.
+    :returns: the :class:`llmpress.kernels.registry.Kernel` objects this plugin offers for
+        that format and device (possibly none). Not ``firstresult``: all offers are pooled.
     """

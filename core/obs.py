@@ -30,13 +30,16 @@ def obs_sweep(
     step: ColumnStep,
     blocksize: int = 128,
     begin_block: BlockStep | None = None,
-) -> torch.Tensor:
-    """Run the sweep over ``WT`` [in, out] (float32, updated in place and returned).
+) -> float:
+    """Run the sweep over ``WT`` [in, out] (float32, updated in place).
 
     After the sweep, row ``j`` of ``WT`` holds ``q_j`` up to float rounding; methods that
     need exact values (pruned zeros, grid points) rebuild them from their own record.
+    Returns the layer's loss as the reference code reports it,
+    ``sum((w - q)^2 / U_jj^2) / 2`` (:func:`obs_loss` of the errors).
     """
     cols = WT.shape[0]
+    loss = torch.zeros((), dtype=torch.float64, device=WT.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = WT[i1:i2]  # view [c, out]
@@ -49,4 +52,10 @@ def obs_sweep(
             step(i1 + i, i, W1[i], d[i], Err1[i])
             W1[i:].addr_(U1[i, i:], Err1[i], alpha=-1.0)  # spread over the block's later columns
         WT[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)  # lazy update of the rest
-    return WT
+        loss += obs_loss(Err1)
+    return float(loss)
+
+
+def obs_loss(err: torch.Tensor) -> torch.Tensor:
+    """Loss of a block of scaled errors ``(w - q) / U_jj``: ``sum(err^2) / 2`` (float64 scalar)."""
+    return torch.linalg.vector_norm(err, dtype=torch.float64).square() / 2

@@ -8,6 +8,7 @@ compute device; activations can rest on CPU (``offload_activations``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -18,15 +19,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from llmpress.blocks import BlockContext, apply_block_change
 from llmpress.calibration import CalibrationSource, build_calibration
 from llmpress.capture import BlockActivations, outside_blocks_on
 from llmpress.errors import CalibrationError, ModelError
-from llmpress.modules import find_blocks, get_weight, in_out_features, select_targets, set_weight
+from llmpress.gradients import collect_gradients
+from llmpress.method_hooks import MethodHooks
+from llmpress.modules import find_blocks, get_weight, in_out_features, is_linear, select_targets
 from llmpress.plugin_manager import Llmpress, get_plugin_manager
 from llmpress.recipe import Recipe, ResolvedStage, as_recipe
 from llmpress.report import CompressionReport, ModuleReport
+from llmpress.results import commit, compression_state
 from llmpress.stats import LayerStats, StatsCollector, input_groups
-from llmpress.update import UpdateResult
 from llmpress.versions import versions
 
 log = logging.getLogger(__name__)
@@ -58,94 +62,136 @@ def _default_device(model: nn.Module) -> torch.device:
 
 
 class _Engine:
-    """State of one compression run."""
+    """State of one compression run: the plan, each stage's typed hooks, the report."""
 
     def __init__(
         self, model: nn.Module, stages: list[ResolvedStage], pm: Llmpress, device: torch.device
     ) -> None:
         self.model = model
         self.stages = stages
-        self.pm = pm
+        self.hooks = [pm.hooks_for(st.config) for st in stages]
         self.device = device
         self.prefix, self.blocks, self.plans = _plan(model, stages)
         self.modules_report: dict[str, ModuleReport] = {}
-        self.quant_state: dict[str, dict[str, Any]] = {}
+        #: weight gradients of the layers whose stage asks for the ``grad`` statistic
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def grad_targets(self) -> list[str]:
+        """Qualified names of the layers whose stage needs weight gradients."""
+        names: list[str] = []
+        for si, st in enumerate(self.stages):
+            if "grad" in st.config.stats:
+                names += [f"{self.prefix}.{i}.{r}" for i, rels in self.plans[si].items() for r in rels]
+        return list(dict.fromkeys(names))
+
+    def _collect(
+        self,
+        block: nn.Module,
+        mods: dict[str, nn.Module],
+        st: ResolvedStage,
+        acts: BlockActivations | None,
+        i: int,
+    ) -> tuple[dict[str, LayerStats], StatsCollector | None]:
+        """Every statistic the stage asks for, for ``mods``, in one pass over the block."""
+        if acts is None or not st.config.needs_calibration:
+            return {}, None
+        with StatsCollector(mods, st.config.stats) as col:
+            acts.run(block, keep_outputs=False, on_batch=col.new_batch)
+        stats = dict(col.stats)
+        if "grad" in st.config.stats:
+            stats = {r: s.with_grad(self.grads[f"{self.prefix}.{i}.{r}"]) for r, s in stats.items()}
+        return stats, col
 
     def compress_block(self, i: int, block: nn.Module, acts: BlockActivations | None) -> None:
-        linears = dict(block.named_modules())
-        keep: dict[str, torch.Tensor] = {}  # accumulated keep masks of this block
         for si, st in enumerate(self.stages):
-            rels = self.plans[si].get(i, [])
+            rels = [r for r in self.plans[si].get(i, []) if is_linear(block.get_submodule(r))]
             if not rels:
                 continue
-            pending = {r: linears[r] for r in rels}
-            sequential = bool(getattr(st.config, "true_sequential", False))
-            while pending:
-                stats: dict[str, LayerStats] = {}
-                group = list(pending)
-                if acts is not None and st.config.needs_calibration:
-                    needs = set(st.config.stats) or {"sq_norms"}
-                    with StatsCollector(pending, needs) as col:
-                        acts.run(block, keep_outputs=False, on_batch=col.new_batch)
-                    stats = col.stats
-                    if sequential:  # only the first input group now; the rest see its output
-                        group = input_groups(col)[0]
-                for rel in group:
-                    self._apply(f"{self.prefix}.{i}.{rel}", rel, pending.pop(rel), stats.get(rel), st, keep)
-                del stats
-
-    def _apply(
-        self,
-        name: str,
-        rel: str,
-        mod: nn.Module,
-        stats: LayerStats | None,
-        st: ResolvedStage,
-        keep: dict[str, torch.Tensor],
-    ) -> None:
-        hook, cfg = self.pm.hook, st.config
-        t0 = time.perf_counter()
-        scores = hook.llmpress_score_importance(module=mod, stats=stats, config=cfg)
-        mask = None
-        if scores is not None:
-            target_fn = getattr(cfg, "sparsity_target", None)
-            if target_fn is None:
-                raise ModelError(
-                    f"{st.name}: {type(cfg).__name__} returned scores but has no sparsity_target()"
+            if st.config.scope == "block":
+                self._change_block(
+                    i, block, {r: block.get_submodule(r) for r in rels}, st, self.hooks[si], acts
                 )
-            mask = hook.llmpress_select_mask(scores=scores, target=target_fn(), config=cfg)
-        elif rel in keep:
-            mask = keep[rel]  # earlier stages' mask: pruned weights must stay zero
-        res = hook.llmpress_update_weights(module=mod, mask=mask, stats=stats, config=cfg)
-        if res is None:
-            raise ModelError(
-                f"{st.name}: no plugin updated {name} (method {cfg.method!r} implements no update hook)"
-            )
-        if not isinstance(res, UpdateResult):
-            res = UpdateResult(weight=res, mask=mask)
-        new_mask = res.mask if res.mask is not None else mask
-        if new_mask is not None:
-            keep[rel] = new_mask if rel not in keep else keep[rel] & new_mask
-        w = res.weight
-        if rel in keep:
-            w = w * keep[rel].to(w.device)
-        set_weight(mod, w)
-        if res.quant is not None:
-            self.quant_state[name] = {
-                k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in res.quant.items()
-            }
+                continue
+            pending = {r: block.get_submodule(r) for r in rels}
+            while pending:
+                stats, col = self._collect(block, pending, st, acts, i)
+                group = list(pending)
+                if col is not None and st.config.sequential():
+                    group = input_groups(col)[0]  # only the first input group now; the rest see its output
+                for rel in group:
+                    self._apply(
+                        f"{self.prefix}.{i}.{rel}", pending.pop(rel), stats.get(rel), st, self.hooks[si]
+                    )
+                del stats, col
+
+    def _change_block(
+        self,
+        i: int,
+        block: nn.Module,
+        mods: dict[str, nn.Module],
+        st: ResolvedStage,
+        hooks: MethodHooks,
+        acts: BlockActivations | None,
+    ) -> None:
+        t0 = time.perf_counter()
+        stats, _ = self._collect(block, mods, st, acts, i)
+        name = f"{self.prefix}.{i}"
+        ctx = BlockContext(i, name, block, getattr(self.model, "config", None), stats)
+        for change in hooks.change_block(ctx, st.config):
+            results = apply_block_change(self.model, ctx, change)
+            for lname, res in results.items():
+                rep = self._module_report(lname, self.model.get_submodule(lname))
+                rep.methods.append(st.config.method)
+                rep.info[f"{st.config.method}_removed_rows"] = (
+                    0 if res.removed_rows is None else res.removed_rows.numel()
+                )
+                rep.info[f"{st.config.method}_removed_cols"] = (
+                    0 if res.removed_cols is None else res.removed_cols.numel()
+                )
+        log.debug("%s: block change in %.3fs", name, time.perf_counter() - t0)
+
+    def _module_report(self, name: str, mod: nn.Module) -> ModuleReport:
         rep = self.modules_report.setdefault(
             name,
             ModuleReport(name=name, methods=[], shape=tuple(get_weight(mod).shape)),  # type: ignore[arg-type]
         )
+        rep.shape = tuple(get_weight(mod).shape)  # type: ignore[assignment]
+        return rep
+
+    def _apply(
+        self, name: str, mod: nn.Module, stats: LayerStats | None, st: ResolvedStage, hooks: MethodHooks
+    ) -> None:
+        cfg = st.config
+        t0 = time.perf_counter()
+        prev = compression_state(self.model).keep_mask(name)
+        scores = hooks.score(mod, stats, cfg)
+        mask = None
+        if scores is not None:
+            target = cfg.sparsity_target()
+            if target is None:
+                raise ModelError(
+                    f"{st.name}: {type(cfg).__name__} returned scores but declares no sparsity_target()"
+                )
+            mask = hooks.select_mask(scores, target, cfg)
+        elif prev is not None:
+            mask = prev.to(get_weight(mod).device)  # earlier stages' mask: pruned weights must stay zero
+        res = hooks.update(mod, mask, stats, cfg)
+        if res is None:
+            raise ModelError(f"{st.name}: no plugin computed a result for {name} (method {cfg.method!r})")
+        if res.mask is None and scores is not None:
+            res = dataclasses.replace(res, mask=mask)
+        merged = commit(self.model, name, mod, res)
+        rep = self._module_report(name, mod)
         rep.methods.append(cfg.method)
         rep.info.update(res.info)
         rep.info[f"{cfg.method}_time_s"] = round(time.perf_counter() - t0, 4)
+        if res.loss is not None:
+            rep.losses[cfg.method] = float(res.loss)
         # the pruned fraction: from the mask when there is one (quantization may round a few
         # kept weights to 0, which is not pruning), else the measured zeros of a dense update
-        if rel in keep:
-            rep.sparsity = 1.0 - float(keep[rel].float().mean())
-        elif name not in self.quant_state:
+        if merged.mask is not None:
+            rep.sparsity = 1.0 - float(merged.mask.float().mean())
+        elif merged.quant is None:
             rep.sparsity = float((get_weight(mod) == 0).float().mean())
 
 
@@ -165,6 +211,9 @@ def compress(
     progress: bool = True,
 ) -> tuple[nn.Module, CompressionReport]:
     """Compress ``model`` in place with ``recipe``; returns ``(model, report)``.
+
+    Each layer's result (keep mask, quantization state, loss) is committed to the model and
+    recorded in its :func:`llmpress.results.compression_state`, which the savers read.
 
     :param model: a Hugging Face model (causal LM or encoder) on any device.
     :param recipe: a :class:`Recipe`, a dict/list as in a YAML recipe, a file path, or a
@@ -201,6 +250,9 @@ def compress(
         bs = batch_size or max(1, min(ids.shape[0], 8192 // ids.shape[1]))
         store = torch.device("cpu") if offload_activations else dev
         acts = BlockActivations(store=store, compute=dev)
+        grad_names = engine.grad_targets()
+        if grad_names:
+            engine.grads = collect_gradients(model, ids, grad_names, bs, dev, progress=progress)
         with outside_blocks_on(model, engine.prefix, dev):
             acts.capture(model, engine.blocks[0], ids, bs, progress=progress)
         log.info("captured %d calibration batches of %d x %d", len(acts.hidden), bs, ids.shape[1])
@@ -228,7 +280,6 @@ def compress(
         device=str(dev),
         wall_time_s=time.perf_counter() - t_start,
         versions=versions(),
-        quant_state=engine.quant_state,
     )
     log.info(
         "compressed %d layers, overall sparsity %.4f in %.1fs",

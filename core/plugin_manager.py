@@ -1,4 +1,11 @@
-"""The plugin manager: built-in and third-party plugins found through one entry-point group."""
+"""The plugin manager: built-in and third-party plugins found through one entry-point group.
+
+Methods are dispatched by config type. ``llmpress_register_methods`` maps a config class to
+the plugin that registered it; :meth:`Llmpress.hooks_for` returns that method's typed
+hook callers, which call the owning plugin's hook implementations plus those of *general*
+plugins (plugins that register no method, such as the built-in ``masking`` defaults). So a
+method plugin never sees another method's config and needs no ``isinstance`` guard.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,8 @@ import pluggy
 from llmpress import hookspecs
 from llmpress.config import MethodConfig
 from llmpress.errors import RecipeError
+from llmpress.method_hooks import MethodHooks
+from llmpress.stats import check_statistics
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +36,7 @@ class MethodInfo:
     name: str
     config_cls: type[MethodConfig]
     plugin: str
+    plugin_obj: Any = None
 
 
 class Llmpress:
@@ -36,13 +46,17 @@ class Llmpress:
         self.pm = pm
         self.hook = pm.hook
         self.methods: dict[str, MethodInfo] = {}
+        self._by_config: dict[type[MethodConfig], MethodInfo] = {}
+        self._hooks: dict[str, MethodHooks] = {}
         self._collect_methods()
 
     def _collect_methods(self) -> None:
         for impl in self.pm.hook.llmpress_register_methods.get_hookimpls():
             plugin_name = self.pm.get_name(impl.plugin) or repr(impl.plugin)
 
-            def register(name: str, config_cls: type[MethodConfig], _p: str = plugin_name) -> None:
+            def register(
+                name: str, config_cls: type[MethodConfig], _p: str = plugin_name, _o: Any = impl.plugin
+            ) -> None:
                 if not (isinstance(config_cls, type) and issubclass(config_cls, MethodConfig)):
                     raise TypeError(f"plugin {_p!r}: {name!r} must register a MethodConfig subclass")
                 if name in self.methods:
@@ -53,9 +67,29 @@ class Llmpress:
                     raise TypeError(
                         f"plugin {_p!r}: {config_cls.__name__}.method is {config_cls.method!r}, not {name!r}"
                     )
-                self.methods[name] = MethodInfo(name, config_cls, _p)
+                check_statistics(config_cls.stats, name)
+                info = MethodInfo(name, config_cls, _p, _o)
+                self.methods[name] = info
+                self._by_config[config_cls] = info
 
             impl.function(register=register)
+
+    def hooks_for(self, config: MethodConfig) -> MethodHooks:
+        """The typed hook callers of ``config``'s method (found by its exact config class)."""
+        info = self._by_config.get(type(config))
+        if info is None:
+            raise RecipeError(
+                f"{type(config).__name__} is not a registered method config; known methods: "
+                f"{', '.join(sorted(self.methods)) or '(none)'}"
+            )
+        hooks = self._hooks.get(info.name)
+        if hooks is None:
+            owners = {id(m.plugin_obj) for m in self.methods.values()}
+            others = [
+                p for p in self.pm.get_plugins() if id(p) in owners and p is not info.plugin_obj
+            ]  # other methods' plugins
+            hooks = self._hooks[info.name] = MethodHooks(self.pm, info.name, info.plugin, others)
+        return hooks
 
     def method(self, name: str) -> MethodInfo:
         """Look a method up by name; a clear error lists the known ones."""

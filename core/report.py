@@ -15,12 +15,15 @@ class ModuleReport:
     shape: tuple[int, int]
     sparsity: float = 0.0
     info: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: reconstruction loss per method, as the reference OBS code reports it
+    losses: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "methods": self.methods,
             "shape": list(self.shape),
             "sparsity": round(self.sparsity, 6),
+            **({"loss": {k: float(f"{v:.6g}") for k, v in self.losses.items()}} if self.losses else {}),
             **({"info": self.info} if self.info else {}),
         }
 
@@ -37,8 +40,6 @@ class CompressionReport:
     device: str = "cpu"
     wall_time_s: float = 0.0
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
-    #: per-module quantization state for export (not JSON; filled by quantization methods)
-    quant_state: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def overall_sparsity(self) -> float:

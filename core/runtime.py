@@ -1,29 +1,20 @@
 """Runtime modules that compute with packed weights.
 
 :class:`LlmpressLinear` holds a layer's packed tensors as buffers (the names the checkpoint
-uses) and computes ``x @ W^T + b``. Its weight is decoded by a *backend*: the pure-torch
-fallback below (dequantize, then matmul) runs anywhere; faster backends (Triton kernels)
-register themselves with :func:`register_backend` and are picked per device and format.
+uses) and computes ``x @ W^T + b`` with a kernel chosen once (:mod:`llmpress.kernels.registry`):
+at load time by the transformers quantizer, or on the first call for a module built in memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmpress.formats import ModuleFormat, unpack_module
-
-#: backend(module, x) -> y or None (None: cannot handle this input, try the next)
-Backend = Callable[["LlmpressLinear", torch.Tensor], "torch.Tensor | None"]
-_BACKENDS: list[tuple[str, Backend]] = []
-
-
-def register_backend(name: str, fn: Backend) -> None:
-    """Add a compute backend, tried before the torch fallback (later registrations first)."""
-    _BACKENDS.insert(0, (name, fn))
+from llmpress.kernels.registry import Kernel, choose_kernel
 
 
 class LlmpressLinear(nn.Module):
@@ -44,34 +35,51 @@ class LlmpressLinear(nn.Module):
             )
         else:
             self.register_parameter("bias", None)
-        self._dense_cache: torch.Tensor | None = None
+        self.kernel: Kernel | None = None
+        self._kernel_state: Any = None
 
     def packed(self) -> dict[str, torch.Tensor]:
         """The stored tensors of this layer (without bias)."""
         return {k: v for k, v in self._buffers.items() if v is not None}
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense weight [out, in] this layer computes with."""
-        if self._dense_cache is not None:
-            return self._dense_cache if dtype is None else self._dense_cache.to(dtype)
+        """The dense weight [out, in] this layer stands for."""
         return unpack_module(self.fmt, self.packed(), dtype or self.fmt.torch_dtype)
 
-    def cache_dense(self, enabled: bool = True) -> None:
-        """Keep the decoded weight in memory (fast CPU inference at the dense model's size)."""
-        self._dense_cache = self.dequantized_weight() if enabled else None
+    def set_kernel(self, prefer: str | Sequence[str] | None = None) -> Kernel:
+        """Choose the kernel for this layer's format and device, and let it repack once."""
+        device = next(iter(self.packed().values())).device
+        kernel = choose_kernel(self.fmt, device, prefer)
+        self._kernel_state = kernel.prepare(self)
+        self.kernel = kernel
+        return kernel
+
+    def _apply(self, fn: Any, recurse: bool = True) -> LlmpressLinear:
+        out = super()._apply(fn, recurse)
+        self.kernel, self._kernel_state = None, None  # moved or cast: choose again on next use
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for _, backend in _BACKENDS:
-            y = backend(self, x)
-            if y is not None:
-                return y
-        w = self.dequantized_weight(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        if self.kernel is None:
+            self.set_kernel()
+        assert self.kernel is not None
+        y = self.kernel.forward(self, self._kernel_state, x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         f = self.fmt
         q = f", bits={f.bits}, group_size={f.group_size}, symmetric={f.symmetric}" if f.quantized else ""
-        return f"in_features={f.in_features}, out_features={f.out_features}, format={f.format}{q}"
+        k = f", kernel={self.kernel.name}" if self.kernel is not None else ""
+        return f"in_features={f.in_features}, out_features={f.out_features}, format={f.format}{q}{k}"
+
+
+def select_kernels(model: nn.Module, prefer: str | Sequence[str] | None = None) -> dict[str, str]:
+    """Choose (again) the kernel of every packed layer of ``model``; returns name -> kernel.
+
+    ``prefer``: kernel names in order of preference (default ``$LLMPRESS_KERNEL``, else the
+    fastest offered for each layer's device).
+    """
+    return {n: m.set_kernel(prefer).name for n, m in model.named_modules() if isinstance(m, LlmpressLinear)}
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -1,4 +1,10 @@
-"""Atomic saving of compressed models: write to a temporary folder, then rename."""
+"""Saving compressed models: packed per the format registry, atomically, without changing the model.
+
+The saver reads each layer's committed result (:func:`llmpress.results.compression_state`):
+its keep mask and quantization state, never zero patterns. Layers whose shape differs from
+what the model's config builds (structured pruning) and dropped sub-blocks are recorded in
+``quantization_config`` too, so ``from_pretrained`` rebuilds them.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from llmpress.blocks import DroppedModule
+from llmpress.formats import ModuleFormat, choose_format, pack_module
+from llmpress.modules import get_weight, is_linear
 from llmpress.report import CompressionReport
+from llmpress.results import compression_state
+from llmpress.runtime import LlmpressLinear, replace_module
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +61,103 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
         raise
 
 
+def _config_shapes(model: nn.Module) -> dict[str, tuple[int, int]] | None:
+    """``[out, in]`` of every linear layer as the model's config builds it (on the meta
+    device, no memory), or ``None`` if the model cannot be rebuilt from its config."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    try:
+        with torch.device("meta"):
+            skeleton = type(model)(config)
+    except Exception as e:  # noqa: BLE001 - a custom model class: fall back to recorded results
+        log.debug("cannot rebuild %s from its config (%s)", type(model).__name__, e)
+        return None
+    return {n: tuple(get_weight(m).shape) for n, m in skeleton.named_modules() if is_linear(m)}  # type: ignore[misc]
+
+
+def export_state_dict(
+    model: nn.Module, sparse: str = "auto", dtype: torch.dtype | None = torch.float16
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """The tensors to save and the per-module ``quantization_config`` entries; the model is
+    not changed.
+
+    Quantized layers are stored ``int`` (or ``int-2:4``); pruned-only layers ``2:4`` or
+    ``bitmask`` when that is smaller (``sparse="dense"`` keeps them dense); resized layers
+    ``dense`` with their shape; dropped sub-blocks ``dropped``. Floating tensors are cast to
+    ``dtype`` (``None``: kept).
+    """
+    state = compression_state(model)
+    sd = dict(model.state_dict())
+    if dtype is not None:
+        sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    dtype_name = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
+    shapes = (
+        _config_shapes(model)
+        if any(r.removed_rows is not None or r.removed_cols is not None for r in state.layers.values())
+        else None
+    )
+    modules: dict[str, dict[str, Any]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LlmpressLinear):  # loaded packed: stored as it is
+            modules[name] = mod.fmt.to_dict()
+            continue
+        if isinstance(mod, DroppedModule):
+            modules[name] = ModuleFormat("dropped", 0, 0, kind=mod.kind).to_dict()
+            continue
+        if not is_linear(mod):
+            continue
+        res = state.layers.get(name)
+        w = get_weight(mod).detach()
+        resized = res is not None and (res.removed_rows is not None or res.removed_cols is not None)
+        if shapes is not None:
+            resized = name in shapes and shapes[name] != tuple(w.shape)
+        target = None if res is None else choose_format(res.quant, res.mask, sparse)
+        if target is None and resized:
+            target = "dense"
+        if target is None:
+            continue
+        q = None if res is None else res.quant
+        fmt = ModuleFormat(
+            format=target,
+            in_features=int(w.shape[1]),
+            out_features=int(w.shape[0]),
+            bits=None if q is None else q.bits,
+            group_size=None if q is None else q.group_size,
+            symmetric=False if q is None else q.symmetric,
+            dtype=dtype_name,
+            nnz=int(res.mask.sum())
+            if target == "bitmask" and res is not None and res.mask is not None
+            else None,
+            resized=resized,
+        )
+        sd.pop(f"{name}.weight", None)
+        for suffix, t in pack_module(fmt, w.float(), res).items():
+            sd[f"{name}.{suffix}"] = t
+        modules[name] = fmt.to_dict()
+    return sd, modules
+
+
+@torch.no_grad()
+def to_runtime(model: nn.Module, sparse: str = "auto", dtype: torch.dtype = torch.float16) -> nn.Module:
+    """Turn ``model`` (in place) into what loading its saved checkpoint gives: compressed
+    layers become their runtime modules (packed layers run by a kernel), floating tensors
+    are cast to ``dtype``. Returns the model."""
+    sd, modules = export_state_dict(model, sparse, dtype)
+    for name, entry in modules.items():
+        fmt = ModuleFormat.from_dict(entry, name)
+        old = model.get_submodule(name)
+        if isinstance(old, LlmpressLinear):
+            continue
+        bias = getattr(old, "bias", None)
+        dev = get_weight(old).device if is_linear(old) else None
+        new = fmt.spec.runtime(fmt, isinstance(bias, torch.Tensor), dev)
+        new.load_state_dict({k[len(name) + 1 :]: v for k, v in sd.items() if k.startswith(name + ".")})
+        replace_module(model, name, new)
+    cast_saved_tensors(model, dtype)
+    return model
+
+
 def save_compressed(
     model: Any,
     out_dir: str | Path,
@@ -57,25 +166,37 @@ def save_compressed(
     report: CompressionReport | None = None,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    sparse: str = "dense",
     extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Save a pruned model as an ordinary checkpoint plus the recipe and measured sparsity.
+    """Save a compressed model; the model itself is not changed.
 
-    The folder loads with plain ``AutoModel*.from_pretrained`` (no llmpress needed).
+    Pruned layers are saved dense by default (an ordinary checkpoint that plain
+    ``AutoModel*.from_pretrained`` loads); quantized, sparse-packed (``sparse``), resized or
+    dropped modules go with a ``quantization_config`` and load after ``import llmpress``.
     ``dtype`` casts the saved weights (e.g. back to the checkpoint's fp16).
     """
+    from llmpress.hf_quantizer import LlmpressConfig
+
+    sd, modules = export_state_dict(model, sparse, dtype)
+    config = model.config
+    old = dict(config.__dict__)
     with atomic_directory(out_dir, overwrite) as tmp:
-        if dtype is not None and dtype != next(model.parameters()).dtype:
-            # save a cast copy of the weights; the model itself is left as it is
-            state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-            old = getattr(model.config, "dtype", None)
-            model.config.dtype = dtype
-            try:
-                model.save_pretrained(tmp, state_dict=state)
-            finally:
-                model.config.dtype = old
-        else:
-            model.save_pretrained(tmp)
+        try:
+            if dtype is not None:
+                config.dtype = dtype
+            if modules:
+                recipe = report.recipe if report is not None else {}
+                config.quantization_config = LlmpressConfig(modules=modules, recipe=recipe)
+            model.save_pretrained(tmp, state_dict=sd)
+        finally:  # the caller's config as it was
+            config.__dict__.clear()
+            config.__dict__.update(old)
+        if dtype is not None:  # save_pretrained records the in-memory dtype; the files hold ``dtype``
+            cfg_file = tmp / "config.json"
+            saved = json.loads(cfg_file.read_text())
+            saved["dtype"] = str(dtype).replace("torch.", "")
+            cfg_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:
@@ -97,68 +218,21 @@ def cast_saved_tensors(model: Any, dtype: torch.dtype) -> None:
             t.data = t.data.to(dtype)
 
 
-def pack_model(
-    model: Any, report: CompressionReport, sparse: str = "auto", dtype: torch.dtype = torch.float16
-) -> dict[str, dict[str, Any]]:
-    """Replace each compressed layer by its packed runtime module (in place).
-
-    Quantized layers become ``int`` (or ``int-2:4``); pruned-only layers become ``2:4`` or
-    ``bitmask`` when that is smaller (``sparse="dense"`` keeps them dense). Returns the
-    per-module format entries for ``quantization_config``.
-    """
-    from llmpress.formats import choose_format
-    from llmpress.modules import get_weight
-    from llmpress.plugin_manager import get_plugin_manager
-    from llmpress.runtime import replace_module
-
-    hook = get_plugin_manager().hook
-    dtype_name = str(dtype).replace("torch.", "")
-    modules: dict[str, dict[str, Any]] = {}
-    from llmpress.runtime import LlmpressLinear
-
-    for name, rep in report.modules.items():
-        mod = model.get_submodule(name)
-        if isinstance(mod, LlmpressLinear):  # packed by an earlier save: keep it as it is
-            modules[name] = mod.fmt.to_dict()
-            continue
-        quant = report.quant_state.get(name)
-        w = get_weight(mod)
-        keep = (w != 0) if (rep.sparsity > 0 or quant is not None) else None
-        target = choose_format(quant, keep, sparse)
-        if target is None:
-            continue
-        res = hook.llmpress_export_kernel(
-            module=mod, packed={"quant": quant, "keep": keep, "dtype": dtype_name}, target=target
-        )
-        if res is None:
-            raise RuntimeError(f"no plugin exports {name} to format {target!r}")
-        replace_module(model, name, res["module"])
-        modules[name] = res["config"]
-    return modules
-
-
 def save_quantized(
     model: Any,
     out_dir: str | Path,
     *,
-    report: CompressionReport,
+    report: CompressionReport | None = None,
     tokenizer: Any = None,
     sparse: str = "auto",
     dtype: torch.dtype = torch.float16,
     overwrite: bool = False,
 ) -> Path:
-    """Pack the compressed layers (in place), then save with a ``quantization_config``.
-
-    The folder loads with ``import llmpress; AutoModel*.from_pretrained(dir)``. Without
-    packed layers (dense pruning) it is an ordinary checkpoint, as :func:`save_compressed`.
-    """
-    from llmpress.hf_quantizer import LlmpressConfig
-
-    cast_saved_tensors(model, dtype)
-    modules = pack_model(model, report, sparse, dtype)
-    if modules:
-        model.config.quantization_config = LlmpressConfig(modules=modules, recipe=report.recipe)
-    return save_compressed(model, out_dir, tokenizer=tokenizer, report=report, overwrite=overwrite)
+    """Save with packed layers (quantized, and pruned ones stored sparsely when smaller);
+    loads with ``import llmpress; AutoModel*.from_pretrained(dir)``. The model is not changed."""
+    return save_compressed(
+        model, out_dir, tokenizer=tokenizer, report=report, dtype=dtype, overwrite=overwrite, sparse=sparse
+    )
 
 
 def save_result(
@@ -187,7 +261,7 @@ def save_result(
         )
     if fmt != "llmpress":
         raise ValueError(f"unknown format {fmt!r}; use 'llmpress' or 'compressed-tensors'")
-    if report.quant_state or sparse_format not in (None, "dense"):
+    if compression_state(model).quantized or sparse_format not in (None, "dense"):
         return save_quantized(
             model,
             out_dir,

@@ -195,13 +195,14 @@ def _tags(info: FolderInfo, extra: Sequence[str]) -> list[str]:
 
 
 def method_citations(methods: Sequence[str], pm: Any = None) -> tuple[list[dict[str, str]], list[str]]:
-    """``([{method, bibtex}], [methods without one])`` through ``llmpress_method_citation``."""
+    """``([{method, bibtex}], [methods without one])`` from each method config's ``citation``."""
     from llmpress.plugin_manager import get_plugin_manager
 
     pm = pm or get_plugin_manager()
     found, missing = [], []
     for m in dict.fromkeys(methods):
-        bib = pm.hook.llmpress_method_citation(method=m)
+        info = pm.methods.get(m)
+        bib = info.config_cls.citation if info is not None else ""
         if bib:
             found.append({"method": m, "bibtex": bib.strip()})
         else:

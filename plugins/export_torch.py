@@ -1,7 +1,8 @@
-"""Kernel export to llmpress's packed formats with the pure-torch runtime module.
+"""Pure-torch kernels for every packed format (run anywhere; the reference for other kernels).
 
-Answers ``llmpress_export_kernel`` for the targets ``int``, ``int-2:4``, ``2:4`` and
-``bitmask`` (``trylast``: GPU kernel plugins registered later answer first).
+* ``torch``: decode the weight on each call, then ``F.linear`` (memory stays packed).
+* ``torch-unpacked``: decode once at load and keep the dense weight (dense speed and size);
+  chosen with ``LLMPRESS_KERNEL=torch-unpacked``.
 """
 
 from __future__ import annotations
@@ -9,39 +10,28 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+import torch.nn.functional as F
 
 from llmpress import hookimpl
-from llmpress.formats import FORMATS, ModuleFormat, pack_module
-from llmpress.modules import get_weight
+from llmpress.formats import ModuleFormat
+from llmpress.kernels.registry import Kernel
 from llmpress.runtime import LlmpressLinear
 
 
+def _decode_forward(module: LlmpressLinear, state: Any, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, module.dequantized_weight(x.dtype))
+
+
+def _unpacked_forward(module: LlmpressLinear, state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, state if state.dtype == x.dtype else state.to(x.dtype))
+
+
+KERNELS = (
+    Kernel("torch", 0, lambda m: None, _decode_forward, "decode the weight on every call"),
+    Kernel("torch-unpacked", -1, lambda m: m.dequantized_weight(), _unpacked_forward, "decode once at load"),
+)
+
+
 @hookimpl(trylast=True)
-def llmpress_export_kernel(module: nn.Module, packed: dict[str, Any], target: str) -> dict[str, Any] | None:
-    if target not in FORMATS:
-        return None
-    w = get_weight(module).detach()  # [out, in]
-    out_f, in_f = w.shape
-    quant = packed.get("quant")
-    dtype = str(packed.get("dtype", "float16")).replace("torch.", "")
-    keep = packed.get("keep")
-    fmt = ModuleFormat(
-        format=target,
-        in_features=in_f,
-        out_features=out_f,
-        bits=None if quant is None else quant["bits"],
-        group_size=None if quant is None else quant["group_size"],
-        symmetric=False if quant is None else quant["symmetric"],
-        dtype=dtype,
-        nnz=int(keep.sum()) if target == "bitmask" and keep is not None else None,
-    )
-    tensors = pack_module(fmt, w.float(), quant, keep)
-    bias = getattr(module, "bias", None)
-    rt = LlmpressLinear(fmt, bias=bias is not None, device=w.device)
-    with torch.no_grad():
-        for k, v in tensors.items():
-            getattr(rt, k).copy_(v)
-        if bias is not None:
-            rt.bias.copy_(bias.detach().to(rt.bias.dtype))
-    return {"module": rt, "tensors": tensors, "config": fmt.to_dict()}
+def llmpress_export_kernel(fmt: ModuleFormat, device: torch.device) -> tuple[Kernel, ...]:
+    return KERNELS if fmt.spec.packed else ()

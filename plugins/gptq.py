@@ -18,16 +18,22 @@ import torch
 from torch import nn
 
 from llmpress import hookimpl
-from llmpress.config import MethodConfig, QuantConfig
+from llmpress.config import QuantConfig
 from llmpress.errors import RecipeError
 from llmpress.kernels.gptq_block import HAVE_TRITON, gptq_block_triton
 from llmpress.linalg import cached_inverse_cholesky
 from llmpress.modules import get_weight
-from llmpress.obs import obs_sweep
+from llmpress.obs import obs_loss, obs_sweep
 from llmpress.quant.grid import QuantSpec, compute_qparams, dequantize_weight, group_qparams
-from llmpress.quant.state import quant_state
+from llmpress.results import LayerResult, QuantState
 from llmpress.stats import LayerStats
-from llmpress.update import UpdateResult
+
+CITATION = """@inproceedings{frantar2023gptq,
+  title     = {{GPTQ}: Accurate Post-Training Quantization for Generative Pre-trained Transformers},
+  author    = {Frantar, Elias and Ashkboos, Saleh and Hoefler, Torsten and Alistarh, Dan},
+  booktitle = {International Conference on Learning Representations},
+  year      = {2023}
+}"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +41,15 @@ class GPTQConfig(QuantConfig):
     """GPTQ: quantization grid options plus the OBS sweep's."""
 
     method: ClassVar[str] = "gptq"
+    citation: ClassVar[str] = CITATION
     stats: ClassVar[frozenset[str]] = frozenset({"hessian"})
     blocksize: int = 128
     percdamp: float = 0.01
     act_order: bool = False
     true_sequential: bool = False
+
+    def sequential(self) -> bool:
+        return bool(self.true_sequential)
 
     def validate(self) -> None:
         super().validate()
@@ -58,9 +68,10 @@ def gptq_quantize(
     keep: torch.Tensor | None = None,
     blocksize: int = 128,
     use_triton: bool | None = None,
-) -> tuple[torch.Tensor, dict]:
+) -> tuple[torch.Tensor, QuantState, float]:
     """Quantize ``weight`` [out, in]; ``U`` is the inverse-Hessian Cholesky factor *in the
-    processing order* ``perm`` (``None``: natural order). Returns (dequantized W, quant state).
+    processing order* ``perm`` (``None``: natural order). Returns (dequantized W, quant state,
+    the reference code's loss ``sum((w - q)^2 / U_jj^2) / 2``).
 
     Groups are contiguous in the original column order. Without ``perm`` each group's grid
     is fitted when its first column is reached (the reference's lazy grid); with ``perm``
@@ -102,13 +113,15 @@ def gptq_quantize(
     if use_triton is None:
         use_triton = W.is_cuda and HAVE_TRITON
     if use_triton:
-        _sweep_triton(WT, U, order, scalesT, zerosT, codesT, keepT, spec, gs, blocksize, lazy=perm is None)
+        loss = _sweep_triton(
+            WT, U, order, scalesT, zerosT, codesT, keepT, spec, gs, blocksize, lazy=perm is None
+        )
     else:
-        obs_sweep(WT, U, step, blocksize)
+        loss = obs_sweep(WT, U, step, blocksize)
     codes = codesT.t().contiguous()  # [out, in]
     scales, zeros = scalesT.t().contiguous(), zerosT.t().contiguous()  # [out, G]
     w_hat = dequantize_weight(codes, scales, zeros, config.group_size)
-    return w_hat, quant_state(codes, scales, zeros, config)
+    return w_hat, QuantState.of(codes, scales, zeros, config), loss
 
 
 def _sweep_triton(
@@ -123,13 +136,14 @@ def _sweep_triton(
     gs: int,
     blocksize: int,
     lazy: bool,
-) -> None:
+) -> float:
     """The same sweep with one Triton launch per block. Lazy grids are fitted at block starts,
     so blocks are cut at group boundaries (the block size changes float rounding only)."""
     bs = min(blocksize, 128)
     if lazy:
         bs = math.gcd(gs, bs)
     cols = WT.shape[0]
+    loss = torch.zeros((), dtype=torch.float64, device=WT.device)
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
         W1 = WT[i1:i2]  # [c, out]
@@ -144,24 +158,13 @@ def _sweep_triton(
         )
         codesT[cols_orig] = Q
         WT[i2:].addmm_(U[i1:i2, i2:].t(), E, alpha=-1.0)
+        loss += obs_loss(E)
+    return float(loss)
 
 
 def act_order_perm(stats: LayerStats) -> torch.Tensor:
     """Columns by decreasing Hessian diagonal (stable)."""
     return torch.sort(stats.sq_norms, descending=True, stable=True).indices
-
-
-CITATION = """@inproceedings{frantar2023gptq,
-  title     = {{GPTQ}: Accurate Post-Training Quantization for Generative Pre-trained Transformers},
-  author    = {Frantar, Elias and Ashkboos, Saleh and Hoefler, Torsten and Alistarh, Dan},
-  booktitle = {International Conference on Learning Representations},
-  year      = {2023}
-}"""
-
-
-@hookimpl
-def llmpress_method_citation(method: str) -> str | None:
-    return CITATION if method == "gptq" else None
 
 
 @hookimpl
@@ -171,15 +174,11 @@ def llmpress_register_methods(register) -> None:  # noqa: ANN001
 
 @hookimpl
 def llmpress_update_weights(
-    module: nn.Module, mask: torch.Tensor | None, stats: LayerStats | None, config: MethodConfig
-) -> UpdateResult | None:
-    if not isinstance(config, GPTQConfig):
-        return None
-    if stats is None:
-        raise ValueError("gptq needs calibration statistics (the input Hessian)")
+    module: nn.Module, mask: torch.Tensor | None, stats: LayerStats, config: GPTQConfig
+) -> LayerResult:
     w = get_weight(module).detach()
     perm = act_order_perm(stats).to(w.device) if config.act_order else None
     U = cached_inverse_cholesky(stats, float(config.percdamp), perm)
     keep = None if mask is None else mask.to(w.device)
-    new, state = gptq_quantize(w, U, config, perm, keep, int(config.blocksize))
-    return UpdateResult(weight=new.to(w.dtype), mask=mask, quant=state)
+    new, state, loss = gptq_quantize(w, U, config, perm, keep, int(config.blocksize))
+    return LayerResult(weight=new.to(w.dtype), mask=mask, quant=state, loss=loss)

@@ -13,29 +13,11 @@ import torch
 from torch import nn
 
 from llmpress import hookimpl
-from llmpress.config import MethodConfig, PruningConfig
+from llmpress.config import PruningConfig
 from llmpress.errors import RecipeError
 from llmpress.modules import get_weight
 from llmpress.stats import LayerStats
 from llmpress.targets import SparsityTarget
-
-
-@dataclasses.dataclass(frozen=True)
-class MagnitudeConfig(PruningConfig):
-    """``group``: ``"layer"`` (one threshold per layer) or ``"row"`` (per output row)."""
-
-    method: ClassVar[str] = "magnitude"
-    needs_calibration: ClassVar[bool] = False
-    group: str = "layer"
-
-    def validate(self) -> None:
-        super().validate()
-        if self.group not in ("layer", "row"):
-            raise RecipeError(f"magnitude: group must be 'layer' or 'row', got {self.group!r}")
-
-    def sparsity_target(self, group: str | None = None) -> SparsityTarget:
-        return super().sparsity_target(group or self.group)
-
 
 CITATION = """@inproceedings{han2015learning,
   title     = {Learning both Weights and Connections for Efficient Neural Networks},
@@ -45,9 +27,23 @@ CITATION = """@inproceedings{han2015learning,
 }"""
 
 
-@hookimpl
-def llmpress_method_citation(method: str) -> str | None:
-    return CITATION if method == "magnitude" else None
+@dataclasses.dataclass(frozen=True)
+class MagnitudeConfig(PruningConfig):
+    """``group``: ``"layer"`` (one threshold per layer) or ``"row"`` (per output row)."""
+
+    method: ClassVar[str] = "magnitude"
+    needs_calibration: ClassVar[bool] = False
+    stats: ClassVar[frozenset[str]] = frozenset()
+    citation: ClassVar[str] = CITATION
+    group: str = "layer"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.group not in ("layer", "row"):
+            raise RecipeError(f"magnitude: group must be 'layer' or 'row', got {self.group!r}")
+
+    def sparsity_target(self) -> SparsityTarget:
+        return dataclasses.replace(super().sparsity_target(), group=self.group)
 
 
 @hookimpl
@@ -57,8 +53,6 @@ def llmpress_register_methods(register) -> None:  # noqa: ANN001
 
 @hookimpl
 def llmpress_score_importance(
-    module: nn.Module, stats: LayerStats | None, config: MethodConfig
-) -> torch.Tensor | None:
-    if not isinstance(config, MagnitudeConfig):
-        return None
+    module: nn.Module, stats: LayerStats | None, config: MagnitudeConfig
+) -> torch.Tensor:
     return get_weight(module).detach().abs().float()  # [out, in]

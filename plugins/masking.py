@@ -1,7 +1,9 @@
 """Default mask selection and mask application, for every method (``trylast``).
 
-Methods that only score weights (magnitude, Wanda) rely on this plugin to pick the mask
-(lowest scores pruned, per row or per layer, or ``N:M``) and to zero the pruned weights.
+A general plugin (it registers no method), so it is called for every method after the
+method's own plugin. Methods that only score weights (magnitude, Wanda) rely on it to pick
+the mask (lowest scores pruned, per row or per layer, or ``N:M``) and to carry the mask as
+the layer's result; the engine zeroes the pruned weights when it commits the result.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from torch import nn
 from llmpress import hookimpl
 from llmpress.config import MethodConfig
 from llmpress.masks import select_mask
-from llmpress.modules import get_weight
+from llmpress.results import LayerResult
 from llmpress.stats import LayerStats
 from llmpress.targets import SparsityTarget
 
@@ -22,7 +24,7 @@ def llmpress_select_mask(scores: torch.Tensor, target: SparsityTarget, config: M
     if scores.dim() != 2:
         raise ValueError(
             f"method {config.method!r}: the default mask selection takes per-weight scores [out, in], "
-            f"got shape {tuple(scores.shape)}; structured methods must implement llmpress_select_mask"
+            f"got shape {tuple(scores.shape)}; structured methods use llmpress_change_block"
         )
     return select_mask(scores, target)
 
@@ -30,8 +32,5 @@ def llmpress_select_mask(scores: torch.Tensor, target: SparsityTarget, config: M
 @hookimpl(trylast=True)
 def llmpress_update_weights(
     module: nn.Module, mask: torch.Tensor | None, stats: LayerStats | None, config: MethodConfig
-) -> torch.Tensor | None:
-    if mask is None:
-        return None
-    w = get_weight(module)
-    return w * mask.to(device=w.device)
+) -> LayerResult | None:
+    return None if mask is None else LayerResult(mask=mask)

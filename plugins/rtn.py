@@ -3,42 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from llmpress import hookimpl
-from llmpress.config import MethodConfig, QuantConfig
+from llmpress.config import QuantConfig
 from llmpress.modules import get_weight
 from llmpress.quant.grid import dequantize_weight, quantize_weight
-from llmpress.quant.state import quant_state
+from llmpress.results import LayerResult, QuantState
 from llmpress.stats import LayerStats
-from llmpress.update import UpdateResult
-
-
-@dataclasses.dataclass(frozen=True)
-class RTNConfig(QuantConfig):
-    """RTN: ``bits``, ``group_size``, ``symmetric``; needs no calibration data."""
-
-    method: ClassVar[str] = "rtn"
-    needs_calibration: ClassVar[bool] = False
-
-
-def rtn_quantize(
-    weight: torch.Tensor, config: QuantConfig, keep: torch.Tensor | None = None
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """weight [out, in] -> (dequantized weight float32, quant state). Pruned weights (``keep``
-    False) get the zero point's code, which dequantizes to exactly 0."""
-    codes, scales, zeros = quantize_weight(weight.float(), config.quant_spec())
-    if keep is not None:
-        zero_codes = zeros.to(torch.uint8).repeat_interleave(
-            weight.shape[1] if config.group_size == -1 else config.group_size, dim=1
-        )
-        codes = torch.where(keep, codes, zero_codes)
-    w = dequantize_weight(codes, scales, zeros, config.group_size)
-    return w, quant_state(codes, scales, zeros, config)
-
 
 CITATION = """@article{dettmers2022llmint8,
   title   = {{LLM.int8()}: 8-bit Matrix Multiplication for Transformers at Scale},
@@ -48,9 +23,29 @@ CITATION = """@article{dettmers2022llmint8,
 }"""
 
 
-@hookimpl
-def llmpress_method_citation(method: str) -> str | None:
-    return CITATION if method == "rtn" else None
+@dataclasses.dataclass(frozen=True)
+class RTNConfig(QuantConfig):
+    """RTN: ``bits``, ``group_size``, ``symmetric``; needs no calibration data."""
+
+    method: ClassVar[str] = "rtn"
+    citation: ClassVar[str] = CITATION
+    needs_calibration: ClassVar[bool] = False
+    stats: ClassVar[frozenset[str]] = frozenset()
+
+
+def rtn_quantize(
+    weight: torch.Tensor, config: QuantConfig, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, QuantState]:
+    """weight [out, in] -> (dequantized weight float32, quant state). Pruned weights (``keep``
+    False) get the zero point's code, which dequantizes to exactly 0."""
+    codes, scales, zeros = quantize_weight(weight.float(), config.quant_spec())
+    if keep is not None:
+        zero_codes = zeros.to(torch.uint8).repeat_interleave(
+            weight.shape[1] if config.group_size == -1 else config.group_size, dim=1
+        )
+        codes = torch.where(keep, codes, zero_codes)
+    w = dequantize_weight(codes, scales, zeros, config.group_size)
+    return w, QuantState.of(codes, scales, zeros, config)
 
 
 @hookimpl
@@ -60,10 +55,8 @@ def llmpress_register_methods(register) -> None:  # noqa: ANN001
 
 @hookimpl
 def llmpress_update_weights(
-    module: nn.Module, mask: torch.Tensor | None, stats: LayerStats | None, config: MethodConfig
-) -> UpdateResult | None:
-    if not isinstance(config, RTNConfig):
-        return None
+    module: nn.Module, mask: torch.Tensor | None, stats: LayerStats | None, config: RTNConfig
+) -> LayerResult:
     w = get_weight(module).detach()
     new, state = rtn_quantize(w, config, None if mask is None else mask.to(w.device))
-    return UpdateResult(weight=new.to(w.dtype), mask=mask, quant=state)
+    return LayerResult(weight=new.to(w.dtype), mask=mask, quant=state)

@@ -16,13 +16,20 @@ import torch
 from torch import nn
 
 from llmpress import hookimpl
-from llmpress.config import MethodConfig, PruningConfig
+from llmpress.config import PruningConfig
 from llmpress.errors import RecipeError
 from llmpress.linalg import cached_inverse_cholesky
 from llmpress.modules import get_weight
 from llmpress.obs import obs_sweep
+from llmpress.results import LayerResult
 from llmpress.stats import LayerStats
-from llmpress.update import UpdateResult
+
+CITATION = """@inproceedings{frantar2023sparsegpt,
+  title     = {{SparseGPT}: Massive Language Models Can Be Accurately Pruned in One-Shot},
+  author    = {Frantar, Elias and Alistarh, Dan},
+  booktitle = {International Conference on Machine Learning},
+  year      = {2023}
+}"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +37,7 @@ class SparseGPTConfig(PruningConfig):
     """``blocksize``: columns per lazy-update block; ``percdamp``: damping as a fraction of mean(diag H)."""
 
     method: ClassVar[str] = "sparsegpt"
+    citation: ClassVar[str] = CITATION
     stats: ClassVar[frozenset[str]] = frozenset({"hessian"})
     blocksize: int = 128
     percdamp: float = 0.01
@@ -48,9 +56,10 @@ def sparsegpt_prune(
     sparsity: float,
     nm: tuple[int, int] | None = None,
     blocksize: int = 128,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Prune ``weight`` [out, in] given ``U``, the upper Cholesky factor of the damped inverse
-    input Hessian (:func:`llmpress.linalg.inverse_cholesky_upper`); returns ``(W', keep)``.
+    input Hessian (:func:`llmpress.linalg.inverse_cholesky_upper`); returns ``(W', keep, loss)``
+    with the reference code's loss ``sum(w^2 / U_jj^2) / 2`` over pruned weights.
 
     Unstructured: exactly ``round(sparsity * out * in)`` weights are pruned (each block
     prunes its share, chosen layer-wide within the block by the OBS saliency
@@ -84,22 +93,9 @@ def sparsegpt_prune(
             F[j : j + m] = prunedT[j : j + m].float() / dg
         torch.mul(w, F[j], out=err)
 
-    obs_sweep(WT, U, step, blocksize, begin_block)
+    loss = obs_sweep(WT, U, step, blocksize, begin_block)
     keep = ~prunedT.t()  # [out, in]
-    return WT.t() * keep, keep
-
-
-CITATION = """@inproceedings{frantar2023sparsegpt,
-  title     = {{SparseGPT}: Massive Language Models Can Be Accurately Pruned in One-Shot},
-  author    = {Frantar, Elias and Alistarh, Dan},
-  booktitle = {International Conference on Machine Learning},
-  year      = {2023}
-}"""
-
-
-@hookimpl
-def llmpress_method_citation(method: str) -> str | None:
-    return CITATION if method == "sparsegpt" else None
+    return WT.t() * keep, keep, loss
 
 
 @hookimpl
@@ -109,16 +105,12 @@ def llmpress_register_methods(register) -> None:  # noqa: ANN001
 
 @hookimpl
 def llmpress_update_weights(
-    module: nn.Module, mask: torch.Tensor | None, stats: LayerStats | None, config: MethodConfig
-) -> UpdateResult | None:
-    if not isinstance(config, SparseGPTConfig):
-        return None
-    if stats is None:
-        raise ValueError("sparsegpt needs calibration statistics (the input Hessian)")
+    module: nn.Module, mask: torch.Tensor | None, stats: LayerStats, config: SparseGPTConfig
+) -> LayerResult:
     t = config.sparsity_target()
     w = get_weight(module).detach()
     U = cached_inverse_cholesky(stats, float(config.percdamp))
-    new, keep = sparsegpt_prune(w, U, t.sparsity, t.nm, int(config.blocksize))
+    new, keep, loss = sparsegpt_prune(w, U, t.sparsity, t.nm, int(config.blocksize))
     if mask is not None:  # weights pruned by an earlier stage stay pruned
         keep = keep & mask.to(keep.device)
-    return UpdateResult(weight=new.to(w.dtype), mask=keep)
+    return LayerResult(weight=new.to(w.dtype), mask=keep, loss=loss)

@@ -9,23 +9,9 @@ import torch
 from torch import nn
 
 from llmpress import hookimpl
-from llmpress.config import MethodConfig, PruningConfig
+from llmpress.config import PruningConfig
 from llmpress.modules import get_weight
 from llmpress.stats import LayerStats
-
-
-@dataclasses.dataclass(frozen=True)
-class WandaConfig(PruningConfig):
-    """Wanda: no weight update; the comparison group is the output row (the paper's choice)."""
-
-    method: ClassVar[str] = "wanda"
-    stats: ClassVar[frozenset[str]] = frozenset({"sq_norms"})
-
-
-def wanda_scores(weight: torch.Tensor, col_norms: torch.Tensor) -> torch.Tensor:
-    """weight: [out, in], col_norms: [in] -> scores [out, in] = |W| * ||X_j||."""
-    return weight.abs().float() * col_norms.float().unsqueeze(0)
-
 
 CITATION = """@inproceedings{sun2024simple,
   title     = {A Simple and Effective Pruning Approach for Large Language Models},
@@ -35,9 +21,18 @@ CITATION = """@inproceedings{sun2024simple,
 }"""
 
 
-@hookimpl
-def llmpress_method_citation(method: str) -> str | None:
-    return CITATION if method == "wanda" else None
+@dataclasses.dataclass(frozen=True)
+class WandaConfig(PruningConfig):
+    """Wanda: no weight update; the comparison group is the output row (the paper's choice)."""
+
+    method: ClassVar[str] = "wanda"
+    citation: ClassVar[str] = CITATION
+    stats: ClassVar[frozenset[str]] = frozenset({"sq_norms"})
+
+
+def wanda_scores(weight: torch.Tensor, col_norms: torch.Tensor) -> torch.Tensor:
+    """weight: [out, in], col_norms: [in] -> scores [out, in] = |W| * ||X_j||."""
+    return weight.abs().float() * col_norms.float().unsqueeze(0)
 
 
 @hookimpl
@@ -46,12 +41,6 @@ def llmpress_register_methods(register) -> None:  # noqa: ANN001
 
 
 @hookimpl
-def llmpress_score_importance(
-    module: nn.Module, stats: LayerStats | None, config: MethodConfig
-) -> torch.Tensor | None:
-    if not isinstance(config, WandaConfig):
-        return None
-    if stats is None:
-        raise ValueError("wanda needs calibration statistics (input column norms)")
+def llmpress_score_importance(module: nn.Module, stats: LayerStats, config: WandaConfig) -> torch.Tensor:
     w = get_weight(module).detach()
     return wanda_scores(w, stats.col_norms.to(w.device))

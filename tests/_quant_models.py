@@ -147,3 +147,10 @@ def save_model_dir(path: Path, model: nn.Module, tokenizer: Any) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def quantized(model: nn.Module) -> dict:
+    """The committed quantization state of each quantized layer of ``model``."""
+    from llmpress.results import compression_state
+
+    return compression_state(model).quantized

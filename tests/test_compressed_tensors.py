@@ -14,6 +14,7 @@ from _quant_models import (
     logits,
     make_text,
     make_tokenizer,
+    quantized,
     save_model_dir,
     tiny_gpt2,
     tiny_llama,
@@ -54,7 +55,7 @@ def test_transformers_loads_the_export(case: str, tmp_path: Path) -> None:
     cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
     (group,) = cfg["config_groups"].values()
-    assert sorted(group["targets"]) == sorted(rep.quant_state)
+    assert sorted(group["targets"]) == sorted(quantized(model))
     w = group["weights"]
     assert (w["num_bits"], w["symmetric"], w["type"]) == (stage["bits"], True, "int")
     if stage["group_size"] == -1:
@@ -65,15 +66,15 @@ def test_transformers_loads_the_export(case: str, tmp_path: Path) -> None:
     bits = stage["bits"]
     with safe_open(str(tmp_path / "ct" / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
-        for name, q in rep.quant_state.items():
-            out_f, in_f = q["codes"].shape
+        for name, q in quantized(model).items():
+            out_f, in_f = q.codes.shape
             assert {f"{name}.weight_packed", f"{name}.weight_scale", f"{name}.weight_shape"} <= keys
             assert f"{name}.weight" not in keys
             packed = f.get_tensor(f"{name}.weight_packed")
             assert packed.dtype == torch.int32 and packed.shape == (out_f, in_f * bits // 32)
             # llmpress's codes, stored as a little-endian bitstream (signed q + 2**(bits-1))
-            assert torch.equal(unpack_int32(packed, bits, in_f), q["codes"])
-            assert torch.equal(f.get_tensor(f"{name}.weight_scale"), q["scales"])
+            assert torch.equal(unpack_int32(packed, bits, in_f), q.codes)
+            assert torch.equal(f.get_tensor(f"{name}.weight_scale"), q.scales)
             assert f.get_tensor(f"{name}.weight_shape").tolist() == [out_f, in_f]
     assert (tmp_path / "ct" / "llmpress_report.json").is_file()
 
@@ -92,9 +93,9 @@ def test_mixed_grids_get_one_config_group_each(tmp_path: Path) -> None:
         {"method": "rtn", "bits": 8, "group_size": -1, "symmetric": True, "targets": ["mlp"]},
     ]
     model, rep = _export(tiny_llama(), stages, tmp_path / "ct")
-    groups = compressed_tensors_config(rep)["config_groups"]
+    groups = compressed_tensors_config(quantized(model))["config_groups"]
     assert len(groups) == 2
-    assert sorted(t for g in groups.values() for t in g["targets"]) == sorted(rep.quant_state)
+    assert sorted(t for g in groups.values() for t in g["targets"]) == sorted(quantized(model))
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
     assert torch.allclose(logits(loaded), logits(model), atol=1e-4)
 
@@ -124,8 +125,8 @@ def test_joint_24_sparse_export_keeps_zeros(tmp_path: Path) -> None:
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
     assert torch.allclose(logits(loaded), logits(model), atol=1e-4)
     with safe_open(str(tmp_path / "ct" / "model.safetensors"), framework="pt") as f:
-        for name, q in rep.quant_state.items():
-            in_f = q["codes"].shape[1]
+        for name, q in quantized(model).items():
+            in_f = q.codes.shape[1]
             codes = unpack_int32(f.get_tensor(f"{name}.weight_packed"), 4, in_f)
             # the symmetric zero point 8 decodes to 0: at most 2 other codes in every 4
             assert is_nm_sparse((codes != 8).float(), 2, 4), name

@@ -17,6 +17,7 @@ from _quant_models import (
     logits,
     make_text,
     make_tokenizer,
+    quantized,
     safetensors_data_bytes,
     save_model_dir,
     tiny_gpt2,
@@ -34,8 +35,9 @@ from llmpress.errors import CheckpointError
 from llmpress.formats import FORMATS, ModuleFormat, choose_format, pack_module, unpack_module
 from llmpress.masks import is_nm_sparse
 from llmpress.quant.grid import dequantize_weight
+from llmpress.results import LayerResult, QuantState
 from llmpress.runtime import LlmpressLinear
-from llmpress.save import save_compressed, save_quantized
+from llmpress.save import save_compressed, save_quantized, to_runtime
 
 # ------------------------------------------------------------------------------ pack / unpack
 
@@ -90,14 +92,7 @@ def test_pack_unpack_module_roundtrip(case: dict) -> None:
             keep = _random_24_keep(o, i, g)
             zero_codes = zeros.repeat_interleave(i if gs == -1 else gs, dim=1).to(torch.uint8)
             codes = torch.where(keep, codes, zero_codes)  # pruned weights hold the zero point
-        quant = {
-            "codes": codes,
-            "scales": scales,
-            "zeros": zeros,
-            "bits": bits,
-            "group_size": gs,
-            "symmetric": sym,
-        }
+        quant = QuantState(codes, scales, zeros, bits=bits, group_size=gs, symmetric=sym)
         weight = dequantize_weight(codes, scales, zeros, gs)
         fmt = ModuleFormat(kind, i, o, bits=bits, group_size=gs, symmetric=sym, dtype=dt)
     else:
@@ -110,7 +105,7 @@ def test_pack_unpack_module_roundtrip(case: dict) -> None:
         nnz = int(keep.sum()) if kind == "bitmask" else None
         fmt = ModuleFormat(kind, i, o, dtype=dt, nnz=nnz)
 
-    tensors = pack_module(fmt, weight, quant, keep)
+    tensors = pack_module(fmt, weight, LayerResult(mask=keep, quant=quant))
     shapes = fmt.tensor_shapes()
     assert set(tensors) == set(shapes)
     for k, t in tensors.items():
@@ -128,8 +123,10 @@ def test_pack_unpack_module_roundtrip(case: dict) -> None:
 
 def test_int_codes_are_a_little_endian_bitstream() -> None:
     codes = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]], dtype=torch.uint8)
-    q = {"codes": codes, "scales": torch.ones(1, 1), "zeros": torch.full((1, 1), 8.0)}
-    t = pack_module(ModuleFormat("int", 8, 1, bits=4, group_size=-1, symmetric=True), codes.float(), q, None)
+    q = QuantState(codes, torch.ones(1, 1), torch.full((1, 1), 8.0), bits=4, group_size=-1, symmetric=True)
+    t = pack_module(
+        ModuleFormat("int", 8, 1, bits=4, group_size=-1, symmetric=True), codes.float(), LayerResult(quant=q)
+    )
     assert t["weight"].item() == 0x87654321 - (1 << 32)
     assert set(t) == {"weight", "weight_scale"}  # symmetric: no zero point stored
 
@@ -174,9 +171,13 @@ def _roundtrip(model: torch.nn.Module, recipe: dict, out: Path, sparse: str = "a
     """compress -> save_quantized -> from_pretrained: same logits and tensors, bit for bit."""
     model, rep = llmpress.compress(model, recipe, calib_ids(), progress=False)
     before = {n: weight_of(model.get_submodule(n)).clone() for n in rep.modules}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     save_quantized(model, out, report=rep, sparse=sparse)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), "saving changed the model"
+    assert set(model.state_dict()) == set(state)
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert type(loaded) is type(model)
+    to_runtime(model, sparse)  # what loading gives: packed layers, fp16 tensors
     assert torch.equal(logits(loaded), logits(model))
     assert_same_state(model, loaded)
     return {"model": model, "report": rep, "loaded": loaded, "before": before}
@@ -188,10 +189,10 @@ def _formats(model: torch.nn.Module) -> set[str]:
 
 def _check_quantized_layers(r: dict) -> None:
     """Every quantized layer loads as a packed layer decoding to the in-memory codes (fp16 scales)."""
-    for name, q in r["report"].quant_state.items():
+    for name, q in quantized(r["model"]).items():
         mod = r["loaded"].get_submodule(name)
         assert isinstance(mod, LlmpressLinear), name
-        expect = dequantize_weight(q["codes"], q["scales"].half().float(), q["zeros"], q["group_size"])
+        expect = dequantize_weight(q.codes, q.scales.half().float(), q.zeros, q.group_size)
         assert torch.equal(weight_of(mod), expect), name
         assert torch.allclose(weight_of(mod), r["before"][name], rtol=2e-3, atol=1e-6), name
 
@@ -199,8 +200,8 @@ def _check_quantized_layers(r: dict) -> None:
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_int4_roundtrip_on_architectures(arch: str, tmp_path: Path) -> None:
     r = _roundtrip(ARCHS[arch](), INT4, tmp_path / arch)
-    assert _formats(r["model"]) == {"int"}
-    assert len(r["report"].quant_state) == (12 if arch == "opt" else 8 if arch == "gpt2" else 14)
+    assert _formats(r["loaded"]) == {"int"}
+    assert len(quantized(r["model"])) == (12 if arch == "opt" else 8 if arch == "gpt2" else 14)
     _check_quantized_layers(r)
     # only block linears are packed: embeddings and the LM head stay ordinary modules
     assert not isinstance(r["loaded"].get_output_embeddings(), LlmpressLinear)
@@ -213,7 +214,7 @@ def test_int_roundtrip_bits_groups(method: str, bits: int, sym: bool, tmp_path: 
     gs = 32 if (bits + sym) % 2 else -1  # both group sizes for every bit width across sym/asym
     recipe = {"stages": [{"method": method, "bits": bits, "group_size": gs, "symmetric": sym}]}
     r = _roundtrip(tiny_llama(), recipe, tmp_path / "m")
-    assert _formats(r["model"]) == {"int"}
+    assert _formats(r["loaded"]) == {"int"}
     _check_quantized_layers(r)
     mod = r["loaded"].get_submodule("model.layers.0.mlp.down_proj")  # [64, 128]
     n_groups = 1 if gs == -1 else 128 // gs
@@ -249,7 +250,7 @@ SPARSE_CASES = {
 def test_sparse_formats_roundtrip(case: str, tmp_path: Path) -> None:
     factory, recipe, sparse, expected = SPARSE_CASES[case]
     r = _roundtrip(factory(), recipe, tmp_path / "m", sparse=sparse)
-    assert _formats(r["model"]) == {expected}
+    assert _formats(r["loaded"]) == {expected}
     for name, w in r["before"].items():
         mod = r["loaded"].get_submodule(name)
         assert isinstance(mod, LlmpressLinear) and mod.fmt.format == expected
@@ -271,6 +272,7 @@ def test_pruned_only_dense_is_an_ordinary_checkpoint(tmp_path: Path) -> None:
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert "quantization_config" not in cfg
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    to_runtime(model, "dense")
     assert torch.equal(logits(loaded), logits(model))
 
 
@@ -349,7 +351,7 @@ def test_quantized_file_size(bits: int, gs: int, sym: bool, tmp_path: Path) -> N
         None,
         progress=False,
     )
-    shapes = _layer_shapes(model, list(rep.quant_state))
+    shapes = _layer_shapes(model, list(quantized(model)))
     save_quantized(model, tmp_path / "q", report=rep)
     dense = safetensors_data_bytes(tmp_path / "dense" / "model.safetensors")
     quant = safetensors_data_bytes(tmp_path / "q" / "model.safetensors")
@@ -522,6 +524,7 @@ def test_bfloat16_checkpoint_roundtrips(tmp_path: Path) -> None:
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
     assert loaded.dtype == torch.bfloat16
     assert loaded.get_submodule("model.layers.0.mlp.up_proj").weight_scale.dtype == torch.bfloat16
+    to_runtime(model, dtype=torch.bfloat16)
     assert torch.equal(logits(loaded), logits(model))
     assert_same_state(loaded, model)
 
@@ -549,22 +552,18 @@ def test_sharded_resave_roundtrips_and_checks_every_shard(saved_formats: dict, t
     assert str(last) in str(ei.value)
 
 
-def test_saving_an_already_packed_model_again(tmp_path: Path) -> None:
-    """``save_quantized`` packs the model in place; saving it again (another folder, e.g. after
-    evaluating it) must either give the same checkpoint or a clear LlmpressError.
-
-    BUG (fails today): the second call re-packs the already packed layers and crashes with
-    ``RuntimeError: output with shape [64, 1] doesn't match the broadcast shape [64, 8]``."""
+def test_saving_twice_and_saving_a_runtime_model_give_the_same_checkpoint(tmp_path: Path) -> None:
+    """Saving never changes the model: a second save gives the same checkpoint, and so does
+    saving the model after :func:`to_runtime` packed it in place (it is already packed)."""
     model, rep = llmpress.compress(
         tiny_llama(), {"method": "rtn", "bits": 4, "group_size": 32}, None, progress=False
     )
     save_quantized(model, tmp_path / "a", report=rep)
-    try:
-        save_quantized(model, tmp_path / "b", report=rep)
-    except llmpress.errors.LlmpressError:
-        assert not (tmp_path / "b").exists()
-        return
+    save_quantized(model, tmp_path / "b", report=rep)
+    to_runtime(model)
+    save_quantized(model, tmp_path / "c", report=rep)
     first = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
-    second = AutoModelForCausalLM.from_pretrained(tmp_path / "b")
-    assert_same_state(first, second)
-    assert torch.equal(logits(second), logits(model))
+    for again in ("b", "c"):
+        second = AutoModelForCausalLM.from_pretrained(tmp_path / again)
+        assert_same_state(first, second)
+        assert torch.equal(logits(second), logits(model))

@@ -42,11 +42,11 @@ SCRIPT = textwrap.dedent(
         cfg = GPTQConfig(bits=4, group_size=gs, symmetric=sym)
         perm = torch.sort(torch.diagonal(H), descending=True, stable=True).indices if act else None
         U = inverse_cholesky_upper(H[perm][:, perm] if act else H, 0.01)
-        _, sa = gptq_quantize(W, U, cfg, perm, kp, 128, use_triton=False)
-        _, sb = gptq_quantize(W, U, cfg, perm, kp, 128, use_triton=True)
-        assert torch.equal(sa["codes"], sb["codes"]), (gs, sym, act)
+        _, sa, _ = gptq_quantize(W, U, cfg, perm, kp, 128, use_triton=False)
+        _, sb, _ = gptq_quantize(W, U, cfg, perm, kp, 128, use_triton=True)
+        assert torch.equal(sa.codes, sb.codes), (gs, sym, act)
         # grids fitted mid-block see rank-1 vs one matmul's rounding: equal up to float error
-        assert torch.allclose(sa["scales"], sb["scales"], rtol=1e-5) and torch.equal(sa["zeros"], sb["zeros"])
+        assert torch.allclose(sa.scales, sb.scales, rtol=1e-5) and torch.equal(sa.zeros, sb.zeros)
     print("OK")
     """
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _quant_models import calib_ids, logits, tiny_llama, tiny_opt, weight_of
+from _quant_models import calib_ids, logits, quantized, tiny_llama, tiny_opt, weight_of
 from transformers import AutoModelForCausalLM
 
 import llmpress
@@ -59,7 +59,7 @@ def _distinct_per_group(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def _check_state(state: dict, w_hat: torch.Tensor, bits: int, gs: int, sym: bool) -> None:
-    codes, scales, zeros = state["codes"], state["scales"], state["zeros"]
+    codes, scales, zeros = state.codes, state.scales, state.zeros
     n_groups = 1 if gs == -1 else IN // gs
     assert codes.dtype == torch.uint8 and codes.shape == (OUT, IN)
     assert scales.shape == zeros.shape == (OUT, n_groups)
@@ -68,7 +68,7 @@ def _check_state(state: dict, w_hat: torch.Tensor, bits: int, gs: int, sym: bool
     assert torch.equal(zeros, zeros.round()) and float(zeros.min()) >= 0 and float(zeros.max()) <= 2**bits - 1
     if sym:
         assert bool((zeros == 2 ** (bits - 1)).all())
-    assert (state["bits"], state["group_size"], state["symmetric"]) == (bits, gs, sym)
+    assert (state.bits, state.group_size, state.symmetric) == (bits, gs, sym)
     # the returned weight is exactly the grid decoding of the returned codes
     assert torch.equal(w_hat, dequantize_weight(codes, scales, zeros, gs))
     assert int(_distinct_per_group(w_hat, gs).max()) <= 2**bits
@@ -82,9 +82,9 @@ def test_gptq_layer_error_below_rtn(layer: dict, bits: int, gs: int, sym: bool, 
     W, X = layer["W"], layer["X"]
     cfg = GPTQConfig(bits=bits, group_size=gs, symmetric=sym)
     if act_order:
-        w_gptq, st_gptq = gptq_quantize(W, layer["U_perm"], cfg, layer["perm"], None, 128)
+        w_gptq, st_gptq, _ = gptq_quantize(W, layer["U_perm"], cfg, layer["perm"], None, 128)
     else:
-        w_gptq, st_gptq = gptq_quantize(W, layer["U"], cfg, None, None, 128)
+        w_gptq, st_gptq, _ = gptq_quantize(W, layer["U"], cfg, None, None, 128)
     w_rtn, st_rtn = rtn_quantize(W, RTNConfig(bits=bits, group_size=gs, symmetric=sym))
 
     e_gptq, e_rtn = _output_error(W, w_gptq, X), _output_error(W, w_rtn, X)
@@ -99,15 +99,15 @@ def test_act_order_groups_are_static(layer: dict) -> None:
     """With act-order the groups stay contiguous in the original column order (no g_idx):
     decoding with the default group index gives back GPTQ's weight."""
     cfg = GPTQConfig(bits=4, group_size=64, act_order=True)
-    w, st = gptq_quantize(layer["W"], layer["U_perm"], cfg, layer["perm"], None, 32)
+    w, st, _ = gptq_quantize(layer["W"], layer["U_perm"], cfg, layer["perm"], None, 32)
     assert not torch.equal(layer["perm"], torch.arange(IN))  # the order really changes
-    assert torch.equal(w, dequantize_weight(st["codes"], st["scales"], st["zeros"], 64))
+    assert torch.equal(w, dequantize_weight(st.codes, st.scales, st.zeros, 64))
 
 
 def test_blocksize_does_not_change_the_result(layer: dict) -> None:
     cfg = GPTQConfig(bits=4, group_size=64)
-    a, _ = gptq_quantize(layer["W"], layer["U"], cfg, None, None, 128)
-    b, _ = gptq_quantize(layer["W"], layer["U"], cfg, None, None, 16)
+    a, _, _ = gptq_quantize(layer["W"], layer["U"], cfg, None, None, 128)
+    b, _, _ = gptq_quantize(layer["W"], layer["U"], cfg, None, None, 16)
     assert torch.allclose(a, b, atol=1e-5)
 
 
@@ -119,14 +119,14 @@ def test_pruned_weights_stay_exactly_zero(layer: dict, method: str, sym: bool) -
     Wp = W * keep
     cfg = GPTQConfig(bits=4, group_size=64, symmetric=sym)
     if method == "gptq":
-        w, st = gptq_quantize(Wp, layer["U"], cfg, None, keep, 128)
+        w, st, _ = gptq_quantize(Wp, layer["U"], cfg, None, keep, 128)
     elif method == "gptq-act-order":
-        w, st = gptq_quantize(Wp, layer["U_perm"], cfg, layer["perm"], keep, 128)
+        w, st, _ = gptq_quantize(Wp, layer["U_perm"], cfg, layer["perm"], keep, 128)
     else:
         w, st = rtn_quantize(Wp, RTNConfig(bits=4, group_size=64, symmetric=sym), keep)
     assert bool((w[~keep] == 0).all())
-    zero_codes = st["zeros"].repeat_interleave(64, dim=1)
-    assert torch.equal(st["codes"][~keep].float(), zero_codes[~keep])
+    zero_codes = st.zeros.repeat_interleave(64, dim=1)
+    assert torch.equal(st.codes[~keep].float(), zero_codes[~keep])
 
 
 def test_dead_inputs_are_handled(layer: dict) -> None:
@@ -138,8 +138,8 @@ def test_dead_inputs_are_handled(layer: dict) -> None:
     U = inverse_cholesky_upper(H, 0.01)
     assert torch.isfinite(U).all()
     cfg = GPTQConfig(bits=4, group_size=64)
-    w, st = gptq_quantize(layer["W"], U, cfg, None, None, 128)
-    assert torch.isfinite(w).all() and int(st["codes"].max()) <= 15
+    w, st, _ = gptq_quantize(layer["W"], U, cfg, None, None, 128)
+    assert torch.isfinite(w).all() and int(st.codes.max()) <= 15
     w_rtn, _ = rtn_quantize(layer["W"], RTNConfig(bits=4, group_size=64))
     assert _output_error(layer["W"], w, X) < _output_error(layer["W"], w_rtn, X)
 
@@ -198,13 +198,13 @@ def test_group_size_must_divide_every_targeted_layer() -> None:
     with pytest.raises(ModelError, match=r"model\.layers\.0\.self_attn\.q_proj"):
         llmpress.compress(tiny_llama(), {"method": "rtn", "group_size": 128}, None, progress=False)
     # restricted to the layers it divides, the same grid works
-    _, rep = llmpress.compress(
+    model, rep = llmpress.compress(
         tiny_llama(),
         {"stages": [{"method": "rtn", "group_size": 128, "targets": ["down_proj"]}]},
         None,
         progress=False,
     )
-    assert sorted(rep.quant_state) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert sorted(quantized(model)) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
 
 
 def test_unknown_quant_option_is_a_recipe_error() -> None:
@@ -232,12 +232,12 @@ def test_gptq_needs_calibration() -> None:
 )
 def test_model_weights_are_the_decoded_quant_state(stage: dict) -> None:
     model, rep = llmpress.compress(tiny_llama(), {"stages": [stage]}, calib_ids(), progress=False)
-    assert set(rep.quant_state) == set(rep.modules) and len(rep.modules) == 14
+    assert set(quantized(model)) == set(rep.modules) and len(rep.modules) == 14
     bits, gs = stage["bits"], stage["group_size"]
-    for name, q in rep.quant_state.items():
+    for name, q in quantized(model).items():
         w = weight_of(model.get_submodule(name))
-        assert int(q["codes"].max()) <= 2**bits - 1
-        assert torch.equal(w, dequantize_weight(q["codes"], q["scales"], q["zeros"], gs)), name
+        assert int(q.codes.max()) <= 2**bits - 1
+        assert torch.equal(w, dequantize_weight(q.codes, q.scales, q.zeros, gs)), name
         assert int(_distinct_per_group(w, gs).max()) <= 2**bits
         assert rep.modules[name].methods == [stage["method"]]
 
@@ -300,8 +300,8 @@ def test_joint_24_quant_keeps_exact_24(joint: dict, arch: str, rec: str) -> None
         assert zeros >= 0.5, (name, zeros)
         # quantization may round a few kept weights to 0, never revive a pruned one
         assert zeros < 0.52, (name, zeros)
-        q = rep.quant_state[name]
-        assert torch.equal(w, dequantize_weight(q["codes"], q["scales"], q["zeros"], 32))
+        q = quantized(item["model"])[name]
+        assert torch.equal(w, dequantize_weight(q.codes, q.scales, q.zeros, 32))
 
 
 def test_joint_24_reports_exactly_half_pruned(joint: dict) -> None:

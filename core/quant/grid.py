@@ -29,6 +29,7 @@ from torch import Tensor
 __all__ = [
     "QuantSpec",
     "check_spec",
+    "grid_problem",
     "compute_qparams",
     "quantize",
     "dequantize",
@@ -57,18 +58,9 @@ class QuantSpec:
     symmetric: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
-            raise ValueError(f"QuantSpec.bits must be an int in [2, 8], got {self.bits!r}")
-        if not 2 <= self.bits <= 8:
-            raise ValueError(f"QuantSpec.bits must be in [2, 8], got {self.bits}")
-        gs = self.group_size
-        if isinstance(gs, bool) or not isinstance(gs, int) or (gs != -1 and gs < 1):
-            raise ValueError(
-                f"QuantSpec.group_size must be -1 (per output channel) or a positive int "
-                f"(typically 32, 64 or 128), got {gs!r}"
-            )
-        if not isinstance(self.symmetric, bool):
-            raise ValueError(f"QuantSpec.symmetric must be a bool, got {self.symmetric!r}")
+        problem = grid_problem(self.bits, self.group_size, self.symmetric)
+        if problem is not None:
+            raise ValueError(problem)
 
     @property
     def maxq(self) -> int:
@@ -78,6 +70,28 @@ class QuantSpec:
     def n_groups(self, in_features: int) -> int:
         """Number of groups along the input dimension (1 for per-channel)."""
         return 1 if self.group_size == -1 else in_features // self.group_size
+
+
+def grid_problem(bits: object, group_size: object, symmetric: object) -> str | None:
+    """What is wrong with these grid settings (a message naming the fix), or ``None``.
+
+    The one place quantization grid options are validated: :class:`QuantSpec`, every
+    quantization method's config and checkpoint loading all ask here.
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        return f"bits must be an integer from 2 to 8, got {bits!r}"
+    if (
+        isinstance(group_size, bool)
+        or not isinstance(group_size, int)
+        or (group_size != -1 and group_size < 1)
+    ):
+        return (
+            f"group_size must be -1 (per output channel) or a positive integer such as 128, "
+            f"got {group_size!r}"
+        )
+    if not isinstance(symmetric, bool):
+        return f"symmetric must be true or false, got {symmetric!r}"
+    return None
 
 
 def check_spec(spec: QuantSpec, in_features: int, name: str) -> None:
@@ -93,8 +107,9 @@ def check_spec(spec: QuantSpec, in_features: int, name: str) -> None:
     valid = [g for g in _COMMON_GROUP_SIZES if g <= in_features and in_features % g == 0]
     hint = ", ".join(["-1 (per output channel)"] + [str(g) for g in valid])
     raise ValueError(
-        f"module {name!r}: in_features={in_features} is not divisible by group_size={gs} "
-        f"(partial groups are not supported); valid group sizes include: {hint}"
+        f"module {name!r}: group_size {gs} does not divide in_features={in_features} "
+        f"(partial groups are not supported); valid group sizes include: {hint}; or exclude "
+        f"the module with 'ignore'"
     )
 
 

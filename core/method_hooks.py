@@ -1,0 +1,83 @@
+"""Typed callers of one method's hooks (dispatch by config type).
+
+:class:`MethodHooks` wraps pluggy's subset hook callers: the hooks of the plugin that
+registered the method plus those of general plugins (plugins registering no method). Each
+call checks the type of what came back and names the plugin when it is wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+import torch
+from torch import nn
+
+from llmpress.errors import ModelError
+
+if TYPE_CHECKING:
+    from llmpress.blocks import BlockChange, BlockContext
+    from llmpress.config import MethodConfig
+    from llmpress.results import LayerResult
+    from llmpress.stats import LayerStats
+    from llmpress.targets import SparsityTarget
+
+_METHOD_HOOKS = (
+    "llmpress_score_importance",
+    "llmpress_select_mask",
+    "llmpress_update_weights",
+    "llmpress_change_block",
+)
+
+
+class MethodHooks:
+    """The per-method hooks of one registered method, typed at the call site."""
+
+    def __init__(self, pm: pluggy.PluginManager, method: str, plugin: str, exclude: Sequence[Any]) -> None:
+        self.method = method
+        self.plugin = plugin
+        self._call = {h: pm.subset_hook_caller(h, list(exclude)) for h in _METHOD_HOOKS}
+
+    def _bad(self, hook: str, expected: str, got: object) -> ModelError:
+        return ModelError(
+            f"plugin {self.plugin!r} ({self.method}): {hook} must return {expected}, got {type(got).__name__}"
+        )
+
+    def score(self, module: nn.Module, stats: LayerStats | None, config: MethodConfig) -> torch.Tensor | None:
+        """Per-weight scores ``[out, in]``, or ``None`` (the method selects no mask by score)."""
+        out = self._call["llmpress_score_importance"](module=module, stats=stats, config=config)
+        if out is not None and not isinstance(out, torch.Tensor):
+            raise self._bad("llmpress_score_importance", "a tensor or None", out)
+        return out
+
+    def select_mask(self, scores: torch.Tensor, target: SparsityTarget, config: MethodConfig) -> torch.Tensor:
+        """A boolean keep mask shaped like ``scores``."""
+        out = self._call["llmpress_select_mask"](scores=scores, target=target, config=config)
+        if not isinstance(out, torch.Tensor) or out.dtype != torch.bool or out.shape != scores.shape:
+            raise self._bad("llmpress_select_mask", f"a bool tensor of shape {tuple(scores.shape)}", out)
+        return out
+
+    def update(
+        self, module: nn.Module, mask: torch.Tensor | None, stats: LayerStats | None, config: MethodConfig
+    ) -> LayerResult | None:
+        """The layer's result, or ``None`` when no plugin has one (nothing to do)."""
+        from llmpress.results import LayerResult
+
+        out = self._call["llmpress_update_weights"](module=module, mask=mask, stats=stats, config=config)
+        if out is not None and not isinstance(out, LayerResult):
+            raise self._bad("llmpress_update_weights", "a LayerResult or None", out)
+        return out
+
+    def change_block(self, block: BlockContext, config: MethodConfig) -> list[BlockChange]:
+        """The changes the method makes to one block (possibly none)."""
+        from llmpress.blocks import BLOCK_CHANGES
+
+        out = self._call["llmpress_change_block"](block=block, config=config)
+        if out is None:
+            return []
+        changes = [out] if isinstance(out, BLOCK_CHANGES) else list(out)
+        for c in changes:
+            if not isinstance(c, BLOCK_CHANGES):
+                raise self._bad("llmpress_change_block", "a block change (llmpress.blocks)", c)
+        return changes
