@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM
 import llmpress
 from llmpress.cli import main
 from llmpress.errors import CheckpointError
-from llmpress.formats import FORMATS, ModuleFormat, choose_format, pack_module, unpack_module
+from llmpress.formats import PACKED_FORMATS, ModuleFormat, choose_format, pack_module, unpack_module
 from llmpress.masks import is_nm_sparse
 from llmpress.quant.grid import dequantize_weight
 from llmpress.results import LayerResult, QuantState
@@ -53,7 +53,7 @@ def _random_24_keep(out_f: int, in_f: int, g: torch.Generator) -> torch.Tensor:
 
 @st.composite
 def module_cases(draw: st.DrawFn) -> dict:
-    fmt = draw(st.sampled_from(FORMATS))
+    fmt = draw(st.sampled_from(PACKED_FORMATS))
     out_f = draw(st.integers(1, 12))
     in_f = 4 * draw(st.integers(1, 48))
     bits = draw(st.integers(2, 8))
@@ -496,7 +496,7 @@ def test_cli_bad_group_size_names_the_module(cli_env: dict, capsys: pytest.Captu
     )
     assert rc == 2
     err = capsys.readouterr().err
-    assert "model.layers.0.self_attn.q_proj" in err and "group_size 96" in err
+    assert "model.layers.0.self_attn.q_proj" in err and "group_size=96" in err
     assert not out.exists()
 
 

@@ -21,8 +21,8 @@ import llmpress
 from llmpress.errors import CheckpointError
 from llmpress.formats import FORMAT_VERSION
 from llmpress.hf_quantizer import LlmpressConfig, LlmpressHfQuantizer, register, verify_safetensors
-from llmpress.runtime import LlmpressLinear
-from llmpress.save import save_quantized
+from llmpress.runtime import LlmpressLinear, select_kernels
+from llmpress.save import save_quantized, to_runtime
 
 Q_PROJ = "model.layers.0.self_attn.q_proj"
 
@@ -34,6 +34,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict:
         tiny_llama(), {"method": "rtn", "bits": 4, "group_size": 32}, None, progress=False
     )
     d = save_quantized(model, tmp_path_factory.mktemp("hfq") / "rtn4", report=rep)
+    to_runtime(model)  # what loading gives
     return {"dir": d, "model": model, "logits": logits(model)}
 
 
@@ -82,13 +83,19 @@ def test_config_json_roundtrip(saved: dict) -> None:
     assert fmts[Q_PROJ].bits == 4 and fmts[Q_PROJ].group_size == 32 and fmts[Q_PROJ].format == "int"
 
 
-def test_cache_dense_gives_the_same_output(saved: dict) -> None:
+def test_kernel_is_chosen_once_at_load_and_can_be_overridden(
+    saved: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     loaded = AutoModelForCausalLM.from_pretrained(saved["dir"])
+    packed = [m for m in loaded.modules() if isinstance(m, LlmpressLinear)]
+    assert packed and all(m.kernel is not None and m.kernel.name == "torch" for m in packed)
     ref = logits(loaded)
-    for m in loaded.modules():
-        if isinstance(m, LlmpressLinear):
-            m.cache_dense()
+    assert select_kernels(loaded, "torch-unpacked") and all(m.kernel.name == "torch-unpacked" for m in packed)
     assert torch.equal(logits(loaded), ref)
+    monkeypatch.setenv("LLMPRESS_KERNEL", "no-such-kernel,torch-unpacked")
+    again = AutoModelForCausalLM.from_pretrained(saved["dir"])
+    assert {m.kernel.name for m in again.modules() if isinstance(m, LlmpressLinear)} == {"torch-unpacked"}
+    assert torch.equal(logits(again), ref)
 
 
 # ------------------------------------------------------------------------------ without llmpress
@@ -135,7 +142,7 @@ def test_corrupt_header_length_names_the_file(saved: dict, tmp_path: Path) -> No
     data = bytearray(f.read_bytes())
     data[0:8] = b"\xff" * 8  # header length larger than the file
     f.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="exceeds the file") as ei:
+    with pytest.raises(CheckpointError, match="not a valid safetensors file.*header") as ei:
         AutoModelForCausalLM.from_pretrained(d)
     assert str(f) in str(ei.value)
 

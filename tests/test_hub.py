@@ -26,7 +26,7 @@ from llmpress.eval_harness import EvalRecord, evaluate, load_eval, save_eval
 from llmpress.hub import CardTemplateError, PublishError, attach_card, build_card, pull, push
 from llmpress.hub.folder import PLOT_FILE, read_folder
 from llmpress.plugin_manager import get_plugin_manager
-from llmpress.save import save_result
+from llmpress.save import save_result, to_runtime
 
 EVAL = DATA_DIR / "eval.txt"
 RECIPE = {"stages": [{"method": "wanda", "sparsity": 0.5}]}
@@ -147,7 +147,8 @@ def test_quantized_model_round_trips_through_the_quantizer(
     model, report = llmpress.compress(
         tiny_llama(seed=2, vocab=256), recipe, calib_ids(8, 32, vocab=256), progress=False
     )
-    save_result(model, tmp_path / "q", report=report, tokenizer=tokenizer)  # packs `model` in place
+    save_result(model, tmp_path / "q", report=report, tokenizer=tokenizer)
+    to_runtime(model)  # what loading the saved folder gives: packed layers, fp16
     info = push(tmp_path / "q", "local-user/tiny-q4", base_model="local-user/missing-base")
     card = ModelCard.load("local-user/tiny-q4")
     assert card.data.base_model_relation == "quantized" and {"rtn", "quantized", "4-bit"} <= set(
@@ -299,7 +300,7 @@ def test_every_builtin_plugin_supplies_a_citation() -> None:
     }
     assert {"magnitude", "wanda", "sparsegpt"} <= set(builtin)
     for name in builtin:
-        bib = pm.hook.llmpress_method_citation(method=name)
+        bib = pm.methods[name].config_cls.citation
         assert bib and bib.lstrip().startswith("@") and _bibtex_keys(bib), name
         assert bib.count("{") == bib.count("}"), name
 
@@ -312,7 +313,7 @@ def test_card_of_a_multi_method_recipe_cites_each_method(folder: Path) -> None:
     (folder / "llmpress_report.json").write_text(json.dumps(report))
     text = build_card(folder, repo_id="me/multi").text
     for m in methods:
-        keys = _bibtex_keys(pm.hook.llmpress_method_citation(method=m) or "")
+        keys = _bibtex_keys(pm.methods[m].config_cls.citation)
         assert keys and keys <= _bibtex_keys(text), m
     assert set(methods) <= set(ModelCard(build_card(folder).content).data.tags)
 

@@ -21,6 +21,7 @@ import torch
 from models import LLAMA, calib_ids, snapshot, tiny_llama, weight_of
 
 import llmpress
+from llmpress import hookimpl
 from llmpress.cli import main
 from llmpress.config import PruningConfig
 from llmpress.errors import RecipeError
@@ -444,25 +445,46 @@ def test_third_party_method_with_nm_pattern(random_plugin: Path) -> None:
         assert is_nm_sparse(w, 2, 4) and int((w == 0).sum()) == w.numel() // 2
 
 
-def test_third_party_hooks_answer_only_for_their_config(random_plugin: Path) -> None:
+def test_dispatch_by_config_type_calls_only_the_owning_plugin(random_plugin: Path) -> None:
+    """A method plugin's hooks see only its own configs; general plugins (masking) see all."""
     import llmpress_random_prune as rp
 
-    layer = torch.nn.Linear(16, 8)
-    assert rp.llmpress_score_importance(module=layer, stats=None, config=WandaConfig(sparsity=0.5)) is None
-    s = rp.llmpress_score_importance(module=layer, stats=None, config=rp.RandomPruneConfig(sparsity=0.5))
-    assert s.shape == (8, 16) and s.dtype == torch.float32
-    # the built-in wanda plugin does not answer for the third-party config either
-    from llmpress.plugins import wanda
+    seen: list[type] = []
 
-    assert (
-        wanda.llmpress_score_importance(module=layer, stats=None, config=rp.RandomPruneConfig(sparsity=0.5))
-        is None
+    @dataclasses.dataclass(frozen=True)
+    class SpyConfig(PruningConfig):
+        method: ClassVar[str] = "spy"
+        needs_calibration: ClassVar[bool] = False
+
+    class Spy:
+        @hookimpl
+        def llmpress_register_methods(self, register) -> None:  # noqa: ANN001
+            register("spy", SpyConfig)
+
+        @hookimpl
+        def llmpress_score_importance(self, module, stats, config) -> torch.Tensor:  # noqa: ANN001
+            seen.append(type(config))
+            return weight_of(module).abs()
+
+    pm = make_plugin_manager([Spy()])
+    recipe = {"stages": [{"method": "random", "sparsity": 0.25}, {"method": "spy", "sparsity": 0.5}]}
+    model, report = llmpress.compress(tiny_llama(), recipe, pm=pm, progress=False)
+    assert seen and set(seen) == {SpyConfig}
+    assert report.modules["model.layers.0.mlp.up_proj"].methods == ["random", "spy"]
+    layer = torch.nn.Linear(16, 8)
+    s = pm.hooks_for(rp.RandomPruneConfig(sparsity=0.5)).score(
+        layer, None, rp.RandomPruneConfig(sparsity=0.5)
     )
+    assert s is not None and s.shape == (8, 16)
+    assert pm.hooks_for(SpyConfig(sparsity=0.5)).score(layer, None, SpyConfig(sparsity=0.5)) is not None
+    with pytest.raises(RecipeError, match="not a registered method config"):
+        make_plugin_manager().hooks_for(SpyConfig(sparsity=0.5))
 
 
 def test_builtin_methods_supply_citations() -> None:
     pm = make_plugin_manager()
     for m in BUILTIN_METHODS:
-        bib = pm.hook.llmpress_method_citation(method=m)
+        bib = pm.methods[m].config_cls.citation
         assert isinstance(bib, str) and bib.lstrip().startswith("@"), m
-    assert pm.hook.llmpress_method_citation(method="no-such-method") is None
+    method_citations = __import__("llmpress.hub.card", fromlist=["method_citations"]).method_citations
+    assert method_citations(["no-such-method"], pm) == ([], ["no-such-method"])

@@ -15,8 +15,8 @@ from llmpress.masks import is_nm_sparse, nm_mask, unstructured_mask
 from llmpress.plugin_manager import make_plugin_manager
 from llmpress.plugins.sparsegpt import SparseGPTConfig
 from llmpress.plugins.wanda import wanda_scores
+from llmpress.results import LayerResult
 from llmpress.stats import LayerStats
-from llmpress.update import UpdateResult
 
 METHODS = [
     ("magnitude", {}),  # one threshold per layer (the default)
@@ -138,18 +138,16 @@ def _correlated_inputs(n: int, in_f: int, seed: int) -> torch.Tensor:
     return x
 
 
-def _sparsegpt_via_hook(weight: torch.Tensor, x: torch.Tensor, config: SparseGPTConfig) -> UpdateResult:
+def _sparsegpt_via_hook(weight: torch.Tensor, x: torch.Tensor, config: SparseGPTConfig) -> LayerResult:
     """Run the sparsegpt plugin through the hook contract on one Linear layer fed ``x``."""
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     with torch.no_grad():
         layer.weight.copy_(weight)
-    stats = LayerStats(weight.shape[1], torch.device("cpu"), hessian=True)
+    stats = LayerStats(weight.shape[1], torch.device("cpu"), {"hessian"})
     for chunk in x.split(256):
         stats.add(chunk)
-    res = make_plugin_manager().hook.llmpress_update_weights(
-        module=layer, mask=None, stats=stats, config=config
-    )
-    assert isinstance(res, UpdateResult)
+    res = make_plugin_manager().hooks_for(config).update(layer, None, stats, config)
+    assert isinstance(res, LayerResult)
     assert torch.equal(layer.weight, weight), "the update hook must not write the layer itself"
     return res
 

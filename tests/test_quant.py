@@ -15,8 +15,9 @@ from llmpress.masks import is_nm_sparse
 from llmpress.plugins.gptq import GPTQConfig, gptq_quantize
 from llmpress.plugins.rtn import RTNConfig, rtn_quantize
 from llmpress.quant.grid import dequantize_weight
+from llmpress.results import QuantState
 from llmpress.runtime import LlmpressLinear
-from llmpress.save import save_quantized
+from llmpress.save import save_quantized, to_runtime
 
 OUT, IN, N = 64, 256, 1024
 
@@ -58,7 +59,7 @@ def _distinct_per_group(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return 1 + (s[..., 1:] != s[..., :-1]).sum(-1)
 
 
-def _check_state(state: dict, w_hat: torch.Tensor, bits: int, gs: int, sym: bool) -> None:
+def _check_state(state: QuantState, w_hat: torch.Tensor, bits: int, gs: int, sym: bool) -> None:
     codes, scales, zeros = state.codes, state.scales, state.zeros
     n_groups = 1 if gs == -1 else IN // gs
     assert codes.dtype == torch.uint8 and codes.shape == (OUT, IN)
@@ -92,7 +93,7 @@ def test_gptq_layer_error_below_rtn(layer: dict, bits: int, gs: int, sym: bool, 
     assert e_gptq < 0.8 * e_rtn  # on correlated inputs the gain is large (about 0.4x here)
     _check_state(st_gptq, w_gptq, bits, gs, sym)
     _check_state(st_rtn, w_rtn, bits, gs, sym)
-    assert st_gptq["method"] == "gptq" and st_rtn["method"] == "rtn"
+    assert st_gptq.method == "gptq" and st_rtn.method == "rtn"
 
 
 def test_act_order_groups_are_static(layer: dict) -> None:
@@ -283,6 +284,7 @@ def joint(tmp_path_factory: pytest.TempPathFactory) -> dict:
         model, rep = llmpress.compress(JOINT_ARCHS[arch](), JOINT[rec], calib_ids(), progress=False)
         weights = {n: weight_of(model.get_submodule(n)).clone() for n in rep.modules}
         d = save_quantized(model, tmp_path_factory.mktemp("joint") / f"{arch}-{rec}", report=rep)
+        to_runtime(model)  # what loading gives
         out[arch, rec] = {"model": model, "report": rep, "weights": weights, "dir": d}
     return out
 
@@ -320,9 +322,8 @@ def test_joint_24_reports_exactly_half_pruned(joint: dict) -> None:
 @pytest.mark.parametrize(("arch", "rec"), JOINT_CASES)
 def test_joint_24_survives_save_and_reload(joint: dict, arch: str, rec: str) -> None:
     item = joint[arch, rec]
-    cfg = item["model"].config.quantization_config
-    assert {m["format"] for m in cfg.modules.values()} == {"int-2:4"}
     loaded = AutoModelForCausalLM.from_pretrained(item["dir"])
+    assert {m["format"] for m in loaded.config.quantization_config.modules.values()} == {"int-2:4"}
     assert torch.equal(logits(loaded), logits(item["model"]))
     for name, w in item["weights"].items():
         mod = loaded.get_submodule(name)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from models import BERT, GPT2, LLAMA, OPT, PHI, QWEN2, Arch, calib_ids, tiny_llama, weight_of
+from transformers import AutoConfig
 
 import llmpress
 from llmpress.loading import auto_class_for, load_model
@@ -52,7 +53,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
         out = save_compressed(model, base / arch.name, report=report)
         with torch.no_grad():
             logits = model(input_ids=PROBE).logits
-        jobs[arch.name] = (str(out), auto_class_for(model.config).__name__)
+        jobs[arch.name] = (str(out), auto_class_for(AutoConfig.from_pretrained(out)).__name__)
         expected[arch.name] = {"model": model, "report": report, "dir": out, "logits": logits}
     torch.save(PROBE, base / "probe.pt")
     r = subprocess.run(

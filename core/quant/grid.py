@@ -107,7 +107,7 @@ def check_spec(spec: QuantSpec, in_features: int, name: str) -> None:
     valid = [g for g in _COMMON_GROUP_SIZES if g <= in_features and in_features % g == 0]
     hint = ", ".join(["-1 (per output channel)"] + [str(g) for g in valid])
     raise ValueError(
-        f"module {name!r}: group_size {gs} does not divide in_features={in_features} "
+        f"module {name!r}: in_features={in_features} is not divisible by group_size={gs} "
         f"(partial groups are not supported); valid group sizes include: {hint}; or exclude "
         f"the module with 'ignore'"
     )

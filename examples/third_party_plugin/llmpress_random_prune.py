@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import llmpress
-from llmpress.config import MethodConfig, PruningConfig
+from llmpress.config import PruningConfig
 from llmpress.errors import RecipeError
 from llmpress.modules import get_weight
 
@@ -33,7 +33,7 @@ class RandomPruneConfig(PruningConfig):
     """Random pruning. ``seed``: seed of the scores (the same seed gives the same masks)."""
 
     method: ClassVar[str] = "random"
-    needs_calibration: ClassVar[bool] = False
+    needs_calibration: ClassVar[bool] = False  # no calibration data, so no statistics
     seed: int = 0
 
     def validate(self) -> None:
@@ -48,9 +48,8 @@ def llmpress_register_methods(register) -> None:  # noqa: ANN001
 
 
 @llmpress.hookimpl
-def llmpress_score_importance(module: nn.Module, stats: object, config: MethodConfig) -> torch.Tensor | None:
-    if not isinstance(config, RandomPruneConfig):
-        return None  # not our method: let the plugin that owns the config answer
+def llmpress_score_importance(module: nn.Module, stats: object, config: RandomPruneConfig) -> torch.Tensor:
+    # dispatch is by config type: this hook only ever sees RandomPruneConfig
     w = get_weight(module)  # [out, in]
     # mix the layer shape into the seed so layers of different shapes get unrelated scores
     g = torch.Generator().manual_seed(config.seed * 1_000_003 + zlib.crc32(str(tuple(w.shape)).encode()))
