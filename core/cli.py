@@ -144,6 +144,14 @@ def _demo(a: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmpress", description="Compress Hugging Face models with plugins.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument(
+        "-p",
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE and register it as a plugin (repeatable; also $LLMPRESS_PLUGINS)",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     c = sub.add_parser("compress", help="compress a model with a recipe")
@@ -221,10 +229,26 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
+        if args.plugin:
+            from llmpress.plugin_manager import get_plugin_manager
+
+            pm = get_plugin_manager()
+            for mod in args.plugin:
+                if pm.pm.get_plugin(mod) is None:
+                    pm.register(_import_plugin(mod), name=mod)
         return int(args.func(args) or 0)
     except (LlmpressError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _import_plugin(module: str) -> object:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise LlmpressError(f"cannot import plugin module {module!r} (--plugin): {e}") from e
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,6 +10,7 @@ method plugin never sees another method's config and needs no ``isinstance`` gua
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import os
 from types import ModuleType
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "llmpress"
 DISABLE_ENV = "LLMPRESS_DISABLE_PLUGINS"
+#: extra plugin modules to import and register, comma-separated (like ``PYTEST_PLUGINS``)
+PLUGINS_ENV = "LLMPRESS_PLUGINS"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +114,16 @@ class Llmpress:
             out[name] = sorted(m.name for m in self.methods.values() if m.plugin == name)
         return out
 
+    def register(self, plugin: ModuleType | Any, name: str | None = None) -> None:
+        """Add a plugin (a module or an object with hook implementations) to this manager;
+        its methods become usable in recipes at once."""
+        self.pm.register(plugin, name=name)
+        self.pm.check_pending()
+        self.methods.clear()
+        self._by_config.clear()
+        self._hooks.clear()
+        self._collect_methods()
+
     def plugin_origin(self, name: str) -> str:
         plugin = self.pm.get_plugin(name)
         for p, dist in self.pm.list_plugin_distinfo():
@@ -124,7 +137,8 @@ def make_plugin_manager(
 ) -> Llmpress:
     """Build a fresh manager: specs, entry-point plugins, extra plugins, then ``check_pending``.
 
-    Names listed (comma-separated) in ``$LLMPRESS_DISABLE_PLUGINS`` are blocked.
+    Modules listed (comma-separated) in ``$LLMPRESS_PLUGINS`` are imported and registered;
+    names listed in ``$LLMPRESS_DISABLE_PLUGINS`` are blocked.
     """
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
@@ -133,6 +147,12 @@ def make_plugin_manager(
             pm.set_blocked(name.strip())
     if load_entrypoints:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    for mod in os.environ.get(PLUGINS_ENV, "").split(","):
+        if mod.strip() and pm.get_plugin(mod.strip()) is None and not pm.is_blocked(mod.strip()):
+            try:
+                pm.register(importlib.import_module(mod.strip()), name=mod.strip())
+            except ImportError as e:
+                raise RecipeError(f"cannot import plugin module {mod.strip()!r} named in ${PLUGINS_ENV}: {e}") from e
     for p in extra_plugins or []:
         pm.register(p)
     pm.check_pending()
