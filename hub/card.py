@@ -413,9 +413,11 @@ def build_card_context(
                 "methods": ", ".join(m.methods),
                 "sparsity": f"{100 * m.sparsity:.1f} %",
                 "bits": f"{m.bits_per_param:.2f}" + (f" ({m.nominal_bits}-bit)" if m.nominal_bits else ""),
+                "loss": ", ".join(f"{k} {v:.4g}" for k, v in m.losses) or "-",
             }
             for m in mods
         ],
+        "has_loss": any(m.losses for m in mods),
         "plot": plot,
         "calibration": _calibration_text(calib),
         "compute": {

@@ -110,6 +110,8 @@ class ModuleStats:
     params: int
     nbytes: int
     nominal_bits: int | None = None
+    #: reconstruction loss per method (OBS methods), from the report
+    losses: tuple[tuple[str, float], ...] = ()
 
     @property
     def bits_per_param(self) -> float:
@@ -216,6 +218,7 @@ class FolderInfo:
                     params=params,
                     nbytes=nbytes,
                     nominal_bits=self.nominal_bits(name, methods),
+                    losses=tuple((k, float(v)) for k, v in (m.get("loss") or {}).items()),
                 )
             )
         return out

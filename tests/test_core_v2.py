@@ -212,13 +212,20 @@ def test_reported_loss_is_the_damped_quadratic_error(method: str) -> None:
     assert loss > 0 and abs(loss - expect) / expect < 1e-3
 
 
-def test_losses_reach_the_report() -> None:
+def test_losses_reach_the_report_and_the_model_card(tmp_path: Path) -> None:
+    from llmpress.hub import build_card
+
     recipe = {
         "stages": [{"method": "sparsegpt", "sparsity": 0.5}, {"method": "gptq", "bits": 4, "group_size": 32}]
     }
-    _, report = llmpress.compress(tiny_llama(), recipe, calib_ids(), progress=False)
+    model, report = llmpress.compress(tiny_llama(), recipe, calib_ids(), progress=False)
     d = report.to_dict()["modules"]["model.layers.0.mlp.up_proj"]
     assert set(d["loss"]) == {"sparsegpt", "gptq"} and all(v > 0 for v in d["loss"].values())
+    save_compressed(model, tmp_path / "m", report=report, sparse="auto")
+    text = build_card(tmp_path / "m").text
+    assert "reconstruction loss |" in text
+    row = next(line for line in text.splitlines() if "`model.layers.0.mlp.up_proj`" in line)
+    assert f"sparsegpt {d['loss']['sparsegpt']:.4g}, gptq {d['loss']['gptq']:.4g}" in row
 
 
 # ------------------------------------------------------------------ statistics
