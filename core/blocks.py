@@ -184,10 +184,10 @@ def _apply_scale(ctx: BlockContext, change: ScaleChannels) -> None:
         w = get_weight(src)  # [out, in]: divide output rows
         w.copy_(w / s.to(w.device).unsqueeze(1))
     else:
-        w = getattr(src, "weight", None)
-        if not isinstance(w, torch.Tensor) or w.dim() != 1:
+        nw = getattr(src, "weight", None)
+        if not isinstance(nw, torch.Tensor) or nw.dim() != 1:
             raise ModelError(f"{ctx.name}.{change.source} is neither a linear layer nor a norm with a weight")
-        w.copy_(w / s.to(w.device))
+        nw.copy_(nw / s.to(nw.device))
     bias = getattr(src, "bias", None)
     if isinstance(bias, torch.Tensor):
         bias.copy_(bias / s.to(bias.device))

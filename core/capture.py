@@ -18,18 +18,6 @@ class _Stop(Exception):
     """Raised by the capture hook to end the model forward at the first block."""
 
 
-def _to(x: Any, device: torch.device | str) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, tuple):
-        return tuple(_to(v, device) for v in x)
-    if isinstance(x, list):
-        return [_to(v, device) for v in x]
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
-
-
 @contextlib.contextmanager
 def outside_blocks_on(model: nn.Module, block_prefix: str, device: torch.device) -> Iterator[None]:
     """Temporarily move every parameter and buffer *not* in the blocks to ``device``."""

@@ -122,6 +122,7 @@ class PruningConfig(MethodConfig):
     pattern: str = "unstructured"
 
     def validate(self) -> None:
+        super().validate()
         nm = parse_pattern(self.pattern)  # raises on a bad pattern
         s = self.sparsity
         if s is None:
@@ -175,6 +176,7 @@ class QuantConfig(MethodConfig):
     symmetric: bool = False
 
     def validate(self) -> None:
+        super().validate()
         problem = grid_problem(self.bits, self.group_size, self.symmetric)
         if problem is not None:
             raise RecipeError(f"method {self.method!r}: {problem}")
@@ -188,3 +190,28 @@ class QuantConfig(MethodConfig):
     def quant_spec(self) -> QuantSpec:
         """The grid these options describe."""
         return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+
+
+@dataclasses.dataclass(frozen=True)
+class OBSConfig(MethodConfig):
+    """Options of the OBS column sweep shared by SparseGPT and GPTQ (:mod:`llmpress.obs`).
+
+    ``blocksize``: columns per lazy-update block; ``percdamp``: damping as a fraction of
+    ``mean(diag H)``. Needs the input Hessian. Put it first among a method config's bases
+    (``class GPTQConfig(OBSConfig, QuantConfig)``) so the grid options come first in its dict.
+    """
+
+    stats: ClassVar[frozenset[str]] = frozenset({"hessian"})
+    blocksize: int = 128
+    percdamp: float = 0.01
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
+            raise RecipeError(f"{self.method}: blocksize must be an integer >= 1, got {self.blocksize!r}")
+        if (
+            isinstance(self.percdamp, bool)
+            or not isinstance(self.percdamp, (int, float))
+            or not 0 <= self.percdamp < 10
+        ):
+            raise RecipeError(f"{self.method}: percdamp must be a number in [0, 10), got {self.percdamp!r}")

@@ -10,7 +10,9 @@ Results are :class:`EvalRecord` rows stored in ``DIR/llmpress_eval.json``::
     {"version": 1, "results": [{"task": "tiny_mc", "metric": "acc", "value": 0.5, ...}, ...]}
 
 A new result replaces the stored one with the same ``(task, metric)``; the model card turns
-every row into a ``model-index`` entry.
+every row into a ``model-index`` entry. Only finite numbers are recorded: a NaN or infinite
+result (a damaged checkpoint, an fp16 overflow) raises :class:`EvalTaskError` instead, and a
+file holding one is refused when read.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -31,6 +34,9 @@ log = logging.getLogger(__name__)
 
 EVAL_FILE = "llmpress_eval.json"
 EVAL_FORMAT_VERSION = 1
+_PROBE_TEXT = (
+    "The quick brown fox jumps over the lazy dog. It was the best of times, it was the worst of times."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,33 +73,102 @@ class EvalRecord:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+# ------------------------------------------------------------------------ finite values
+
+#: what to check when a model produces NaN/inf, appended to every such error
+NON_FINITE_HINT = (
+    "Check the checkpoint (damaged or badly compressed weights) and the dtype: fp16 can overflow, "
+    "evaluate in float32 (e.g. --dtype float32). Nothing was recorded."
+)
+
+
+def _finite(x: Any) -> bool:
+    """Whether ``x`` is absent or a finite number (a string or other object is not)."""
+    if x is None:
+        return True
+    try:
+        return not isinstance(x, bool) and math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def non_finite(records: Sequence[EvalRecord]) -> list[EvalRecord]:
+    """The records whose value or stderr is NaN, infinite or not a number."""
+    return [r for r in records if not (_finite(r.value) and _finite(r.stderr))]
+
+
+def _describe(records: Sequence[EvalRecord]) -> str:
+    return ", ".join(
+        f"{r.task} {r.metric} = {r.value}" + (f" ± {r.stderr}" if r.stderr is not None else "")
+        for r in records
+    )
+
+
+def check_finite(records: Sequence[EvalRecord], where: str) -> None:
+    """Raise :class:`EvalTaskError` naming each (task, metric) of ``records`` that is not finite."""
+    bad = non_finite(records)
+    if bad:
+        raise EvalTaskError(f"{where}: the model produces NaN/inf: {_describe(bad)}. {NON_FINITE_HINT}")
+
+
 # ------------------------------------------------------------------------------ storage
 
 
+def _read_records(path: Path) -> list[EvalRecord]:
+    """The rows of an evaluation file as they are (no finiteness check)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise EvalTaskError(f"{path} is not valid JSON ({e}); delete it and re-run `llmpress eval`") from None
+    rows = data.get("results", []) if isinstance(data, dict) else []
+    return [EvalRecord.from_dict(r) for r in rows if isinstance(r, dict)]
+
+
+def _refuse_non_finite_file(path: Path, records: Sequence[EvalRecord]) -> None:
+    bad = non_finite(records)
+    if bad:
+        raise EvalTaskError(
+            f"{path} holds result(s) that are not finite numbers: {_describe(bad)} (the model produced NaN/inf "
+            "when it was evaluated, or the file was edited). "
+            "Delete those entries (or the file) and re-run `llmpress eval` on a sound checkpoint."
+        )
+
+
 def load_eval(folder: str | Path) -> list[EvalRecord]:
-    """The records saved in ``folder/llmpress_eval.json`` (empty if there is none)."""
+    """The records saved in ``folder/llmpress_eval.json`` (empty if there is none).
+
+    :raises EvalTaskError: the file is not JSON or holds a NaN/infinite value.
+    """
     path = Path(folder) / EVAL_FILE
     if not path.is_file():
         return []
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return [EvalRecord.from_dict(r) for r in data.get("results", []) if isinstance(r, dict)]
+    records = _read_records(path)
+    _refuse_non_finite_file(path, records)
+    return records
 
 
 def save_eval(folder: str | Path, records: Sequence[EvalRecord]) -> Path:
-    """Merge ``records`` into ``folder/llmpress_eval.json`` (atomically); same (task, metric) replaced."""
+    """Merge ``records`` into ``folder/llmpress_eval.json`` (atomically); same (task, metric) replaced.
+
+    :raises EvalTaskError: a record (new, or kept from the file) is NaN or infinite; nothing is written.
+    """
     folder = Path(folder)
-    merged = {r.key: r for r in load_eval(folder)}
-    merged.update({r.key: r for r in records})
+    check_finite(records, f"refusing to save to {folder / EVAL_FILE}")
+    path = folder / EVAL_FILE
+    new = {r.key: r for r in records}
+    kept = [r for r in (_read_records(path) if path.is_file() else []) if r.key not in new]
+    _refuse_non_finite_file(path, kept)  # an old bad entry that this save does not replace
+    merged = {r.key: r for r in kept}
+    merged.update(new)
     data = {
         "version": EVAL_FORMAT_VERSION,
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "results": [r.to_dict() for r in merged.values()],
     }
-    path = folder / EVAL_FILE
     fd, tmp = tempfile.mkstemp(prefix=f".{EVAL_FILE}.", dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
+            json.dump(data, f, indent=2, allow_nan=False)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -106,9 +181,12 @@ def save_eval(folder: str | Path, records: Sequence[EvalRecord]) -> Path:
 
 
 def perplexity_record(result: dict[str, float], text: str | Path, seqlen: int) -> EvalRecord:
-    """An :class:`EvalRecord` for a :func:`llmpress.perplexity` result on a text file."""
+    """An :class:`EvalRecord` for a :func:`llmpress.perplexity` result on a text file.
+
+    :raises EvalTaskError: the perplexity is NaN or infinite.
+    """
     name = Path(text).name
-    return EvalRecord(
+    record = EvalRecord(
         task=name,
         metric="perplexity",
         value=float(result["perplexity"]),
@@ -119,6 +197,8 @@ def perplexity_record(result: dict[str, float], text: str | Path, seqlen: int) -
         source="llmpress perplexity",
         notes=f"{int(result['windows'])} windows of {seqlen} tokens",
     )
+    check_finite([record], f"perplexity on {name}")
+    return record
 
 
 # ------------------------------------------------------------------------------- lm-eval
@@ -184,8 +264,21 @@ def task_manager(tasks: Sequence[str], include_path: Sequence[str | Path] | None
     return tm
 
 
+def _stderr(value: Any, task: str, metric: str) -> float | None:
+    """lm-eval's stderr as a float; ``None`` when absent, ``"N/A"`` or not finite (e.g. one document)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    if not math.isfinite(value):
+        log.warning("lm-eval gave %s %s a stderr of %s; recorded without one", task, metric, value)
+        return None
+    return float(value)
+
+
 def _records(results: dict[str, Any], limit: float | None) -> list[EvalRecord]:
-    """Flatten lm-eval's ``results`` (``{"task": {"acc,none": v, "acc_stderr,none": s}}``)."""
+    """Flatten lm-eval's ``results`` (``{"task": {"acc,none": v, "acc_stderr,none": s}}``).
+
+    :raises EvalTaskError: a metric is NaN or infinite (named with its task).
+    """
     out = []
     for task, res in results.get("results", {}).items():
         cfg = results.get("configs", {}).get(task, {})
@@ -203,15 +296,12 @@ def _records(results: dict[str, Any], limit: float | None) -> list[EvalRecord]:
             metric, filt = key.split(",", 1)
             if metric.endswith("_stderr"):
                 continue
-            stderr = res.get(f"{metric}_stderr,{filt}")
             out.append(
                 EvalRecord(
                     task=task,
                     metric=metric if filt == "none" else f"{metric} ({filt})",
                     value=float(value),
-                    stderr=float(stderr)
-                    if isinstance(stderr, (int, float)) and not isinstance(stderr, bool)
-                    else None,
+                    stderr=_stderr(res.get(f"{metric}_stderr,{filt}"), task, metric),
                     dataset=(cfg.get("dataset_name") or path) if hub_dataset else task,
                     dataset_type=path if hub_dataset else task,
                     split=cfg.get("test_split") or cfg.get("validation_split"),
@@ -222,7 +312,29 @@ def _records(results: dict[str, Any], limit: float | None) -> list[EvalRecord]:
                     source=f"lm-eval {results.get('lm_eval_version', '')}".strip(),
                 )
             )
+    check_finite(out, "lm-eval")
     return out
+
+
+def check_logits(model: Any, tokenizer: Any, what: str) -> None:
+    """Raise :class:`EvalTaskError` when one forward pass on a short text gives NaN/inf logits.
+
+    lm-eval turns NaN log-likelihoods into a finite but meaningless accuracy (every argmax picks
+    the first choice), so a broken model is caught before the tasks run.
+    """
+    import torch
+
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return
+    ids = tokenizer(_PROBE_TEXT, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(device), use_cache=False).logits
+    if not bool(torch.isfinite(logits).all()):
+        kind = "NaN" if bool(torch.isnan(logits).any()) else "inf"
+        raise EvalTaskError(
+            f"{what}: the model produces NaN/inf: its logits contain {kind} on a probe text. {NON_FINITE_HINT}"
+        )
 
 
 def run_lm_eval(
@@ -243,6 +355,7 @@ def run_lm_eval(
     :param limit: documents per task (a fraction when < 1); ``None`` runs them all.
     :param include_path: folders of local task YAMLs.
     :returns: one :class:`EvalRecord` per (task, metric).
+    :raises EvalTaskError: unknown task, or the model produces NaN/inf (logits or a metric).
     """
     if not tasks:
         raise EvalTaskError("no lm-eval task given")
@@ -250,6 +363,7 @@ def run_lm_eval(
     from lm_eval.models.huggingface import HFLM
 
     tm = task_manager(tasks, include_path)
+    check_logits(model, tokenizer, f"lm-eval {list(tasks)}")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     t0 = time.perf_counter()
     try:

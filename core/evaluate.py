@@ -1,4 +1,8 @@
-"""Perplexity over non-overlapping windows of a text (each window scored independently)."""
+"""Perplexity over non-overlapping windows of a text (each window scored independently).
+
+A model that produces NaN/inf (a damaged checkpoint, an fp16 overflow) raises
+:class:`~llmpress.errors.EvalTaskError` instead of returning a NaN or infinite perplexity.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmpress.errors import ModelError
+from llmpress.errors import EvalTaskError, ModelError
+from llmpress.eval_harness import NON_FINITE_HINT
 
 
 def text_windows(tokenizer: Any, text: str, seqlen: int, max_tokens: int | None = None) -> torch.Tensor:
@@ -38,19 +43,39 @@ def perplexity_of_windows(
         raise ModelError(f"perplexity needs a causal LM; {type(model).__name__} is not one")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     nll, count = 0.0, 0
-    for x in tqdm(windows.split(batch_size), desc="perplexity", disable=not progress):
+    for i, x in enumerate(tqdm(windows.split(batch_size), desc="perplexity", disable=not progress)):
         x = x.to(dev)
         logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()  # [B, L-1, V]
-        nll += F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum"
-        ).item()
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum")
+        if not bool(torch.isfinite(loss)):
+            first = i * batch_size
+            raise _non_finite(logits, f"windows {first}..{first + x.shape[0] - 1}")
+        nll += loss.item()
         count += x[:, 1:].numel()
+    if nll / count > _MAX_LOG_PERPLEXITY:
+        raise EvalTaskError(
+            f"perplexity: the mean NLL {nll / count:.4g} overflows exp() (perplexity = inf). {NON_FINITE_HINT}"
+        )
     return {
         "perplexity": math.exp(nll / count),
         "nll": nll / count,
         "tokens": float(count),
         "windows": float(windows.shape[0]),
     }
+
+
+_MAX_LOG_PERPLEXITY = math.log(1e300)  # exp() of more overflows a float
+
+
+def _non_finite(logits: torch.Tensor, where: str) -> EvalTaskError:
+    """The error for a NaN/inf loss: says whether the logits themselves hold NaN or inf."""
+    if bool(torch.isnan(logits).any()):
+        cause = "its logits contain NaN"
+    elif bool(torch.isinf(logits).any()):
+        cause = "its logits contain inf"
+    else:
+        cause = "the loss is not finite"
+    return EvalTaskError(f"perplexity: the model produces NaN/inf on {where} ({cause}). {NON_FINITE_HINT}")
 
 
 def _is_causal(model: nn.Module) -> bool:

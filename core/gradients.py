@@ -51,7 +51,7 @@ def collect_gradients(
             (out.loss * (batch.shape[0] * (batch.shape[1] - 1))).backward()  # sum over predictions
             for n in names:
                 w = model.get_submodule(n).weight
-                assert w.grad is not None, n
+                assert isinstance(w, torch.Tensor) and w.grad is not None, n
                 g = w.grad.t() if w.grad.shape != wanted[n].shape else w.grad  # Conv1D: [in, out]
                 grads[n] += g.detach().float().cpu()
                 w.grad = None

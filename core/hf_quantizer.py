@@ -9,7 +9,9 @@ are, bit for bit.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,15 @@ from safetensors import SafetensorError, safe_open
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from llmpress.checkpoint import (
+    VERIFY_ENV,
+    check_tensors,
+    config_checksum,
+    module_formats,
+    read_headers,
+    validate_quantization_config,
+    verify_checksums,
+)
 from llmpress.errors import CheckpointError
 from llmpress.formats import FORMAT_VERSION, ModuleFormat
 from llmpress.runtime import replace_module, select_kernels
@@ -25,13 +36,16 @@ from llmpress.versions import package_version
 
 log = logging.getLogger(__name__)
 QUANT_METHOD = "llmpress"
+NOTE = "load with: pip install llmpress, then `import llmpress` before from_pretrained"
 
 
 class LlmpressConfig(QuantizationConfigMixin):
     """The ``quantization_config`` of an llmpress checkpoint (round-trips through JSON).
 
     ``modules``: qualified layer name -> :class:`ModuleFormat` dict; ``recipe``: the recipe
-    that produced it; ``format_version``: layout version (a newer one is refused).
+    that produced it; ``format_version``: layout version (a newer one is refused);
+    ``checksums``/``config_checksum``: recorded at save time, verified at load. The whole
+    dict is validated against :class:`llmpress.checkpoint.QuantizationConfigSchema`.
     """
 
     def __init__(
@@ -43,29 +57,25 @@ class LlmpressConfig(QuantizationConfigMixin):
         **kwargs: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD  # type: ignore[assignment]  # transformers types this as its enum
-        self.format_version = int(format_version)
+        self.format_version = format_version
         self.llmpress_version = llmpress_version or package_version("llmpress")
-        self.modules = dict(modules or {})
-        self.recipe = recipe or {}
-        self.note = kwargs.pop(
-            "note", "load with: pip install llmpress, then `import llmpress` before from_pretrained"
-        )
+        self.modules = dict(modules or {}) if isinstance(modules, dict) or modules is None else modules
+        self.recipe = recipe if recipe is not None else {}
+        self.note = kwargs.pop("note", NOTE)
+        self.checksums = kwargs.pop("checksums", None)
+        self.config_checksum = kwargs.pop("config_checksum", None)
+        kwargs.pop("quant_method", None)
+        self._unknown = kwargs  # refused by the schema in post_init
         self.post_init()
 
     def post_init(self) -> None:
-        if self.format_version > FORMAT_VERSION:
-            raise CheckpointError(
-                f"this checkpoint uses llmpress format version {self.format_version}, newer than this "
-                f"llmpress ({package_version('llmpress')}) reads ({FORMAT_VERSION}); upgrade llmpress"
-            )
-        for name, spec in self.modules.items():
-            ModuleFormat.from_dict(spec, name)  # validates every entry
+        self.schema = validate_quantization_config({**self.to_dict(), **self._unknown})
 
     def module_formats(self) -> dict[str, ModuleFormat]:
-        return {n: ModuleFormat.from_dict(s, n) for n, s in self.modules.items()}
+        return module_formats(self.schema)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "quant_method": QUANT_METHOD,
             "format_version": self.format_version,
             "llmpress_version": self.llmpress_version,
@@ -73,6 +83,11 @@ class LlmpressConfig(QuantizationConfigMixin):
             "recipe": self.recipe,
             "modules": self.modules,
         }
+        if self.checksums is not None:
+            d["checksums"] = self.checksums
+        if self.config_checksum is not None:
+            d["config_checksum"] = self.config_checksum
+        return d
 
 
 def verify_safetensors(path: str | Path) -> None:
@@ -93,6 +108,15 @@ def verify_safetensors(path: str | Path) -> None:
         raise CheckpointError(
             f"{p} is not a valid safetensors file ({e}); re-download or re-save it"
         ) from None
+
+
+def _tied_names(model: Any) -> set[str]:
+    """State-dict names a checkpoint may leave out because they are tied to another tensor."""
+    out: set[str] = set()
+    tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None)
+    if isinstance(tied, (dict, list, tuple, set)):
+        out |= set(tied)
+    return out
 
 
 class LlmpressHfQuantizer(HfQuantizer):
@@ -129,7 +153,35 @@ class LlmpressHfQuantizer(HfQuantizer):
             dev = w.device if isinstance(w, torch.Tensor) else None
             bias = isinstance(getattr(old, "bias", None), torch.Tensor)
             replace_module(model, name, fmt.spec.runtime(fmt, bias, dev))
+        if checkpoint_files:
+            self._check_files(model, [str(f) for f in checkpoint_files])
         return model
+
+    def _check_files(self, model: Any, files: list[str]) -> None:
+        """Every tensor of ``files`` against the model just built, then the checksums."""
+        cfg = self.quantization_config
+        assert isinstance(cfg, LlmpressConfig)
+        packed = {n for n, f in cfg.module_formats().items() if f.spec.packed}
+        expected: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {}
+        for k, t in model.state_dict().items():
+            owner = k.rpartition(".")[0]
+            exact = owner in packed and not k.endswith(".bias")
+            expected[k] = (tuple(t.shape), t.dtype if exact else None)
+        found = read_headers(files)
+        check_tensors(expected, found, optional=_tied_names(model))
+        if cfg.checksums is not None:
+            verify_checksums(files, cfg.checksums, found)
+        saved_config = Path(files[0]).parent / "config.json"
+        if cfg.config_checksum is not None and saved_config.is_file():
+            try:
+                raw = json.loads(saved_config.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{saved_config} is not valid JSON ({e})") from None
+            if config_checksum(raw) != cfg.config_checksum and os.environ.get(VERIFY_ENV, "") != "0":
+                raise CheckpointError(
+                    f"{saved_config} was changed after llmpress saved it (its checksum differs); re-download "
+                    f"the checkpoint, or set {VERIFY_ENV}=0 to load it anyway at your own risk"
+                )
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         """Choose each packed layer's kernel once, now that its tensors are in place."""

@@ -19,19 +19,6 @@ def dead_inputs(hessian: torch.Tensor) -> torch.Tensor:
     return torch.diagonal(hessian) == 0
 
 
-def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fix dead inputs, in place: ``H[d, d] = 1`` and ``W[:, d] = 0`` for each dead column ``d``.
-
-    hessian: [in, in], weight: [out, in] (both float32, owned by the caller and modified).
-    A never-active input carries no information, as in the reference implementations.
-    """
-    dead = dead_inputs(hessian)
-    if bool(dead.any()):
-        hessian[dead, dead] = 1.0
-        weight[:, dead] = 0.0
-    return hessian, weight
-
-
 def inverse_cholesky_upper(
     hessian: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6, overwrite: bool = False
 ) -> torch.Tensor:

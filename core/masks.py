@@ -56,12 +56,3 @@ def select_mask(scores: torch.Tensor, target: SparsityTarget) -> torch.Tensor:
     if target.nm is not None:
         return nm_mask(scores, *target.nm)
     return unstructured_mask(scores, target.sparsity, target.group)
-
-
-def is_nm_sparse(weight: torch.Tensor, n: int, m: int) -> bool:
-    """True if every ``m`` consecutive input weights hold at most ``n`` nonzeros."""
-    out, cols = weight.shape
-    if cols % m:
-        return False
-    nnz = (weight.reshape(out, cols // m, m) != 0).sum(-1)
-    return bool((nnz <= n).all())

@@ -60,10 +60,6 @@ class QuantState:
             self, codes=self.codes.to(device), scales=self.scales.to(device), zeros=self.zeros.to(device)
         )
 
-    def grid(self) -> dict[str, Any]:
-        """The grid's settings without tensors (JSON-ready)."""
-        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
-
 
 @dataclasses.dataclass
 class LayerResult:
@@ -113,10 +109,6 @@ class CompressionState:
     def keep_mask(self, name: str) -> torch.Tensor | None:
         r = self.layers.get(name)
         return None if r is None else r.mask
-
-    def quant(self, name: str) -> QuantState | None:
-        r = self.layers.get(name)
-        return None if r is None else r.quant
 
     @property
     def quantized(self) -> dict[str, QuantState]:

@@ -192,11 +192,7 @@ def save_compressed(
         finally:  # the caller's config as it was
             config.__dict__.clear()
             config.__dict__.update(old)
-        if dtype is not None:  # save_pretrained records the in-memory dtype; the files hold ``dtype``
-            cfg_file = tmp / "config.json"
-            saved = json.loads(cfg_file.read_text())
-            saved["dtype"] = str(dtype).replace("torch.", "")
-            cfg_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+        _finish_config(tmp, dtype, checksums=bool(modules))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:
@@ -206,6 +202,23 @@ def save_compressed(
             extra(tmp)
     log.info("saved to %s", out_dir)
     return Path(out_dir)
+
+
+def _finish_config(folder: Path, dtype: torch.dtype | None, checksums: bool) -> None:
+    """Fix up the saved ``config.json``: the stored ``dtype`` (save_pretrained records the
+    in-memory one) and, for llmpress checkpoints, the checksums of every tensor and of the
+    model config, verified at load (:mod:`llmpress.checkpoint`)."""
+    from llmpress.checkpoint import config_checksum, file_checksums
+
+    cfg_file = folder / "config.json"
+    saved = json.loads(cfg_file.read_text())
+    if dtype is not None:
+        saved["dtype"] = str(dtype).replace("torch.", "")
+    if checksums:
+        q = saved["quantization_config"]
+        q["checksums"] = file_checksums(sorted(folder.glob("*.safetensors")))
+        q["config_checksum"] = config_checksum(saved)
+    cfg_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
 def cast_saved_tensors(model: Any, dtype: torch.dtype) -> None:

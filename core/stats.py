@@ -211,11 +211,6 @@ class LayerStats:
         return self.acc[name]
 
     @property
-    def xtx(self) -> torch.Tensor | None:
-        """``X^T X`` (float32 [in, in]) if collected and not yet taken."""
-        return self.acc.get("hessian")
-
-    @property
     def hessian(self) -> torch.Tensor:
         """Mean ``X^T X / n`` (float32 [in, in], a new tensor)."""
         hint = " (or it was consumed by take_xtx(); use the cached factor in stats.cache)"

@@ -18,13 +18,12 @@ import torch
 from torch import nn
 
 from llmpress import hookimpl
-from llmpress.config import QuantConfig
-from llmpress.errors import RecipeError
+from llmpress.config import OBSConfig, QuantConfig
 from llmpress.kernels.gptq_block import HAVE_TRITON, gptq_block_triton
 from llmpress.linalg import cached_inverse_cholesky
 from llmpress.modules import get_weight
 from llmpress.obs import obs_loss, obs_sweep
-from llmpress.quant.grid import QuantSpec, compute_qparams, dequantize_weight, group_qparams
+from llmpress.quant.grid import QuantSpec, compute_qparams, group_qparams
 from llmpress.results import LayerResult, QuantState
 from llmpress.stats import LayerStats
 
@@ -37,26 +36,16 @@ CITATION = """@inproceedings{frantar2023gptq,
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTQConfig(QuantConfig):
+class GPTQConfig(OBSConfig, QuantConfig):
     """GPTQ: quantization grid options plus the OBS sweep's."""
 
     method: ClassVar[str] = "gptq"
     citation: ClassVar[str] = CITATION
-    stats: ClassVar[frozenset[str]] = frozenset({"hessian"})
-    blocksize: int = 128
-    percdamp: float = 0.01
     act_order: bool = False
     true_sequential: bool = False
 
     def sequential(self) -> bool:
         return bool(self.true_sequential)
-
-    def validate(self) -> None:
-        super().validate()
-        if int(self.blocksize) < 1:
-            raise RecipeError(f"gptq: blocksize must be >= 1, got {self.blocksize}")
-        if not 0 <= float(self.percdamp) < 10:
-            raise RecipeError(f"gptq: percdamp must be in [0, 10), got {self.percdamp}")
 
 
 @torch.no_grad()
@@ -119,9 +108,8 @@ def gptq_quantize(
     else:
         loss = obs_sweep(WT, U, step, blocksize)
     codes = codesT.t().contiguous()  # [out, in]
-    scales, zeros = scalesT.t().contiguous(), zerosT.t().contiguous()  # [out, G]
-    w_hat = dequantize_weight(codes, scales, zeros, config.group_size)
-    return w_hat, QuantState.of(codes, scales, zeros, config), loss
+    state = QuantState.of(codes, scalesT.t().contiguous(), zerosT.t().contiguous(), config)  # scales [out, G]
+    return state.dequantize(), state, loss
 
 
 def _sweep_triton(

@@ -11,7 +11,7 @@ from torch import nn
 from llmpress import hookimpl
 from llmpress.config import QuantConfig
 from llmpress.modules import get_weight
-from llmpress.quant.grid import dequantize_weight, quantize_weight
+from llmpress.quant.grid import quantize_weight
 from llmpress.results import LayerResult, QuantState
 from llmpress.stats import LayerStats
 
@@ -44,8 +44,8 @@ def rtn_quantize(
             weight.shape[1] if config.group_size == -1 else config.group_size, dim=1
         )
         codes = torch.where(keep, codes, zero_codes)
-    w = dequantize_weight(codes, scales, zeros, config.group_size)
-    return w, QuantState.of(codes, scales, zeros, config)
+    state = QuantState.of(codes, scales, zeros, config)
+    return state.dequantize(), state
 
 
 @hookimpl

@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from llmpress import hookimpl
-from llmpress.config import PruningConfig
-from llmpress.errors import RecipeError
+from llmpress.config import OBSConfig, PruningConfig
 from llmpress.linalg import cached_inverse_cholesky
 from llmpress.modules import get_weight
 from llmpress.obs import obs_sweep
@@ -33,21 +32,11 @@ CITATION = """@inproceedings{frantar2023sparsegpt,
 
 
 @dataclasses.dataclass(frozen=True)
-class SparseGPTConfig(PruningConfig):
-    """``blocksize``: columns per lazy-update block; ``percdamp``: damping as a fraction of mean(diag H)."""
+class SparseGPTConfig(OBSConfig, PruningConfig):
+    """SparseGPT: the sparsity target plus the OBS sweep's options."""
 
     method: ClassVar[str] = "sparsegpt"
     citation: ClassVar[str] = CITATION
-    stats: ClassVar[frozenset[str]] = frozenset({"hessian"})
-    blocksize: int = 128
-    percdamp: float = 0.01
-
-    def validate(self) -> None:
-        super().validate()
-        if int(self.blocksize) < 1:
-            raise RecipeError(f"sparsegpt: blocksize must be >= 1, got {self.blocksize}")
-        if not 0 <= float(self.percdamp) < 10:
-            raise RecipeError(f"sparsegpt: percdamp must be in [0, 10), got {self.percdamp}")
 
 
 def sparsegpt_prune(

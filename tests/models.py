@@ -229,3 +229,12 @@ def save_model_dir(path: Path, model: nn.Module, tokenizer: Any) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def is_nm_sparse(weight: torch.Tensor, n: int, m: int) -> bool:
+    """True if every ``m`` consecutive input weights hold at most ``n`` nonzeros."""
+    out, cols = weight.shape
+    if cols % m:
+        return False
+    nnz = (weight.reshape(out, cols // m, m) != 0).sum(-1)
+    return bool((nnz <= n).all())

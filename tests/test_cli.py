@@ -13,10 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from models import DATA_DIR, LLAMA, save_model_dir, tiny_bert, tiny_llama, weight_of
+from models import DATA_DIR, LLAMA, is_nm_sparse, save_model_dir, tiny_bert, tiny_llama, weight_of
 
 from llmpress.cli import main
-from llmpress.masks import is_nm_sparse
 from llmpress.save import REPORT_FILE
 
 CALIB = DATA_DIR / "calib.txt"

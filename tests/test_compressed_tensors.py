@@ -19,6 +19,7 @@ from _quant_models import (
     tiny_gpt2,
     tiny_llama,
 )
+from models import is_nm_sparse
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -27,7 +28,6 @@ from llmpress.cli import main
 from llmpress.compressed_tensors import compressed_tensors_config, save_compressed_tensors
 from llmpress.errors import LlmpressError
 from llmpress.loading import load_model
-from llmpress.masks import is_nm_sparse
 from llmpress.quant.packing import unpack_int32
 from llmpress.save import save_quantized, save_result
 

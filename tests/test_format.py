@@ -27,13 +27,13 @@ from _quant_models import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from models import is_nm_sparse
 from transformers import AutoModelForCausalLM
 
 import llmpress
 from llmpress.cli import main
 from llmpress.errors import CheckpointError
 from llmpress.formats import PACKED_FORMATS, ModuleFormat, choose_format, pack_module, unpack_module
-from llmpress.masks import is_nm_sparse
 from llmpress.quant.grid import dequantize_weight
 from llmpress.results import LayerResult, QuantState
 from llmpress.runtime import LlmpressLinear

@@ -264,9 +264,12 @@ def test_server_down_mid_upload_then_rerun_succeeds(
     local_hub: LocalHubServer, compressed, folder: Path
 ) -> None:
     local_hub.fail_next(paths_containing="/commit/", crash=True)  # dies when the commit arrives (after LFS)
-    with pytest.raises(PublishError, match=rf"cannot reach {re.escape(local_hub.url)} .*re-run"):
+    url = re.escape(local_hub.url)
+    with pytest.raises(PublishError, match=rf"connection to {url} dropped .*Nothing was published.*re-run"):
         push(folder, "local-user/crash", retries=1)
     assert not local_hub.running
+    with pytest.raises(PublishError, match=rf"create repo: cannot reach {url} \(ConnectError\)"):
+        push(folder, "local-user/crash", retries=1)
     local_hub.start()
     assert HfApi().list_repo_files("local-user/crash") == [".gitattributes"]
     push(folder, "local-user/crash")

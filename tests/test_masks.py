@@ -6,9 +6,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from models import is_nm_sparse
 
 from llmpress.errors import ModelError, RecipeError
-from llmpress.masks import check_nm_divides, is_nm_sparse, nm_mask, select_mask, unstructured_mask
+from llmpress.masks import check_nm_divides, nm_mask, select_mask, unstructured_mask
 from llmpress.plugins import masking
 from llmpress.plugins.wanda import WandaConfig
 from llmpress.targets import SparsityTarget, parse_pattern

@@ -8,17 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmpress.quant.packing import (
-    compress_sparse,
-    decompress_sparse,
     pack_24,
     pack_bitmask,
     pack_int32,
-    pack_uint8_nibbles,
     packed_int32_width,
     unpack_24,
     unpack_bitmask,
     unpack_int32,
-    unpack_uint8_nibbles,
 )
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -109,27 +105,6 @@ def test_pack_int32_validation() -> None:
         unpack_int32(torch.zeros(1, 2, dtype=torch.int64), 4, 16)
 
 
-# --------------------------------------------------------------------------- nibbles
-
-
-@SETTINGS
-@given(rows_st, in_st, seed_st)
-def test_nibbles_roundtrip(rows: int, in_f: int, seed: int) -> None:
-    codes = torch.randint(0, 16, (rows, in_f), generator=_gen(seed), dtype=torch.uint8)
-    packed = pack_uint8_nibbles(codes)
-    assert packed.dtype == torch.uint8 and packed.shape == (rows, (in_f + 1) // 2)
-    assert torch.equal(packed[:, 0] & 0xF, codes[:, 0])
-    if in_f > 1:
-        assert torch.equal(packed[:, 0] >> 4, codes[:, 1])
-    assert torch.equal(unpack_uint8_nibbles(packed, in_f), codes)
-
-
-def test_nibbles_layout_and_validation() -> None:
-    assert pack_uint8_nibbles(torch.tensor([[1, 2, 15]], dtype=torch.uint8)).tolist() == [[0x21, 0x0F]]
-    with pytest.raises(ValueError):
-        pack_uint8_nibbles(torch.tensor([[16]]))
-
-
 # --------------------------------------------------------------------------- bitmask / sparse
 
 
@@ -148,29 +123,6 @@ def test_bitmask_known_layout() -> None:
     mask = torch.zeros(1, 10, dtype=torch.bool)
     mask[0, [0, 7, 9]] = True
     assert pack_bitmask(mask).tolist() == [[0x81, 0x02]]
-
-
-@SETTINGS
-@given(rows_st, in_st, seed_st, st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
-def test_sparse_roundtrip(rows: int, in_f: int, seed: int, dtype: torch.dtype) -> None:
-    gen = _gen(seed)
-    W = (torch.randn(rows, in_f, generator=gen) * (torch.rand(rows, in_f, generator=gen) < 0.4)).to(dtype)
-    values, bitmask = compress_sparse(W, W != 0)
-    assert values.dim() == 1 and values.numel() == int((W != 0).sum())
-    assert torch.equal(values, W.flatten()[W.flatten() != 0])  # row-major order
-    assert torch.equal(decompress_sparse(values, bitmask, W.shape, dtype), W)
-    v2, b2 = compress_sparse(W)  # default mask W != 0
-    assert torch.equal(v2, values) and torch.equal(b2, bitmask)
-
-
-def test_sparse_validation() -> None:
-    W = torch.randn(3, 10)
-    values, bitmask = compress_sparse(W, W > 0)
-    with pytest.raises(ValueError, match="entries"):
-        decompress_sparse(values[:-1], bitmask, W.shape)
-    with pytest.raises(ValueError, match="shape"):
-        compress_sparse(W, torch.ones(3, 9, dtype=torch.bool))
-    assert decompress_sparse(values, bitmask, W.shape, torch.float64).dtype == torch.float64
 
 
 # --------------------------------------------------------------------------- 2:4
@@ -243,6 +195,3 @@ def test_pack_on_device_matches_cpu(device: str, bits: int) -> None:
     W = _random_24(9, 132, bits).to(device)
     values, meta = pack_24(W)
     assert torch.equal(unpack_24(values, meta, 132), W)
-    assert torch.equal(
-        unpack_uint8_nibbles(pack_uint8_nibbles(codes.to(device) & 15), 131), codes.to(device) & 15
-    )

@@ -18,14 +18,13 @@ from typing import ClassVar
 import pluggy
 import pytest
 import torch
-from models import LLAMA, calib_ids, snapshot, tiny_llama, weight_of
+from models import LLAMA, calib_ids, is_nm_sparse, snapshot, tiny_llama, weight_of
 
 import llmpress
 from llmpress import hookimpl
 from llmpress.cli import main
 from llmpress.config import PruningConfig
 from llmpress.errors import RecipeError
-from llmpress.masks import is_nm_sparse
 from llmpress.plugin_manager import DISABLE_ENV, ENTRY_POINT_GROUP, make_plugin_manager
 from llmpress.plugins.wanda import WandaConfig
 from llmpress.recipe import Recipe

@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
-from models import ARCHS, LLAMA, Arch, calib_ids, snapshot, tiny_llama, weight_of
+from models import ARCHS, LLAMA, Arch, calib_ids, is_nm_sparse, snapshot, tiny_llama, weight_of
 from torch import nn
 
 import llmpress
-from llmpress.masks import is_nm_sparse, nm_mask, unstructured_mask
+from llmpress.masks import nm_mask, unstructured_mask
 from llmpress.plugin_manager import make_plugin_manager
 from llmpress.plugins.sparsegpt import SparseGPTConfig
 from llmpress.plugins.wanda import wanda_scores

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 from _quant_models import calib_ids, logits, quantized, tiny_llama, tiny_opt, weight_of
+from models import is_nm_sparse
 from transformers import AutoModelForCausalLM
 
 import llmpress
 from llmpress.errors import ModelError, RecipeError
 from llmpress.linalg import inverse_cholesky_upper
-from llmpress.masks import is_nm_sparse
 from llmpress.plugins.gptq import GPTQConfig, gptq_quantize
 from llmpress.plugins.rtn import RTNConfig, rtn_quantize
 from llmpress.quant.grid import dequantize_weight

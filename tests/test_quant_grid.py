@@ -15,7 +15,6 @@ from llmpress.quant.grid import (
     compute_qparams,
     dequantize,
     dequantize_weight,
-    fake_quantize,
     group_qparams,
     quantize,
     quantize_weight,
@@ -23,6 +22,12 @@ from llmpress.quant.grid import (
 
 GROUP_SIZES = [-1, 8, 16, 32, 64, 128]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Quantize then dequantize in one step (the reference ``quantize``); returns float."""
+    q = torch.clamp(torch.round(w / scale) + zero, 0, int(maxq))
+    return scale * (q - zero)
 
 
 def _reference_qparams(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import LLAMA, assert_same_state, calib_ids, snapshot, tiny_llama, weight_of
+from models import LLAMA, assert_same_state, calib_ids, is_nm_sparse, snapshot, tiny_llama, weight_of
 from torch import nn
 
 import llmpress
 import llmpress.pipeline
 from llmpress.config import MethodConfig, PruningConfig
 from llmpress.errors import CalibrationError, ModelError, RecipeError
-from llmpress.masks import is_nm_sparse
 from llmpress.plugin_manager import make_plugin_manager
 from llmpress.plugins.magnitude import MagnitudeConfig
 from llmpress.plugins.sparsegpt import SparseGPTConfig

@@ -33,7 +33,6 @@ __all__ = [
     "compute_qparams",
     "quantize",
     "dequantize",
-    "fake_quantize",
     "default_g_idx",
     "group_qparams",
     "quantize_weight",
@@ -146,12 +145,6 @@ def quantize(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
 def dequantize(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     """Grid values ``scale * (codes - zero)`` (float)."""
     return scale * (codes.to(scale.dtype) - zero)
-
-
-def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
-    """Quantize then dequantize in one step (the reference ``quantize``); returns float."""
-    q = torch.clamp(torch.round(w / scale) + zero, 0, int(maxq))
-    return scale * (q - zero)
 
 
 def default_g_idx(in_features: int, group_size: int, device: torch.device | str | None = None) -> Tensor:

@@ -26,12 +26,8 @@ __all__ = [
     "packed_int32_width",
     "pack_int32",
     "unpack_int32",
-    "pack_uint8_nibbles",
-    "unpack_uint8_nibbles",
     "pack_bitmask",
     "unpack_bitmask",
-    "compress_sparse",
-    "decompress_sparse",
     "pack_24",
     "unpack_24",
 ]
@@ -113,25 +109,6 @@ def unpack_int32(packed: Tensor, bits: int, in_features: int) -> Tensor:
     return out.reshape(out.shape[0], n_blk * 32)[:, :in_features].reshape(*lead, in_features)
 
 
-def pack_uint8_nibbles(codes: Tensor) -> Tensor:
-    """Two 4-bit codes per byte: codes[..., in] -> uint8[..., ceil(in/2)], even index in low nibble."""
-    _check_codes(codes, 4)
-    in_f = codes.shape[-1]
-    c = codes.to(torch.uint8)
-    c = torch.nn.functional.pad(c, (0, in_f % 2))  # (..., 2 * ceil(in/2))
-    return c[..., 0::2] | (c[..., 1::2] << 4)
-
-
-def unpack_uint8_nibbles(packed: Tensor, in_features: int) -> Tensor:
-    """Inverse of ``pack_uint8_nibbles``: uint8[..., ceil(in/2)] -> uint8[..., in_features]."""
-    if packed.dtype != torch.uint8:
-        raise ValueError(f"packed must be uint8, got {packed.dtype}")
-    if packed.shape[-1] != _ceil_div(in_features, 2):
-        raise ValueError(f"packed has {packed.shape[-1]} bytes per row, expected {_ceil_div(in_features, 2)}")
-    out = torch.stack([packed & 0xF, packed >> 4], dim=-1)  # (..., n_bytes, 2)
-    return out.flatten(-2)[..., :in_features]
-
-
 def pack_bitmask(mask: Tensor) -> Tensor:
     """bool mask[..., in] -> uint8[..., ceil(in/8)]; bit j of byte k is column 8k + j."""
     if mask.dtype != torch.bool:
@@ -152,35 +129,6 @@ def unpack_bitmask(bits: Tensor, in_features: int) -> Tensor:
     shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
     m = (bits.unsqueeze(-1) >> shifts) & 1  # (..., n_bytes, 8)
     return m.flatten(-2)[..., :in_features].bool()
-
-
-def compress_sparse(W: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """W[..., in] -> (values[nnz] of kept entries in row-major order, bitmask uint8[..., ceil(in/8)]).
-
-    ``mask`` (bool, same shape as W) selects kept entries; default ``W != 0``.
-    """
-    if mask is None:
-        mask = W != 0
-    if mask.shape != W.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(W.shape)}")
-    return W[mask], pack_bitmask(mask)
-
-
-def decompress_sparse(
-    values: Tensor, bitmask: Tensor, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype | None = None
-) -> Tensor:
-    """Inverse of ``compress_sparse``: dense tensor of ``shape`` with ``values`` at the mask bits."""
-    shape = tuple(shape)
-    mask = unpack_bitmask(bitmask, shape[-1])
-    if tuple(mask.shape) != shape:
-        raise ValueError(f"bitmask decodes to {tuple(mask.shape)}, expected {shape}")
-    nnz = int(mask.sum())
-    if values.dim() != 1 or values.numel() != nnz:
-        raise ValueError(f"values must be 1-D with {nnz} entries (mask popcount), got {tuple(values.shape)}")
-    dtype = dtype or values.dtype
-    out = torch.zeros(shape, dtype=dtype, device=values.device)
-    out[mask.to(values.device)] = values.to(dtype)
-    return out
 
 
 def pack_24(W: Tensor) -> tuple[Tensor, Tensor]:

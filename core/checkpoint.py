@@ -1,0 +1,284 @@
+"""Checkpoint validation: the ``quantization_config`` schema, every tensor against it, checksums.
+
+Loading an llmpress checkpoint checks, before any weight is read into the model:
+
+1. ``quantization_config`` against a schema (types, ranges, enumerations). Unknown fields are
+   refused (a field this llmpress does not know may change what the tensors mean), except in
+   a checkpoint from a newer format version, which is refused first with the version to
+   upgrade to.
+2. Every tensor of every file against the model being built: each tensor the model needs is
+   present once, with its exact shape and, for packed layers, its exact dtype; no tensor is
+   unexpected.
+3. Checksums: ``sha256`` of each tensor (dtype, shape and bytes) and of the model config,
+   recorded at save time, so that even two same-size tensors whose offsets were swapped, or
+   an edited ``config.json``, are caught. ``LLMPRESS_VERIFY_CHECKSUMS=0`` skips this (for
+   very large checkpoints), ``=1`` forces it; by default it runs up to
+   :data:`AUTO_VERIFY_BYTES` of tensor data.
+
+Every failure is a :class:`llmpress.errors.CheckpointError` naming the file, tensor or field
+and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from safetensors import SafetensorError, safe_open
+
+from llmpress.errors import CheckpointError
+from llmpress.formats import FORMAT_VERSION, FORMATS, ModuleFormat
+from llmpress.quant.grid import grid_problem
+
+log = logging.getLogger(__name__)
+
+VERIFY_ENV = "LLMPRESS_VERIFY_CHECKSUMS"
+#: checksums are verified by default up to this much tensor data (bytes)
+AUTO_VERIFY_BYTES = 4 << 30
+#: config.json keys that do not change what the model computes (left out of its checksum)
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {"quantization_config", "transformers_version", "dtype", "torch_dtype", "_name_or_path", "use_cache"}
+)
+_DTYPES = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+
+
+class ModuleEntry(BaseModel):
+    """One module's entry of ``quantization_config.modules`` (see :class:`ModuleFormat`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    format: str
+    in_features: int = Field(ge=0)
+    out_features: int = Field(ge=0)
+    bits: int | None = Field(default=None, ge=2, le=8)
+    group_size: int | None = None
+    symmetric: bool = False
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    nnz: int | None = Field(default=None, ge=0)
+    resized: bool = False
+    kind: Literal["attention", "mlp"] | None = None
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        if v not in FORMATS:
+            raise ValueError(f"unknown format {v!r}; this llmpress reads {sorted(FORMATS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModuleEntry:
+        if self.format.startswith("int"):
+            if self.bits is None or self.group_size is None:
+                raise ValueError(f"format {self.format!r} needs bits and group_size")
+            problem = grid_problem(self.bits, self.group_size, self.symmetric)
+            if problem:
+                raise ValueError(problem)
+            if self.group_size != -1 and self.in_features % self.group_size:
+                raise ValueError(
+                    f"group_size {self.group_size} does not divide in_features {self.in_features}"
+                )
+        elif self.bits is not None or self.group_size is not None:
+            raise ValueError(f"format {self.format!r} stores no quantization grid (bits/group_size)")
+        if self.format in ("2:4", "int-2:4") and self.in_features % 4:
+            raise ValueError(f"format {self.format!r} needs in_features divisible by 4")
+        if self.format == "bitmask":
+            if self.nnz is None or self.nnz > self.in_features * self.out_features:
+                raise ValueError("format 'bitmask' needs nnz between 0 and in_features * out_features")
+        elif self.nnz is not None:
+            raise ValueError(f"format {self.format!r} has no nnz")
+        if (self.format == "dropped") != (self.kind is not None):
+            raise ValueError("'kind' (attention or mlp) goes with format 'dropped' only")
+        return self
+
+
+class QuantizationConfigSchema(BaseModel):
+    """The ``quantization_config`` of an llmpress checkpoint."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    quant_method: Literal["llmpress"]
+    format_version: int = Field(ge=1, le=FORMAT_VERSION)
+    llmpress_version: str | None = None
+    note: str | None = None
+    recipe: dict[str, Any] = Field(default_factory=dict)
+    modules: dict[str, ModuleEntry]
+    #: tensor name -> sha256 of its dtype, shape and bytes
+    checksums: dict[str, str] | None = None
+    #: sha256 of the model config (see :func:`config_checksum`)
+    config_checksum: str | None = None
+
+
+def validate_quantization_config(data: Any, where: str = "config.json") -> QuantizationConfigSchema:
+    """Validate a ``quantization_config`` dict; raise :class:`CheckpointError` naming the field."""
+    if not isinstance(data, dict):
+        raise CheckpointError(
+            f"{where}: quantization_config must be a JSON object, got {type(data).__name__}"
+        )
+    version = data.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        from llmpress.versions import package_version
+
+        newer = data.get("llmpress_version")
+        raise CheckpointError(
+            f"{where}: this checkpoint uses llmpress format version {version}, newer than this llmpress "
+            f"({package_version('llmpress')}) reads ({FORMAT_VERSION}); upgrade llmpress"
+            + (f" to {newer} or later (pip install -U 'llmpress>={newer}')" if isinstance(newer, str) else "")
+        )
+    try:
+        return QuantizationConfigSchema.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(_describe(err) for err in e.errors())
+        raise CheckpointError(
+            f"{where}: invalid quantization_config: {problems}; the file was edited or damaged: "
+            f"re-download the checkpoint or save it again with llmpress"
+        ) from None
+
+
+def _describe(err: Any) -> str:
+    where = ".".join(str(p) for p in err["loc"]) or "quantization_config"
+    got = "" if err["type"] == "missing" else f" (got {err.get('input')!r:.80})"
+    return f"{where}: {err['msg']}{got}"
+
+
+# ------------------------------------------------------------------------------ tensors
+
+
+def tensor_checksum(t: torch.Tensor) -> str:
+    """``sha256`` of a tensor's dtype, shape and bytes (hex)."""
+    h = hashlib.sha256(f"{str(t.dtype).removeprefix('torch.')}:{list(t.shape)}:".encode())
+    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+    h.update(data.numpy().tobytes() if data.numel() else b"")
+    return h.hexdigest()
+
+
+def config_checksum(config: dict[str, Any]) -> str:
+    """``sha256`` of the model config without keys that do not change the computation."""
+    core = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_checksums(files: Iterable[str | Path]) -> dict[str, str]:
+    """Checksums of every tensor in ``files``."""
+    out: dict[str, str] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():  # noqa: SIM118 - safe_open objects are not iterable
+                out[k] = tensor_checksum(st.get_tensor(k))
+    return out
+
+
+def read_headers(files: Iterable[str | Path]) -> dict[str, tuple[str, torch.dtype | None, tuple[int, ...]]]:
+    """Tensor name -> (file, dtype, shape) over every file; a tensor stored twice is an error."""
+    out: dict[str, tuple[str, torch.dtype | None, tuple[int, ...]]] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():  # noqa: SIM118
+                    s = st.get_slice(k)
+                    if k in out:
+                        raise CheckpointError(
+                            f"tensor {k!r} is stored twice: in {out[k][0]} and {f}; re-save it"
+                        )
+                    out[k] = (str(f), _DTYPES.get(s.get_dtype()), tuple(int(d) for d in s.get_shape()))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(
+                f"{f} is not a valid safetensors file ({e}); re-download or re-save it"
+            ) from None
+    return out
+
+
+def check_tensors(
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype | None]],
+    found: dict[str, tuple[str, torch.dtype | None, tuple[int, ...]]],
+    optional: Iterable[str] = (),
+) -> None:
+    """Every expected tensor present with its shape (and dtype when given), nothing else.
+
+    ``expected``: name -> (shape, exact dtype or ``None`` for any floating dtype).
+    ``optional``: names that may be absent (tied weights, non-persistent buffers).
+    """
+    skip = set(optional)
+    for name, (shape, dtype) in expected.items():
+        if name not in found:
+            if name in skip:
+                continue
+            raise CheckpointError(
+                f"tensor {name!r} is missing from the checkpoint files; the checkpoint is incomplete or does "
+                f"not match its config.json: re-download it or save it again"
+            )
+        f, got_dtype, got_shape = found[name]
+        if got_shape != tuple(shape):
+            raise CheckpointError(
+                f"{f}: tensor {name!r} has shape {list(got_shape)}, the config says {list(shape)}; "
+                f"the file does not match config.json: re-download it or save it again"
+            )
+        if got_dtype is None or (dtype is not None and got_dtype != dtype):
+            raise CheckpointError(
+                f"{f}: tensor {name!r} is stored as {got_dtype}, expected {dtype}; the file was re-saved or "
+                f"damaged: re-download it or save it again with llmpress"
+            )
+        if dtype is None and not got_dtype.is_floating_point:
+            raise CheckpointError(f"{f}: tensor {name!r} is stored as {got_dtype}, expected a floating dtype")
+    unexpected = sorted(set(found) - set(expected))
+    if unexpected:
+        f = found[unexpected[0]][0]
+        raise CheckpointError(
+            f"{f}: unexpected tensor(s) {unexpected[:5]} that this model and its quantization_config do not "
+            f"describe; the checkpoint does not match config.json: re-download it or save it again"
+        )
+
+
+def verify_checksums(
+    files: list[str],
+    recorded: dict[str, str],
+    found: dict[str, tuple[str, torch.dtype | None, tuple[int, ...]]],
+) -> bool:
+    """Compare each tensor's checksum with the recorded one; returns False when skipped."""
+    mode = os.environ.get(VERIFY_ENV, "").strip()
+    total = sum(Path(f).stat().st_size for f in files)
+    if mode == "0" or (mode != "1" and total > AUTO_VERIFY_BYTES):
+        log.warning(
+            "checksums of %.1f GB of tensors not verified (%s=%s); set %s=1 to verify them",
+            total / 1e9,
+            VERIFY_ENV,
+            mode or "auto",
+            VERIFY_ENV,
+        )
+        return False
+    missing = sorted(set(found) - set(recorded))
+    if missing:
+        raise CheckpointError(
+            f"{found[missing[0]][0]}: tensor(s) {missing[:5]} have no recorded checksum; the checkpoint was "
+            f"changed after llmpress saved it: re-download it or save it again"
+        )
+    for name, digest in file_checksums(files).items():
+        if recorded.get(name) != digest:
+            raise CheckpointError(
+                f"{found[name][0]}: tensor {name!r} does not match its recorded checksum (its bytes, dtype, "
+                f"shape or offsets were changed); re-download the checkpoint, or set {VERIFY_ENV}=0 to load it "
+                f"anyway at your own risk"
+            )
+    return True
+
+
+def module_formats(schema: QuantizationConfigSchema) -> dict[str, ModuleFormat]:
+    """The validated entries as :class:`ModuleFormat` objects."""
+    return {n: ModuleFormat(**e.model_dump(exclude_none=True)) for n, e in schema.modules.items()}
