@@ -52,6 +52,16 @@ def read_documents(
 
 
 def _read_file(path: Path, text_field: str) -> list[str]:
+    try:
+        return _read_text_file(path, text_field)
+    except UnicodeDecodeError as e:
+        raise CalibrationError(
+            f"calibration file {path} is not UTF-8 text (a binary file?): {e.reason} at byte {e.start}; "
+            f"use a .txt file or a .jsonl file with a 'text' field per line"
+        ) from None
+
+
+def _read_text_file(path: Path, text_field: str) -> list[str]:
     if path.suffix.lower() in (".jsonl", ".json"):
         docs = []
         with path.open(encoding="utf-8") as f:
@@ -71,7 +81,10 @@ def _read_file(path: Path, text_field: str) -> list[str]:
                         f"{path}:{ln}: expected a string or an object with a {text_field!r} field"
                     )
         return docs
-    return [path.read_text(encoding="utf-8")]
+    text = path.read_text(encoding="utf-8")
+    if "\x00" in text:
+        raise CalibrationError(f"calibration file {path} holds NUL bytes (a binary file?); use plain text")
+    return [text]
 
 
 def _read_dataset(name: str, split: str, config_name: str | None, text_field: str, limit: int) -> list[str]:

@@ -65,6 +65,26 @@ def compressed_tensors_config(quantized: dict[str, QuantState]) -> dict[str, Any
     }
 
 
+def check_recipe_exportable(configs: list[Any]) -> None:
+    """Before any work: raise :class:`LlmpressError` unless a recipe's result can be written as
+    compressed-tensors (a weight quantization stage, symmetric, 4 or 8 bits)."""
+    from llmpress.config import QuantConfig
+
+    quant = [c for c in configs if isinstance(c, QuantConfig)]
+    if not quant:
+        raise LlmpressError("--format compressed-tensors needs a quantized model: add an rtn or gptq stage")
+    for c in quant:
+        if c.bits not in (4, 8):
+            raise LlmpressError(
+                f"--format compressed-tensors supports 4 and 8 bits; the {c.method} stage asks {c.bits}"
+            )
+        if not c.symmetric:
+            raise LlmpressError(
+                f"--format compressed-tensors needs symmetric grids (transformers 5.x cannot load asymmetric "
+                f"pack-quantized checkpoints); add 'symmetric: true' to the {c.method} stage, or use --format llmpress"
+            )
+
+
 def check_exportable(model: Any, quantized: dict[str, QuantState]) -> None:
     """Raise :class:`LlmpressError` unless every quantized layer fits compressed-tensors."""
     if not quantized:

@@ -96,3 +96,12 @@ def stored_dtype(name_or_path: str | Path, trust_remote_code: bool = False) -> t
     if isinstance(dt, str):
         dt = getattr(torch, dt, None)
     return dt if isinstance(dt, torch.dtype) else None
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest sequence the model's position embeddings cover, if its config says."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None

@@ -156,7 +156,16 @@ class Recipe:
         p = Path(path)
         if not p.is_file():
             raise RecipeError(f"recipe file {p} does not exist")
-        text = p.read_text(encoding="utf-8")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise RecipeError(
+                f"recipe file {p} is not text (a binary file?); a recipe is a YAML or JSON file"
+            ) from None
+        if "\x00" in text:
+            raise RecipeError(
+                f"recipe file {p} holds NUL bytes (a binary file?); a recipe is a YAML or JSON file"
+            )
         try:
             data = json.loads(text) if p.suffix.lower() == ".json" else yaml.load(text, Loader=_RecipeLoader)
         except (json.JSONDecodeError, yaml.YAMLError) as e:

@@ -8,13 +8,9 @@ what the model's config builds (structured pruning) and dropped sub-blocks are r
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +20,7 @@ from torch import nn
 from llmpress.blocks import DroppedModule
 from llmpress.formats import ModuleFormat, choose_format, pack_module
 from llmpress.modules import get_weight, is_linear
+from llmpress.output import atomic_directory
 from llmpress.report import CompressionReport
 from llmpress.results import compression_state
 from llmpress.runtime import LlmpressLinear, replace_module
@@ -32,33 +29,6 @@ log = logging.getLogger(__name__)
 
 REPORT_FILE = "llmpress_report.json"
 RECIPE_FILE = "llmpress_recipe.json"
-
-
-@contextlib.contextmanager
-def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out_dir``; on success it replaces ``out_dir``.
-
-    On any error the temporary folder is removed and ``out_dir`` is left as it was.
-    """
-    out = Path(out_dir).resolve()
-    if out.exists() and not overwrite:
-        raise FileExistsError(
-            f"output directory {out} already exists; pass overwrite=True (--overwrite) or pick another"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _config_shapes(model: nn.Module) -> dict[str, tuple[int, int]] | None:
