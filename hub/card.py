@@ -247,8 +247,23 @@ def usage_snippet(repo_id: str, auto_class: str, *, packed: bool, tokenizer: boo
 
 
 def _eval_results(records: Sequence[EvalRecord], task_type: str, model_name: str) -> list[Any]:
+    """``model-index`` entries of ``records``; a NaN/infinite value raises :class:`PublishError`."""
     from huggingface_hub import EvalResult
 
+    from llmpress.eval_harness import non_finite
+    from llmpress.hub.errors import PublishError
+
+    bad = non_finite(records)
+    if bad:
+        named = ", ".join(
+            f"{r.task} {r.metric} = {r.value}" + (f" ± {r.stderr}" if r.stderr is not None else "")
+            for r in bad
+        )
+        raise PublishError(
+            f"the evaluation results for the model card (model-index) hold non-finite value(s): {named}; "
+            "nothing was published. The model produced NaN/inf when it was evaluated: check the checkpoint "
+            "and the dtype, re-run `llmpress eval`, and remove the bad entries from llmpress_eval.json."
+        )
     out = []
     for r in records:
         label = r.metric + (f" ({r.samples} samples)" if r.limit is not None and r.samples else "")

@@ -9,10 +9,12 @@ __all__ = ["CardTemplateError", "EvalTaskError", "PublishError"]
 
 
 class PublishError(LlmpressError):
-    """Pushing to or pulling from the Hub failed (authentication, repo name, network, server).
+    """Pushing to or pulling from the Hub failed (authentication, repo name, network, server), or a
+    push was refused before anything was sent (a folder without weights, a card whose evaluation
+    results hold NaN/inf).
 
     Nothing is left half-published: a Hub commit is atomic, so re-running the same push
-    after fixing the cause completes it.
+    after fixing the cause completes it (files already uploaded through LFS are skipped).
     """
 
 

@@ -3,8 +3,11 @@
 :func:`push` renders the card into the folder (``README.md`` and the allocation plot), creates
 the repo if needed, and uploads every file in a single ``HfApi.create_commit``. A Hub commit is
 atomic: on any failure nothing new is visible in the repo, and re-running the same push
-completes it. Transient failures (HTTP 429/5xx, dropped connections) are retried with a bounded
-exponential backoff. Tokens are passed to ``HfApi`` only: never logged, never written to disk.
+completes it (LFS files already uploaded are skipped). Transient failures (HTTP 429/5xx, dropped
+connections, also when ``huggingface_hub`` wraps them in another exception) are retried with a
+bounded exponential backoff. Before anything is sent, a folder without weights and a card whose
+``model-index`` holds NaN/inf are refused. Tokens are passed to ``HfApi`` only: never logged,
+never written to disk.
 
 :func:`attach_card` makes a compressed model's own ``model.push_to_hub(repo_id)`` publish the
 same folder (weights, tokenizer, llmpress files and card) through :func:`push`.
@@ -13,12 +16,15 @@ same folder (weights, tokenizer, llmpress files and card) through :func:`push`.
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
+import math
+import re
 import shutil
 import tempfile
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,28 +37,62 @@ T = TypeVar("T")
 DEFAULT_RETRIES = 3
 #: remote files that a new push replaces: a file matching these and absent locally is deleted
 STALE_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "llmpress_*")
+#: class names (anywhere in the MRO) of connection errors of httpx, httpcore and requests
 _TRANSPORT_ERRORS = {
     "TransportError",
     "NetworkError",
     "TimeoutException",
     "RemoteProtocolError",
     "ConnectError",
+    "ConnectionError",
+    "ChunkedEncodingError",
+    "Timeout",
 }
+_CONNECT_ERRORS = {"ConnectError", "ConnectTimeout", "ConnectionRefusedError"}
 _WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "config.json")
 
 
 # ------------------------------------------------------------------------------ errors
 
 
-def _status(err: BaseException) -> int | None:
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    """``err`` then its causes: ``__cause__``, and ``__context__`` unless suppressed (no cycles)."""
+    seen: set[int] = set()
+    todo = [err]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [c for c in (e.__cause__, None if e.__suppress_context__ else e.__context__) if c is not None]
+
+
+def _own_status(err: BaseException) -> int | None:
     response = getattr(err, "response", None)
     return getattr(response, "status_code", None)
 
 
-def _is_transport(err: BaseException) -> bool:
+def _is_own_transport(err: BaseException) -> bool:
     return isinstance(err, (ConnectionError, TimeoutError)) or any(
         c.__name__ in _TRANSPORT_ERRORS for c in type(err).__mro__
     )
+
+
+def _root_cause(err: BaseException) -> BaseException | None:
+    """The HTTP or connection error behind ``err`` (``huggingface_hub`` wraps some, e.g. failed LFS
+    uploads in a ``RuntimeError``); ``None`` when there is none."""
+    return next((e for e in _chain(err) if _own_status(e) is not None or _is_own_transport(e)), None)
+
+
+def _status(err: BaseException) -> int | None:
+    root = _root_cause(err)
+    return _own_status(root) if root is not None else None
+
+
+def _is_transport(err: BaseException) -> bool:
+    root = _root_cause(err)
+    return root is not None and _own_status(root) is None
 
 
 def _transient(err: BaseException) -> bool:
@@ -64,17 +104,30 @@ def _scrub(text: str, token: str | None) -> str:
     return text.replace(token, "***") if token else text
 
 
-def _explain(err: BaseException, what: str, endpoint: str, repo_id: str, attempts: int) -> PublishError:
+def _connection_failure(err: BaseException, endpoint: str) -> str:
+    root = _root_cause(err) or err
+    name = type(root).__name__
+    if any(c.__name__ in _CONNECT_ERRORS for c in type(root).__mro__):
+        return f"cannot reach {endpoint} ({name})"
+    return f"the connection to {endpoint} dropped ({name}: {root})"
+
+
+def _explain(
+    err: BaseException, what: str, endpoint: str, repo_id: str, attempts: int, *, publishing: bool = True
+) -> PublishError:
     """A :class:`PublishError` that says what failed, why, and what to do."""
+    root = _root_cause(err) or err
     status = _status(err)
-    server = getattr(err, "server_message", None) or ""
+    server = getattr(root, "server_message", None) or ""
     detail = f": {server}" if server else ""
     rerun = (
-        "A Hub commit is atomic, so the repo holds either its previous or the complete new version; "
-        "re-run the same command to finish."
+        "Nothing was published: a Hub commit is atomic, so the repo still holds its previous version; "
+        "re-running the same command resumes the upload (files already uploaded through LFS are skipped)."
+        if publishing
+        else "re-run the same command to retry."
     )
     if _is_transport(err):
-        msg = f"{what}: cannot reach {endpoint} ({type(err).__name__}) after {attempts} attempt(s). {rerun}"
+        msg = f"{what}: {_connection_failure(err, endpoint)} after {attempts} attempt(s). {rerun}"
     elif status == 401:
         msg = (
             f"{what}: authentication failed at {endpoint} (HTTP 401){detail}. The token was rejected: pass a "
@@ -107,19 +160,20 @@ def _with_retries(
 ) -> T:
     """Call ``fn``; retry transient failures up to ``retries`` attempts (waits backoff, 2x, 4x...).
 
-    HTTP and network errors become a :class:`PublishError`; anything else propagates as is.
+    HTTP and network errors, raised directly or as the cause of another exception, become a
+    :class:`PublishError`; anything else propagates as is.
     """
     attempts = max(1, retries)
     for attempt in range(1, attempts + 1):
         try:
             return fn()
         except Exception as e:
-            if _status(e) is None and not _is_transport(e):
+            if _root_cause(e) is None:
                 raise
             if not _transient(e) or attempt == attempts:
                 raise PublishError(_scrub(str(_explain(e, what, endpoint, repo_id, attempt)), token)) from e
             wait = backoff * 2 ** (attempt - 1)
-            reason = f"HTTP {_status(e)}" if _status(e) is not None else type(e).__name__
+            reason = f"HTTP {_status(e)}" if _status(e) is not None else type(_root_cause(e)).__name__
             log.warning("%s failed (%s); retry %d/%d in %.1fs", what, reason, attempt, attempts - 1, wait)
             time.sleep(wait)
     raise AssertionError("unreachable")
@@ -136,6 +190,98 @@ def _local_files(folder: Path) -> dict[str, Path]:
         if p.is_file() and not any(part.startswith(".") for part in rel.parts):
             out[rel.as_posix()] = p
     return out
+
+
+def _shards(index: Path) -> set[str]:
+    """The shard files a ``*.index.json`` maps weights to."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
+    except (ValueError, AttributeError) as e:
+        raise PublishError(
+            f"{index} is not a valid sharded-checkpoint index ({e}); nothing was published"
+        ) from None
+    return {str(v) for v in weight_map.values()}
+
+
+def _check_weights(folder: Path) -> None:
+    """Refuse a folder without weights: a ``*.safetensors`` (or ``*.bin``) file, or sharded
+    indexes whose shards are all present."""
+    indexes = sorted(folder.glob("*.safetensors.index.json")) + sorted(folder.glob("*.bin.index.json"))
+    for index in indexes:
+        shards = _shards(index)
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing or not shards:
+            listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise PublishError(
+                f"{folder}: the sharded index {index.name} lists "
+                f"{f'missing shard(s) {listed}' if missing else 'no shard'}; nothing was published. "
+                "Save the model again (save_compressed / `llmpress compress`) so that every shard is written."
+            )
+    if indexes or any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")):
+        return
+    raise PublishError(
+        f"{folder} holds no weights (no *.safetensors or *.bin file, nor a sharded index whose shards are "
+        "all present); nothing was published. Save the model into it first (save_compressed / "
+        "`llmpress compress`)."
+    )
+
+
+def _card_metadata(card: Any) -> dict[str, Any]:
+    """The YAML metadata block of a card (a ``ModelCard`` or Markdown text); empty when there is none."""
+    import yaml
+
+    text = card if isinstance(card, str) else str(card)
+    match = re.match(r"^\s*---\r?\n(.*?)\r?\n---", text, re.DOTALL)
+    if match is None:
+        return {}
+    try:
+        meta = yaml.safe_load(match.group(1))
+    except yaml.YAMLError as e:
+        raise PublishError(
+            f"the model card's metadata is not valid YAML ({e}); nothing was published"
+        ) from None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _not_finite(value: Any) -> bool:
+    """Whether a metric value is a NaN/infinite number (or a string such as ``"NaN"`` or ``".inf"``)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, str):  # "NaN", "inf", or YAML's ".nan" / "-.inf" quoted
+        try:
+            value = float(value.strip().lstrip("+-").lstrip("."))
+        except ValueError:
+            return False
+    return isinstance(value, (int, float)) and not math.isfinite(value)
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    """The dicts of a YAML list (anything else: none)."""
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _model_index_metrics(meta: dict[str, Any]) -> Iterator[tuple[str, str, Any]]:
+    """``(task, metric, value)`` of every metric in the card's ``model-index``."""
+    for entry in _dicts(meta.get("model-index")):
+        for result in _dicts(entry.get("results")):
+            dataset, task = (
+                d if isinstance(d, dict) else {} for d in (result.get("dataset"), result.get("task"))
+            )
+            name = dataset.get("name") or dataset.get("type") or task.get("name") or task.get("type") or "?"
+            for m in _dicts(result.get("metrics")):
+                yield str(name), str(m.get("type") or m.get("name") or "?"), m.get("value")
+
+
+def _check_card_results(card: Any) -> None:
+    """Refuse a card whose ``model-index`` holds a NaN or infinite metric value, naming each one."""
+    metrics = _model_index_metrics(_card_metadata(card))
+    bad = [f"{task} {metric} = {value}" for task, metric, value in metrics if _not_finite(value)]
+    if bad:
+        raise PublishError(
+            f"the model card's evaluation results (model-index) hold non-finite value(s): {', '.join(bad)}; "
+            "nothing was published. The model produced NaN/inf when it was evaluated: check the checkpoint "
+            "and the dtype, re-run `llmpress eval`, and remove the bad entries from llmpress_eval.json."
+        )
 
 
 def _validate_repo_id(repo_id: str) -> None:
@@ -182,7 +328,9 @@ def push(
     :param base_model: Hub id of the dense model, for the card (metadata, size, license).
     :param retries: attempts per request on transient errors; ``backoff`` is the first wait (s).
     :returns: the ``huggingface_hub.CommitInfo`` of the commit (``.repo_url``, ``.oid``).
-    :raises PublishError: with the cause (authentication, repo name, server, network) and the fix.
+    :raises PublishError: with the cause (authentication, repo name, server, network) and the fix;
+        also, before anything is sent, for a folder without weights or a card whose ``model-index``
+        holds NaN/inf.
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
 
@@ -193,6 +341,7 @@ def push(
         raise PublishError(
             f"{folder} is not a saved model folder (no config.json); save it with save_compressed first"
         )
+    _check_weights(folder)
     _validate_repo_id(repo_id)
     api = HfApi(endpoint=endpoint, token=token)
     url = (endpoint or constants.ENDPOINT).rstrip("/")
@@ -212,6 +361,7 @@ def push(
             tags=tags,
             api=api,
         )
+    _check_card_results(card)
     write_card(folder, card)
 
     repo_url = call("create repo", lambda: api.create_repo(repo_id, private=private, exist_ok=True))
@@ -283,7 +433,7 @@ def pull(
         )
     except (HfHubHTTPError, OSError) as e:
         raise PublishError(
-            _scrub(str(_explain(e, "download", endpoint or "the Hub", repo_id, 1)), token)
+            _scrub(str(_explain(e, "download", endpoint or "the Hub", repo_id, 1, publishing=False)), token)
         ) from None
     return load_model(path, dtype=dtype, device=device)
 
