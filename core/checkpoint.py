@@ -30,7 +30,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from safetensors import SafetensorError, safe_open
 
 from llmpress.errors import CheckpointError
@@ -71,7 +79,10 @@ class ModuleEntry(BaseModel):
     bits: int | None = Field(default=None, ge=2, le=8)
     group_size: int | None = None
     symmetric: bool = False
-    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    #: the dtype of scales and stored values; ``dtype`` in format version 1
+    dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        default="float16", validation_alias=AliasChoices("storage_dtype", "dtype")
+    )
     nnz: int | None = Field(default=None, ge=0)
     resized: bool = False
     kind: Literal["attention", "mlp"] | None = None

@@ -47,7 +47,9 @@ from llmpress.quant.packing import (
 )
 from llmpress.results import LayerResult, QuantState
 
-FORMAT_VERSION = 1
+#: 2: the value dtype is stored as ``storage_dtype`` (version 1 said ``dtype``, a key transformers
+#: rewrites in nested config dicts); version 1 checkpoints still load
+FORMAT_VERSION = 2
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 Shapes = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -101,10 +103,14 @@ class ModuleFormat:
         d = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
         if not self.resized:
             d.pop("resized")
+        d["storage_dtype"] = d.pop("dtype")
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], name: str = "module") -> ModuleFormat:
+        d = dict(d)
+        if "storage_dtype" in d:
+            d["dtype"] = d.pop("storage_dtype")
         try:
             return cls(**d)
         except TypeError as e:

@@ -316,7 +316,7 @@ def test_saved_folder_contents(saved_formats: dict) -> None:
     names = {p.name for p in d.iterdir()}
     assert {"config.json", "model.safetensors", "llmpress_report.json", "llmpress_recipe.json"} <= names
     cfg = json.loads((d / "config.json").read_text())["quantization_config"]
-    assert cfg["quant_method"] == "llmpress" and cfg["format_version"] == 1
+    assert cfg["quant_method"] == "llmpress" and cfg["format_version"] == 2
     assert [{k: s.get(k) for k in ("method", "bits", "group_size")} for s in cfg["recipe"]["stages"]] == [
         {"method": "rtn", "bits": 4, "group_size": 32}
     ]
@@ -328,7 +328,7 @@ def test_saved_folder_contents(saved_formats: dict) -> None:
         "bits": 4,
         "group_size": 32,
         "symmetric": False,
-        "dtype": "float16",
+        "storage_dtype": "float16",
     }
 
 
@@ -520,7 +520,7 @@ def test_bfloat16_checkpoint_roundtrips(tmp_path: Path) -> None:
     )
     save_quantized(model, tmp_path / "bf16", report=rep, dtype=torch.bfloat16)
     cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
-    assert {m["dtype"] for m in cfg["quantization_config"]["modules"].values()} == {"bfloat16"}
+    assert {m["storage_dtype"] for m in cfg["quantization_config"]["modules"].values()} == {"bfloat16"}
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
     assert loaded.dtype == torch.bfloat16
     assert loaded.get_submodule("model.layers.0.mlp.up_proj").weight_scale.dtype == torch.bfloat16

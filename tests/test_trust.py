@@ -144,7 +144,7 @@ def test_edited_model_config_is_refused(ckpt: Path) -> None:
         ("bits", "4", r"bits: Input should be a valid integer"),
         ("bits", 9, r"bits: Input should be less than or equal to 8"),
         ("in_features", -1, r"in_features"),
-        ("dtype", "float8", r"dtype"),
+        ("storage_dtype", "float8", r"storage_dtype"),
         ("colour", "red", r"colour: Extra inputs are not permitted"),
     ],
 )
@@ -170,6 +170,26 @@ def test_newer_format_version_names_the_upgrade(ckpt: Path) -> None:
 
     _edit_config(ckpt, newer)
     with pytest.raises(CheckpointError, match=r"format version 9, newer.*upgrade llmpress to 3\.1\.0"):
+        AutoModelForCausalLM.from_pretrained(ckpt)
+
+
+def test_format_version_1_checkpoints_still_load(ckpt: Path) -> None:
+    """Version 1 named the value dtype ``dtype``; version 2 says ``storage_dtype``."""
+    ref = _logits(AutoModelForCausalLM.from_pretrained(ckpt))
+
+    def to_v1(q: dict) -> None:
+        q["format_version"] = 1
+        for entry in q["modules"].values():
+            entry["dtype"] = entry.pop("storage_dtype")
+
+    _edit_config(ckpt, to_v1)
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(ckpt)), ref)
+
+
+@pytest.mark.parametrize("value", [3.5, [], True])
+def test_nonsense_storage_dtype_is_refused(ckpt: Path, value: object) -> None:
+    _edit_config(ckpt, lambda q: q["modules"][UP].__setitem__("storage_dtype", value))
+    with pytest.raises(CheckpointError, match="storage_dtype"):
         AutoModelForCausalLM.from_pretrained(ckpt)
 
 
