@@ -14,22 +14,62 @@ from llmpress.errors import LlmpressError
 log = logging.getLogger("llmpress")
 
 
-def _compress(a: argparse.Namespace) -> int:
+def check_device(device: str) -> None:
+    """Raise :class:`LlmpressError` unless ``device`` names a device this torch can use."""
     import torch
 
-    from llmpress.loading import load_model, stored_dtype
-    from llmpress.pipeline import compress
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise LlmpressError(
+            f"--device {device!r} is not a device name ({e}); use cpu, cuda or cuda:N"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LlmpressError(
+                f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu, or "
+                f"install a CUDA build of torch"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise LlmpressError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type not in ("cpu", "meta") and not getattr(torch, dev.type, None):
+        raise LlmpressError(f"--device {device}: unsupported device type {dev.type!r}")
+
+
+def _compress(a: argparse.Namespace) -> int:
+    from llmpress.output import claim_output
     from llmpress.plugin_manager import get_plugin_manager
     from llmpress.recipe import Recipe
-    from llmpress.save import save_result
 
     recipe = Recipe.load(a.recipe)
-    recipe.resolve(get_plugin_manager())  # unknown method / bad option: fail before loading anything
-    out = Path(a.out)
-    if out.exists() and not a.overwrite:
-        raise LlmpressError(f"output directory {out} already exists; pass --overwrite or pick another")
+    stages = recipe.resolve(get_plugin_manager())  # unknown method / bad option: fail before loading anything
+    if a.format == "compressed-tensors":
+        from llmpress.compressed_tensors import check_recipe_exportable
+
+        check_recipe_exportable([s.config for s in stages])
+    check_device(a.device)
+    if a.calib is not None and Path(a.calib).is_file():
+        from llmpress.calibration import read_documents
+
+        read_documents(a.calib)  # an unreadable or binary file fails now, not after loading the model
+    with claim_output(a.out, a.overwrite) as out:  # held until saved: a concurrent run fails at once
+        return _compress_into(a, recipe, out)
+
+
+def _compress_into(a: argparse.Namespace, recipe: Any, out: Path) -> int:
+    import torch
+
+    from llmpress.loading import load_model, max_positions, stored_dtype
+    from llmpress.pipeline import compress
+    from llmpress.save import save_result
+
     saved_dtype = stored_dtype(a.model)  # read before loading: loading in fp32 overwrites config.dtype
     model, tok = load_model(a.model, dtype=a.dtype, device="cpu" if a.offload_model else a.device)
+    limit = max_positions(model.config)
+    if a.calib is not None and limit is not None and a.seqlen > limit:
+        raise LlmpressError(
+            f"--seqlen {a.seqlen} exceeds the model's {limit} positions; use --seqlen {limit} or less"
+        )
     model, report = compress(
         model,
         recipe,
@@ -144,6 +184,7 @@ def _demo(a: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmpress", description="Compress Hugging Face models with plugins.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     p.add_argument(
         "-p",
         "--plugin",
@@ -237,9 +278,16 @@ def main(argv: list[str] | None = None) -> int:
                 if pm.pm.get_plugin(mod) is None:
                     pm.register(_import_plugin(mod), name=mod)
         return int(args.func(args) or 0)
-    except (LlmpressError, FileExistsError, FileNotFoundError) as e:
+    except (LlmpressError, FileExistsError, FileNotFoundError, PermissionError, NotADirectoryError) as e:
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
 
 
 def _import_plugin(module: str) -> object:
