@@ -16,7 +16,8 @@ and may use these variables (a user template can also ``{% extends "default.md.j
 ``model_name``, ``repo_id``, ``base_model`` (Hub id or None), ``base_label``, ``summary``,
 ``stages`` (list of ``{method, description, options}``), ``recipe_yaml``, ``size`` (a
 :class:`SizeSummary`), ``size_rows`` (``{label, before, after}``), ``sparsity``, ``modules``
-(``{name, shape, methods, sparsity, bits}``), ``plot`` (relative PNG path or None),
+(``{name, shape, methods, sparsity, bits, loss}``), ``has_loss`` (any module reports a
+reconstruction loss), ``plot`` (relative PNG path or None),
 ``calibration``, ``compute`` (``{device, wall_time, versions}``), ``usage`` (Python code),
 ``citations`` (``{method, bibtex}``), ``missing_citations``, ``evaluations`` (``{task, metric,
 value, stderr, samples, notes}``), ``tags``, ``quantized``, ``license``, ``pipeline_tag``.
@@ -35,8 +36,8 @@ from typing import Any
 
 import yaml
 
+from llmpress.eval_harness import EvalRecord
 from llmpress.hub.errors import CardTemplateError
-from llmpress.hub.eval_harness import EvalRecord
 from llmpress.hub.folder import CARD_FILE, PLOT_FILE, FolderInfo, SizeStats, hub_size, local_size, read_folder
 
 log = logging.getLogger(__name__)

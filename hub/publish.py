@@ -398,14 +398,6 @@ def push(
     return info
 
 
-def repo_url(info: Any) -> str:
-    """The browsable URL of a pushed repo from :func:`push`'s ``CommitInfo``."""
-    return str(info.repo_url)
-
-
-# -------------------------------------------------------------------------------- pull
-
-
 def pull(
     repo_id: str,
     *,
