@@ -48,11 +48,12 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def llmpress_register_methods(register: Callable[[str, type[MethodConfig]], None]) -> None:
+def llmpress_register_methods(register: Callable[..., None]) -> None:
     """Register the compression methods this plugin provides.
 
-    Called once when the plugin manager is built. Call ``register(name, config_cls)`` for
-    each method: ``name`` is what a recipe's ``method:`` key says, ``config_cls`` a frozen
+    Called once when the plugin manager is built. Call ``register(config_cls)`` (or
+    ``register(name, config_cls)``) for each method: the name, ``config_cls.method``, is
+    what a recipe's ``method:`` key says; ``config_cls`` is a frozen
     :class:`llmpress.config.MethodConfig` subclass whose fields are the method's options and
     whose class variables declare what the engine needs (statistics, scope, citation).
     The config class is the dispatch key: this plugin's per-method hooks receive only its

@@ -58,10 +58,16 @@ class Llmpress:
             plugin_name = self.pm.get_name(impl.plugin) or repr(impl.plugin)
 
             def register(
-                name: str, config_cls: type[MethodConfig], _p: str = plugin_name, _o: Any = impl.plugin
+                name: str | type[MethodConfig],
+                config_cls: type[MethodConfig] | None = None,
+                _p: str = plugin_name,
+                _o: Any = impl.plugin,
             ) -> None:
+                if config_cls is None and isinstance(name, type):  # register(ConfigClass)
+                    name, config_cls = name.method, name
                 if not (isinstance(config_cls, type) and issubclass(config_cls, MethodConfig)):
                     raise TypeError(f"plugin {_p!r}: {name!r} must register a MethodConfig subclass")
+                assert isinstance(name, str)
                 if name in self.methods:
                     raise RecipeError(
                         f"method {name!r} registered twice: by {self.methods[name].plugin!r} and {_p!r}"
@@ -152,7 +158,9 @@ def make_plugin_manager(
             try:
                 pm.register(importlib.import_module(mod.strip()), name=mod.strip())
             except ImportError as e:
-                raise RecipeError(f"cannot import plugin module {mod.strip()!r} named in ${PLUGINS_ENV}: {e}") from e
+                raise RecipeError(
+                    f"cannot import plugin module {mod.strip()!r} named in ${PLUGINS_ENV}: {e}"
+                ) from e
     for p in extra_plugins or []:
         pm.register(p)
     pm.check_pending()

@@ -27,20 +27,18 @@ from llmpress.quant.grid import QuantSpec, compute_qparams, group_qparams
 from llmpress.results import LayerResult, QuantState
 from llmpress.stats import LayerStats
 
-CITATION = """@inproceedings{frantar2023gptq,
-  title     = {{GPTQ}: Accurate Post-Training Quantization for Generative Pre-trained Transformers},
-  author    = {Frantar, Elias and Ashkboos, Saleh and Hoefler, Torsten and Alistarh, Dan},
-  booktitle = {International Conference on Learning Representations},
-  year      = {2023}
-}"""
-
 
 @dataclasses.dataclass(frozen=True)
 class GPTQConfig(OBSConfig, QuantConfig):
     """GPTQ: quantization grid options plus the OBS sweep's."""
 
     method: ClassVar[str] = "gptq"
-    citation: ClassVar[str] = CITATION
+    citation: ClassVar[str] = """@inproceedings{frantar2023gptq,
+      title     = {{GPTQ}: Accurate Post-Training Quantization for Generative Pre-trained Transformers},
+      author    = {Frantar, Elias and Ashkboos, Saleh and Hoefler, Torsten and Alistarh, Dan},
+      booktitle = {International Conference on Learning Representations},
+      year      = {2023}
+    }"""
     act_order: bool = False
     true_sequential: bool = False
 
@@ -157,7 +155,7 @@ def act_order_perm(stats: LayerStats) -> torch.Tensor:
 
 @hookimpl
 def llmpress_register_methods(register) -> None:  # noqa: ANN001
-    register("gptq", GPTQConfig)
+    register(GPTQConfig)
 
 
 @hookimpl

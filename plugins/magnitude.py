@@ -19,13 +19,6 @@ from llmpress.modules import get_weight
 from llmpress.stats import LayerStats
 from llmpress.targets import SparsityTarget
 
-CITATION = """@inproceedings{han2015learning,
-  title     = {Learning both Weights and Connections for Efficient Neural Networks},
-  author    = {Han, Song and Pool, Jeff and Tran, John and Dally, William J.},
-  booktitle = {Advances in Neural Information Processing Systems},
-  year      = {2015}
-}"""
-
 
 @dataclasses.dataclass(frozen=True)
 class MagnitudeConfig(PruningConfig):
@@ -34,7 +27,12 @@ class MagnitudeConfig(PruningConfig):
     method: ClassVar[str] = "magnitude"
     needs_calibration: ClassVar[bool] = False
     stats: ClassVar[frozenset[str]] = frozenset()
-    citation: ClassVar[str] = CITATION
+    citation: ClassVar[str] = """@inproceedings{han2015learning,
+      title     = {Learning both Weights and Connections for Efficient Neural Networks},
+      author    = {Han, Song and Pool, Jeff and Tran, John and Dally, William J.},
+      booktitle = {Advances in Neural Information Processing Systems},
+      year      = {2015}
+    }"""
     group: str = "layer"
 
     def validate(self) -> None:
@@ -48,7 +46,7 @@ class MagnitudeConfig(PruningConfig):
 
 @hookimpl
 def llmpress_register_methods(register) -> None:  # noqa: ANN001
-    register("magnitude", MagnitudeConfig)
+    register(MagnitudeConfig)
 
 
 @hookimpl

@@ -15,22 +15,20 @@ from llmpress.quant.grid import quantize_weight
 from llmpress.results import LayerResult, QuantState
 from llmpress.stats import LayerStats
 
-CITATION = """@article{dettmers2022llmint8,
-  title   = {{LLM.int8()}: 8-bit Matrix Multiplication for Transformers at Scale},
-  author  = {Dettmers, Tim and Lewis, Mike and Belkada, Younes and Zettlemoyer, Luke},
-  journal = {Advances in Neural Information Processing Systems},
-  year    = {2022}
-}"""
-
 
 @dataclasses.dataclass(frozen=True)
 class RTNConfig(QuantConfig):
     """RTN: ``bits``, ``group_size``, ``symmetric``; needs no calibration data."""
 
     method: ClassVar[str] = "rtn"
-    citation: ClassVar[str] = CITATION
     needs_calibration: ClassVar[bool] = False
     stats: ClassVar[frozenset[str]] = frozenset()
+    citation: ClassVar[str] = """@article{dettmers2022llmint8,
+      title   = {{LLM.int8()}: 8-bit Matrix Multiplication for Transformers at Scale},
+      author  = {Dettmers, Tim and Lewis, Mike and Belkada, Younes and Zettlemoyer, Luke},
+      journal = {Advances in Neural Information Processing Systems},
+      year    = {2022}
+    }"""
 
 
 def rtn_quantize(
@@ -50,7 +48,7 @@ def rtn_quantize(
 
 @hookimpl
 def llmpress_register_methods(register) -> None:  # noqa: ANN001
-    register("rtn", RTNConfig)
+    register(RTNConfig)
 
 
 @hookimpl

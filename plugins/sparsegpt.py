@@ -23,20 +23,18 @@ from llmpress.obs import obs_sweep
 from llmpress.results import LayerResult
 from llmpress.stats import LayerStats
 
-CITATION = """@inproceedings{frantar2023sparsegpt,
-  title     = {{SparseGPT}: Massive Language Models Can Be Accurately Pruned in One-Shot},
-  author    = {Frantar, Elias and Alistarh, Dan},
-  booktitle = {International Conference on Machine Learning},
-  year      = {2023}
-}"""
-
 
 @dataclasses.dataclass(frozen=True)
 class SparseGPTConfig(OBSConfig, PruningConfig):
     """SparseGPT: the sparsity target plus the OBS sweep's options."""
 
     method: ClassVar[str] = "sparsegpt"
-    citation: ClassVar[str] = CITATION
+    citation: ClassVar[str] = """@inproceedings{frantar2023sparsegpt,
+      title     = {{SparseGPT}: Massive Language Models Can Be Accurately Pruned in One-Shot},
+      author    = {Frantar, Elias and Alistarh, Dan},
+      booktitle = {International Conference on Machine Learning},
+      year      = {2023}
+    }"""
 
 
 def sparsegpt_prune(
@@ -89,7 +87,7 @@ def sparsegpt_prune(
 
 @hookimpl
 def llmpress_register_methods(register) -> None:  # noqa: ANN001
-    register("sparsegpt", SparseGPTConfig)
+    register(SparseGPTConfig)
 
 
 @hookimpl

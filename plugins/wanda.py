@@ -13,21 +13,19 @@ from llmpress.config import PruningConfig
 from llmpress.modules import get_weight
 from llmpress.stats import LayerStats
 
-CITATION = """@inproceedings{sun2024simple,
-  title     = {A Simple and Effective Pruning Approach for Large Language Models},
-  author    = {Sun, Mingjie and Liu, Zhuang and Bair, Anna and Kolter, J. Zico},
-  booktitle = {International Conference on Learning Representations},
-  year      = {2024}
-}"""
-
 
 @dataclasses.dataclass(frozen=True)
 class WandaConfig(PruningConfig):
     """Wanda: no weight update; the comparison group is the output row (the paper's choice)."""
 
     method: ClassVar[str] = "wanda"
-    citation: ClassVar[str] = CITATION
     stats: ClassVar[frozenset[str]] = frozenset({"sq_norms"})
+    citation: ClassVar[str] = """@inproceedings{sun2024simple,
+      title     = {A Simple and Effective Pruning Approach for Large Language Models},
+      author    = {Sun, Mingjie and Liu, Zhuang and Bair, Anna and Kolter, J. Zico},
+      booktitle = {International Conference on Learning Representations},
+      year      = {2024}
+    }"""
 
 
 def wanda_scores(weight: torch.Tensor, col_norms: torch.Tensor) -> torch.Tensor:
@@ -37,7 +35,7 @@ def wanda_scores(weight: torch.Tensor, col_norms: torch.Tensor) -> torch.Tensor:
 
 @hookimpl
 def llmpress_register_methods(register) -> None:  # noqa: ANN001
-    register("wanda", WandaConfig)
+    register(WandaConfig)
 
 
 @hookimpl

@@ -44,7 +44,7 @@ class RandomPruneConfig(PruningConfig):
 
 @llmpress.hookimpl
 def llmpress_register_methods(register) -> None:  # noqa: ANN001
-    register("random", RandomPruneConfig)
+    register(RandomPruneConfig)
 
 
 @llmpress.hookimpl
