@@ -64,7 +64,8 @@ class Llmpress:
                 _o: Any = impl.plugin,
             ) -> None:
                 if config_cls is None and isinstance(name, type):  # register(ConfigClass)
-                    name, config_cls = name.method, name
+                    config_cls = name
+                    name = config_cls.method
                 if not (isinstance(config_cls, type) and issubclass(config_cls, MethodConfig)):
                     raise TypeError(f"plugin {_p!r}: {name!r} must register a MethodConfig subclass")
                 assert isinstance(name, str)
