@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmpress.errors import ModelError
+from llmpress.errors import CheckpointError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ def load_model(
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot read a model config from {src!r}: {e}") from e
     cls = auto_class_for(config)
+    if Path(src).is_dir():
+        check_shard_index(Path(src))
     log.info("loading %s with %s", src, cls.__name__)
     model = cls.from_pretrained(src, dtype=_dtype(dtype, device), trust_remote_code=trust_remote_code)
     model.to(device)
@@ -105,3 +108,23 @@ def max_positions(config: Any) -> int | None:
         if isinstance(v, int) and v > 0:
             return v
     return None
+
+
+def check_shard_index(folder: Path) -> None:
+    """Raise :class:`CheckpointError` if a sharded checkpoint's index is not valid JSON, maps
+    tensors to files that are not there, or is not a mapping of tensor names to shards."""
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index} is not valid JSON ({e}); re-download the checkpoint") from None
+        wmap = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
+            raise CheckpointError(
+                f"{index} has no 'weight_map' of tensor names to shard files; re-download it"
+            )
+        missing = sorted({v for v in wmap.values() if not (folder / v).is_file()})
+        if missing:
+            raise CheckpointError(
+                f"{index} names shard file(s) {missing[:3]} that are not in {folder}; re-download it"
+            )

@@ -343,3 +343,14 @@ def test_two_concurrent_compress_runs_exactly_one_succeeds(tmp_path: Path, tiny_
     assert "Traceback" not in loser
     assert (out / "config.json").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_invalid_shard_index_is_one_error_line(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    model, rep = llmpress.compress(
+        tiny_llama(), {"method": "rtn", "bits": 4, "group_size": 32}, None, progress=False
+    )
+    model.save_pretrained(tmp_path / "m", max_shard_size="20KB")
+    index = next((tmp_path / "m").glob("*.index.json"))
+    index.write_text(index.read_text()[:-20])
+    assert main(["eval", str(tmp_path / "m"), "--text", str(DATA_DIR / "eval.txt")]) == 2
+    assert "is not valid JSON" in _one_error_line(capsys)
