@@ -37,6 +37,8 @@ __all__ = [
     "perplexity",
     "save_compressed",
     "save_quantized",
+    "save_result",
+    "to_runtime",
     "load_model",
     "__version__",
 ]
@@ -63,7 +65,7 @@ def __getattr__(name: str):  # noqa: ANN202 - lazy public API, no heavy imports 
         from llmpress.evaluate import perplexity
 
         return perplexity
-    if name in ("save_compressed", "save_quantized"):
+    if name in ("save_compressed", "save_quantized", "save_result", "to_runtime"):
         from llmpress import save
 
         return getattr(save, name)

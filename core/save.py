@@ -62,11 +62,7 @@ def export_state_dict(
     if dtype is not None:
         sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
     dtype_name = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
-    shapes = (
-        _config_shapes(model)
-        if any(r.removed_rows is not None or r.removed_cols is not None for r in state.layers.values())
-        else None
-    )
+    shapes = _config_shapes(model)  # resized layers, also of a loaded model that has no results
     modules: dict[str, dict[str, Any]] = {}
     for name, mod in model.named_modules():
         if isinstance(mod, LlmpressLinear):  # loaded packed: stored as it is

@@ -132,6 +132,9 @@ def test_block_hook_removes_i_plus_1_neurons_and_the_model_reloads(tmp_path: Pat
     for i, block in enumerate(loaded.model.layers):
         assert block.mlp.up_proj.weight.shape == (inter - i - 1, model.config.hidden_size)
     assert torch.equal(_logits(loaded), after)
+    save_compressed(loaded, tmp_path / "again")  # a loaded model has no results: shapes come from the config
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    assert torch.equal(_logits(again), after)
     gen = loaded.generate(PROBE[:1, :4], max_new_tokens=5, do_sample=False, use_cache=True)
     ref = model.generate(PROBE[:1, :4], max_new_tokens=5, do_sample=False, use_cache=True)
     assert torch.equal(gen, ref)
