@@ -310,3 +310,36 @@ def test_a_gradient_based_method_gets_each_layers_own_gradient() -> None:
     expect = llmpress.masks.select_mask(score, TaylorConfig(sparsity=0.5).sparsity_target())
     assert torch.equal(weight_of(model.model.layers[0].self_attn.k_proj) != 0, expect)
     assert abs(report.overall_sparsity - 0.5) < 1e-9
+
+
+def test_statistics_reduce_across_processes_with_their_merge_rule(tmp_path: Path) -> None:
+    """Two gloo processes each see half the batch; after all_reduce both hold the whole's stats."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import sys, torch, torch.distributed as dist
+        from llmpress.stats import LayerStats
+        rank = int(sys.argv[1])
+        dist.init_process_group("gloo", init_method="file://{tmp_path}/pg", rank=rank, world_size=2)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 40, 16, generator=g) * torch.linspace(0.1, 3, 16)
+        s = LayerStats(16, torch.device("cpu"), {{"hessian", "mean_var", "absmax", "token_norms"}})
+        s.add(x[rank])
+        s.all_reduce()
+        whole = LayerStats(16, torch.device("cpu"), {{"hessian", "mean_var", "absmax", "token_norms"}})
+        whole.add(x)
+        assert s.nsamples == whole.nsamples == 80
+        for k in whole.acc:
+            assert torch.allclose(s.acc[k], whole.acc[k], rtol=1e-5, atol=1e-4), k
+        dist.destroy_process_group()
+        """
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(r)], stderr=subprocess.PIPE, text=True)
+        for r in (0, 1)
+    ]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read() if p.stderr else ""
