@@ -266,11 +266,11 @@ def test_other_errors_exit_2(tiny_model_dir: Path, tmp_path: Path, capsys: pytes
     args = ["compress", str(tiny_model_dir), "--recipe", str(recipe), "--out", str(tmp_path / "o3")]
     assert main(args) == 2
     assert "need calibration data" in capsys.readouterr().err
-    # calibration text too short for one window
+    # windows longer than the model's positions
     args = _compress_args(tiny_model_dir, recipe, tmp_path / "o4")
     args[args.index("--seqlen") + 1] = "100000"
     assert main(args) == 2
-    assert "fewer than one window" in capsys.readouterr().err
+    assert "exceeds the model's 256 positions" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "r.yaml"]
 
 

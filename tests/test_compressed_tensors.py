@@ -227,7 +227,7 @@ def test_cli_format_compressed_tensors(tmp_path: Path, capsys: pytest.CaptureFix
         ]
     )
     assert rc == 2
-    assert "asymmetric grid" in capsys.readouterr().err
+    assert "needs symmetric grids" in capsys.readouterr().err
     assert not (tmp_path / "asym").exists()
 
 

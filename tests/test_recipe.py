@@ -232,8 +232,8 @@ BAD_STAGES = [
         r"unknown option\(s\) \['sparsityy'\] for method 'wanda'",
     ),
     ({"method": "magnitude", "sparsity": 0.5, "group": "column"}, r"group must be 'layer' or 'row'"),
-    ({"method": "sparsegpt", "sparsity": 0.5, "blocksize": 0}, r"blocksize must be >= 1"),
-    ({"method": "sparsegpt", "sparsity": 0.5, "percdamp": -1}, r"percdamp must be in"),
+    ({"method": "sparsegpt", "sparsity": 0.5, "blocksize": 0}, r"blocksize must be an integer >= 1"),
+    ({"method": "sparsegpt", "sparsity": 0.5, "percdamp": -1}, r"percdamp must be a number in"),
 ]
 
 
