@@ -52,13 +52,14 @@ def byte_tokenizer() -> Any:
 
 def demo_model(steps: int, workdir: Path) -> tuple[Any, Any, list[str], Path]:
     """(model, tokenizer, calibration texts, held-out text file) of the built-in small model."""
-    from llmpress.demo import demo_corpus, train_demo_model
+    from llmpress.demo import DemoConfig, demo_corpus, train_demo_model
 
     text = demo_corpus()
     split = int(len(text) * 0.9)
     held = workdir / "llmpress-source-heldout.txt"
     held.write_text(text[split:], encoding="utf-8")
-    return train_demo_model(text[:split], steps=steps), byte_tokenizer(), [text[:split]], held
+    model = train_demo_model(text[:split], DemoConfig(steps=steps, warmup=min(100, steps // 10)))
+    return model, byte_tokenizer(), [text[:split]], held
 
 
 def main(argv: list[str] | None = None) -> int:
