@@ -177,7 +177,9 @@ def _plugins(a: argparse.Namespace) -> int:
 def _demo(a: argparse.Namespace) -> int:
     from llmpress.demo import format_table, run_demo
 
-    print(format_table(run_demo(Path(a.out) if a.out else None, steps=a.steps)))
+    result = run_demo(a.out, steps=a.steps, cache=not a.no_cache, threads=a.threads or None)
+    print(format_table(result.rows))
+    print(f"\nresults:    {result.out}\nmodel card: {result.card}")
     return 0
 
 
@@ -257,9 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=_plugins)
 
-    d = sub.add_parser("demo", help="build, prune, evaluate, save and reload a small model")
-    d.add_argument("--out", default=None, help="keep the saved models here")
-    d.add_argument("--steps", type=int, default=300, help="training steps of the demo model")
+    d = sub.add_parser("demo", help="train a small model, compress it every way, evaluate, save and reload")
+    d.add_argument("--out", default=None, help="keep the results here (default: a new temporary folder)")
+    d.add_argument("--steps", type=int, default=None, help="training steps of the demo model")
+    d.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    d.add_argument("--no-cache", action="store_true", help="train the demo model even if it is cached")
     d.set_defaults(func=_demo)
     return p
 
