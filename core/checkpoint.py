@@ -196,6 +196,18 @@ def file_checksums(files: Iterable[str | Path]) -> dict[str, str]:
     return out
 
 
+def unreadable(path: str | Path, err: Exception) -> CheckpointError:
+    """The error for a safetensors file ``safe_open`` refused (it checks that the header's
+    offsets cover the file exactly, so truncation and padding show up here)."""
+    p = Path(path)
+    if "incomplete metadata" in str(err) or "not fully covered" in str(err):
+        return CheckpointError(
+            f"{p} is truncated or padded: its header does not describe the file's {p.stat().st_size} "
+            f"bytes ({err}); re-download it"
+        )
+    return CheckpointError(f"{p} is not a valid safetensors file ({err}); re-download or re-save it")
+
+
 def read_headers(files: Iterable[str | Path]) -> dict[str, tuple[str, torch.dtype | None, tuple[int, ...]]]:
     """Tensor name -> (file, dtype, shape) over every file; a tensor stored twice is an error."""
     out: dict[str, tuple[str, torch.dtype | None, tuple[int, ...]]] = {}
@@ -210,9 +222,7 @@ def read_headers(files: Iterable[str | Path]) -> dict[str, tuple[str, torch.dtyp
                         )
                     out[k] = (str(f), _DTYPES.get(s.get_dtype()), tuple(int(d) for d in s.get_shape()))
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(
-                f"{f} is not a valid safetensors file ({e}); re-download or re-save it"
-            ) from None
+            raise unreadable(f, e) from None
     return out
 
 

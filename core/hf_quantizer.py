@@ -26,6 +26,7 @@ from llmpress.checkpoint import (
     config_checksum,
     module_formats,
     read_headers,
+    unreadable,
     validate_quantization_config,
     verify_checksums,
 )
@@ -100,14 +101,7 @@ def verify_safetensors(path: str | Path) -> None:
         with safe_open(str(p), framework="pt"):
             pass
     except (SafetensorError, OSError) as e:
-        if "incomplete metadata" in str(e) or "not fully covered" in str(e):
-            raise CheckpointError(
-                f"{p} is truncated or padded: its header does not describe the file's {p.stat().st_size} "
-                f"bytes ({e}); re-download it"
-            ) from None
-        raise CheckpointError(
-            f"{p} is not a valid safetensors file ({e}); re-download or re-save it"
-        ) from None
+        raise unreadable(p, e) from None
 
 
 def _tied_names(model: Any) -> set[str]:
@@ -130,8 +124,6 @@ class LlmpressHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(
         self, model: Any, checkpoint_files: list[str] | None = None, **kwargs: Any
     ) -> Any:
-        for f in checkpoint_files or []:
-            verify_safetensors(f)
         cfg = self.quantization_config
         assert isinstance(cfg, LlmpressConfig)
         known = dict(model.named_modules())

@@ -151,11 +151,11 @@ def commit(model: nn.Module, name: str, module: nn.Module, result: LayerResult) 
     earlier stage stay exactly zero. Returns the merged record.
     """
     state = compression_state(model, create=True)
-    merged = merge_results(state.layers.get(name), result.to("cpu"))
+    # the record keeps what the weight cannot say; the model holds the weight (no CPU copy of it)
+    merged = merge_results(state.layers.get(name), dataclasses.replace(result, weight=None).to("cpu"))
     w = result.weight if result.weight is not None else get_weight(module)
     if merged.mask is not None:
         w = w * merged.mask.to(w.device)
     set_weight(module, w)
-    merged.weight = None  # the model holds the weight; the record keeps what the weight cannot say
     state.layers[name] = merged
     return merged
