@@ -191,11 +191,41 @@ def _int_pack(fmt: ModuleFormat, weight: torch.Tensor, result: LayerResult | Non
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class IntCodes:
+    """The integer grid of an ``int`` layer, unpacked: ``W = (codes - zeros[g]) * scales[g]``
+    with ``g = input // group_size`` (what kernels repack from)."""
+
+    codes: torch.Tensor  # uint8 [out, in]
+    scales: torch.Tensor  # [out, G], the stored dtype
+    zeros: torch.Tensor  # float32 [out, G] (2**(bits-1) when symmetric)
+    bits: int
+    group_size: int  # in_features when per channel
+
+
+def int_codes(fmt: ModuleFormat, t: dict[str, torch.Tensor]) -> IntCodes:
+    """Unpack the codes, scales and zero points of an ``int`` layer."""
+    if fmt.format != "int" or fmt.bits is None:
+        raise CheckpointError(f"int_codes needs an 'int' layer, got format {fmt.format!r}")
+    codes = unpack_int32(t["weight"], fmt.bits, fmt.in_features)
+    scale = t["weight_scale"]
+    zero = (
+        t["weight_zero"].to(torch.float32)
+        if "weight_zero" in t
+        else torch.full(scale.shape, float(2 ** (fmt.bits - 1)), device=scale.device)
+    )
+    gs = fmt.in_features if fmt.group_size in (None, -1) else int(fmt.group_size)
+    return IntCodes(codes, scale, zero, fmt.bits, gs)
+
+
 def _int_unpack(fmt: ModuleFormat, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     assert fmt.bits is not None
     o, i = fmt.out_features, fmt.in_features
-    cols = i // 2 if fmt.format == "int-2:4" else i
-    codes = unpack_int32(t["weight"], fmt.bits, cols).to(torch.float32)  # [out, cols]
+    if fmt.format == "int":
+        q = int_codes(fmt, t)
+        g = torch.arange(i, device=q.codes.device) // q.group_size
+        return ((q.codes.to(torch.float32) - q.zeros[:, g]) * q.scales.to(torch.float32)[:, g]).to(dtype)
+    codes = unpack_int32(t["weight"], fmt.bits, i // 2).to(torch.float32)  # [out, in/2]
     scale = t["weight_scale"].to(torch.float32)  # [out, G]
     zero = (
         t["weight_zero"].to(torch.float32)
@@ -203,12 +233,9 @@ def _int_unpack(fmt: ModuleFormat, t: dict[str, torch.Tensor], dtype: torch.dtyp
         else torch.full_like(scale, 2 ** (fmt.bits - 1))
     )
     gs = i if fmt.group_size in (None, -1) else int(fmt.group_size)
-    if fmt.format == "int-2:4":
-        g = _slot_columns(t["weight_meta"], o, i) // gs  # group of each slot's original column
-        vals = (codes - zero.gather(1, g)) * scale.gather(1, g)
-        return unpack_24(vals.to(dtype), t["weight_meta"], i)
-    g = torch.arange(i, device=codes.device) // gs
-    return ((codes - zero[:, g]) * scale[:, g]).to(dtype)
+    g = _slot_columns(t["weight_meta"], o, i) // gs  # group of each slot's original column
+    vals = (codes - zero.gather(1, g)) * scale.gather(1, g)
+    return unpack_24(vals.to(dtype), t["weight_meta"], i)
 
 
 def _slot_columns(meta: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:

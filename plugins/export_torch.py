@@ -1,12 +1,16 @@
 """Pure-torch kernels for every packed format (run anywhere; the reference for other kernels).
 
-* ``torch``: decode the weight on each call, then ``F.linear`` (memory stays packed).
-* ``torch-unpacked``: decode once at load and keep the dense weight (dense speed and size);
-  chosen with ``LLMPRESS_KERNEL=torch-unpacked``.
+* ``dense`` (the default where no faster kernel applies): decode the weight once at load and
+  keep it in the layer's dtype (dense speed; the packed tensors stay for saving); called in
+  another dtype, it decodes again in that dtype, once. Where the decoded weight does not fit
+  in the device's memory it decodes on every call instead.
+* ``torch``: decode the weight on every call, then ``F.linear``: packed memory, slow;
+  chosen with ``LLMPRESS_KERNEL=torch``. Every other kernel is tested against it.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -17,21 +21,36 @@ from llmpress.formats import ModuleFormat
 from llmpress.kernels.registry import Kernel
 from llmpress.runtime import LlmpressLinear
 
+logger = logging.getLogger(__name__)
+
 
 def _decode_forward(module: LlmpressLinear, state: Any, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, module.dequantized_weight(x.dtype))
 
 
-def _unpacked_forward(module: LlmpressLinear, state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, state if state.dtype == x.dtype else state.to(x.dtype))
+def _dense_prepare(module: LlmpressLinear) -> dict[torch.dtype, torch.Tensor]:
+    try:
+        return {module.fmt.torch_dtype: module.dequantized_weight()}
+    except torch.OutOfMemoryError:
+        logger.warning("%s: the decoded weight does not fit in memory; decoding it on every call", module)
+        return {}
 
 
-KERNELS = (
-    Kernel("torch", 0, lambda m: None, _decode_forward, "decode the weight on every call"),
-    Kernel("torch-unpacked", -1, lambda m: m.dequantized_weight(), _unpacked_forward, "decode once at load"),
-)
+def _dense_forward(module: LlmpressLinear, state: dict[torch.dtype, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    weight = state.get(x.dtype)
+    if weight is None:
+        if not state:  # did not fit at load
+            return _decode_forward(module, None, x)
+        # another compute dtype (e.g. fp32 on CPU): decode again from the codes, exactly, once
+        state.clear()
+        weight = state[x.dtype] = module.dequantized_weight(x.dtype)
+    return F.linear(x, weight)
+
+
+TORCH = Kernel("torch", 0, lambda m: None, _decode_forward, "decode the weight on every call (least memory)")
+DENSE = Kernel("dense", 10, _dense_prepare, _dense_forward, "decode once at load, dense matmul")
 
 
 @hookimpl(trylast=True)
 def llmpress_export_kernel(fmt: ModuleFormat, device: torch.device) -> tuple[Kernel, ...]:
-    return KERNELS if fmt.spec.packed else ()
+    return (DENSE, TORCH) if fmt.spec.packed else ()

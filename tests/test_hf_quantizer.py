@@ -21,6 +21,7 @@ import llmpress
 from llmpress.errors import CheckpointError
 from llmpress.formats import FORMAT_VERSION
 from llmpress.hf_quantizer import LlmpressConfig, LlmpressHfQuantizer, register, verify_safetensors
+from llmpress.kernels import cpu_int
 from llmpress.runtime import LlmpressLinear, select_kernels
 from llmpress.save import save_quantized, to_runtime
 
@@ -88,13 +89,15 @@ def test_kernel_is_chosen_once_at_load_and_can_be_overridden(
 ) -> None:
     loaded = AutoModelForCausalLM.from_pretrained(saved["dir"])
     packed = [m for m in loaded.modules() if isinstance(m, LlmpressLinear)]
-    assert packed and all(m.kernel is not None and m.kernel.name == "torch" for m in packed)
+    default = "cpu-int" if cpu_int.available() else "dense"  # 4-bit, groups of 32, on CPU
+    assert packed and all(m.kernel is not None and m.kernel.name == default for m in packed)
+    assert select_kernels(loaded, "torch") and all(m.kernel.name == "torch" for m in packed)
     ref = logits(loaded)
-    assert select_kernels(loaded, "torch-unpacked") and all(m.kernel.name == "torch-unpacked" for m in packed)
+    assert select_kernels(loaded, "dense") and all(m.kernel.name == "dense" for m in packed)
     assert torch.equal(logits(loaded), ref)
-    monkeypatch.setenv("LLMPRESS_KERNEL", "no-such-kernel,torch-unpacked")
+    monkeypatch.setenv("LLMPRESS_KERNEL", "no-such-kernel,dense")
     again = AutoModelForCausalLM.from_pretrained(saved["dir"])
-    assert {m.kernel.name for m in again.modules() if isinstance(m, LlmpressLinear)} == {"torch-unpacked"}
+    assert {m.kernel.name for m in again.modules() if isinstance(m, LlmpressLinear)} == {"dense"}
     assert torch.equal(logits(again), ref)
 
 

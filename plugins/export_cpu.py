@@ -1,0 +1,32 @@
+"""``cpu-int``: integer layers on CPU through PyTorch's packed int4/int8 kernels
+(:mod:`llmpress.kernels.cpu_int`): 2-4 bits with groups of a multiple of 32, 5-8 bits per channel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmpress import hookimpl
+from llmpress.formats import ModuleFormat, int_codes
+from llmpress.kernels import cpu_int
+from llmpress.kernels.registry import Kernel
+from llmpress.runtime import LlmpressLinear
+
+
+def _prepare(module: LlmpressLinear) -> cpu_int.CpuIntWeight:
+    return cpu_int.repack(int_codes(module.fmt, module.packed()))
+
+
+def _forward(module: LlmpressLinear, state: cpu_int.CpuIntWeight, x: torch.Tensor) -> torch.Tensor:
+    return cpu_int.matmul(x, state)
+
+
+CPU_INT = Kernel("cpu-int", 50, _prepare, _forward, "torch's CPU int4/int8 weight-only kernels (bf16 activations)")
+
+
+@hookimpl
+def llmpress_export_kernel(fmt: ModuleFormat, device: torch.device) -> tuple[Kernel, ...]:
+    if device.type != "cpu" or fmt.format != "int" or fmt.bits is None or not cpu_int.available():
+        return ()
+    gs = fmt.in_features if fmt.group_size in (None, -1) else int(fmt.group_size)
+    return (CPU_INT,) if cpu_int.supports(fmt.bits, gs, fmt.in_features) else ()

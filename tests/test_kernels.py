@@ -1,0 +1,139 @@
+"""Kernel selection and the CPU kernels against the torch reference (decode on every call).
+
+Tolerance: ``cpu-int`` runs with bf16 activations and a bf16 output, so it matches the
+fp32 reference to ``2e-2`` of the output's largest magnitude (bf16 keeps 8 significant bits).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmpress.formats import ModuleFormat
+from llmpress.kernels import cpu_int
+from llmpress.kernels.registry import choose_kernel, offered_kernels
+from llmpress.runtime import LlmpressLinear
+
+from _kernel_layers import int_layer
+
+CPU = torch.device("cpu")
+needs_cpu_kernels = pytest.mark.skipif(not cpu_int.available(), reason="torch has no CPU int kernels")
+
+
+def _reference(module: LlmpressLinear, x: torch.Tensor) -> torch.Tensor:
+    return x.double() @ module.dequantized_weight(torch.float64).T
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+CASES = [  # out, in, bits, group, symmetric
+    (37, 96, 4, 32, False),  # odd N (padded to 16), K not a multiple of 128
+    (48, 192, 4, 64, True),
+    (16, 256, 4, 128, False),
+    (20, 128, 4, -1, True),  # per channel: kernel groups of 128 sharing one scale
+    (33, 160, 3, 32, True),  # 3-bit codes on the 4-bit kernel
+    (24, 64, 2, 64, False),
+    (37, 96, 8, -1, True),
+    (37, 96, 8, -1, False),  # asymmetric int8: zero-point correction term
+    (16, 64, 6, -1, False),
+]
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("rows", [1, 3, 17, cpu_int.MAX_ROWS + 5])
+def test_cpu_int_matches_reference(case: tuple, rows: int) -> None:
+    out_f, in_f, bits, gs, sym = case
+    module = int_layer(out_f, in_f, bits, gs, sym)
+    assert module.set_kernel().name == "cpu-int"
+    x = torch.randn(1, rows, in_f, generator=torch.Generator().manual_seed(rows))
+    for dtype in (torch.float32, torch.bfloat16):
+        y = module(x.to(dtype))
+        assert y.dtype == dtype and y.shape == (1, rows, out_f)
+        tol = 2e-2 if dtype == torch.float32 else 4e-2
+        assert _rel_err(y, _reference(module, x.to(dtype).float())) < tol, (case, rows, dtype)
+
+
+@needs_cpu_kernels
+def test_cpu_int_large_rows_take_the_dense_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = int_layer(32, 64, 4, 32, False)
+    module.set_kernel("cpu-int")
+    calls = []
+    real = cpu_int.dense_weight
+    monkeypatch.setattr(cpu_int, "dense_weight", lambda q, d: calls.append(d) or real(q, d))
+    x = torch.randn(cpu_int.MAX_ROWS + 1, 64)
+    y = module(x)
+    assert calls == [torch.float32]  # the decoded weight in x's dtype: exact up to fp32 rounding
+    assert _rel_err(y, _reference(module, x)) < 1e-5
+    module(x[:1])
+    assert len(calls) == 1
+
+
+def _fmt(fmt: str, bits: int | None = None, gs: int | None = None) -> ModuleFormat:
+    return ModuleFormat(fmt, 128, 64, bits=bits, group_size=gs, symmetric=True)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "expected"),
+    [
+        (_fmt("int", 4, 128), "cpu-int"),
+        (_fmt("int", 3, 64), "cpu-int"),
+        (_fmt("int", 8, -1), "cpu-int"),
+        (_fmt("int", 8, 64), "dense"),  # no grouped int8 CPU kernel: decode once
+        (_fmt("int", 4, 16), "dense"),  # the int4 kernel needs groups of 32k
+        (_fmt("int-2:4", 4, 128), "dense"),
+        (_fmt("2:4"), "dense"),
+        (_fmt("bitmask"), "dense"),
+    ],
+)
+def test_default_kernel_on_cpu(fmt: ModuleFormat, expected: str) -> None:
+    if expected == "cpu-int" and not cpu_int.available():
+        pytest.skip("torch has no CPU int kernels")
+    names = {k.name for k in offered_kernels(fmt, CPU)}
+    assert "triton-int" not in names and "torch-24" not in names  # CUDA only
+    assert {"dense", "torch"} <= names
+    assert choose_kernel(fmt, CPU).name == expected
+
+
+def test_user_choice_overrides_priority(monkeypatch: pytest.MonkeyPatch) -> None:
+    fmt = _fmt("int", 4, 128)
+    assert choose_kernel(fmt, CPU, "torch").name == "torch"
+    monkeypatch.setenv("LLMPRESS_KERNEL", "no-such-kernel, dense")
+    assert choose_kernel(fmt, CPU).name == "dense"
+
+
+def test_every_kernel_agrees_with_torch_on_cpu() -> None:
+    module = int_layer(40, 128, 4, 64, False)
+    x = torch.randn(2, 5, 128)
+    ref = _reference(module, x)
+    for kernel in offered_kernels(module.fmt, CPU):
+        module.set_kernel(kernel.name)
+        tol = 2e-2 if kernel.name == "cpu-int" else 1e-5
+        assert _rel_err(module(x), ref) < tol, kernel.name
+
+
+def test_dense_kernel_decodes_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = int_layer(24, 64, 8, 32, True)
+    module.set_kernel("dense")
+    calls = []
+    real = LlmpressLinear.dequantized_weight
+    monkeypatch.setattr(LlmpressLinear, "dequantized_weight", lambda self, d=None: calls.append(d) or real(self, d))
+    for _ in range(3):
+        module(torch.randn(1, 64, dtype=torch.float16))
+    assert calls == []  # decoded at load in the stored dtype
+    for _ in range(3):
+        module(torch.randn(1, 64))
+    assert calls == [torch.float32]  # another compute dtype: decoded again, once
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_kernels_match_reference() -> None:  # pragma: no cover - GPU only
+    cuda = torch.device("cuda")
+    for bits, gs, sym in [(4, 128, True), (4, 64, False), (3, 128, True), (8, -1, True), (8, 128, False)]:
+        module = int_layer(4096, 1024, bits, gs, sym).to(cuda)
+        assert module.set_kernel().name == "triton-int"
+        for rows in (1, 7, 16, 64, 600):
+            x = torch.randn(rows, 1024, device=cuda, dtype=torch.float16)
+            assert _rel_err(module(x), _reference(module, x.float())) < 1e-2, (bits, gs, sym, rows)
