@@ -62,10 +62,10 @@ MATRIX = textwrap.dedent(
             # (x shape, N, K, group, bits, asym, dtype): path, what it covers
             ((1, 96), 37, 96, 32, 4, True, torch.float16),  # GEMV; odd N; K = 96 < one chunk (256)
             ((1, 512), 64, 512, 128, 4, False, torch.bfloat16),  # GEMV, split K
-            ((3, 192), 37, 192, 64, 8, False, torch.bfloat16),  # GEMV 3 rows; K not a multiple of 128
+            ((3, 192), 37, 192, 64, 8, False, torch.bfloat16),  # dot decode; K not a multiple of 128
             ((3, 96), 40, 96, None, 4, True, torch.float16),  # per-channel (group = K = 96)
             ((8, 256), 37, 256, 32, 8, True, torch.bfloat16),  # 16-row tl.dot decode, split K
-            ((16, 128), 33, 128, -1, 4, False, torch.float16),  # per-channel, dot decode
+            ((16, 128), 33, 128, -1, 4, False, torch.float16),  # per-channel, 16-row dot decode
             ((2, 3, 64), 24, 64, 32, 4, True, torch.float16),  # leading dims: 6 rows
             ((17, 96), 37, 96, 32, 4, True, torch.bfloat16),  # GEMM, 2 row tiles
             ((17, 192), 50, 192, 64, 8, True, torch.float16),  # GEMM; partial chunk

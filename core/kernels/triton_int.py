@@ -18,18 +18,22 @@ bits ``[i * bits, (i + 1) * bits)`` hold the code of ``W[n, c * C + i * R + j]``
 * ``R`` divides the group size, so a slice lies in one group: its scales and zeros are one
   ``[BLOCK_N]`` vector (``scales``/``zeros`` are ``[G, N]``, N contiguous), loaded once per slice.
 
-Codes become floats exactly and cheaply: ``(code | 0x4B000000)`` read as fp32 is ``2^23 + code``.
 
 Kernel and dispatch (:func:`int_matmul`, rows ``M`` = product of x's leading dimensions)
 ---------------------------------------------------------------------------------------
 One Triton kernel, grid ``(M tiles, N tiles, SPLIT_K)``, fp32 accumulation, two inner modes:
 
-* ``M <= ELEMENTWISE_MAX_ROWS`` (decode, GEMV-style): CUDA-core multiply + ``tl.sum`` over the
-  slice, with scale and zero folded out of the inner product
-  (``s * (sum_k x_k q_k - z * sum_k x_k)``): per weight a shift, a mask, one add and ``M`` FMAs.
-* ``M <= DECODE_MAX_ROWS`` (decode, 16-row tensor-core tile) and ``M < FALLBACK_MIN_ROWS``
+* ``M <= ELEMENTWISE_MAX_ROWS`` (one row, GEMV): CUDA cores, no ``tl.dot``: each thread keeps an
+  fp32 ``[R, BLOCK_N]`` tile of ``x_k * W[n, k]`` sums and reduces it over ``R`` once, at the
+  end (no per-slice reductions). Per weight: one AND-OR, one add, two FMAs.
+* ``M <= DECODE_MAX_ROWS`` (decode, one 16-row tensor-core tile) and ``M < FALLBACK_MIN_ROWS``
   (tiled GEMM, autotuned ``BLOCK_M``): each slice is dequantized to x's dtype
   (``(q - z) * s``) and fed to ``tl.dot`` with the fp32 accumulator.
+
+A code is turned into a float without a shift or an int-to-float conversion: slot ``i`` is
+masked in place (slots of the upper half-word after one shift by 16 per word), and
+``(bits | 0x4B000000)`` read as fp32 is ``2^23 + code * 2^sh`` exactly; ``2^-sh`` is folded
+into the slice's scale vector.
 * ``M >= FALLBACK_MIN_ROWS``: the weight is dequantized (a Triton kernel writing ``W^T`` in x's
   dtype) and multiplied with ``torch.matmul`` (cuBLAS), which wins once the matmul is compute
   bound. The threshold is a module constant, to be tuned on the target GPU.
@@ -74,8 +78,8 @@ __all__ = [
     "supports",
 ]
 
-#: Rows (product of x's leading dimensions) handled by the CUDA-core GEMV mode.
-ELEMENTWISE_MAX_ROWS = 4
+#: Rows (product of x's leading dimensions) handled by the CUDA-core GEMV mode (one row per program).
+ELEMENTWISE_MAX_ROWS = 1
 #: Rows up to which the decode configurations (one 16-row tile, split K) are used.
 DECODE_MAX_ROWS = 16
 #: From this many rows on, dequantize-then-``torch.matmul`` (cuBLAS) is used instead of the
@@ -85,7 +89,6 @@ DECODE_MAX_ROWS = 16
 FALLBACK_MIN_ROWS = 512
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_MAGIC = 0x4B000000  # fp32 bit pattern of 2^23: (code | _MAGIC) as fp32 == 2^23 + code
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,6 +282,7 @@ if HAVE_TRITON:
         USE_DOT: tl.constexpr,
         DOT_FP32: tl.constexpr,
         SPLIT_K: tl.constexpr,
+        EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
@@ -298,39 +302,52 @@ if HAVE_TRITON:
         x_rows = x_ptr + offs_m[:, None] * stride_xm
         w_cols = qw_ptr + offs_n[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if not USE_DOT:  # GEMV (BLOCK_M == 1): x_k * W[n, k] summed elementwise, over R at the end
+            acc2 = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+            x_row = x_ptr + pid_m * stride_xm
         c_lo = pid_k * chunks_per_split
         c_hi = tl.minimum(c_lo + chunks_per_split, num_chunks)
         for c in range(c_lo, c_hi):
             words = tl.load(w_cols + (c * R + offs_r)[:, None] * N, mask=n_ok[None, :], other=0)  # [R, BN]
+            words = words.to(tl.uint32, bitcast=True)
+            words_hi = words >> 16  # slots in the upper half-word
             for i in tl.static_range(P):
                 k0 = c * C + i * R
                 offs_k = k0 + offs_r
-                xk = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
                 g_off = (k0 // group_size) * N + offs_n
-                g_ok = n_ok & (offs_n * 0 + k0 < K)  # (a scalar mask operand breaks the interpreter)
+                if EVEN_K:  # K is whole chunks: no masks along K
+                    k_ok = offs_r >= 0
+                    g_ok = n_ok
+                else:
+                    k_ok = offs_k < K
+                    g_ok = n_ok & (offs_n * 0 + k0 < K)  # (a scalar mask operand breaks the interpreter)
                 s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)  # [BN]
-                code = (words >> (i * BITS)) & MASK
-                q = (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # exact code, [R, BN]
+                if HAS_ZEROS:  # noqa: SIM108 (constexpr branches)
+                    b = -tl.load(z_ptr + g_off, mask=g_ok, other=0).to(tl.float32) * s
+                else:
+                    b = s * -HALF
+                # slot i sits at bit sh of `src`; masked in place under the 2^23 exponent it reads as
+                # 2^23 + code * 2^sh (exact), and 2^-sh goes into the scale: one AND-OR per code
+                if i < P // 2:  # noqa: SIM108
+                    src = words & (MASK << (i * BITS))
+                else:
+                    src = words_hi & (MASK << ((i - P // 2) * BITS))
+                q = (src | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                wq = (
+                    q * (s * (1.0 / (1 << ((i % (P // 2)) * BITS))))[None, :] + b[None, :]
+                )  # (code - z) * s, fp32 [R, BN]
                 if USE_DOT:
-                    if HAS_ZEROS:
-                        z = tl.load(z_ptr + g_off, mask=g_ok, other=0).to(tl.float32)
-                        wq = (q - z[None, :]) * s[None, :]
-                    else:
-                        wq = (q - HALF) * s[None, :]
+                    xk = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                     wq = wq.to(x_ptr.dtype.element_ty)
                     if DOT_FP32:
                         acc += tl.dot(xk.to(tl.float32), wq.to(tl.float32))
                     else:
                         acc = tl.dot(xk, wq, acc)
                 else:
-                    xf = xk.to(tl.float32)  # [BM, R]
-                    part = tl.sum(xf[:, :, None] * q[None, :, :], axis=1)  # [BM, BN]
-                    xs = tl.sum(xf, axis=1)  # [BM]
-                    if HAS_ZEROS:
-                        z = tl.load(z_ptr + g_off, mask=g_ok, other=0).to(tl.float32)
-                        acc += (part - xs[:, None] * z[None, :]) * s[None, :]
-                    else:
-                        acc += (part - xs[:, None] * HALF) * s[None, :]
+                    xr = tl.load(x_row + offs_k, mask=k_ok, other=0.0).to(tl.float32)  # [R]
+                    acc2 += xr[:, None] * wq
+        if not USE_DOT:
+            acc += tl.sum(acc2, axis=0)[None, :]
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
         o_ok = m_ok[:, None] & n_ok[None, :]
         if SPLIT_K == 1:
@@ -361,6 +378,7 @@ if HAVE_TRITON:
         offs_r = tl.arange(0, R)
         n_ok = offs_n < N
         words = tl.load(qw_ptr + (c * R + offs_r)[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0)
+        words = words.to(tl.uint32, bitcast=True)
         for i in tl.static_range(P):
             k0 = c * (P * R) + i * R
             offs_k = k0 + offs_r
@@ -390,12 +408,10 @@ if HAVE_TRITON:
         [_cfg(None, 32, 1, 1)]
         if _INTERPRET
         else [
-            _cfg(None, 32, 2, 4),
-            _cfg(None, 64, 4, 3),
+            _cfg(None, 64, 2, 3),
             _cfg(None, 64, 4, 4),
             _cfg(None, 128, 4, 3),
             _cfg(None, 128, 4, 4),
-            _cfg(None, 128, 8, 4),
             _cfg(None, 256, 8, 3),
             _cfg(None, 256, 8, 4),
         ]
@@ -464,7 +480,7 @@ def _launch(x2: torch.Tensor, w: TritonIntWeight) -> torch.Tensor:
     decode = M <= DECODE_MAX_ROWS
     use_dot = M > ELEMENTWISE_MAX_ROWS
     if decode:
-        block_m = _next_pow2(M) if not use_dot else 16
+        block_m = 16 if use_dot else 1
         nominal = (1, 32 if _INTERPRET else 64)
     else:
         block_m = None
@@ -494,6 +510,7 @@ def _launch(x2: torch.Tensor, w: TritonIntWeight) -> torch.Tensor:
         USE_DOT=use_dot,
         DOT_FP32=_INTERPRET or x2.dtype == torch.float32,
         SPLIT_K=split,
+        EVEN_K=K % w.chunk == 0,
     )
     if decode:
         _decode_kernel[grid](*args, **common, BLOCK_M=block_m)
@@ -510,7 +527,7 @@ def _fallback(x2: torch.Tensor, w: TritonIntWeight) -> torch.Tensor:
 def int_matmul(x: torch.Tensor, w: TritonIntWeight) -> torch.Tensor:
     """``x @ W^T``: x ``[..., K]`` fp16/bf16/fp32 -> ``[..., N]`` in x's dtype, fp32 accumulation.
 
-    Dispatch on the rows ``M``: GEMV mode up to ``ELEMENTWISE_MAX_ROWS``, one 16-row tensor-core
+    Dispatch on the rows ``M``: GEMV for ``ELEMENTWISE_MAX_ROWS`` (1) row, one 16-row tensor-core
     tile up to ``DECODE_MAX_ROWS`` (both split K), the tiled GEMM below ``FALLBACK_MIN_ROWS``,
     dequantize + ``torch.matmul`` from there on (and on CPU tensors outside the interpreter).
     """
