@@ -12,16 +12,21 @@ bits ``[i * bits, (i + 1) * bits)`` hold the code of ``W[n, c * C + i * R + j]``
 
 * ``qweight`` is ``int32 [ceil(K / C) * R, N]`` (K zero-padded to whole chunks), N contiguous:
   a tile of ``R x BLOCK_N`` words is ``R`` fully coalesced row loads, each word read once;
-* shifting the whole tile by ``i * bits`` gives *slice* ``i``: the codes of ``R`` consecutive
-  inputs ``c * C + i * R + [0, R)`` -- a contiguous piece of K, matched by a contiguous load
+* bits ``[i * bits, (i + 1) * bits)`` of the whole tile are *slice* ``i``: the codes of ``R``
+  consecutive inputs ``c * C + i * R + [0, R)`` -- a contiguous piece of K, matched by a contiguous load
   of ``x`` -- with no reshape, interleave or repeated word loads;
 * ``R`` divides the group size, so a slice lies in one group: its scales and zeros are one
   ``[BLOCK_N]`` vector (``scales``/``zeros`` are ``[G, N]``, N contiguous), loaded once per slice.
 
+A code is turned into a float without a shift or an int-to-float conversion: slot ``i`` is
+masked in place (slots of the upper half-word after one shift by 16 per word), and
+``(bits | 0x4B000000)`` read as fp32 is ``2^23 + code * 2^sh`` exactly; ``2^-sh`` is folded
+into the slice's scale vector.
 
 Kernel and dispatch (:func:`int_matmul`, rows ``M`` = product of x's leading dimensions)
 ---------------------------------------------------------------------------------------
-One Triton kernel, grid ``(M tiles, N tiles, SPLIT_K)``, fp32 accumulation, two inner modes:
+One Triton kernel, grid ``(M tiles, N tiles, SPLIT_K)``, fp32 accumulation, two inner modes,
+then the fallback:
 
 * ``M <= ELEMENTWISE_MAX_ROWS`` (one row, GEMV): CUDA cores, no ``tl.dot``: each thread keeps an
   fp32 ``[R, BLOCK_N]`` tile of ``x_k * W[n, k]`` sums and reduces it over ``R`` once, at the
@@ -29,11 +34,6 @@ One Triton kernel, grid ``(M tiles, N tiles, SPLIT_K)``, fp32 accumulation, two 
 * ``M <= DECODE_MAX_ROWS`` (decode, one 16-row tensor-core tile) and ``M < FALLBACK_MIN_ROWS``
   (tiled GEMM, autotuned ``BLOCK_M``): each slice is dequantized to x's dtype
   (``(q - z) * s``) and fed to ``tl.dot`` with the fp32 accumulator.
-
-A code is turned into a float without a shift or an int-to-float conversion: slot ``i`` is
-masked in place (slots of the upper half-word after one shift by 16 per word), and
-``(bits | 0x4B000000)`` read as fp32 is ``2^23 + code * 2^sh`` exactly; ``2^-sh`` is folded
-into the slice's scale vector.
 * ``M >= FALLBACK_MIN_ROWS``: the weight is dequantized (a Triton kernel writing ``W^T`` in x's
   dtype) and multiplied with ``torch.matmul`` (cuBLAS), which wins once the matmul is compute
   bound. The threshold is a module constant, to be tuned on the target GPU.
@@ -426,7 +426,6 @@ if HAVE_TRITON:
             _cfg(64, 64, 4, 4),
             _cfg(64, 128, 4, 3),
             _cfg(64, 128, 4, 4),
-            _cfg(64, 256, 8, 3),
             _cfg(128, 64, 4, 4),
             _cfg(128, 128, 8, 3),
             _cfg(128, 256, 8, 3),
