@@ -5,7 +5,7 @@
   ``(c - 8) * s + z'`` per group, so our ``(c - zero) * s`` is ``z' = s * (8 - zero)`` (exact).
   The kernel takes groups of 32, 64, 128 or 256: a larger group (per channel included) is
   cut into kernel groups sharing one scale. ``N`` is padded to a multiple of 16.
-* 5 to 8 bits, one group per channel: ``aten._weight_int8pack_mm`` (signed codes, one scale per
+* 5 to 8 bits, one group per channel, ``K`` a multiple of 32: ``aten._weight_int8pack_mm`` (signed codes, one scale per
   output). An asymmetric grid is ``s * (x . (c - 128)) - s * (zero - 128) * sum(x)``.
 
 Both kernels run with bf16 activations (fp16 and fp32 inputs take 10-100x longer on x86
@@ -43,7 +43,8 @@ def supports(bits: int, group_size: int, in_features: int) -> bool:
     """Whether a layer of this grid has a CPU kernel."""
     if bits <= 4:
         return group_size % 32 == 0 and in_features % group_size == 0
-    return bits <= 8 and group_size == in_features
+    # the int8 kernel reads past rows whose length is not a multiple of 8 (a crash, not an error)
+    return bits <= 8 and group_size == in_features and in_features % 32 == 0
 
 
 @dataclasses.dataclass(frozen=True)

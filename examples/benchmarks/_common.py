@@ -27,3 +27,50 @@ def compare_to_reference(rows: list[dict], tolerance_pct: float) -> None:
         ref = r.get("ref")
         r["delta"] = 100 * (r["ppl"] / ref - 1) if ref else None
         r["ok"] = "-" if r["delta"] is None else ("yes" if r["delta"] <= tolerance_pct else "NO")
+
+
+def random_int_layer(out_f: int, in_f: int, bits: int, group_size: int, device: str, dtype: str = "float16"):
+    """A packed ``int`` runtime layer with random codes and grid (timing does not depend on values)."""
+    import torch
+
+    from llmpress.formats import ModuleFormat, pack_module
+    from llmpress.results import LayerResult, QuantState
+    from llmpress.runtime import LlmpressLinear
+
+    gs = in_f if group_size == -1 else group_size
+    codes = torch.randint(0, 2**bits, (out_f, in_f), dtype=torch.uint8)
+    scales = torch.rand(out_f, in_f // gs) * 0.01 + 1e-3
+    zeros = torch.full_like(scales, float(2 ** (bits - 1)))
+    quant = QuantState(codes, scales, zeros, bits=bits, group_size=group_size, symmetric=True)
+    fmt = ModuleFormat("int", in_f, out_f, bits=bits, group_size=group_size, symmetric=True, dtype=dtype)
+    tensors = pack_module(fmt, codes, LayerResult(quant=quant))
+    layer = LlmpressLinear(fmt)
+    for k, v in tensors.items():
+        getattr(layer, k).copy_(v)
+    return layer.to(device)
+
+
+def timer(device: str, warmup: int = 3, reps: int = 10):
+    """``time(fn) -> median seconds`` of ``reps`` calls after ``warmup``, synchronizing CUDA."""
+    import statistics
+    import time
+
+    import torch
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def time_it(fn) -> float:
+        for _ in range(warmup):
+            fn()
+        sync()
+        out = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            out.append(time.perf_counter() - t0)
+        return statistics.median(out)
+
+    return time_it
