@@ -29,6 +29,7 @@ from llmpress.compressed_tensors import compressed_tensors_config, save_compress
 from llmpress.errors import LlmpressError
 from llmpress.loading import load_model
 from llmpress.quant.packing import unpack_int32
+from llmpress.runtime import select_kernels
 from llmpress.save import save_quantized, save_result
 
 pytest.importorskip("compressed_tensors")
@@ -261,4 +262,5 @@ def test_export_after_save_quantized(tmp_path: Path) -> None:
         return
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
     ref = AutoModelForCausalLM.from_pretrained(tmp_path / "packed", dtype=torch.float32)
+    select_kernels(ref, "dense")  # fp32-exact decoding (the CPU default computes in bf16)
     assert torch.allclose(logits(loaded), logits(ref), atol=1e-3)

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _kernel_layers import int_layer
 
 from llmpress.formats import ModuleFormat
 from llmpress.kernels import cpu_int
 from llmpress.kernels.registry import choose_kernel, offered_kernels
 from llmpress.runtime import LlmpressLinear
-
-from _kernel_layers import int_layer
 
 CPU = torch.device("cpu")
 needs_cpu_kernels = pytest.mark.skipif(not cpu_int.available(), reason="torch has no CPU int kernels")
@@ -137,3 +136,39 @@ def test_gpu_kernels_match_reference() -> None:  # pragma: no cover - GPU only
         for rows in (1, 7, 16, 64, 600):
             x = torch.randn(rows, 1024, device=cuda, dtype=torch.float16)
             assert _rel_err(module(x), _reference(module, x.float())) < 1e-2, (bits, gs, sym, rows)
+
+
+TRITON_WIRING = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from _kernel_layers import int_layer
+from llmpress.kernels import triton_int
+from llmpress.plugins import export_triton
+torch.manual_seed(0)
+# any stored width runs on the 4- or 8-bit kernel: 2-4 bits with explicit zero points on the 4-bit one
+for bits, gs, sym in [(3, 32, True), (4, 32, True), (4, -1, False), (2, 64, False), (5, 32, True), (8, -1, False)]:
+    module = int_layer(19, 64, bits, gs, sym, "float16", seed=bits)
+    state = export_triton._prepare(module)
+    assert state.bits == export_triton.kernel_bits(bits)
+    ref = module.dequantized_weight(torch.float32)
+    for rows in (1, 5):
+        x = torch.randn(rows, 64, dtype=torch.float16)
+        y = triton_int.int_matmul(x, state).float()
+        want = x.float() @ ref.T
+        err = float((y - want).abs().max() / want.abs().max())
+        assert err < 3e-3, (bits, gs, sym, rows, err)
+print("ok")
+"""
+
+
+def test_triton_int_plugin_runs_every_width_in_the_interpreter() -> None:
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    script = TRITON_WIRING.format(tests=str(Path(__file__).parent))
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
