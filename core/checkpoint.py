@@ -65,6 +65,8 @@ _DTYPES = {
     "I32": torch.int32,
     "I64": torch.int64,
     "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 
 
@@ -86,6 +88,7 @@ class ModuleEntry(BaseModel):
     nnz: int | None = Field(default=None, ge=0)
     resized: bool = False
     kind: Literal["attention", "mlp"] | None = None
+    activations: Literal["int8-dynamic", "int8-static", "fp8-dynamic", "fp8-static"] | None = None
 
     @field_validator("format")
     @classmethod
@@ -117,6 +120,11 @@ class ModuleEntry(BaseModel):
             raise ValueError(f"format {self.format!r} has no nnz")
         if (self.format == "dropped") != (self.kind is not None):
             raise ValueError("'kind' (attention or mlp) goes with format 'dropped' only")
+        if self.activations is not None:
+            if self.format not in ("int", "fp8"):
+                raise ValueError(f"format {self.format!r} cannot quantize activations")
+            if self.format == "int" and (self.bits, self.group_size, self.symmetric) != (8, -1, True):
+                raise ValueError("INT8 activations go with 8-bit symmetric per-channel weights")
         return self
 
 

@@ -1,11 +1,17 @@
-"""Export weight-only int4/int8 models in the compressed-tensors ``pack-quantized`` layout,
-which vLLM and transformers (with the ``compressed-tensors`` package) read natively.
+"""Export quantized models in the compressed-tensors layouts that vLLM and transformers (with
+the ``compressed-tensors`` package) read natively.
 
+Weight-only int4/int8 layers use ``pack-quantized``:
 Per quantized layer ``name`` (weight [out, in], groups of ``group_size`` inputs):
 ``name.weight_packed`` int32 [out, ceil(in*bits/32)] (signed codes ``q`` stored as
 ``q + 2**(bits-1)`` in a little-endian bitstream: exactly llmpress's codes),
 ``name.weight_scale`` [out, n_groups] and ``name.weight_shape`` int64 [2]. Symmetric grids
 only: asymmetric pack-quantized checkpoints do not load in transformers 5.x.
+
+W8A8 layers carry their input scheme (``input_activations``: per token and dynamic, or per
+tensor and static with ``name.input_scale`` [1]): INT8 as ``int-quantized`` (``name.weight``
+int8 [out, in], ``name.weight_scale`` [out, 1]), FP8 as ``float-quantized`` (``name.weight``
+float8_e4m3fn [out, in], ``name.weight_scale`` [out, 1]).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from llmpress.errors import LlmpressError
+from llmpress.quant.activations import FP8_DTYPE
 from llmpress.quant.packing import pack_int32
 from llmpress.report import CompressionReport
 from llmpress.results import QuantState, compression_state
@@ -28,7 +35,7 @@ def _scheme(q: QuantState) -> dict[str, Any]:
     per_channel = q.group_size == -1
     return {
         "num_bits": q.bits,
-        "type": "int",
+        "type": "float" if q.kind == "fp8" else "int",
         "symmetric": q.symmetric,
         "strategy": "channel" if per_channel else "group",
         "group_size": None if per_channel else q.group_size,
@@ -39,24 +46,46 @@ def _scheme(q: QuantState) -> dict[str, Any]:
     }
 
 
+def _input_scheme(q: QuantState) -> dict[str, Any] | None:
+    if q.activations is None:
+        return None
+    dynamic = q.activations.endswith("-dynamic")
+    return {
+        "num_bits": 8,
+        "type": "float" if q.activations.startswith("fp8") else "int",
+        "symmetric": True,
+        "strategy": "token" if dynamic else "tensor",
+        "group_size": None,
+        "dynamic": dynamic,
+        "actorder": None,
+        "observer": None if dynamic else "minmax",
+        "block_structure": None,
+    }
+
+
+def _format(q: QuantState) -> str:
+    if q.kind == "fp8":
+        return "float-quantized"
+    return "int-quantized" if q.activations is not None else "pack-quantized"
+
+
 def compressed_tensors_config(quantized: dict[str, QuantState]) -> dict[str, Any]:
-    """The ``quantization_config`` (one config group per distinct grid)."""
+    """The ``quantization_config`` (one config group per distinct scheme)."""
     groups: dict[str, dict[str, Any]] = {}
     for name, q in sorted(quantized.items()):
-        key = json.dumps(_scheme(q), sort_keys=True)
-        groups.setdefault(
-            key,
-            {
-                "targets": [],
-                "weights": _scheme(q),
-                "input_activations": None,
-                "output_activations": None,
-                "format": "pack-quantized",
-            },
-        )["targets"].append(name)
+        group = {
+            "targets": [],
+            "weights": _scheme(q),
+            "input_activations": _input_scheme(q),
+            "output_activations": None,
+            "format": _format(q),
+        }
+        key = json.dumps(group, sort_keys=True)
+        groups.setdefault(key, group)["targets"].append(name)
+    formats = {g["format"] for g in groups.values()}
     return {
         "quant_method": "compressed-tensors",
-        "format": "pack-quantized",
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed",
         "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())},
         "ignore": ["lm_head"],
@@ -71,7 +100,7 @@ def check_recipe_exportable(configs: list[Any]) -> None:
     from llmpress.config import QuantConfig
 
     quant = [c for c in configs if isinstance(c, QuantConfig)]
-    if not quant:
+    if not quant and not any(c.method == "fp8" for c in configs):
         raise LlmpressError("--format compressed-tensors needs a quantized model: add an rtn or gptq stage")
     for c in quant:
         if c.bits not in (4, 8):
@@ -116,9 +145,16 @@ def compressed_tensors_state_dict(
             sd.pop(f"{name}.{suffix}", None)  # dense weight, or llmpress's packed tensors
         out_f, in_f = q.codes.shape
         codes = q.codes.to(torch.uint8)  # pruned weights hold the zero point's code
-        sd[f"{name}.weight_packed"] = pack_int32(codes, q.bits)
+        if q.kind == "fp8":
+            sd[f"{name}.weight"] = codes.view(FP8_DTYPE)
+        elif q.activations is not None:  # int-quantized: signed int8 values
+            sd[f"{name}.weight"] = (codes.to(torch.int16) - 128).to(torch.int8)
+        else:
+            sd[f"{name}.weight_packed"] = pack_int32(codes, q.bits)
+            sd[f"{name}.weight_shape"] = torch.tensor([out_f, in_f], dtype=torch.int64)
         sd[f"{name}.weight_scale"] = q.scales.to(dtype).contiguous()
-        sd[f"{name}.weight_shape"] = torch.tensor([out_f, in_f], dtype=torch.int64)
+        if q.input_scale is not None:
+            sd[f"{name}.input_scale"] = q.input_scale.to(dtype).reshape(1).contiguous()
     return {k: v.contiguous().cpu() for k, v in sd.items()}
 
 
@@ -134,7 +170,7 @@ def save_compressed_tensors(
     """Write a compressed-tensors checkpoint (atomically). Pruned-only layers stay dense."""
     quantized = compression_state(model).quantized
     sd = compressed_tensors_state_dict(model, quantized, dtype)
-    sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    sd = {k: (v.to(dtype) if v.is_floating_point() and v.dtype != FP8_DTYPE else v) for k, v in sd.items()}
     tied = getattr(model.config, "tie_word_embeddings", False)
     if tied:
         sd.pop("lm_head.weight", None)

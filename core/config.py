@@ -61,6 +61,14 @@ class MethodConfig:
         each group seeing the already-compressed groups' outputs (GPTQ's true-sequential)."""
         return False
 
+    def statistics(self) -> frozenset[str]:
+        """The statistics to collect with these options (default: the class's ``stats``)."""
+        return frozenset(type(self).stats)
+
+    def calibrated(self) -> bool:
+        """Whether these options need calibration data (default: ``needs_calibration``)."""
+        return type(self).needs_calibration
+
     def check_module(self, name: str, in_features: int, out_features: int) -> None:
         """Check that this config can compress a layer of this shape (before any work);
         raise :class:`llmpress.errors.ModelError` naming the module and the fix."""
@@ -168,18 +176,47 @@ class QuantConfig(MethodConfig):
 
     ``bits``: 2 to 8. ``group_size``: -1 for one scale per output channel, else the number of
     consecutive input weights sharing a scale (32, 64, 128, ...; must divide the layer's
-    in_features). ``symmetric``: symmetric grid (no zero point stored).
+    in_features). ``symmetric``: symmetric grid (no zero point stored). ``activations``:
+    ``None`` (weight-only), ``"int8"`` (W8A8: inputs quantized per token at run time) or
+    ``"int8-static"`` (one input scale per layer, calibrated); W8A8 needs ``bits: 8``,
+    ``group_size: -1`` and ``symmetric: true`` (what int8 GEMM kernels compute).
     """
 
     bits: int = 4
     group_size: int = 128
     symmetric: bool = False
+    activations: str | None = None
 
     def validate(self) -> None:
         super().validate()
         problem = grid_problem(self.bits, self.group_size, self.symmetric)
         if problem is not None:
             raise RecipeError(f"method {self.method!r}: {problem}")
+        if self.activations is not None:
+            if self.activations not in ("int8", "int8-dynamic", "int8-static"):
+                raise RecipeError(
+                    f"method {self.method!r}: activations must be 'int8' (dynamic per token) or "
+                    f"'int8-static', got {self.activations!r}"
+                )
+            if (self.bits, self.group_size, self.symmetric) != (8, -1, True):
+                raise RecipeError(
+                    f"method {self.method!r}: activations {self.activations!r} (INT8 W8A8) needs bits: 8, "
+                    f"group_size: -1, symmetric: true; got bits {self.bits}, group_size "
+                    f"{self.group_size}, symmetric {self.symmetric}"
+                )
+
+    def activation_scheme(self) -> str | None:
+        """The activation scheme (:data:`llmpress.quant.activations.SCHEMES`) or ``None``."""
+        if self.activations is None:
+            return None
+        return "int8-static" if self.activations == "int8-static" else "int8-dynamic"
+
+    def statistics(self) -> frozenset[str]:
+        extra = {"absmax"} if self.activations == "int8-static" else set()
+        return frozenset(type(self).stats) | extra
+
+    def calibrated(self) -> bool:
+        return type(self).needs_calibration or self.activations == "int8-static"
 
     def check_module(self, name: str, in_features: int, out_features: int) -> None:
         try:

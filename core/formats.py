@@ -16,6 +16,13 @@ For a layer ``name`` with weight [out, in] the checkpoint holds, by ``format``:
 ``bitmask``  ``name.weight`` fp16/bf16 [nnz] kept values in row-major order +
              ``name.weight_bitmask`` uint8 [out, ceil(in/8)] (bit j of byte k = input 8k+j)
 
+``fp8``      ``name.weight`` float8_e4m3fn [out, in] + ``name.weight_scale`` fp32 [out, 1]
+             (``W = fp8 * scale``)
+
+W8A8 layers (``activations`` set: ``int8-dynamic``, ``int8-static``, ``fp8-dynamic``,
+``fp8-static``; ``int`` layers then are 8-bit symmetric per channel) quantize their inputs at
+run time; a static scheme stores its calibrated ``name.input_scale`` fp32 [1].
+
 ``dense``    ``name.weight`` fp16/bf16/fp32 [out, in]: a plain layer whose shape differs from what the
              model's config builds (structured pruning with per-layer widths)
 ``dropped``  no tensors: a sub-block (attention or MLP) that adds nothing to the residual stream
@@ -36,6 +43,7 @@ import torch
 from torch import nn
 
 from llmpress.errors import CheckpointError
+from llmpress.quant.activations import FP8_DTYPE, is_static
 from llmpress.quant.packing import (
     pack_24,
     pack_bitmask,
@@ -72,6 +80,8 @@ class ModuleFormat:
     nnz: int | None = None  # bitmask: number of stored values
     resized: bool = False
     kind: str | None = None
+    #: W8A8: how the layer's inputs are quantized (``llmpress.quant.activations.SCHEMES``)
+    activations: str | None = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -169,7 +179,19 @@ def _int_tensors(fmt: ModuleFormat) -> Shapes:
         out["weight_zero"] = ((o, fmt.n_groups), torch.uint8)
     if fmt.format == "int-2:4":
         out["weight_meta"] = _meta_shape(fmt)
-    return out
+    return out | _input_scale_shape(fmt)
+
+
+def _input_scale_shape(fmt: ModuleFormat) -> Shapes:
+    return {"input_scale": ((1,), torch.float32)} if is_static(fmt.activations) else {}
+
+
+def _pack_input_scale(fmt: ModuleFormat, quant: QuantState) -> dict[str, torch.Tensor]:
+    if not is_static(fmt.activations):
+        return {}
+    if quant.input_scale is None:
+        raise CheckpointError(f"activations {fmt.activations!r} need the layer's calibrated input scale")
+    return {"input_scale": quant.input_scale.float().reshape(1).contiguous()}
 
 
 def _int_pack(fmt: ModuleFormat, weight: torch.Tensor, result: LayerResult | None) -> dict[str, torch.Tensor]:
@@ -188,7 +210,7 @@ def _int_pack(fmt: ModuleFormat, weight: torch.Tensor, result: LayerResult | Non
     out["weight_scale"] = quant.scales.to(device=weight.device, dtype=fmt.torch_dtype).contiguous()
     if not fmt.symmetric:
         out["weight_zero"] = quant.zeros.to(device=weight.device).round().to(torch.uint8).contiguous()
-    return out
+    return out | _pack_input_scale(fmt, quant)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,6 +308,30 @@ def _bitmask_unpack(fmt: ModuleFormat, t: dict[str, torch.Tensor], dtype: torch.
 # ------------------------------------------------------------------------------ dense, dropped
 
 
+# ------------------------------------------------------------------------------ fp8
+
+
+def _fp8_tensors(fmt: ModuleFormat) -> Shapes:
+    return {
+        "weight": ((fmt.out_features, fmt.in_features), FP8_DTYPE),
+        "weight_scale": ((fmt.out_features, 1), torch.float32),
+    } | _input_scale_shape(fmt)
+
+
+def _fp8_pack(fmt: ModuleFormat, weight: torch.Tensor, result: LayerResult | None) -> dict[str, torch.Tensor]:
+    quant = None if result is None else result.quant
+    if quant is None or quant.kind != "fp8":
+        raise CheckpointError("format 'fp8' needs the layer's FP8 quantization state")
+    return {
+        "weight": quant.codes.to(weight.device).view(FP8_DTYPE).contiguous(),
+        "weight_scale": quant.scales.to(device=weight.device, dtype=torch.float32).reshape(-1, 1).contiguous(),
+    } | _pack_input_scale(fmt, quant)
+
+
+def _fp8_unpack(fmt: ModuleFormat, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return (t["weight"].to(torch.float32) * t["weight_scale"].to(torch.float32)).to(dtype)
+
+
 def _dense_tensors(fmt: ModuleFormat) -> Shapes:
     return {"weight": ((fmt.out_features, fmt.in_features), fmt.torch_dtype)}
 
@@ -317,6 +363,7 @@ for _spec in (
     FormatSpec("int-2:4", _int_tensors, _int_pack, _int_unpack, _packed_runtime),
     FormatSpec("2:4", _24_tensors, _24_pack, _24_unpack, _packed_runtime),
     FormatSpec("bitmask", _bitmask_tensors, _bitmask_pack, _bitmask_unpack, _packed_runtime),
+    FormatSpec("fp8", _fp8_tensors, _fp8_pack, _fp8_unpack, _packed_runtime),
     FormatSpec("dense", _dense_tensors, _dense_pack, None, _dense_runtime, packed=False),
     FormatSpec("dropped", lambda f: {}, lambda f, w, r: {}, None, _dropped_runtime, packed=False),
 ):
@@ -330,6 +377,8 @@ def choose_format(quant: QuantState | None, keep: torch.Tensor | None, sparse: s
     """The storage format of a layer; ``sparse`` is ``"auto"``, ``"dense"``, ``"bitmask"`` or
     ``"2:4"``. ``None`` means a plain dense weight (no packing)."""
     is24 = keep is not None and _is_24(keep)
+    if quant is not None and quant.kind == "fp8":
+        return "fp8"
     if quant is not None:
         return "int-2:4" if is24 and sparse in ("auto", "2:4") else "int"
     if keep is None or sparse == "dense":

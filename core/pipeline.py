@@ -27,9 +27,10 @@ from llmpress.gradients import collect_gradients
 from llmpress.method_hooks import MethodHooks
 from llmpress.modules import find_blocks, get_weight, in_out_features, is_linear, select_targets
 from llmpress.plugin_manager import Llmpress, get_plugin_manager
+from llmpress.quant.activations import is_static, static_scale
 from llmpress.recipe import Recipe, ResolvedStage, as_recipe
 from llmpress.report import CompressionReport, ModuleReport
-from llmpress.results import commit, compression_state
+from llmpress.results import LayerResult, commit, compression_state
 from llmpress.stats import LayerStats, StatsCollector, input_groups
 from llmpress.versions import versions
 
@@ -80,7 +81,7 @@ class _Engine:
         """Qualified names of the layers whose stage needs weight gradients."""
         names: list[str] = []
         for si, st in enumerate(self.stages):
-            if "grad" in st.config.stats:
+            if "grad" in st.config.statistics():
                 names += [f"{self.prefix}.{i}.{r}" for i, rels in self.plans[si].items() for r in rels]
         return list(dict.fromkeys(names))
 
@@ -93,12 +94,12 @@ class _Engine:
         i: int,
     ) -> tuple[dict[str, LayerStats], StatsCollector | None]:
         """Every statistic the stage asks for, for ``mods``, in one pass over the block."""
-        if acts is None or not st.config.needs_calibration:
+        if acts is None or not st.config.calibrated():
             return {}, None
-        with StatsCollector(mods, st.config.stats) as col:
+        with StatsCollector(mods, st.config.statistics()) as col:
             acts.run(block, keep_outputs=False, on_batch=col.new_batch)
         stats = dict(col.stats)
-        if "grad" in st.config.stats:
+        if "grad" in st.config.statistics():
             stats = {r: s.with_grad(self.grads[f"{self.prefix}.{i}.{r}"]) for r, s in stats.items()}
         return stats, col
 
@@ -180,6 +181,7 @@ class _Engine:
             raise ModelError(f"{st.name}: no plugin computed a result for {name} (method {cfg.method!r})")
         if res.mask is None and scores is not None:
             res = dataclasses.replace(res, mask=mask)
+        res = _calibrate_inputs(res, stats, name)
         merged = commit(self.model, name, mod, res)
         rep = self._module_report(name, mod)
         rep.methods.append(cfg.method)
@@ -193,6 +195,18 @@ class _Engine:
             rep.sparsity = 1.0 - float(merged.mask.float().mean())
         elif merged.quant is None:
             rep.sparsity = float((get_weight(mod) == 0).float().mean())
+
+
+def _calibrate_inputs(res: LayerResult, stats: LayerStats | None, name: str) -> LayerResult:
+    """Give a static activation scheme its per-tensor input scale (from the inputs' max |x|)."""
+    q = res.quant
+    if q is None or not is_static(q.activations) or q.input_scale is not None:
+        return res
+    assert q.activations is not None
+    if stats is None or "absmax" not in stats.acc:
+        raise ModelError(f"{name}: activations {q.activations!r} need the calibration inputs' max |x|")
+    q = dataclasses.replace(q, input_scale=static_scale(stats.absmax, q.activations))
+    return dataclasses.replace(res, quant=q)
 
 
 def compress(
@@ -231,14 +245,14 @@ def compress(
     stages = rec.resolve(pm)
     dev = torch.device(device) if device is not None else _default_device(model)
     engine = _Engine(model, stages, pm, dev)  # validates targets and shapes before any work
-    needs_calib = any(s.config.needs_calibration for s in stages)
+    needs_calib = any(s.config.calibrated() for s in stages)
 
     calib_info: dict[str, Any] = {}
     acts: BlockActivations | None = None
     if needs_calib:
         if calibration is None:
             raise CalibrationError(
-                f"methods {[s.config.method for s in stages if s.config.needs_calibration]} need calibration "
+                f"methods {[s.config.method for s in stages if s.config.calibrated()]} need calibration "
                 f"data: pass a text file, a list of strings or token ids"
             )
         if not isinstance(calibration, torch.Tensor) and tokenizer is None:

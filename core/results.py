@@ -26,6 +26,10 @@ class QuantState:
 
     ``codes``: uint8 [out, in]; ``scales``/``zeros``: float32 [out, n_groups] (zeros are
     integers in ``[0, 2**bits - 1]``); a weight decodes as ``scale * (code - zero)``.
+    ``kind="fp8"``: ``codes`` hold E4M3 bit patterns and a weight decodes as
+    ``scale * fp8(code)`` (``zeros`` unused). ``activations``: the layer's activation scheme
+    (:data:`llmpress.quant.activations.SCHEMES`) when its inputs are quantized too, with the
+    calibrated per-tensor ``input_scale`` [1] of a static scheme.
     """
 
     codes: torch.Tensor
@@ -35,6 +39,9 @@ class QuantState:
     group_size: int
     symmetric: bool
     method: str = ""
+    kind: str = "int"
+    activations: str | None = None
+    input_scale: torch.Tensor | None = None
 
     @classmethod
     def of(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, config: Any) -> QuantState:
@@ -47,17 +54,26 @@ class QuantState:
             group_size=int(config.group_size),
             symmetric=bool(config.symmetric),
             method=config.method,
+            activations=getattr(config, "activation_scheme", lambda: None)(),
         )
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [out, in] these codes stand for."""
+        if self.kind == "fp8":
+            from llmpress.quant.activations import FP8_DTYPE
+
+            return self.codes.view(FP8_DTYPE).float() * self.scales.float()
         from llmpress.quant.grid import dequantize_weight
 
         return dequantize_weight(self.codes, self.scales, self.zeros, self.group_size)
 
     def to(self, device: torch.device | str) -> QuantState:
         return dataclasses.replace(
-            self, codes=self.codes.to(device), scales=self.scales.to(device), zeros=self.zeros.to(device)
+            self,
+            codes=self.codes.to(device),
+            scales=self.scales.to(device),
+            zeros=self.zeros.to(device),
+            input_scale=None if self.input_scale is None else self.input_scale.to(device),
         )
 
 

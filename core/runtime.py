@@ -15,6 +15,7 @@ from torch import nn
 
 from llmpress.formats import ModuleFormat, unpack_module
 from llmpress.kernels.registry import Kernel, choose_kernel
+from llmpress.quant.activations import fake_quantize
 
 
 class LlmpressLinear(nn.Module):
@@ -39,8 +40,8 @@ class LlmpressLinear(nn.Module):
         self._kernel_state: Any = None
 
     def packed(self) -> dict[str, torch.Tensor]:
-        """The stored tensors of this layer (without bias)."""
-        return {k: v for k, v in self._buffers.items() if v is not None}
+        """The stored tensors of this layer (without bias and input scale)."""
+        return {k: v for k, v in self._buffers.items() if v is not None and k != "input_scale"}
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight [out, in] this layer stands for."""
@@ -63,12 +64,15 @@ class LlmpressLinear(nn.Module):
         if self.kernel is None:
             self.set_kernel()
         assert self.kernel is not None
+        if self.fmt.activations is not None and not self.kernel.quantizes_activations:
+            x = fake_quantize(x, self.fmt.activations, self._buffers.get("input_scale"))
         y = self.kernel.forward(self, self._kernel_state, x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         f = self.fmt
         q = f", bits={f.bits}, group_size={f.group_size}, symmetric={f.symmetric}" if f.quantized else ""
+        q += f", activations={f.activations}" if f.activations else ""
         k = f", kernel={self.kernel.name}" if self.kernel is not None else ""
         return f"in_features={f.in_features}, out_features={f.out_features}, format={f.format}{q}{k}"
 

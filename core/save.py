@@ -88,9 +88,10 @@ def export_state_dict(
             format=target,
             in_features=int(w.shape[1]),
             out_features=int(w.shape[0]),
-            bits=None if q is None else q.bits,
-            group_size=None if q is None else q.group_size,
-            symmetric=False if q is None else q.symmetric,
+            bits=None if q is None or q.kind != "int" else q.bits,
+            group_size=None if q is None or q.kind != "int" else q.group_size,
+            symmetric=False if q is None or q.kind != "int" else q.symmetric,
+            activations=None if q is None else q.activations,
             dtype=dtype_name,
             nnz=int(res.mask.sum())
             if target == "bitmask" and res is not None and res.mask is not None

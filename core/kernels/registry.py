@@ -31,6 +31,8 @@ class Kernel:
 
     ``prepare(module)`` returns the kernel's state for that layer (repacked tensors, or
     ``None``), computed once; ``forward(module, state, x)`` returns ``x @ W^T`` [..., out].
+    For a W8A8 layer the runtime rounds ``x`` to the activation grid before ``forward``
+    (simulation), unless ``quantizes_activations`` says the kernel does it itself.
     """
 
     name: str
@@ -38,6 +40,7 @@ class Kernel:
     prepare: Callable[[LlmpressLinear], Any]
     forward: Callable[[LlmpressLinear, Any, torch.Tensor], torch.Tensor]
     description: str = ""
+    quantizes_activations: bool = False
 
 
 def preferred_kernels(explicit: str | Sequence[str] | None = None) -> list[str]:
