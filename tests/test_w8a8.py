@@ -111,3 +111,30 @@ def test_bad_w8a8_options() -> None:
         llmpress.compress(tiny_llama(), [{"method": "smoothquant", "alpha": 2}], calib_ids(), progress=False)
     with pytest.raises(RecipeError, match="fp8: activations"):
         llmpress.compress(tiny_llama(), [{"method": "fp8", "activations": "token"}], calib_ids(), progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["int8-dynamic", "int8-static", "fp8-dynamic", "fp8-static"])
+def test_gpu_w8a8_kernels_match_simulation(name: str, tmp_path: Path) -> None:  # pragma: no cover - GPU
+    model, rep = llmpress.compress(tiny_llama(), RECIPES[name], calib_ids(), progress=False)
+    llmpress.save_quantized(model, tmp_path / "out", report=rep, dtype=torch.bfloat16)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16, device_map="cuda")
+    kernels = {m.kernel.name for m in loaded.modules() if isinstance(m, LlmpressLinear)}
+    ids = calib_ids(2, 32, seed=5).cuda()
+    fast = loaded(ids).logits.float()
+    select_kernels(loaded, "torch")
+    ref = loaded(ids).logits.float()
+    assert kernels <= {"cuda-fp8", "cuda-int8"} and kernels
+    assert torch.allclose(fast, ref, atol=0.05 * float(ref.abs().max()))
+
+
+def test_model_card_names_the_w8a8_format(tmp_path: Path) -> None:
+    pytest.importorskip("jinja2")
+    from llmpress.hub.card import build_card
+
+    stages = RECIPES["sq-gptq-int8"]
+    model, rep = llmpress.compress(tiny_llama(), stages, calib_ids(), progress=False)
+    llmpress.save_quantized(model, tmp_path / "out", report=rep)
+    text = str(build_card(tmp_path / "out"))
+    assert "activations quantized to INT8 per token at run time (dynamic)" in text
+    assert "SmoothQuant (alpha 0.5)" in text and "Give Me BF16" in text
