@@ -100,63 +100,94 @@ def _compress_into(a: argparse.Namespace, recipe: Any, out: Path) -> int:
     return 0
 
 
+def _evaluate(a: argparse.Namespace, model_path: str, tasks: list[str], quiet: bool) -> tuple[dict[str, Any], list]:
+    """Perplexity on ``--text`` and the lm-eval ``tasks`` of one model: ``(numbers, records)``."""
+    from llmpress.eval_harness import parse_limit, perplexity_record, run_lm_eval
+    from llmpress.evaluate import perplexity
+    from llmpress.loading import load_model
+
+    model, tok = load_model(model_path, dtype=a.dtype, device=a.device)
+    if tok is None:
+        raise LlmpressError(f"{model_path} has no tokenizer; {'perplexity' if a.text else 'evaluation'} needs one")
+    out: dict[str, Any] = {}
+    records = []
+    if a.text is not None:
+        res = perplexity(
+            model, tok, Path(a.text), seqlen=a.seqlen, batch_size=a.batch_size, max_tokens=a.max_tokens,
+            device=a.device, progress=not quiet,
+        )
+        out.update(res)
+        records.append(perplexity_record(res, a.text, a.seqlen))
+    if tasks:
+        task_records = run_lm_eval(
+            model, tok, tasks, limit=parse_limit(a.limit), include_path=a.include_path, batch_size=a.batch_size
+        )
+        records += task_records
+        table: dict[str, dict[str, float]] = {}
+        for r in task_records:
+            table.setdefault(r.task, {})[r.metric] = r.value
+        out["tasks"] = table
+    return out, records
+
+
+def _baseline_records(a: argparse.Namespace, tasks: list[str], quiet: bool) -> list:
+    """The base model's records for ``--baseline``: from the cache beside the results, else evaluated."""
+    from llmpress.eval_harness import load_baseline, save_baseline
+
+    base = a.baseline
+    if base == "auto":
+        report = Path(a.model_dir) / "llmpress_report.json"
+        base = json.loads(report.read_text()).get("base_model") if report.is_file() else None
+        if not base:
+            raise LlmpressError(
+                f"{a.model_dir} does not record its base model; name it: --baseline MODEL (a folder or Hub id)"
+            )
+    settings = {
+        "text": None if a.text is None else Path(a.text).name, "seqlen": a.seqlen, "max_tokens": a.max_tokens,
+        "tasks": sorted(tasks), "limit": a.limit, "dtype": a.dtype,
+    }
+    cached = load_baseline(a.model_dir, str(base), settings)
+    if cached:
+        log.info("base model %s: cached results", base)
+        return cached
+    log.info("evaluating the base model %s", base)
+    _, records = _evaluate(a, str(base), tasks, quiet)
+    if not a.no_save and Path(a.model_dir).is_dir():
+        save_baseline(a.model_dir, str(base), settings, records)
+    return records
+
+
 def _eval(a: argparse.Namespace) -> int:
     """``llmpress eval``: perplexity on ``--text`` and/or lm-eval ``--tasks`` on one loaded model.
 
     ``--json`` prints one JSON object: the perplexity keys at the top level and
     ``"tasks": {task: {metric: value}}`` when tasks ran. Results are merged into
-    ``DIR/llmpress_eval.json`` (unless ``--no-save``) for the model card.
+    ``DIR/llmpress_eval.json`` (unless ``--no-save``) for the model card. ``--baseline``
+    also evaluates the base model (once; cached in ``DIR/llmpress_eval_baseline.json``) and
+    records its value and the recovery next to each result.
     """
-    from llmpress.eval_harness import parse_limit, perplexity_record, run_lm_eval, save_eval
-    from llmpress.evaluate import perplexity
-    from llmpress.loading import load_model
+    from llmpress.eval_harness import save_eval, with_baseline
 
     tasks = [t.strip() for t in (a.tasks or "").split(",") if t.strip()]
-    limit = parse_limit(a.limit)
     if a.text is None and not tasks:
-        raise LlmpressError(
-            "eval needs --text FILE (perplexity) and/or --tasks T1,T2 (lm-eval-harness tasks)"
-        )
-    model, tok = load_model(a.model_dir, dtype=a.dtype, device=a.device)
-    if tok is None:
-        raise LlmpressError(
-            f"{a.model_dir} has no tokenizer; {'perplexity' if a.text else 'evaluation'} needs one"
-        )
-    out: dict[str, Any] = {}
-    records = []
-    if a.text is not None:
-        res = perplexity(
-            model,
-            tok,
-            Path(a.text),
-            seqlen=a.seqlen,
-            batch_size=a.batch_size,
-            max_tokens=a.max_tokens,
-            device=a.device,
-            progress=not a.json,
-        )
-        out.update(res)
-        records.append(perplexity_record(res, a.text, a.seqlen))
-    task_records = (
-        run_lm_eval(model, tok, tasks, limit=limit, include_path=a.include_path, batch_size=a.batch_size)
-        if tasks
-        else []
-    )
-    if tasks:
-        table: dict[str, dict[str, float]] = {}
-        for r in task_records:
-            table.setdefault(r.task, {})[r.metric] = r.value
-        out["tasks"] = table
+        raise LlmpressError("eval needs --text FILE (perplexity) and/or --tasks T1,T2 (lm-eval-harness tasks)")
+    out, records = _evaluate(a, a.model_dir, tasks, a.json)
+    if a.baseline:
+        records = with_baseline(records, _baseline_records(a, tasks, a.json))
+        out["baseline"] = {f"{r.task}/{r.metric}": r.baseline for r in records}
+        out["recovery"] = {f"{r.task}/{r.metric}": r.recovery for r in records}
     if not a.no_save and Path(a.model_dir).is_dir():
-        save_eval(a.model_dir, records + task_records)
+        save_eval(a.model_dir, records)
     if a.json:
         print(json.dumps(out))
         return 0
-    if a.text is not None:
-        print(f"perplexity {out['perplexity']:.4f} over {int(out['windows'])} windows of {a.seqlen} tokens")
-    for r in task_records:
+    for r in records:
+        base = f"; base model {r.baseline:.4f}, recovery {r.recovery:.1f} %" if r.recovery is not None else ""
+        if r.metric == "perplexity" and a.text is not None and r.task == Path(a.text).name:
+            print(f"perplexity {out['perplexity']:.4f} over {int(out['windows'])} windows of {a.seqlen} tokens{base}")
+            continue
         err = f" ± {r.stderr:.4f}" if r.stderr is not None else ""
-        print(f"{r.task} {r.metric} {r.value:.4f}{err} ({r.samples} samples)")
+        print(f"{r.task} {r.metric} {r.value:.4f}{err} ({r.samples} samples){base}")
     return 0
 
 
@@ -247,6 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", default="auto")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument(
+        "--baseline",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="MODEL",
+        help="also evaluate the base model (default: the one the report names; cached beside the results) "
+        "and show the recovery",
+    )
     e.set_defaults(func=_eval)
 
     from llmpress.hub import cli as hub_cli  # argparse only; the Hub client loads when `push` runs

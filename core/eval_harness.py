@@ -59,10 +59,21 @@ class EvalRecord:
     higher_is_better: bool | None = None
     source: str = "lm-eval"
     notes: str | None = None
+    #: the base (uncompressed) model's value for the same task, metric and settings
+    baseline: float | None = None
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.task, self.metric)
+
+    @property
+    def recovery(self) -> float | None:
+        """The compressed model's share of the base model's score, in percent (for a metric
+        where lower is better, such as perplexity, ``base / value``)."""
+        if self.baseline is None or not self.value or not self.baseline:
+            return None
+        lower = self.higher_is_better is False or self.metric == "perplexity"
+        return 100.0 * (self.baseline / self.value if lower else self.value / self.baseline)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -178,6 +189,42 @@ def save_eval(folder: str | Path, records: Sequence[EvalRecord]) -> Path:
 
 
 # ----------------------------------------------------------------------------- perplexity
+
+
+BASELINE_FILE = "llmpress_eval_baseline.json"
+
+
+def load_baseline(folder: str | Path, base: str, settings: dict[str, Any]) -> list[EvalRecord]:
+    """The base model's cached records for these ``settings`` (empty when none match)."""
+    path = Path(folder) / BASELINE_FILE
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return []
+    if not isinstance(data, dict) or data.get("base") != base or data.get("settings") != settings:
+        return []
+    records = [EvalRecord.from_dict(r) for r in data.get("results", []) if isinstance(r, dict)]
+    return [] if non_finite(records) else records
+
+
+def save_baseline(folder: str | Path, base: str, settings: dict[str, Any], records: Sequence[EvalRecord]) -> Path:
+    """Cache the base model's records beside the compressed model's (atomically)."""
+    check_finite(records, f"refusing to save the base model's results to {Path(folder) / BASELINE_FILE}")
+    path = Path(folder) / BASELINE_FILE
+    data = {"base": base, "settings": settings, "results": [r.to_dict() for r in records]}
+    fd, tmp = tempfile.mkstemp(prefix=f".{BASELINE_FILE}.", dir=folder)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, allow_nan=False)
+    os.replace(tmp, path)
+    return path
+
+
+def with_baseline(records: Sequence[EvalRecord], base: Sequence[EvalRecord]) -> list[EvalRecord]:
+    """``records`` with each one's ``baseline`` set from the base model's record of the same key."""
+    by_key = {r.key: r.value for r in base}
+    return [dataclasses.replace(r, baseline=by_key.get(r.key)) for r in records]
 
 
 def perplexity_record(result: dict[str, float], text: str | Path, seqlen: int) -> EvalRecord:

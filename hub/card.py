@@ -20,7 +20,7 @@ and may use these variables (a user template can also ``{% extends "default.md.j
 reconstruction loss), ``plot`` (relative PNG path or None),
 ``calibration``, ``compute`` (``{device, wall_time, versions}``), ``usage`` (Python code),
 ``citations`` (``{method, bibtex}``), ``missing_citations``, ``evaluations`` (``{task, metric,
-value, stderr, samples, notes}``), ``tags``, ``quantized``, ``license``, ``pipeline_tag``.
+value, stderr, samples, notes, baseline, recovery}``), ``has_baseline``, ``tags``, ``quantized``, ``license``, ``pipeline_tag``.
 """
 
 from __future__ import annotations
@@ -476,9 +476,12 @@ def build_card_context(
                 "stderr": f"{r.stderr:.4f}" if r.stderr is not None else "",
                 "samples": r.samples if r.samples is not None else "",
                 "notes": r.notes or (f"limit {r.limit:g}" if r.limit is not None else ""),
+                "baseline": f"{r.baseline:.4f}" if r.baseline is not None else "",
+                "recovery": f"{r.recovery:.1f} %" if r.recovery is not None else "",
             }
             for r in records
         ],
+        "has_baseline": any(r.baseline is not None for r in records),
         "tags": tag_list,
         "quantized": quantized,
         "license": license,

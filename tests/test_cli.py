@@ -291,3 +291,36 @@ def test_help_lists_the_commands(capsys: pytest.CaptureFixture) -> None:
     out = capsys.readouterr().out
     for cmd in ("compress", "eval", "plugins"):
         assert cmd in out
+
+
+def test_eval_baseline_recovery_is_cached_and_carded(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    out = tmp_path / "out"
+    assert main(_compress_args(tiny_model_dir, recipe, out)) == 0
+    capsys.readouterr()
+    args = ["eval", str(out), "--text", str(EVAL), "--seqlen", "32", "--max-tokens", "200", "--json"]
+    base_args = ["eval", str(tiny_model_dir), *args[2:], "--no-save"]
+    assert main(base_args) == 0
+    base = json.loads(capsys.readouterr().out)["perplexity"]
+    assert main([*args, "--baseline", str(tiny_model_dir)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    key = f"{EVAL.name}/perplexity"
+    assert res["baseline"][key] == pytest.approx(base, rel=1e-5)
+    assert res["recovery"][key] == pytest.approx(100 * base / res["perplexity"], rel=1e-6)
+    assert (out / "llmpress_eval_baseline.json").is_file()
+    # the second run reuses the cached base results: the base model is not loaded again
+    import llmpress.loading as loading
+
+    real = loading.load_model
+    loaded = []
+    monkeypatch.setattr(loading, "load_model", lambda p, **kw: loaded.append(str(p)) or real(p, **kw))
+    assert main([*args, "--baseline", str(tiny_model_dir)]) == 0
+    assert loaded == [str(out)]
+    pytest.importorskip("jinja2")
+    from llmpress.hub.card import build_card
+
+    text = str(build_card(out))
+    assert "| base model | this model | recovery |" in text and "%" in text
