@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -128,6 +129,24 @@ class ModuleEntry(BaseModel):
         return self
 
 
+class KVCacheEntry(BaseModel):
+    """``quantization_config.kv_cache``: the KV cache's format and each attention layer's
+    (key, value) scales."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    dtype: Literal["float8_e4m3fn"]
+    scales: dict[str, list[float]]
+
+    @field_validator("scales")
+    @classmethod
+    def _positive(cls, v: dict[str, list[float]]) -> dict[str, list[float]]:
+        for name, pair in v.items():
+            if len(pair) != 2 or not all(math.isfinite(x) and x > 0 for x in pair):
+                raise ValueError(f"kv_cache scales of {name} must be two finite positive numbers (key, value), got {pair}")
+        return v
+
+
 class QuantizationConfigSchema(BaseModel):
     """The ``quantization_config`` of an llmpress checkpoint."""
 
@@ -139,6 +158,7 @@ class QuantizationConfigSchema(BaseModel):
     note: str | None = None
     recipe: dict[str, Any] = Field(default_factory=dict)
     modules: dict[str, ModuleEntry]
+    kv_cache: KVCacheEntry | None = None
     #: tensor name -> sha256 of its dtype, shape and bytes
     checksums: dict[str, str] | None = None
     #: sha256 of the model config (see :func:`config_checksum`)

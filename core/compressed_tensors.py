@@ -69,7 +69,22 @@ def _format(q: QuantState) -> str:
     return "int-quantized" if q.activations is not None else "pack-quantized"
 
 
-def compressed_tensors_config(quantized: dict[str, QuantState]) -> dict[str, Any]:
+KV_CACHE_SCHEME = {
+    "num_bits": 8,
+    "type": "float",
+    "symmetric": True,
+    "strategy": "tensor",
+    "group_size": None,
+    "dynamic": False,
+    "actorder": None,
+    "observer": "minmax",
+    "block_structure": None,
+}
+
+
+def compressed_tensors_config(
+    quantized: dict[str, QuantState], kv_cache: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The ``quantization_config`` (one config group per distinct scheme)."""
     groups: dict[str, dict[str, Any]] = {}
     for name, q in sorted(quantized.items()):
@@ -89,7 +104,7 @@ def compressed_tensors_config(quantized: dict[str, QuantState]) -> dict[str, Any
         "quantization_status": "compressed",
         "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())},
         "ignore": ["lm_head"],
-        "kv_cache_scheme": None,
+        "kv_cache_scheme": None if kv_cache is None else KV_CACHE_SCHEME,
         "global_compression_ratio": None,
     }
 
@@ -155,6 +170,10 @@ def compressed_tensors_state_dict(
         sd[f"{name}.weight_scale"] = q.scales.to(dtype).contiguous()
         if q.input_scale is not None:
             sd[f"{name}.input_scale"] = q.input_scale.to(dtype).reshape(1).contiguous()
+    kv = compression_state(model).kv_cache
+    for attn, (k, v) in ({} if kv is None else kv["scales"]).items():
+        sd[f"{attn}.k_scale"] = torch.tensor([k], dtype=dtype)
+        sd[f"{attn}.v_scale"] = torch.tensor([v], dtype=dtype)
     return {k: v.contiguous().cpu() for k, v in sd.items()}
 
 
@@ -177,7 +196,7 @@ def save_compressed_tensors(
     with atomic_directory(out_dir, overwrite) as tmp:
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         cfg = model.config.to_dict()
-        cfg["quantization_config"] = compressed_tensors_config(quantized)
+        cfg["quantization_config"] = compressed_tensors_config(quantized, compression_state(model).kv_cache)
         cfg["dtype"] = str(dtype).replace("torch.", "")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         if getattr(model, "generation_config", None) is not None:

@@ -32,6 +32,7 @@ from llmpress.checkpoint import (
 )
 from llmpress.errors import CheckpointError
 from llmpress.formats import FORMAT_VERSION, ModuleFormat
+from llmpress.results import compression_state
 from llmpress.runtime import replace_module, select_kernels
 from llmpress.versions import package_version
 
@@ -65,6 +66,7 @@ class LlmpressConfig(QuantizationConfigMixin):
         self.note = kwargs.pop("note", NOTE)
         self.checksums = kwargs.pop("checksums", None)
         self.config_checksum = kwargs.pop("config_checksum", None)
+        self.kv_cache = kwargs.pop("kv_cache", None)
         kwargs.pop("quant_method", None)
         self._unknown = kwargs  # refused by the schema in post_init
         self.post_init()
@@ -84,6 +86,8 @@ class LlmpressConfig(QuantizationConfigMixin):
             "recipe": self.recipe,
             "modules": self.modules,
         }
+        if self.kv_cache is not None:
+            d["kv_cache"] = self.kv_cache
         if self.checksums is not None:
             d["checksums"] = self.checksums
         if self.config_checksum is not None:
@@ -180,6 +184,12 @@ class LlmpressHfQuantizer(HfQuantizer):
         chosen = select_kernels(model)
         if chosen:
             log.info("llmpress kernels: %s", ", ".join(sorted(set(chosen.values()))))
+        kv = self.quantization_config.schema.kv_cache
+        if kv is not None:
+            from llmpress import kv_cache
+
+            kv_cache.enable(model, {n: (k, v) for n, (k, v) in kv.scales.items()})
+            compression_state(model, create=True).kv_cache = kv.model_dump()
         return model
 
     def is_serializable(self, safe_serialization: Any = None) -> bool:

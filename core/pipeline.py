@@ -209,6 +209,18 @@ def _calibrate_inputs(res: LayerResult, stats: LayerStats | None, name: str) -> 
     return dataclasses.replace(res, quant=q)
 
 
+def _calibrate_kv_cache(model: nn.Module, ids: torch.Tensor, batch_size: int, dev: torch.device) -> None:
+    """FP8 KV cache: per-layer key/value scales from the compressed model on the calibration
+    tokens, recorded in the model's compression state and switched on."""
+    from llmpress import kv_cache
+
+    with outside_blocks_on(model, "", dev):
+        scales = kv_cache.calibrate(model, ids.split(batch_size))
+    kv_cache.enable(model, scales)
+    state = compression_state(model, create=True)
+    state.kv_cache = {"dtype": "float8_e4m3fn", "scales": {n: [k, v] for n, (k, v) in scales.items()}}
+
+
 def compress(
     model: nn.Module,
     recipe: Recipe | dict[str, Any] | list[Any] | str | Any,
@@ -245,14 +257,14 @@ def compress(
     stages = rec.resolve(pm)
     dev = torch.device(device) if device is not None else _default_device(model)
     engine = _Engine(model, stages, pm, dev)  # validates targets and shapes before any work
-    needs_calib = any(s.config.calibrated() for s in stages)
+    needs_calib = any(s.config.calibrated() for s in stages) or rec.kv_cache is not None
 
     calib_info: dict[str, Any] = {}
     acts: BlockActivations | None = None
     if needs_calib:
         if calibration is None:
             raise CalibrationError(
-                f"methods {[s.config.method for s in stages if s.config.calibrated()]} need calibration "
+                f"{[s.config.method for s in stages if s.config.calibrated()] or 'kv_cache: fp8'} need(s) calibration "
                 f"data: pass a text file, a list of strings or token ids"
             )
         if not isinstance(calibration, torch.Tensor) and tokenizer is None:
@@ -285,6 +297,8 @@ def compress(
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     model.train(was_training)
+    if rec.kv_cache is not None:
+        _calibrate_kv_cache(model, ids, bs, dev)
 
     report = CompressionReport(
         recipe=rec.to_dict(),

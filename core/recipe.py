@@ -95,12 +95,17 @@ class Recipe:
     """An ordered list of :class:`Stage` (or :class:`MethodConfig`, taken as a stage)."""
 
     stages: list[Stage | MethodConfig]
+    #: ``"fp8"``: calibrate per-layer key/value scales and keep the KV cache in FP8 (E4M3)
+    kv_cache: str | None = None
 
     def normalized(self) -> list[Stage]:
         return [s if isinstance(s, Stage) else Stage.from_config(s) for s in self.stages]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stages": [s.to_dict() for s in self.normalized()]}
+        out: dict[str, Any] = {"stages": [s.to_dict() for s in self.normalized()]}
+        if self.kv_cache is not None:
+            out["kv_cache"] = self.kv_cache
+        return out
 
     def resolve(self, pm: Llmpress | None = None) -> list[ResolvedStage]:
         """Validate every stage (method known, options valid) and build its config."""
@@ -121,12 +126,14 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: Any) -> Recipe:
         """From ``{"stages": [...]}``, a list of stage dicts, or one stage dict."""
+        kv_cache = None
         if isinstance(data, dict) and "stages" in data:
-            extra = set(data) - {"stages"}
+            extra = set(data) - {"stages", "kv_cache"}
             if extra:
                 raise RecipeError(
-                    f"unknown top-level recipe keys {sorted(extra)}; a recipe has only 'stages'"
+                    f"unknown top-level recipe keys {sorted(extra)}; a recipe has 'stages' and optionally 'kv_cache'"
                 )
+            kv_cache = data.get("kv_cache")
             data = data["stages"]
         elif isinstance(data, dict) and "method" in data:
             data = [data]
@@ -137,6 +144,9 @@ class Recipe:
             if not isinstance(d, dict) or "method" not in d:
                 raise RecipeError(f"stage {i} must be a mapping with a 'method' key, got {d!r}")
             d = dict(d)
+            if "kv_cache" in d:  # a stage may ask for it too: it applies to the whole model
+                kv_cache = kv_cache or d.pop("kv_cache")
+                d.pop("kv_cache", None)
             method = d.pop("method")
             targets = d.pop("targets", None)
             ignore = d.pop("ignore", [])
@@ -148,7 +158,9 @@ class Recipe:
             stages.append(
                 Stage(method=str(method), options={**d, **opts}, targets=targets, ignore=list(ignore))
             )
-        return cls(stages=stages)
+        if kv_cache not in (None, "fp8"):
+            raise RecipeError(f"kv_cache must be 'fp8' (an FP8 E4M3 KV cache with calibrated scales), got {kv_cache!r}")
+        return cls(stages=stages, kv_cache=kv_cache)
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:

@@ -121,6 +121,8 @@ class CompressionState:
     """Committed results of a model, by qualified layer name (tensors on CPU)."""
 
     layers: dict[str, LayerResult] = dataclasses.field(default_factory=dict)
+    #: ``{"dtype": "float8_e4m3fn", "scales": {attention module: (k_scale, v_scale)}}``
+    kv_cache: dict[str, Any] | None = None
 
     def keep_mask(self, name: str) -> torch.Tensor | None:
         r = self.layers.get(name)

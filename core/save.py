@@ -152,14 +152,15 @@ def save_compressed(
         try:
             if dtype is not None:
                 config.dtype = dtype
-            if modules:
+            kv = compression_state(model).kv_cache
+            if modules or kv:
                 recipe = report.recipe if report is not None else {}
-                config.quantization_config = LlmpressConfig(modules=modules, recipe=recipe)
+                config.quantization_config = LlmpressConfig(modules=modules, recipe=recipe, kv_cache=kv)
             model.save_pretrained(tmp, state_dict=sd)
         finally:  # the caller's config as it was
             config.__dict__.clear()
             config.__dict__.update(old)
-        _finish_config(tmp, dtype, checksums=bool(modules))
+        _finish_config(tmp, dtype, checksums=bool(modules or kv))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:

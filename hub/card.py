@@ -376,6 +376,12 @@ def build_card_context(
         f"{_fmt_bytes(size.before.nbytes)} ({size.before.bits_per_param:.2f}) for the dense model"
         f"{'' if size.before.measured else ' (estimated at the same dtype)'}."
     )
+    kv = (info.quantization_config or {}).get("kv_cache")
+    if isinstance(kv, dict) and kv.get("dtype") == "float8_e4m3fn":
+        summary += (
+            f" The KV cache is stored in FP8 (E4M3) with one calibrated key scale and one value scale per "
+            f"attention layer ({len(kv.get('scales', {}))} layers)."
+        )
     if any(s.get("activations") or s.get("method") == "fp8" for s in stages):
         summary += (
             " Weight-and-activation 8-bit formats suit high-throughput serving on recent GPUs, where FP8 is "

@@ -138,3 +138,70 @@ def test_model_card_names_the_w8a8_format(tmp_path: Path) -> None:
     text = str(build_card(tmp_path / "out"))
     assert "activations quantized to INT8 per token at run time (dynamic)" in text
     assert "SmoothQuant (alpha 0.5)" in text and "Give Me BF16" in text
+
+
+# ----------------------------------------------------------------------------- FP8 KV cache
+
+
+def _fp8_kv_model(tmp_path: Path):  # noqa: ANN202
+    recipe = {"stages": [{"method": "fp8"}], "kv_cache": "fp8"}
+    model, rep = llmpress.compress(tiny_llama(), recipe, calib_ids(), progress=False)
+    llmpress.save_quantized(model, tmp_path / "kv", report=rep, dtype=torch.float32)
+    return model, rep
+
+
+def test_fp8_kv_cache_scales_saved_and_used(tmp_path: Path) -> None:
+    from llmpress import kv_cache
+
+    model, _ = _fp8_kv_model(tmp_path)
+    attns = kv_cache.attention_modules(model)
+    assert attns and all(float(m.k_scale) > 0 and float(m.v_scale) > 0 for m in attns.values())
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "kv", dtype=torch.float32)
+    assert loaded.config._attn_implementation == kv_cache.ATTN_IMPL
+    for name, m in kv_cache.attention_modules(loaded).items():
+        assert torch.equal(m.k_scale, attns[name].k_scale) and torch.equal(m.v_scale, attns[name].v_scale)
+    # the in-memory model turned into runtime modules computes exactly what loading gives
+    llmpress.to_runtime(model, dtype=torch.float32)
+    select_kernels(model, "dense")
+    select_kernels(loaded, "dense")
+    with_kv = logits(loaded)
+    assert torch.equal(logits(model), with_kv)
+    # the rounding is applied: without it the logits move (a little)
+    for c in (loaded.config,):
+        c._attn_implementation = "sdpa"
+    without = logits(loaded)
+    assert not torch.equal(without, with_kv) and torch.allclose(without, with_kv, atol=0.05)
+
+
+def test_fp8_kv_cache_generation_matches_full_forward(tmp_path: Path) -> None:
+    _fp8_kv_model(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "kv", dtype=torch.float32)
+    ids = calib_ids(1, 12, seed=9)
+    out = loaded.generate(ids, max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    full = loaded(out.sequences).logits[0, ids.shape[1] - 1 : -1]
+    step = torch.stack(out.scores, 1)[0]
+    assert torch.allclose(step, full, atol=1e-4)  # cached keys/values round exactly like fresh ones
+
+
+def test_fp8_kv_cache_exports_to_compressed_tensors(tmp_path: Path) -> None:
+    pytest.importorskip("compressed_tensors")
+    import json
+
+    model, rep = _fp8_kv_model(tmp_path)
+    save_compressed_tensors(model, tmp_path / "ct", report=rep, dtype=torch.float32)
+    q = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert q["kv_cache_scheme"]["type"] == "float" and q["kv_cache_scheme"]["strategy"] == "tensor"
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.self_attn.k_scale" in f.keys()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)  # transformers reads it
+    pytest.importorskip("jinja2")
+    from llmpress.hub.card import build_card
+
+    assert "KV cache is stored in FP8 (E4M3)" in str(build_card(tmp_path / "kv"))
+
+
+def test_bad_kv_cache_option() -> None:
+    with pytest.raises(RecipeError, match="kv_cache must be 'fp8'"):
+        llmpress.compress(tiny_llama(), {"stages": [{"method": "fp8"}], "kv_cache": "int4"}, calib_ids(), progress=False)

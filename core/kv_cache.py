@@ -1,0 +1,132 @@
+"""FP8 (E4M3) KV cache: per-layer key and value scales, calibrated, and the attention that uses them.
+
+Keys (after RoPE) and values are what the cache holds. With one static scale per layer
+(``s_k = max|K| / 448`` over the calibration tokens, likewise ``s_v``) rounding them onto the
+FP8 grid when they are stored or when they are read gives the same numbers, so the runtime
+rounds them inside attention: the attention implementation ``llmpress_fp8kv`` (registered with
+transformers' ``AttentionInterface``) wraps the model's own (sdpa, eager, ...) and reads the
+scales from the attention module's ``k_scale``/``v_scale`` buffers (the names vLLM reads).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmpress.quant.activations import FP8_DTYPE, FP8_MAX
+
+log = logging.getLogger(__name__)
+
+ATTN_IMPL = "llmpress_fp8kv"
+_BASE = "_llmpress_kv_base"
+_OBSERVE = "_llmpress_kv_observe"
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Attention modules (those with a ``layer_idx`` and ``k_proj``/``v_proj``) by name."""
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if hasattr(m, "layer_idx") and hasattr(m, "k_proj") and hasattr(m, "v_proj")
+    }
+
+
+def fp8_round(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x`` on the E4M3 grid of ``scale`` (saturating), in ``x``'s dtype."""
+    s = scale.to(device=x.device, dtype=torch.float32)
+    return (torch.clamp(x.float() / s, -FP8_MAX, FP8_MAX).to(FP8_DTYPE).float() * s).to(x.dtype)
+
+
+def _base_attention(module: nn.Module) -> Callable[..., Any]:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = getattr(module, _BASE, "sdpa")
+    if name in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[name]
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise RuntimeError(f"{type(module).__name__}: no attention implementation {name!r} to wrap")
+    return eager
+
+
+def fp8kv_attention(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any
+) -> Any:
+    """The model's attention with keys and values rounded to FP8 (or observed, when calibrating)."""
+    observe = getattr(module, _OBSERVE, None)
+    if observe is not None:
+        observe[0] = max(observe[0], float(key.detach().abs().amax()))
+        observe[1] = max(observe[1], float(value.detach().abs().amax()))
+    elif hasattr(module, "k_scale"):
+        key, value = fp8_round(key, module.k_scale), fp8_round(value, module.v_scale)
+    return _base_attention(module)(module, query, key, value, *args, **kwargs)
+
+
+def register_attention() -> None:
+    """Make ``llmpress_fp8kv`` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPL, fp8kv_attention)
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    seen: dict[int, Any] = {}
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            seen.setdefault(id(cfg), cfg)
+    return list(seen.values())
+
+
+def _use_wrapper(model: nn.Module, attns: Iterable[nn.Module]) -> None:
+    register_attention()
+    base = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if base == ATTN_IMPL:
+        base = getattr(next(iter(attns), None), _BASE, "sdpa")
+    for m in attns:
+        setattr(m, _BASE, base)
+    for cfg in _configs(model):
+        cfg._attn_implementation = ATTN_IMPL
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, tuple[float, float]]:
+    """``{attention module: (k_scale, v_scale)}`` from the max ``|K|``/``|V|`` seen on ``batches``."""
+    attns = attention_modules(model)
+    if not attns:
+        raise RuntimeError("kv_cache: fp8 found no attention modules with k_proj/v_proj in this model")
+    saved = {id(c): c._attn_implementation for c in _configs(model)}
+    _use_wrapper(model, attns.values())
+    for m in attns.values():
+        setattr(m, _OBSERVE, [0.0, 0.0])
+    try:
+        dev = next(model.parameters()).device
+        for ids in batches:
+            model(input_ids=ids.to(dev), use_cache=False)
+        maxima = {n: tuple(getattr(m, _OBSERVE)) for n, m in attns.items()}
+    finally:
+        for m in attns.values():
+            delattr(m, _OBSERVE)
+        for c in _configs(model):
+            c._attn_implementation = saved.get(id(c), c._attn_implementation)
+    return {n: (max(k, 1e-12) / FP8_MAX, max(v, 1e-12) / FP8_MAX) for n, (k, v) in maxima.items()}
+
+
+def enable(model: nn.Module, scales: dict[str, tuple[float, float]]) -> None:
+    """Give each attention module its scales and make the model round its KV cache to FP8."""
+    attns = attention_modules(model)
+    missing = set(attns) - set(scales)
+    if missing:
+        raise ValueError(f"kv_cache scales are missing for {sorted(missing)[:3]}")
+    for name, m in attns.items():
+        dev = m.k_proj.weight.device
+        k, v = scales[name]
+        m.register_buffer("k_scale", torch.tensor([k], dtype=torch.float32, device=dev), persistent=False)
+        m.register_buffer("v_scale", torch.tensor([v], dtype=torch.float32, device=dev), persistent=False)
+    _use_wrapper(model, attns.values())
+    log.info("FP8 KV cache on %d attention layers", len(attns))
