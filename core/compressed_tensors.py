@@ -88,7 +88,7 @@ def compressed_tensors_config(
     """The ``quantization_config`` (one config group per distinct scheme)."""
     groups: dict[str, dict[str, Any]] = {}
     for name, q in sorted(quantized.items()):
-        group = {
+        group: dict[str, Any] = {
             "targets": [],
             "weights": _scheme(q),
             "input_activations": _input_scheme(q),

@@ -184,7 +184,8 @@ class LlmpressHfQuantizer(HfQuantizer):
         chosen = select_kernels(model)
         if chosen:
             log.info("llmpress kernels: %s", ", ".join(sorted(set(chosen.values()))))
-        kv = self.quantization_config.schema.kv_cache
+        kv = getattr(self.quantization_config, "schema", None)
+        kv = None if kv is None else kv.kv_cache
         if kv is not None:
             from llmpress import kv_cache
 

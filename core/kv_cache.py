@@ -62,8 +62,9 @@ def fp8kv_attention(
     if observe is not None:
         observe[0] = max(observe[0], float(key.detach().abs().amax()))
         observe[1] = max(observe[1], float(value.detach().abs().amax()))
-    elif hasattr(module, "k_scale"):
-        key, value = fp8_round(key, module.k_scale), fp8_round(value, module.v_scale)
+    elif isinstance(getattr(module, "k_scale", None), torch.Tensor):
+        key = fp8_round(key, module.get_buffer("k_scale"))
+        value = fp8_round(value, module.get_buffer("v_scale"))
     return _base_attention(module)(module, query, key, value, *args, **kwargs)
 
 
@@ -124,7 +125,7 @@ def enable(model: nn.Module, scales: dict[str, tuple[float, float]]) -> None:
     if missing:
         raise ValueError(f"kv_cache scales are missing for {sorted(missing)[:3]}")
     for name, m in attns.items():
-        dev = m.k_proj.weight.device
+        dev = m.get_submodule("k_proj").get_parameter("weight").device
         k, v = scales[name]
         m.register_buffer("k_scale", torch.tensor([k], dtype=torch.float32, device=dev), persistent=False)
         m.register_buffer("v_scale", torch.tensor([v], dtype=torch.float32, device=dev), persistent=False)
