@@ -125,7 +125,8 @@ def enable(model: nn.Module, scales: dict[str, tuple[float, float]]) -> None:
     if missing:
         raise ValueError(f"kv_cache scales are missing for {sorted(missing)[:3]}")
     for name, m in attns.items():
-        dev = m.get_submodule("k_proj").get_parameter("weight").device
+        k_proj = m.get_submodule("k_proj")
+        dev = next(iter([*k_proj.parameters(), *k_proj.buffers()])).device
         k, v = scales[name]
         m.register_buffer("k_scale", torch.tensor([k], dtype=torch.float32, device=dev), persistent=False)
         m.register_buffer("v_scale", torch.tensor([v], dtype=torch.float32, device=dev), persistent=False)
