@@ -61,6 +61,11 @@ class MethodConfig:
         each group seeing the already-compressed groups' outputs (GPTQ's true-sequential)."""
         return False
 
+    def plans_globally(self) -> bool:
+        """True for a ``scope = "block"`` method that scores every block first
+        (``llmpress_score_block``) and decides across blocks before changing any."""
+        return False
+
     def check_module(self, name: str, in_features: int, out_features: int) -> None:
         """Check that this config can compress a layer of this shape (before any work);
         raise :class:`llmpress.errors.ModelError` naming the module and the fix."""
