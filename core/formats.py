@@ -72,6 +72,8 @@ class ModuleFormat:
     nnz: int | None = None  # bitmask: number of stored values
     resized: bool = False
     kind: str | None = None
+    #: whether a resized layer has an output bias (structured pruning may add one)
+    bias: bool | None = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
