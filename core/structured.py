@@ -35,6 +35,7 @@ from llmpress.structured_math import (
     allocate_global,
     allocate_uniform,
     compensation_bias,
+    group_sum,
     kv_group_units,
     neuron_units,
     query_head_units,
@@ -141,11 +142,22 @@ class StructuredConfig(MethodConfig):
 class StructureScores:
     """Importance (higher = keep) of one block's structures: ``heads`` per query head
     [n_heads]; ``kv`` per key/value head [n_kv] (``None``: a group scores the sum of its query
-    heads); ``neurons`` [width]."""
+    heads); ``neurons`` [width]. A method scoring the channels of the heads' output instead
+    gives ``head_channels`` [n_heads * head_dim]: a head scores their sum, or under global
+    allocation their mean after standardization over the layer's channels (FLAP's code)."""
 
     heads: torch.Tensor | None = None
     kv: torch.Tensor | None = None
     neurons: torch.Tensor | None = None
+    head_channels: torch.Tensor | None = None
+
+    def per_head(self, head_dim: int, standardized: bool) -> StructureScores:
+        """Head scores from ``head_channels`` (summed, or standardized then averaged)."""
+        if self.head_channels is None:
+            return self
+        ch = self.head_channels.float()
+        heads = group_sum(standardize(ch), head_dim) / head_dim if standardized else group_sum(ch, head_dim)
+        return dataclasses.replace(self, heads=heads, head_channels=None)
 
 
 Scorer = Callable[[BlockContext, BlockStructures, Any], StructureScores]
@@ -187,9 +199,14 @@ def block_units(ctx: BlockContext, config: StructuredConfig, scorer: Scorer) -> 
     structs = structures_of(ctx, config)
     sc = scorer(ctx, structs, config)
     if config.plans_globally():  # comparable across blocks and structures (FLAP)
-        sc = StructureScores(
-            *(None if t is None else standardize(t.float().cpu()) for t in (sc.heads, sc.kv, sc.neurons))
-        )
+        heads = sc.heads if sc.head_channels is None or structs.heads is None else None
+
+        def std(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else standardize(t.float().cpu())
+
+        sc = dataclasses.replace(sc, heads=std(heads), kv=std(sc.kv), neurons=std(sc.neurons))
+    if structs.heads is not None:  # channel scores -> heads (standardized over the channels)
+        sc = sc.per_head(structs.heads.head_dim, config.plans_globally())
     hidden = int(ctx.model_config.hidden_size)
     units: list[Units] = []
     for kind in config.structures:

@@ -157,21 +157,21 @@ def reconstruct(
     With ``H = E[x x^T]`` [in, in]: the ``W'`` [out, |K|] minimizing
     ``E||W x - W' x_K||^2`` is ``W H[:, K] H[K, K]^-1``. With ``mean = E[x]`` a bias change
     ``b`` [out] is fitted too (a constant input appended: the removed channels' mean
-    contribution is absorbed, as in FLAP's compensation). Damping: ``damp * mean diag``.
+    contribution is absorbed, as in FLAP's compensation). Damping: ``damp * mean diag`` on
+    ``H[K, K]``.
     Returns ``(W', b or None)``.
     """
     h = hessian.double()
     k = keep.to(torch.int64)
     a = h[k][:, k]  # [K, K]
+    a = a + damp * torch.diagonal(a).mean().clamp_min(1e-12) * torch.eye(len(k), dtype=a.dtype)
     rhs = weight.double() @ h[:, k]  # [out, K]
-    if mean is not None:
+    if mean is not None:  # the constant input is not damped
         m = mean.double()
         a = torch.cat(
             [torch.cat([a, m[k].unsqueeze(1)], 1), torch.cat([m[k], m.new_ones(1)]).unsqueeze(0)], 0
         )
         rhs = torch.cat([rhs, (weight.double() @ m).unsqueeze(1)], 1)  # [out, K + 1]
-    lam = damp * torch.diagonal(a).mean().clamp_min(1e-12)
-    a = a + lam * torch.eye(a.shape[0], dtype=a.dtype)
     sol = torch.linalg.solve(a, rhs.t()).t()  # a is symmetric
     if mean is None:
         return sol.to(weight.dtype), None

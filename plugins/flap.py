@@ -16,7 +16,6 @@ from llmpress.blocks import BlockContext
 from llmpress.errors import ModelError
 from llmpress.modules import get_weight
 from llmpress.structured import StructuredConfig, StructureScores, prune_block, score_block
-from llmpress.structured_math import group_sum
 from llmpress.structures import BlockStructures
 
 
@@ -46,12 +45,15 @@ def fluctuation(ctx: BlockContext, consumer: str) -> Any:
 
 
 def flap_scores(ctx: BlockContext, structs: BlockStructures, config: Any) -> StructureScores:
-    heads = neurons = None
+    """Neurons: their fluctuation. Heads: per output channel, the fluctuation squared (as the
+    authors' code scores attention channels); the core sums or standardizes and averages them
+    per head."""
+    channels = neurons = None
     if (n := structs.neurons) is not None:
         neurons = fluctuation(ctx, n.consumer)
-    if (h := structs.heads) is not None:
-        heads = group_sum(fluctuation(ctx, h.o), h.head_dim)
-    return StructureScores(heads, None, neurons)
+    if structs.heads is not None:
+        channels = fluctuation(ctx, structs.heads.o).square()
+    return StructureScores(neurons=neurons, head_channels=channels)
 
 
 @hookimpl
