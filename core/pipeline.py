@@ -31,6 +31,7 @@ from llmpress.recipe import Recipe, ResolvedStage, as_recipe
 from llmpress.report import CompressionReport, ModuleReport
 from llmpress.results import commit, compression_state
 from llmpress.stats import LayerStats, StatsCollector, input_groups
+from llmpress.structures import block_widths
 from llmpress.versions import versions
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,25 @@ class _Engine:
             rep.sparsity = float((get_weight(mod) == 0).float().mean())
 
 
+def _structure_summary(
+    params_before: int, widths_before: list[dict[str, int]] | None, model: nn.Module, blocks: nn.ModuleList
+) -> dict[str, Any]:
+    """The blocks' parameters before/after and per-block widths ``[before, after]``."""
+    after = sum(p.numel() for b in blocks for p in b.parameters())
+    out: dict[str, Any] = {
+        "params_before": params_before,
+        "params_after": after,
+        "removed_fraction": round(1 - after / max(params_before, 1), 6),
+    }
+    widths_after = block_widths(model)
+    if widths_before is not None and widths_after is not None:
+        out["layers"] = [{k: [b[k], a.get(k, 0)] for k in b} for b, a in zip(widths_before, widths_after)]
+    log.info(
+        "block parameters %d -> %d (%.2f %% removed)", params_before, after, 100 * out["removed_fraction"]
+    )
+    return out
+
+
 def compress(
     model: nn.Module,
     recipe: Recipe | dict[str, Any] | list[Any] | str | Any,
@@ -288,7 +308,9 @@ def compress(
         log.info("captured %d calibration batches of %d x %d", len(acts.hidden), bs, ids.shape[1])
 
     blocks = engine.blocks
+    structured = any(st.config.scope == "block" for st in stages)
     params_before = sum(p.numel() for b in blocks for p in b.parameters())
+    widths_before = block_widths(model) if structured else None
     was_training = model.training
     model.eval()
     engine.plan(acts, dev, progress)
@@ -313,19 +335,8 @@ def compress(
         wall_time_s=time.perf_counter() - t_start,
         versions=versions(),
     )
-    if any(st.config.scope == "block" for st in stages):
-        after = sum(p.numel() for b in blocks for p in b.parameters())
-        report.block_params = {
-            "before": params_before,
-            "after": after,
-            "removed_fraction": round(1 - after / max(params_before, 1), 6),
-        }
-        log.info(
-            "block parameters %d -> %d (%.2f %% removed)",
-            params_before,
-            after,
-            100 * (1 - after / params_before),
-        )
+    if structured:
+        report.structure = _structure_summary(params_before, widths_before, model, blocks)
     log.info(
         "compressed %d layers, overall sparsity %.4f in %.1fs",
         len(report.modules),

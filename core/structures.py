@@ -141,3 +141,28 @@ def require(structs: BlockStructures, wanted: tuple[str, ...], where: str) -> No
         raise ModelError(f"{where}: structure 'heads' asked for, but no attention heads were found")
     if "neurons" in wanted and structs.neurons is None:
         raise ModelError(f"{where}: structure 'neurons' asked for, but no MLP was found")
+
+
+def block_widths(model: nn.Module) -> list[dict[str, int]] | None:
+    """Per block: query heads, key/value heads and MLP neurons (``None`` if the blocks'
+    structures cannot be found)."""
+    from llmpress.modules import find_blocks
+
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not isinstance(hidden, int):
+        return None
+    try:
+        _, blocks = find_blocks(model)
+        out = []
+        for b in blocks:
+            s = discover(b, config, hidden)
+            row = {}
+            if s.heads is not None:
+                row.update(heads=s.heads.n_heads, kv_heads=s.heads.n_kv)
+            if s.neurons is not None:
+                row["neurons"] = s.neurons.width
+            out.append(row)
+        return out
+    except ModelError:
+        return None

@@ -299,8 +299,20 @@ def test_the_issue_recipe_runs_from_the_cli(tiny_model_dir: Path, tmp_path: Path
     assert rc == 0
     report = json.loads((out / "llmpress_report.json").read_text())
     assert report["recipe"]["stages"][0]["method"] == "flap"
-    assert report["block_params"]["removed_fraction"] == pytest.approx(0.2, abs=0.02)
+    assert report["structure"]["removed_fraction"] == pytest.approx(0.2, abs=0.02)
+    assert report["structure"]["layers"][0]["heads"][0] == 4
     dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert 0.15 < 1 - _block_params(loaded) / _block_params(dense) < 0.25
     assert FlapConfig(ratio=0.2).to_dict()["structures"] == ["heads", "neurons"]
+
+
+def test_the_model_card_shows_widths_before_and_after(tmp_path: Path) -> None:
+    from llmpress.hub import build_card
+
+    model, report = _compress(tiny_llama(), method="magnitude_structured", ratio=0.4)
+    save_compressed(model, tmp_path / "m", report=report)
+    text = build_card(tmp_path / "m").text
+    assert "## Structure" in text and "| block | attention heads | key/value heads | MLP neurons |" in text
+    assert "| 0 | 4 → 2 | 2 | 64 → 36 |" in text
+    assert "![Per-layer widths" in text and (tmp_path / "m" / "llmpress_widths.png").stat().st_size > 1000
