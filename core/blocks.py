@@ -44,6 +44,9 @@ class BlockContext:
     model_config: Any
     #: statistics of every linear layer's input, by name relative to the block
     stats: dict[str, LayerStats]
+    #: every block's ``llmpress_score_block`` answer from the planning pass, for a method
+    #: whose config asks for one (``config.plans_globally()``); empty otherwise
+    scores: tuple[Any, ...] = ()
 
     def linear(self, rel: str) -> nn.Module:
         return self.module.get_submodule(rel)
@@ -66,6 +69,10 @@ class PruneChannels:
 
     groups: tuple[ChannelGroup, ...]
     attributes: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    #: new weights [out, in] of layers, in their shape *after* the removal (a weight update)
+    weights: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    #: new output biases [out] of layers after the removal; a layer without one gains one
+    biases: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,11 +173,34 @@ def _apply_prune(model: nn.Module, ctx: BlockContext, change: PruneChannels) -> 
             removed_rows=None if r is None else _removed(out_f, r),
             removed_cols=None if c is None else _removed(in_f, c),
         )
+    _update_params(ctx, change)
     for rel, attrs in change.attributes.items():
         sub = block.get_submodule(rel)
         for k, v in attrs.items():
             setattr(sub, k, v)
     return results
+
+
+@torch.no_grad()
+def _update_params(ctx: BlockContext, change: PruneChannels) -> None:
+    """Write ``change.weights`` and ``change.biases`` into the (already resized) layers."""
+    block = ctx.module
+    for rel, w in change.weights.items():
+        cur = get_weight(block.get_submodule(rel))
+        if tuple(w.shape) != tuple(cur.shape):
+            raise ModelError(f"{ctx.name}.{rel}: new weight {tuple(w.shape)} != layer {tuple(cur.shape)}")
+        cur.copy_(w.to(cur))
+    for rel, b in change.biases.items():
+        mod = block.get_submodule(rel)
+        w = get_weight(mod)
+        if b.shape != (w.shape[0],):
+            raise ModelError(f"{ctx.name}.{rel}: new bias {tuple(b.shape)} != ({w.shape[0]},)")
+        if not isinstance(getattr(mod, "bias", None), torch.Tensor):
+            new = nn.Linear(w.shape[1], w.shape[0], bias=True, device=w.device, dtype=w.dtype)
+            new.weight.copy_(w)
+            _replace(block, rel, new)
+            mod = new
+        mod.bias.copy_(b.to(mod.bias))
 
 
 @torch.no_grad()

@@ -90,6 +90,8 @@ class ModuleEntry(BaseModel):
     resized: bool = False
     kind: Literal["attention", "mlp"] | None = None
     activations: Literal["int8-dynamic", "int8-static", "fp8-dynamic", "fp8-static"] | None = None
+    #: a resized layer's bias (structured pruning may add one); absent: as the model builds it
+    bias: bool | None = None
 
     @field_validator("format")
     @classmethod
@@ -163,6 +165,18 @@ class QuantizationConfigSchema(BaseModel):
     checksums: dict[str, str] | None = None
     #: sha256 of the model config (see :func:`config_checksum`)
     config_checksum: str | None = None
+    #: per-module head counts of structurally pruned attention modules, set at load
+    attributes: (
+        dict[str, dict[Literal["num_key_value_groups", "num_heads", "num_key_value_heads"], int]] | None
+    ) = None
+
+    @field_validator("attributes")
+    @classmethod
+    def _positive(cls, v: dict[str, dict[str, int]] | None) -> dict[str, dict[str, int]] | None:
+        for name, attrs in (v or {}).items():
+            if any(x < 1 for x in attrs.values()):
+                raise ValueError(f"{name}: head counts must be >= 1")
+        return v
 
 
 def validate_quantization_config(data: Any, where: str = "config.json") -> QuantizationConfigSchema:

@@ -82,6 +82,8 @@ class ModuleFormat:
     kind: str | None = None
     #: W8A8: how the layer's inputs are quantized (``llmpress.quant.activations.SCHEMES``)
     activations: str | None = None
+    #: whether a resized layer has an output bias (structured pruning may add one)
+    bias: bool | None = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:

@@ -67,6 +67,7 @@ class LlmpressConfig(QuantizationConfigMixin):
         self.checksums = kwargs.pop("checksums", None)
         self.config_checksum = kwargs.pop("config_checksum", None)
         self.kv_cache = kwargs.pop("kv_cache", None)
+        self.attributes = kwargs.pop("attributes", None)
         kwargs.pop("quant_method", None)
         self._unknown = kwargs  # refused by the schema in post_init
         self.post_init()
@@ -92,6 +93,8 @@ class LlmpressConfig(QuantizationConfigMixin):
             d["checksums"] = self.checksums
         if self.config_checksum is not None:
             d["config_checksum"] = self.config_checksum
+        if self.attributes is not None:
+            d["attributes"] = self.attributes
         return d
 
 
@@ -147,8 +150,15 @@ class LlmpressHfQuantizer(HfQuantizer):
                         f"{fmt.out_features}x{fmt.in_features}"
                     )
             dev = w.device if isinstance(w, torch.Tensor) else None
-            bias = isinstance(getattr(old, "bias", None), torch.Tensor)
+            bias = isinstance(getattr(old, "bias", None), torch.Tensor) if fmt.bias is None else fmt.bias
             replace_module(model, name, fmt.spec.runtime(fmt, bias, dev))
+        for name, attrs in (cfg.schema.attributes or {}).items():  # head counts of pruned attention
+            if name not in known:
+                raise CheckpointError(
+                    f"quantization_config.attributes names module {name!r}, which this model lacks"
+                )
+            for attr, value in attrs.items():
+                setattr(known[name], attr, value)
         if checkpoint_files:
             self._check_files(model, [str(f) for f in checkpoint_files])
         return model

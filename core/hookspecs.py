@@ -26,7 +26,7 @@ kernels that can run each stored layer.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -142,6 +142,22 @@ def llmpress_change_block(
         block as it is. The block must not be modified by the hook.
 
     ``firstresult``.
+    """
+
+
+@hookspec(firstresult=True)
+def llmpress_score_block(block: BlockContext, config: MethodConfig) -> Any:
+    """Score one block for a decision across blocks (``config.plans_globally()``).
+
+    Called in a planning pass over every block of the *unchanged* model (statistics from
+    its own activations) before the block pass. The answers, one per block in order, reach
+    ``llmpress_change_block`` as ``block.scores``, so a method can allocate a global budget
+    (FLAP's widths per layer) before changing the first block.
+
+    :param block: as for ``llmpress_change_block`` (``block.scores`` is empty here).
+    :param config: the stage's method config.
+    :returns: any object the method's ``llmpress_change_block`` understands, or ``None``.
+        The block must not be modified. ``firstresult``.
     """
 
 

@@ -28,6 +28,7 @@ _METHOD_HOOKS = (
     "llmpress_select_mask",
     "llmpress_update_weights",
     "llmpress_change_block",
+    "llmpress_score_block",
 )
 
 
@@ -68,6 +69,10 @@ class MethodHooks:
         if out is not None and not isinstance(out, LayerResult):
             raise self._bad("llmpress_update_weights", "a LayerResult or None", out)
         return out
+
+    def score_block(self, block: BlockContext, config: MethodConfig) -> Any:
+        """The method's scores of one block for a decision across blocks (or ``None``)."""
+        return self._call["llmpress_score_block"](block=block, config=config)
 
     def change_block(self, block: BlockContext, config: MethodConfig) -> list[BlockChange]:
         """The changes the method makes to one block (possibly none)."""

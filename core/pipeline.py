@@ -32,6 +32,7 @@ from llmpress.recipe import Recipe, ResolvedStage, as_recipe
 from llmpress.report import CompressionReport, ModuleReport
 from llmpress.results import LayerResult, commit, compression_state
 from llmpress.stats import LayerStats, StatsCollector, input_groups
+from llmpress.structures import block_widths
 from llmpress.versions import versions
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,34 @@ class _Engine:
         self.modules_report: dict[str, ModuleReport] = {}
         #: weight gradients of the layers whose stage asks for the ``grad`` statistic
         self.grads: dict[str, torch.Tensor] = {}
+        #: per stage planning globally: every block's ``llmpress_score_block`` answer
+        self.block_scores: dict[int, tuple[Any, ...]] = {}
+
+    def plan(self, acts: BlockActivations | None, dev: torch.device, progress: bool) -> None:
+        """The planning pass of stages that decide across blocks: score every block of the
+        unchanged model on its own activations (a copy; the block pass starts afresh)."""
+        planning = [si for si, st in enumerate(self.stages) if st.config.plans_globally()]
+        if not planning:
+            return
+        pre: BlockActivations | None = None
+        if acts is not None:
+            pre = BlockActivations(store=acts.store, compute=acts.compute)
+            pre.hidden, pre.kwargs = [h.clone() for h in acts.hidden], acts.kwargs
+        answers: dict[int, list[Any]] = {si: [] for si in planning}
+        for i in tqdm(range(len(self.blocks)), desc="scoring blocks", disable=not progress):
+            block = self.blocks[i]
+            home = _default_device(block)
+            block.to(dev)
+            for si in planning:
+                st = self.stages[si]
+                rels = [r for r in self.plans[si].get(i, []) if is_linear(block.get_submodule(r))]
+                stats, _ = self._collect(block, {r: block.get_submodule(r) for r in rels}, st, pre, i)
+                ctx = BlockContext(i, f"{self.prefix}.{i}", block, getattr(self.model, "config", None), stats)
+                answers[si].append(self.hooks[si].score_block(ctx, st.config))
+            if pre is not None and i + 1 < len(self.blocks):
+                pre.run(block, keep_outputs=True)
+            block.to(home)
+        self.block_scores = {si: tuple(a) for si, a in answers.items()}
 
     def grad_targets(self) -> list[str]:
         """Qualified names of the layers whose stage needs weight gradients."""
@@ -110,7 +139,7 @@ class _Engine:
                 continue
             if st.config.scope == "block":
                 self._change_block(
-                    i, block, {r: block.get_submodule(r) for r in rels}, st, self.hooks[si], acts
+                    i, block, {r: block.get_submodule(r) for r in rels}, st, self.hooks[si], acts, si
                 )
                 continue
             pending = {r: block.get_submodule(r) for r in rels}
@@ -133,11 +162,13 @@ class _Engine:
         st: ResolvedStage,
         hooks: MethodHooks,
         acts: BlockActivations | None,
+        si: int,
     ) -> None:
         t0 = time.perf_counter()
         stats, _ = self._collect(block, mods, st, acts, i)
         name = f"{self.prefix}.{i}"
-        ctx = BlockContext(i, name, block, getattr(self.model, "config", None), stats)
+        scores = self.block_scores.get(si, ())
+        ctx = BlockContext(i, name, block, getattr(self.model, "config", None), stats, scores)
         for change in hooks.change_block(ctx, st.config):
             results = apply_block_change(self.model, ctx, change)
             for lname, res in results.items():
@@ -219,6 +250,23 @@ def _calibrate_kv_cache(model: nn.Module, ids: torch.Tensor, batch_size: int, de
     kv_cache.enable(model, scales)
     state = compression_state(model, create=True)
     state.kv_cache = {"dtype": "float8_e4m3fn", "scales": {n: [k, v] for n, (k, v) in scales.items()}}
+def _structure_summary(
+    params_before: int, widths_before: list[dict[str, int]] | None, model: nn.Module, blocks: nn.ModuleList
+) -> dict[str, Any]:
+    """The blocks' parameters before/after and per-block widths ``[before, after]``."""
+    after = sum(p.numel() for b in blocks for p in b.parameters())
+    out: dict[str, Any] = {
+        "params_before": params_before,
+        "params_after": after,
+        "removed_fraction": round(1 - after / max(params_before, 1), 6),
+    }
+    widths_after = block_widths(model)
+    if widths_before is not None and widths_after is not None:
+        out["layers"] = [{k: [b[k], a.get(k, 0)] for k in b} for b, a in zip(widths_before, widths_after)]
+    log.info(
+        "block parameters %d -> %d (%.2f %% removed)", params_before, after, 100 * out["removed_fraction"]
+    )
+    return out
 
 
 def compress(
@@ -284,8 +332,12 @@ def compress(
         log.info("captured %d calibration batches of %d x %d", len(acts.hidden), bs, ids.shape[1])
 
     blocks = engine.blocks
+    structured = any(st.config.scope == "block" for st in stages)
+    params_before = sum(p.numel() for b in blocks for p in b.parameters())
+    widths_before = block_widths(model) if structured else None
     was_training = model.training
     model.eval()
+    engine.plan(acts, dev, progress)
     for i in tqdm(range(len(blocks)), desc="compressing blocks", disable=not progress):
         block = blocks[i]
         home = _default_device(block)
@@ -309,6 +361,8 @@ def compress(
         wall_time_s=time.perf_counter() - t_start,
         versions=versions(),
     )
+    if structured:
+        report.structure = _structure_summary(params_before, widths_before, model, blocks)
     log.info(
         "compressed %d layers, overall sparsity %.4f in %.1fs",
         len(report.modules),

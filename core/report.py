@@ -40,6 +40,9 @@ class CompressionReport:
     device: str = "cpu"
     wall_time_s: float = 0.0
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: block-level (structured) changes: the blocks' parameter counts before and after, and
+    #: per block the widths (heads, kv_heads, neurons) as ``[before, after]``
+    structure: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def overall_sparsity(self) -> float:
@@ -58,4 +61,5 @@ class CompressionReport:
             "device": self.device,
             "wall_time_s": round(self.wall_time_s, 3),
             "versions": self.versions,
+            **({"structure": self.structure} if self.structure else {}),
         }

@@ -97,6 +97,7 @@ def export_state_dict(
             if target == "bitmask" and res is not None and res.mask is not None
             else None,
             resized=resized,
+            bias=isinstance(getattr(mod, "bias", None), torch.Tensor) if resized else None,
         )
         sd.pop(f"{name}.weight", None)
         for suffix, t in pack_module(fmt, w.float(), res).items():
@@ -144,23 +145,29 @@ def save_compressed(
     ``dtype`` casts the saved weights (e.g. back to the checkpoint's fp16).
     """
     from llmpress.hf_quantizer import LlmpressConfig
+    from llmpress.structured_export import export_plan
 
-    sd, modules = export_state_dict(model, sparse, dtype)
     config = model.config
     old = dict(config.__dict__)
+    plan = export_plan(model)  # structured pruning: a smaller standard config, or per-layer shapes
     with atomic_directory(out_dir, overwrite) as tmp:
         try:
+            config.__dict__.update(plan.config)
+            sd, modules = export_state_dict(model, sparse, dtype)
+            sd.update(plan.zero_tensors(dtype))
             if dtype is not None:
                 config.dtype = dtype
             kv = compression_state(model).kv_cache
-            if modules or kv:
+            if modules or plan.attributes or kv:
                 recipe = report.recipe if report is not None else {}
-                config.quantization_config = LlmpressConfig(modules=modules, recipe=recipe, kv_cache=kv)
+                config.quantization_config = LlmpressConfig(
+                    modules=modules, recipe=recipe, attributes=plan.attributes or None, kv_cache=kv
+                )
             model.save_pretrained(tmp, state_dict=sd)
         finally:  # the caller's config as it was
             config.__dict__.clear()
             config.__dict__.update(old)
-        _finish_config(tmp, dtype, checksums=bool(modules or kv))
+        _finish_config(tmp, dtype, checksums=bool(modules or plan.attributes or kv))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:

@@ -311,6 +311,31 @@ def _calibration_text(calib: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------ context
 
 
+WIDTHS_PLOT_FILE = "llmpress_widths.png"
+
+
+def _widths_rows(structure: dict[str, Any], folder: Path | None) -> tuple[list[dict[str, str]], str | None]:
+    """Table rows of per-block widths (``before → after``) and the widths plot (drawn into
+    ``folder`` when given) from the report's ``structure``."""
+    layers = structure.get("layers") or []
+    rows = []
+    for i, row in enumerate(layers):
+        cells = {"block": str(i)}
+        for k in ("heads", "kv_heads", "neurons"):
+            b, a = row.get(k, (None, None))
+            cells[k] = "-" if b is None else (f"{b}" if a == b else f"{b} → {a}")
+        rows.append(cells)
+    plot = None
+    if folder is not None and layers:
+        from llmpress.hub.plot import widths_plot
+
+        try:
+            plot = WIDTHS_PLOT_FILE if widths_plot(layers, folder / WIDTHS_PLOT_FILE) else None
+        except OSError as e:
+            log.warning("could not write the widths plot into %s (%s)", folder, e)
+    return rows, plot
+
+
 def build_card_context(
     folder: str | Path,
     *,
@@ -365,6 +390,9 @@ def build_card_context(
             )
         except OSError as e:
             log.warning("could not write the allocation plot into %s (%s)", path, e)
+
+    structure = report.get("structure") or {}
+    widths, widths_plot_file = _widths_rows(structure, path if write_plot else None)
 
     sparsity = float(report.get("overall_sparsity", 0.0))
     summary = (
@@ -459,6 +487,11 @@ def build_card_context(
             for m in mods
         ],
         "has_loss": any(m.losses for m in mods),
+        "widths": widths,
+        "widths_plot": widths_plot_file,
+        "structure_removed": (
+            f"{100 * float(structure['removed_fraction']):.1f} %" if "removed_fraction" in structure else None
+        ),
         "plot": plot,
         "calibration": _calibration_text(calib),
         "compute": {

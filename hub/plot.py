@@ -78,3 +78,42 @@ def allocation_plot(
     fig.savefig(out, format="png", bbox_inches="tight", metadata={"Software": None})
     log.info("wrote the allocation plot %s", out)
     return out
+
+
+def widths_plot(layers: Sequence[dict[str, Sequence[int]]], out: str | Path) -> Path | None:
+    """Save a bar chart of each block's heads and MLP neurons kept (structured pruning), as a
+    percentage of the dense width, to ``out`` (PNG).
+
+    :param layers: per block, ``{"heads": [before, after], "neurons": [before, after], ...}``
+        (the report's ``structure.layers``).
+    :returns: ``out``, or ``None`` when there is nothing to plot.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    kinds = [k for k in ("heads", "kv_heads", "neurons") if any(k in row for row in layers)]
+    if not layers or not kinds:
+        return None
+    fig = Figure(figsize=(10, 3.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    width = 0.8 / len(kinds)
+    blocks = list(range(len(layers)))
+    for i, kind in enumerate(kinds):
+        ys = [
+            100.0 * row[kind][1] / row[kind][0] if kind in row and row[kind][0] else float("nan")
+            for row in layers
+        ]
+        ax.bar([b - 0.4 + width * (i + 0.5) for b in blocks], ys, width=width, label=kind.replace("_", " "))
+    ax.set_ylabel("kept (% of dense width)")
+    ax.set_ylim(0, 105)
+    ax.set_xticks(blocks)
+    ax.set_xlabel("block")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title("Per-layer widths after structured pruning")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, format="png", bbox_inches="tight", metadata={"Software": None})
+    log.info("wrote the widths plot %s", out)
+    return out

@@ -1,0 +1,392 @@
+"""Structured pruning on the block hook: the config all importance methods share, and the glue
+from per-structure scores to a :class:`llmpress.blocks.PruneChannels` change.
+
+An importance plugin supplies one function, ``scores(ctx, structs, config) ->
+StructureScores`` (higher = more important), and two hookimpls delegating here::
+
+    @hookimpl
+    def llmpress_score_block(block, config):
+        return score_block(block, config, my_scores)
+
+    @hookimpl
+    def llmpress_change_block(block, config):
+        return prune_block(block, config, my_scores)
+
+``ratio`` is the fraction of the blocks' parameters removed. ``allocation="uniform"`` removes
+it from every block; ``"global"`` (FLAP) scores every block first and removes the units with
+the lowest standardized scores across all blocks and structures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+
+from llmpress.blocks import BlockContext, ChannelGroup, PruneChannels
+from llmpress.config import MethodConfig
+from llmpress.errors import ModelError, RecipeError
+from llmpress.modules import get_weight
+from llmpress.structured_math import (
+    Units,
+    allocate_global,
+    allocate_uniform,
+    compensation_bias,
+    group_sum,
+    kv_group_units,
+    neuron_units,
+    query_head_units,
+    reconstruct,
+    removed_members,
+    standardize,
+)
+from llmpress.structures import HEAD_ATTRIBUTES, STRUCTURES, BlockStructures, discover, require
+
+log = logging.getLogger(__name__)
+
+
+class _Stats:
+    """``config.stats`` per instance (options add statistics); on the class, every one it may ask."""
+
+    def __get__(self, obj: Any, cls: Any) -> frozenset[str]:
+        if obj is None:
+            return frozenset(cls.score_stats | {"mean_var", "hessian"})
+        return obj.needed_stats()
+
+
+class _NeedsCalibration:
+    def __get__(self, obj: Any, cls: Any) -> bool:
+        return True if obj is None else bool(obj.needed_stats())
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredConfig(MethodConfig):
+    """Options shared by the structured pruning methods.
+
+    * ``ratio``: fraction of the blocks' parameters removed, in [0, 1).
+    * ``structures``: any of ``heads``, ``neurons``.
+    * ``allocation``: ``uniform`` (the same fraction of every block) or ``global``.
+    * ``head_mode``: ``query`` (query heads removed evenly from every key/value group),
+      ``group`` (a key/value head with all of its query heads) or ``auto`` (``query`` under
+      grouped-query attention, ``group`` otherwise).
+    * ``bias_compensation``: fold the removed input channels' mean contribution into the
+      consumer's output bias (FLAP; a bias is added where there was none).
+    * ``reconstruct``: least-squares update of each consumer (``o_proj``, ``down_proj``) on
+      calibration inputs so that its output changes least (with a fitted bias when
+      ``bias_compensation``).
+    * ``neuron_multiple``: remove neurons this many at a time, so MLP widths stay multiples
+      of it (e.g. a later GPTQ stage's ``group_size``).
+    """
+
+    scope: ClassVar[str] = "block"
+    #: statistics the importance score itself needs (the config adds what compensation needs)
+    score_stats: ClassVar[frozenset[str]] = frozenset()
+    ratio: float = 0.2
+    structures: tuple[str, ...] = ("heads", "neurons")
+    allocation: str = "uniform"
+    head_mode: str = "auto"
+    bias_compensation: bool = False
+    reconstruct: bool = False
+    neuron_multiple: int = 1
+
+    #: the statistics to collect: the score's plus what compensation/reconstruction need
+    stats = _Stats()  # type: ignore[assignment]
+    needs_calibration = _NeedsCalibration()  # type: ignore[assignment]
+
+    def needed_stats(self) -> frozenset[str]:
+        extra = set()
+        if self.bias_compensation:
+            extra.add("mean_var")
+        if self.reconstruct:
+            extra |= {"hessian", "mean_var"}
+        return frozenset(self.score_stats | extra)
+
+    def validate(self) -> None:
+        super().validate()
+        r = self.ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= float(r) < 1.0:
+            raise RecipeError(f"method {self.method!r}: ratio {r!r} is outside [0, 1); use e.g. 0.2 for 20 %")
+        if isinstance(self.structures, str) or not self.structures:
+            raise RecipeError(
+                f"method {self.method!r}: structures must be a non-empty list, e.g. [heads, neurons]"
+            )
+        bad = [s for s in self.structures if s not in STRUCTURES]
+        if bad:
+            raise RecipeError(
+                f"method {self.method!r}: unknown structure(s) {bad}; known: {list(STRUCTURES)}"
+            )
+        if "hidden" in self.structures:
+            raise RecipeError(
+                f"method {self.method!r}: structure 'hidden' (embedding channels) is not supported yet; "
+                f"use heads and/or neurons"
+            )
+        if self.allocation not in ("uniform", "global"):
+            raise RecipeError(f"method {self.method!r}: allocation must be 'uniform' or 'global'")
+        if self.head_mode not in ("auto", "query", "group"):
+            raise RecipeError(f"method {self.method!r}: head_mode must be 'auto', 'query' or 'group'")
+        m = self.neuron_multiple
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise RecipeError(f"method {self.method!r}: neuron_multiple must be an integer >= 1, got {m!r}")
+        for f in ("bias_compensation", "reconstruct"):
+            if not isinstance(getattr(self, f), bool):
+                raise RecipeError(f"method {self.method!r}: {f} must be true or false")
+
+    def plans_globally(self) -> bool:
+        return self.allocation == "global"
+
+
+@dataclasses.dataclass(frozen=True)
+class StructureScores:
+    """Importance (higher = keep) of one block's structures: ``heads`` per query head
+    [n_heads]; ``kv`` per key/value head [n_kv] (``None``: a group scores the sum of its query
+    heads); ``neurons`` [width]. A method scoring the channels of the heads' output instead
+    gives ``head_channels`` [n_heads * head_dim]: a head scores their sum, or under global
+    allocation their mean after standardization over the layer's channels (FLAP's code)."""
+
+    heads: torch.Tensor | None = None
+    kv: torch.Tensor | None = None
+    neurons: torch.Tensor | None = None
+    head_channels: torch.Tensor | None = None
+
+    def per_head(self, head_dim: int, standardized: bool) -> StructureScores:
+        """Head scores from ``head_channels`` (summed, or standardized then averaged)."""
+        if self.head_channels is None:
+            return self
+        ch = self.head_channels.float()
+        heads = group_sum(standardize(ch), head_dim) / head_dim if standardized else group_sum(ch, head_dim)
+        return dataclasses.replace(self, heads=heads, head_channels=None)
+
+
+Scorer = Callable[[BlockContext, BlockStructures, Any], StructureScores]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockUnits:
+    """What the planning pass keeps of one block: its units per structure and its size."""
+
+    units: tuple[Units, ...]
+    params: int
+
+
+def structures_of(ctx: BlockContext, config: StructuredConfig) -> BlockStructures:
+    hidden = getattr(ctx.model_config, "hidden_size", None)
+    if not isinstance(hidden, int):
+        raise ModelError(f"{ctx.name}: the model config has no hidden_size; cannot find its structures")
+    structs = discover(ctx.module, ctx.model_config, hidden, ctx.name)
+    require(structs, tuple(config.structures), ctx.name)
+    return structs
+
+
+def _has_bias(ctx: BlockContext, rel: str) -> int:
+    return int(isinstance(getattr(ctx.linear(rel), "bias", None), torch.Tensor))
+
+
+def _head_mode(structs: BlockStructures, config: StructuredConfig) -> str:
+    h = structs.heads
+    assert h is not None
+    if config.head_mode == "auto":
+        return "query" if h.group > 1 else "group"
+    if config.head_mode == "query" and h.group == 1:
+        return "group"  # one query head per group: removing it removes the group
+    return config.head_mode
+
+
+def block_units(ctx: BlockContext, config: StructuredConfig, scorer: Scorer) -> BlockUnits:
+    """Score ``ctx``'s block and turn the scores into removal units, per ``config.structures``."""
+    structs = structures_of(ctx, config)
+    sc = scorer(ctx, structs, config)
+    if config.plans_globally():  # comparable across blocks and structures (FLAP)
+        heads = sc.heads if sc.head_channels is None or structs.heads is None else None
+
+        def std(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else standardize(t.float().cpu())
+
+        sc = dataclasses.replace(sc, heads=std(heads), kv=std(sc.kv), neurons=std(sc.neurons))
+    if structs.heads is not None:  # channel scores -> heads (standardized over the channels)
+        sc = sc.per_head(structs.heads.head_dim, config.plans_globally())
+    hidden = int(ctx.model_config.hidden_size)
+    units: list[Units] = []
+    for kind in config.structures:
+        if kind == "neurons":
+            n = structs.neurons
+            assert n is not None and sc.neurons is not None
+            cost = sum(hidden + _has_bias(ctx, p) for p in n.producers) + hidden
+            if n.width % config.neuron_multiple:
+                raise ModelError(
+                    f"{ctx.name}.{n.consumer}: MLP width {n.width} is not a multiple of neuron_multiple "
+                    f"{config.neuron_multiple}"
+                )
+            units.append(neuron_units(sc.neurons.cpu(), cost, config.neuron_multiple))
+        else:
+            h = structs.heads
+            assert h is not None and sc.heads is not None
+            per_q = h.head_dim * (sum(hidden + _has_bias(ctx, q) for q in h.q) + hidden)
+            if _head_mode(structs, config) == "query":
+                units.append(query_head_units(sc.heads.cpu(), h.n_kv, per_q))
+            else:
+                per_kv = h.head_dim * sum(hidden + _has_bias(ctx, k) for k in h.kv)
+                groups = sc.heads.cpu().float().reshape(h.n_kv, -1).sum(1)
+                if sc.kv is not None:
+                    groups = groups + sc.kv.cpu().float()
+                units.append(kv_group_units(groups, per_q * h.group + per_kv))
+    params = sum(p.numel() for p in ctx.module.parameters())
+    return BlockUnits(tuple(units), params)
+
+
+def score_block(ctx: BlockContext, config: StructuredConfig, scorer: Scorer) -> BlockUnits:
+    """``llmpress_score_block`` of a structured method: the block's units."""
+    return block_units(ctx, config, scorer)
+
+
+_GLOBAL_CACHE: dict[int, tuple[tuple[Any, ...], list[list[int]]]] = {}
+
+
+def _global_counts(ctx: BlockContext, config: StructuredConfig) -> list[int]:
+    """This block's unit counts under the global allocation (computed once per run)."""
+    key = id(ctx.scores)
+    hit = _GLOBAL_CACHE.get(key)
+    if hit is None or hit[0] is not ctx.scores:
+        blocks: list[BlockUnits] = list(ctx.scores)
+        flat = [u for b in blocks for u in b.units]
+        target = float(config.ratio) * sum(b.params for b in blocks)
+        counts = allocate_global(flat, target, standardized=False)  # scores standardized per block
+        per_block, k = [], 0
+        for b in blocks:
+            per_block.append(counts[k : k + len(b.units)])
+            k += len(b.units)
+        _GLOBAL_CACHE.clear()
+        _GLOBAL_CACHE[key] = (ctx.scores, per_block)
+        hit = _GLOBAL_CACHE[key]
+    return hit[1][ctx.index]
+
+
+def prune_block(ctx: BlockContext, config: StructuredConfig, scorer: Scorer) -> PruneChannels | None:
+    """``llmpress_change_block`` of a structured method: remove the block's share of units."""
+    if config.plans_globally():
+        if len(ctx.scores) <= ctx.index or not isinstance(ctx.scores[ctx.index], BlockUnits):
+            raise ModelError(f"{ctx.name}: global allocation needs the planning pass's block scores")
+        bu: BlockUnits = ctx.scores[ctx.index]
+        counts = _global_counts(ctx, config)
+    else:
+        bu = block_units(ctx, config, scorer)
+        counts = allocate_uniform(bu.units, float(config.ratio) * bu.params)
+        _check_uniform(ctx, config, bu, counts)
+    structs = structures_of(ctx, config)
+    return build_change(ctx, config, structs, bu.units, counts)
+
+
+def _check_uniform(ctx: BlockContext, config: StructuredConfig, bu: BlockUnits, counts: list[int]) -> None:
+    """The budget must be reachable without removing every head or neuron of the block."""
+    removable = sum(len(u) * u.cost for u in bu.units)
+    if float(config.ratio) * bu.params > removable + max((u.cost for u in bu.units), default=0) / 2:
+        kinds = ", ".join(u.kind for u in bu.units)
+        raise ModelError(
+            f"{ctx.name}: ratio {config.ratio} would remove every {kinds} of this block "
+            f"(at most {removable / bu.params:.3f} of its parameters can go); lower the ratio or add structures"
+        )
+
+
+def build_change(
+    ctx: BlockContext,
+    config: StructuredConfig,
+    structs: BlockStructures,
+    units: tuple[Units, ...],
+    counts: list[int],
+) -> PruneChannels | None:
+    """The :class:`PruneChannels` removing the first ``counts[i]`` units of each structure,
+    with the consumers' bias compensation or least-squares update."""
+    groups: list[ChannelGroup] = []
+    attrs: dict[str, dict[str, Any]] = {}
+    consumer_keep: dict[str, torch.Tensor] = {}
+    for u, k in zip(units, counts):
+        if k == 0:
+            continue
+        gone = torch.tensor(removed_members(u, k), dtype=torch.int64)
+        if u.kind == "neurons":
+            n = structs.neurons
+            assert n is not None
+            keep = _complement(n.width, gone)
+            groups.append(ChannelGroup(n.producers, (n.consumer,), keep))
+            consumer_keep[n.consumer] = keep
+            continue
+        h = structs.heads
+        assert h is not None
+        if _head_mode(structs, config) == "query":
+            q_gone, kv_gone = gone, torch.zeros(0, dtype=torch.int64)
+        else:
+            kv_gone = gone
+            q_gone = (gone.view(-1, 1) * h.group + torch.arange(h.group)).flatten()
+        q_keep = _complement(h.n_heads, q_gone)
+        keep = h.q_channels(q_keep)
+        groups.append(ChannelGroup(h.q, (h.o,), keep))
+        consumer_keep[h.o] = keep
+        n_kv = h.n_kv - kv_gone.numel()
+        if kv_gone.numel():
+            groups.append(ChannelGroup(h.kv, (), h.kv_channels(_complement(h.n_kv, kv_gone))))
+        new = {
+            "num_key_value_groups": q_keep.numel() // n_kv,
+            "num_heads": q_keep.numel(),
+            "num_key_value_heads": n_kv,
+        }
+        attn = ctx.module.get_submodule(h.module) if h.module else ctx.module
+        attrs[h.module] = {a: v for a, v in new.items() if a in HEAD_ATTRIBUTES and hasattr(attn, a)}
+    if not groups:
+        return None
+    weights, biases = _consumer_updates(ctx, config, consumer_keep)
+    return PruneChannels(tuple(groups), attrs, weights, biases)
+
+
+def _complement(n: int, gone: torch.Tensor) -> torch.Tensor:
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[gone] = False
+    return torch.nonzero(mask).flatten()
+
+
+@torch.no_grad()
+def _consumer_updates(
+    ctx: BlockContext, config: StructuredConfig, consumer_keep: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    weights: dict[str, torch.Tensor] = {}
+    biases: dict[str, torch.Tensor] = {}
+    if not (config.bias_compensation or config.reconstruct):
+        return weights, biases
+    for rel, keep in consumer_keep.items():
+        mod = ctx.linear(rel)
+        w = get_weight(mod).detach().float()  # [out, in]
+        st = ctx.stats.get(rel)
+        if st is None:
+            raise ModelError(f"{ctx.name}.{rel}: no calibration statistics for compensation")
+        old_b = getattr(mod, "bias", None)
+        b0 = (
+            old_b.detach().float()
+            if isinstance(old_b, torch.Tensor)
+            else torch.zeros(w.shape[0], device=w.device)
+        )
+        mean = st.mean.to(w.device)
+        if config.reconstruct:
+            new_w, db = reconstruct(
+                w, st.hessian.to(w.device), keep.to(w.device), mean if config.bias_compensation else None
+            )
+            weights[rel] = new_w
+            if db is not None:
+                biases[rel] = b0 + db
+        else:
+            gone = _complement(w.shape[1], keep).to(w.device)
+            biases[rel] = b0 + compensation_bias(w, mean, gone)
+    return weights, biases
+
+
+def structured_summary(model: Any, dense_block_params: int) -> dict[str, float]:
+    """Parameters of the blocks now, against ``dense_block_params``: the achieved ratio."""
+    from llmpress.modules import find_blocks
+
+    _, blocks = find_blocks(model)
+    now = sum(p.numel() for b in blocks for p in b.parameters())
+    return {
+        "block_params": now,
+        "dense_block_params": dense_block_params,
+        "ratio": 1 - now / dense_block_params,
+    }

@@ -1,0 +1,71 @@
+"""FLAP (An et al., 2024): fluctuation-based structured pruning without retraining.
+
+A consumer's input channel ``j`` (a neuron into ``down_proj``, a head's columns of ``o_proj``)
+scores ``Var[x_j] * ||W[:, j]||^2``: how much the output moves when the channel is replaced by
+its mean. Scores are standardized per layer and structure, the lowest removed across all
+layers and structures at once, and each removed channel's mean contribution folded into the
+consumer's bias (added where there was none)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from llmpress import hookimpl
+from llmpress.blocks import BlockContext
+from llmpress.errors import ModelError
+from llmpress.modules import get_weight
+from llmpress.structured import StructuredConfig, StructureScores, prune_block, score_block
+from llmpress.structures import BlockStructures
+
+
+@dataclasses.dataclass(frozen=True)
+class FlapConfig(StructuredConfig):
+    """FLAP: fluctuation scores, global allocation, bias compensation (all by default)."""
+
+    method: ClassVar[str] = "flap"
+    score_stats: ClassVar[frozenset[str]] = frozenset({"mean_var"})
+    allocation: str = "global"
+    bias_compensation: bool = True
+    citation: ClassVar[str] = """@inproceedings{an2024fluctuation,
+      title     = {Fluctuation-Based Adaptive Structured Pruning for Large Language Models},
+      author    = {An, Yongqi and Zhao, Xu and Yu, Tao and Tang, Ming and Wang, Jinqiao},
+      booktitle = {Proceedings of the AAAI Conference on Artificial Intelligence},
+      year      = {2024}
+    }"""
+
+
+def fluctuation(ctx: BlockContext, consumer: str) -> Any:
+    """``Var[x_j] * ||W[:, j]||^2`` for every input channel of ``consumer`` [in]."""
+    st = ctx.stats.get(consumer)
+    if st is None:
+        raise ModelError(f"{ctx.name}.{consumer}: FLAP needs calibration statistics of its input")
+    w = get_weight(ctx.linear(consumer)).detach().float()  # [out, in]
+    return st.variance.to(w.device) * w.square().sum(0)
+
+
+def flap_scores(ctx: BlockContext, structs: BlockStructures, config: Any) -> StructureScores:
+    """Neurons: their fluctuation. Heads: per output channel, the fluctuation squared (as the
+    authors' code scores attention channels); the core sums or standardizes and averages them
+    per head."""
+    channels = neurons = None
+    if (n := structs.neurons) is not None:
+        neurons = fluctuation(ctx, n.consumer)
+    if structs.heads is not None:
+        channels = fluctuation(ctx, structs.heads.o).square()
+    return StructureScores(neurons=neurons, head_channels=channels)
+
+
+@hookimpl
+def llmpress_register_methods(register) -> None:  # noqa: ANN001
+    register(FlapConfig)
+
+
+@hookimpl
+def llmpress_score_block(block: BlockContext, config: FlapConfig) -> Any:
+    return score_block(block, config, flap_scores)
+
+
+@hookimpl
+def llmpress_change_block(block: BlockContext, config: FlapConfig) -> Any:
+    return prune_block(block, config, flap_scores)

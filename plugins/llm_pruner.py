@@ -1,0 +1,71 @@
+"""LLM-Pruner (Ma et al., 2023): first-order Taylor importance ``|W * dL/dW|`` of every weight,
+summed over each coupled group (a neuron's gate/up rows and down column, a head's query rows
+and output columns, a key/value head's key and value rows). Gradients of the LM loss on the
+calibration text come from the core's ``grad`` statistic."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+
+from llmpress import hookimpl
+from llmpress.blocks import BlockContext
+from llmpress.errors import ModelError
+from llmpress.modules import get_weight
+from llmpress.structured import StructuredConfig, StructureScores, prune_block, score_block
+from llmpress.structured_math import group_sum
+from llmpress.structures import BlockStructures
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMPrunerConfig(StructuredConfig):
+    """Taylor importance of coupled groups; uniform widths per layer by default."""
+
+    method: ClassVar[str] = "llm_pruner"
+    score_stats: ClassVar[frozenset[str]] = frozenset({"grad"})
+    citation: ClassVar[str] = """@inproceedings{ma2023llmpruner,
+      title     = {LLM-Pruner: On the Structural Pruning of Large Language Models},
+      author    = {Ma, Xinyin and Fang, Gongfan and Wang, Xinchao},
+      booktitle = {Advances in Neural Information Processing Systems},
+      year      = {2023}
+    }"""
+
+
+def taylor(ctx: BlockContext, name: str) -> torch.Tensor:
+    """``|W * dL/dW|`` [out, in] of one layer."""
+    st = ctx.stats.get(name)
+    if st is None:
+        raise ModelError(f"{ctx.name}.{name}: llm_pruner needs the layer's gradient (calibration data)")
+    w = get_weight(ctx.linear(name)).detach().float()
+    return (w * st.grad.to(w.device)).abs()
+
+
+def _rows(ctx: BlockContext, names: tuple[str, ...]) -> torch.Tensor:
+    return sum(taylor(ctx, n).sum(1) for n in names)  # type: ignore[return-value]
+
+
+def taylor_scores(ctx: BlockContext, structs: BlockStructures, config: Any) -> StructureScores:
+    heads = kv = neurons = None
+    if (n := structs.neurons) is not None:
+        neurons = _rows(ctx, n.producers) + taylor(ctx, n.consumer).sum(0)
+    if (h := structs.heads) is not None:
+        heads = group_sum(_rows(ctx, h.q) + taylor(ctx, h.o).sum(0), h.head_dim)
+        kv = group_sum(_rows(ctx, h.kv), h.head_dim)
+    return StructureScores(heads, kv, neurons)
+
+
+@hookimpl
+def llmpress_register_methods(register) -> None:  # noqa: ANN001
+    register(LLMPrunerConfig)
+
+
+@hookimpl
+def llmpress_score_block(block: BlockContext, config: LLMPrunerConfig) -> Any:
+    return score_block(block, config, taylor_scores)
+
+
+@hookimpl
+def llmpress_change_block(block: BlockContext, config: LLMPrunerConfig) -> Any:
+    return prune_block(block, config, taylor_scores)

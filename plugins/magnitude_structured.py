@@ -1,0 +1,60 @@
+"""Magnitude importance of structures (the baseline): the L2 norm of each coupled group's
+weights, no calibration data."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+
+from llmpress import hookimpl
+from llmpress.blocks import BlockContext
+from llmpress.modules import get_weight
+from llmpress.structured import StructuredConfig, StructureScores, prune_block, score_block
+from llmpress.structured_math import group_sum
+from llmpress.structures import BlockStructures
+
+
+@dataclasses.dataclass(frozen=True)
+class MagnitudeStructuredConfig(StructuredConfig):
+    """Remove the heads and neurons whose weights have the smallest L2 norm."""
+
+    method: ClassVar[str] = "magnitude_structured"
+
+
+def _rows_sq(ctx: BlockContext, names: tuple[str, ...]) -> torch.Tensor:
+    """Summed squared norms of the output rows of ``names`` [out]."""
+    return sum(get_weight(ctx.linear(n)).detach().float().square().sum(1) for n in names)  # type: ignore[return-value]
+
+
+def _cols_sq(ctx: BlockContext, name: str) -> torch.Tensor:
+    return get_weight(ctx.linear(name)).detach().float().square().sum(0)  # [in]
+
+
+def magnitude_scores(ctx: BlockContext, structs: BlockStructures, config: Any) -> StructureScores:
+    """Neuron ``j``: ``||(W_gate[j], W_up[j], W_down[:, j])||``; a query head: the norm of its
+    query rows and output columns; a key/value head: of its key and value rows."""
+    heads = kv = neurons = None
+    if (n := structs.neurons) is not None:
+        neurons = (_rows_sq(ctx, n.producers) + _cols_sq(ctx, n.consumer)).sqrt()
+    if (h := structs.heads) is not None:
+        per_ch = _rows_sq(ctx, h.q) + _cols_sq(ctx, h.o)  # [n_heads * head_dim]
+        heads = group_sum(per_ch, h.head_dim).sqrt()
+        kv = group_sum(_rows_sq(ctx, h.kv), h.head_dim).sqrt()
+    return StructureScores(heads, kv, neurons)
+
+
+@hookimpl
+def llmpress_register_methods(register) -> None:  # noqa: ANN001
+    register(MagnitudeStructuredConfig)
+
+
+@hookimpl
+def llmpress_score_block(block: BlockContext, config: MagnitudeStructuredConfig) -> Any:
+    return score_block(block, config, magnitude_scores)
+
+
+@hookimpl
+def llmpress_change_block(block: BlockContext, config: MagnitudeStructuredConfig) -> Any:
+    return prune_block(block, config, magnitude_scores)

@@ -1,0 +1,63 @@
+"""Minitron-style activation importance (Muralidharan et al., 2024), from forward passes only.
+
+A neuron scores the root-mean-square of its activation (the input of ``down_proj``), a head
+the L2 norm of its attention output (its columns of the ``o_proj`` input)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from llmpress import hookimpl
+from llmpress.blocks import BlockContext
+from llmpress.errors import ModelError
+from llmpress.structured import StructuredConfig, StructureScores, prune_block, score_block
+from llmpress.structured_math import group_sum
+from llmpress.structures import BlockStructures
+
+
+@dataclasses.dataclass(frozen=True)
+class MinitronConfig(StructuredConfig):
+    """Activation-based importance; uniform widths per layer by default."""
+
+    method: ClassVar[str] = "minitron"
+    score_stats: ClassVar[frozenset[str]] = frozenset({"sq_norms"})
+    citation: ClassVar[str] = """@inproceedings{muralidharan2024compact,
+      title     = {Compact Language Models via Pruning and Knowledge Distillation},
+      author    = {Muralidharan, Saurav and Sreenivas, Sharath Turuvekere and Joshi, Raviraj and
+                   Chochowski, Marcin and Patwary, Mostofa and Shoeybi, Mohammad and Catanzaro, Bryan and
+                   Kautz, Jan and Molchanov, Pavlo},
+      booktitle = {Advances in Neural Information Processing Systems},
+      year      = {2024}
+    }"""
+
+
+def _mean_sq(ctx: BlockContext, consumer: str) -> Any:
+    st = ctx.stats.get(consumer)
+    if st is None:
+        raise ModelError(f"{ctx.name}.{consumer}: minitron needs calibration statistics of its input")
+    return st.sq_norms / max(st.nsamples, 1)  # [in]
+
+
+def minitron_scores(ctx: BlockContext, structs: BlockStructures, config: Any) -> StructureScores:
+    heads = neurons = None
+    if (n := structs.neurons) is not None:
+        neurons = _mean_sq(ctx, n.consumer).sqrt()
+    if (h := structs.heads) is not None:
+        heads = group_sum(_mean_sq(ctx, h.o), h.head_dim).sqrt()
+    return StructureScores(heads, None, neurons)
+
+
+@hookimpl
+def llmpress_register_methods(register) -> None:  # noqa: ANN001
+    register(MinitronConfig)
+
+
+@hookimpl
+def llmpress_score_block(block: BlockContext, config: MinitronConfig) -> Any:
+    return score_block(block, config, minitron_scores)
+
+
+@hookimpl
+def llmpress_change_block(block: BlockContext, config: MinitronConfig) -> Any:
+    return prune_block(block, config, minitron_scores)
