@@ -230,6 +230,13 @@ def compress(
     rec = as_recipe(recipe)
     stages = rec.resolve(pm)
     dev = torch.device(device) if device is not None else _default_device(model)
+    if any(st.allocation is not None for st in stages):  # per-layer levels under a budget
+        from llmpress.allocate import compress_allocated
+
+        return compress_allocated(
+            model, rec, stages, pm, calibration, tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen,
+            seed=seed, device=dev, batch_size=batch_size, progress=progress,
+        )
     engine = _Engine(model, stages, pm, dev)  # validates targets and shapes before any work
     needs_calib = any(s.config.needs_calibration for s in stages)
 

@@ -7,6 +7,8 @@ stages:
     pattern: "2:4"
     targets: ["mlp"]       # optional regexes over module names (default: all block linears)
     ignore: ["down_proj"]  # optional regexes removed from the targets
+    allocation:            # optional: per-layer levels under the stage's budget (llmpress.allocation)
+      method: evopress     # or uniform, owl (sparsity); shortgpt, sleb (method: drop_blocks)
 ```
 """
 
@@ -59,6 +61,8 @@ class Stage:
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     targets: list[str] | None = None
     ignore: list[str] = dataclasses.field(default_factory=list)
+    #: the stage's ``allocation:`` section (``{method: evopress, ...}``), or ``None``
+    allocation: dict[str, Any] | None = None
 
     @classmethod
     def from_config(
@@ -74,6 +78,8 @@ class Stage:
             out["targets"] = list(self.targets)
         if self.ignore:
             out["ignore"] = list(self.ignore)
+        if self.allocation is not None:
+            out["allocation"] = dict(self.allocation)
         return out
 
 
@@ -84,6 +90,8 @@ class ResolvedStage:
     index: int
     stage: Stage
     config: MethodConfig
+    #: the validated ``allocation:`` config (an :class:`llmpress.allocation.AllocationConfig`)
+    allocation: MethodConfig | None = None
 
     @property
     def name(self) -> str:
@@ -115,7 +123,9 @@ class Recipe:
                 cfg = info.config_cls.from_dict(dict(st.options))
             except RecipeError as e:
                 raise RecipeError(f"stage {i} ({st.method}): {e}") from None
-            out.append(ResolvedStage(i, st, cfg))
+            from llmpress.allocation import resolve_allocation
+
+            out.append(ResolvedStage(i, st, cfg, resolve_allocation(pm, i, st.allocation, cfg)))
         return out
 
     @classmethod
@@ -140,13 +150,24 @@ class Recipe:
             method = d.pop("method")
             targets = d.pop("targets", None)
             ignore = d.pop("ignore", [])
+            allocation = d.pop("allocation", None)
+            if isinstance(allocation, str):
+                allocation = {"method": allocation}
+            if allocation is not None and (not isinstance(allocation, dict) or "method" not in allocation):
+                raise RecipeError(f"stage {i}: 'allocation' must be a mapping with a 'method' key, got {allocation!r}")
             if isinstance(targets, str):
                 targets = [targets]
             if isinstance(ignore, str):
                 ignore = [ignore]
             opts = d.pop("options", {}) or {}
             stages.append(
-                Stage(method=str(method), options={**d, **opts}, targets=targets, ignore=list(ignore))
+                Stage(
+                    method=str(method),
+                    options={**d, **opts},
+                    targets=targets,
+                    ignore=list(ignore),
+                    allocation=allocation,
+                )
             )
         return cls(stages=stages)
 

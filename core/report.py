@@ -40,6 +40,8 @@ class CompressionReport:
     device: str = "cpu"
     wall_time_s: float = 0.0
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: an allocation search's choice and its course (method, per-unit levels, fitness curve)
+    allocation: dict[str, Any] | None = None
 
     @property
     def overall_sparsity(self) -> float:
@@ -58,4 +60,5 @@ class CompressionReport:
             "device": self.device,
             "wall_time_s": round(self.wall_time_s, 3),
             "versions": self.versions,
+            **({"allocation": self.allocation} if self.allocation is not None else {}),
         }
