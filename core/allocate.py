@@ -219,7 +219,8 @@ def _run_levels(
         levels = bit_levels(numels, target, alloc.bits)
     if alloc.method == "explicit":
         levels = _explicit_levels(alloc, units, levels)
-    stage_d = {k: v for k, v in st.stage.to_dict().items() if k != "allocation"}
+    # the budget is not part of the database: one built for 3 bits serves a 2.5-bit search
+    stage_d = {k: v for k, v in st.stage.to_dict().items() if k not in ("allocation", "sparsity", "bits")}
     fp = fingerprint(model, units, stage_d, levels, ids)
     db = LevelDatabase(units, shapes, fp, alloc.database)  # type: ignore[arg-type]
     hooks = pm.hooks_for(cfg)

@@ -59,7 +59,8 @@ def fingerprint(
     model: nn.Module, units: Sequence[str], stage: dict[str, Any], levels: LevelSet, ids: torch.Tensor
 ) -> dict[str, str]:
     """Hashes of what a database depends on: ``model`` (config and the target weights),
-    ``recipe`` (the stage), ``levels`` and ``calibration`` (the token ids)."""
+    ``recipe`` (the stage, without its budget: ``sparsity``/``bits`` only pick the levels),
+    ``levels`` (their values) and ``calibration`` (the token ids)."""
     cfg = getattr(model, "config", None)
     cfg_d = {k: v for k, v in (cfg.to_dict() if cfg is not None else {}).items() if not k.startswith("_")}
     cfg_d.pop("name_or_path", None)
@@ -70,7 +71,7 @@ def fingerprint(
     return {
         "model": h.hexdigest(),
         "recipe": _sha(stage),
-        "levels": _sha(dataclasses.asdict(levels)),
+        "levels": _sha(levels.values),  # the level values only: searches of other budgets share it
         "calibration": _sha(ids.long()),
     }
 

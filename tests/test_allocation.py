@@ -271,7 +271,7 @@ def test_database_on_disk_is_reused_resumed_and_refused_for_other_calibration(tm
         llmpress.compress(tiny_llama(), recipe, calib_ids(4, 32, seed=1), progress=False)
     with pytest.raises(AllocationError, match="model"):
         llmpress.compress(tiny_llama(seed=1), recipe, IDS, progress=False)
-    other = {"stages": [{**recipe["stages"][0], "sparsity": 0.4}]}
+    other = {"stages": [{**recipe["stages"][0], "percdamp": 0.05}]}
     with pytest.raises(AllocationError, match="recipe"):
         llmpress.compress(tiny_llama(), other, IDS, progress=False)
 
