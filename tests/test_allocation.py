@@ -426,3 +426,31 @@ def test_cli_evopress_recipes_save_and_reload(tiny_model_dir: Path, tmp_path: Pa
         if name == "bits":
             q = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]
             assert {n: e["bits"] for n, e in q.items()} == alloc["levels"]
+
+
+def test_model_card_shows_the_allocation_table_plot_and_citation(tmp_path: Path) -> None:
+    from llmpress.hub import build_card
+
+    model = tiny_llama()
+    recipe = {
+        "stages": [
+            {
+                "method": "sparsegpt",
+                "sparsity": 0.6,
+                "allocation": {
+                    "method": "evopress",
+                    "generations": 2,
+                    "offspring": 2,
+                    "tokens": [64],
+                    "survivors": [],
+                    **FAST,
+                },
+            }
+        ]
+    }
+    _, report = llmpress.compress(model, recipe, IDS, progress=False)
+    save_result(model, tmp_path / "out", report=report)
+    text = build_card(tmp_path / "out", repo_id="me/alloc").text
+    assert "## Allocation" in text and "**evopress**" in text and "sieberling2024evopress" in text
+    assert "| `model.layers.0.mlp.down_proj` |" in text
+    assert (tmp_path / "out" / "llmpress_fitness.png").is_file() and "llmpress_fitness.png" in text
