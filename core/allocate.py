@@ -212,10 +212,10 @@ def _run_levels(
     shapes = [tuple(get_weight(m).shape) for m in mods]
     numels = [o * i for o, i in shapes]
     if kind == "sparsity":
-        target = float(cfg.sparsity_target().sparsity)  # type: ignore[union-attr]
+        target = float(alloc.average if alloc.average is not None else cfg.sparsity_target().sparsity)  # type: ignore[union-attr]
         levels = sparsity_levels(numels, target, alloc.sparsity_step, alloc.sparsity_span, alloc.max_sparsity)
     else:
-        target = float(cfg.bits)  # type: ignore[attr-defined]
+        target = float(alloc.average if alloc.average is not None else cfg.bits)  # type: ignore[attr-defined]
         levels = bit_levels(numels, target, alloc.bits)
     if alloc.method == "explicit":
         levels = _explicit_levels(alloc, units, levels)

@@ -36,7 +36,9 @@ class AllocationConfig(MethodConfig):
     distribution, or ``ppl``), ``fitness_samples`` (calibration sequences the fitness may use;
     0: all), ``sparsity_step`` (the absolute step between sparsity levels, as a fraction of the
     mean target layer size), ``sparsity_span`` (levels cover the stage's sparsity plus or
-    minus this, per layer), ``max_sparsity``, ``bits`` (the bit-width levels).
+    minus this, per layer), ``max_sparsity``, ``bits`` (the bit-width levels), ``average``
+    (the budget as an average, e.g. 2.5 bits; default: the stage's ``sparsity``/``bits``; a
+    fractional ``bits:`` on the stage sets it).
     """
 
     scope: ClassVar[str] = "allocation"
@@ -50,6 +52,7 @@ class AllocationConfig(MethodConfig):
     sparsity_span: float = 0.25
     max_sparsity: float = 0.95
     bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+    average: float | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -67,6 +70,10 @@ class AllocationConfig(MethodConfig):
             raise RecipeError(
                 f"allocation {self.method!r}: bits levels must be integers in 2..8, got {self.bits}"
             )
+        if self.average is not None and (
+            isinstance(self.average, bool) or not isinstance(self.average, (int, float))
+        ):
+            raise RecipeError(f"allocation {self.method!r}: average must be a number, got {self.average!r}")
         if isinstance(self.fitness_samples, bool) or int(self.fitness_samples) < 0:
             raise RecipeError(f"allocation {self.method!r}: fitness_samples must be >= 0")
 
@@ -175,8 +182,25 @@ def moves_from(problem: AllocationProblem, levels: Sequence[int], up: int) -> li
     return out
 
 
+def split_average(
+    options: dict[str, Any], section: dict[str, Any] | None
+) -> tuple[dict[str, Any], float | None]:
+    """A stage's options with a fractional ``bits`` (an average, allowed under an allocation)
+    replaced by its integer part for the method's config; returns ``(options, average)``."""
+    opts = dict(options)
+    bits = opts.get("bits")
+    if section is None or isinstance(bits, bool) or not isinstance(bits, float):
+        return opts, None
+    opts["bits"] = int(bits)
+    return opts, None if bits.is_integer() else float(bits)
+
+
 def resolve_allocation(
-    pm: Any, index: int, section: dict[str, Any] | None, stage_config: MethodConfig
+    pm: Any,
+    index: int,
+    section: dict[str, Any] | None,
+    stage_config: MethodConfig,
+    average: float | None = None,
 ) -> MethodConfig | None:
     """The validated allocation config of stage ``index`` (``None`` without a section).
 
@@ -194,6 +218,8 @@ def resolve_allocation(
             return None
         section = {"method": "shortgpt"}
     d = dict(section)
+    if average is not None:
+        d.setdefault("average", average)
     info = pm.method(str(d.get("method")))
     if info.config_cls.scope != "allocation":
         raise RecipeError(f"{name}: allocation method {info.name!r} is a compression method, not a search")

@@ -117,15 +117,16 @@ class Recipe:
         if not stages:
             raise RecipeError("the recipe has no stages; add e.g. {method: wanda, sparsity: 0.5}")
         out = []
+        from llmpress.allocation import resolve_allocation, split_average
+
         for i, st in enumerate(stages):
             info = pm.method(st.method)
+            options, average = split_average(st.options, st.allocation)  # bits: 2.5 under an allocation
             try:
-                cfg = info.config_cls.from_dict(dict(st.options))
+                cfg = info.config_cls.from_dict(options)
             except RecipeError as e:
                 raise RecipeError(f"stage {i} ({st.method}): {e}") from None
-            from llmpress.allocation import resolve_allocation
-
-            out.append(ResolvedStage(i, st, cfg, resolve_allocation(pm, i, st.allocation, cfg)))
+            out.append(ResolvedStage(i, st, cfg, resolve_allocation(pm, i, st.allocation, cfg, average)))
         return out
 
     @classmethod

@@ -454,3 +454,21 @@ def test_model_card_shows_the_allocation_table_plot_and_citation(tmp_path: Path)
     assert "## Allocation" in text and "**evopress**" in text and "sieberling2024evopress" in text
     assert "| `model.layers.0.mlp.down_proj` |" in text
     assert (tmp_path / "out" / "llmpress_fitness.png").is_file() and "llmpress_fitness.png" in text
+
+
+def test_fractional_average_bits_under_an_allocation() -> None:
+    with pytest.raises(RecipeError, match="integer"):
+        llmpress.Recipe.from_dict({"stages": [{"method": "gptq", "bits": 2.5}]}).resolve()
+    model = tiny_llama()
+    recipe = {"stages": [{"method": "rtn", "bits": 2.5, "group_size": 16, "allocation": "uniform"}]}
+    _, report = llmpress.compress(model, recipe, IDS, progress=False)
+    levels = report.allocation["levels"]
+    assert sorted(set(levels.values())) == [2, 3] and report.allocation["target"] == 2.5
+    total = sum(m.shape[0] * m.shape[1] for m in report.modules.values())
+    assert (
+        sum(b * report.modules[n].shape[0] * report.modules[n].shape[1] for n, b in levels.items())
+        == 2.5 * total
+    )
+    again, _ = llmpress.compress(tiny_llama(), report.recipe, IDS, progress=False)  # the explicit recipe
+    for n in levels:
+        assert torch.equal(weight_of(again.get_submodule(n)), weight_of(model.get_submodule(n)))

@@ -49,10 +49,24 @@ def rows_to_run(a: argparse.Namespace) -> list[tuple[str, str, dict, dict]]:
     if "bits" in a.groups:
         for bits in (3, 2.5):
             for alloc in ({"method": "uniform"}, evo):
-                out.append((f"{bits} bits", alloc["method"], {"method": "gptq", "bits": bits, "group_size": 128}, alloc))
+                out.append(
+                    (
+                        f"{bits} bits",
+                        alloc["method"],
+                        {"method": "gptq", "bits": bits, "group_size": 128},
+                        alloc,
+                    )
+                )
     if "drop" in a.groups:
         for alloc in ({"method": "shortgpt"}, {"method": "sleb"}, evo):
-            out.append((f"drop {a.blocks} of 8 blocks", alloc["method"], {"method": "drop_blocks", "blocks": a.blocks}, alloc))
+            out.append(
+                (
+                    f"drop {a.blocks} of 8 blocks",
+                    alloc["method"],
+                    {"method": "drop_blocks", "blocks": a.blocks},
+                    alloc,
+                )
+            )
     return out
 
 
@@ -74,7 +88,9 @@ def main() -> None:
     ap.add_argument("--tokens", default="256,1024", help="tokens of each EvoPress selection step")
     ap.add_argument("--survivors", default="2", help="offspring kept after each step but the last")
     ap.add_argument("--groups", default="sparsity,bits,drop")
-    ap.add_argument("--database", default=None, help="folder for the level databases (default: a temp folder)")
+    ap.add_argument(
+        "--database", default=None, help="folder for the level databases (default: a temp folder)"
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -93,12 +109,22 @@ def main() -> None:
         root = Path(a.database or tmp)
         for group, label, stage, alloc in rows_to_run(a):
             db = root / f"{stage['method']}"
-            common = {"database": str(db), "fitness_samples": a.fitness_samples} if stage["method"] != "drop_blocks" else {"fitness_samples": a.fitness_samples}
+            common = (
+                {"database": str(db), "fitness_samples": a.fitness_samples}
+                if stage["method"] != "drop_blocks"
+                else {"fitness_samples": a.fitness_samples}
+            )
             recipe = {"stages": [{**stage, "allocation": {**alloc, **common}}]}
             model = fresh()
             t = time.perf_counter()
             model, report = llmpress.compress(
-                model, recipe, a.calib, tokenizer=tok, nsamples=a.nsamples, seqlen=a.seqlen, device=a.device,
+                model,
+                recipe,
+                a.calib,
+                tokenizer=tok,
+                nsamples=a.nsamples,
+                seqlen=a.seqlen,
+                device=a.device,
                 progress=a.verbose,
             )
             wall = time.perf_counter() - t
@@ -117,8 +143,11 @@ def main() -> None:
             if stage["method"] == "drop_blocks":
                 row["choice"] = ",".join(u.rsplit(".", 1)[-1] for u in info.get("dropped", []))
             rows.append(row)
-            print(f"{group:>22} {label:>9}: ppl {ppl:.3f}  fitness {info.get('fitness')}  "
-                  f"search {info.get('search_s')}s  evals {info.get('evaluations')}", flush=True)
+            print(
+                f"{group:>22} {label:>9}: ppl {ppl:.3f}  fitness {info.get('fitness')}  "
+                f"search {info.get('search_s')}s  evals {info.get('evaluations')}",
+                flush=True,
+            )
             del model
     print(
         f"\nperplexity on {a.eval} ({windows.shape[0]} windows x 256 tokens); calibration {a.nsamples} x "
