@@ -75,7 +75,7 @@ def _explicit_levels(alloc: AllocationConfig, units: list[str], levels: LevelSet
     return levels.restrict([float(chosen[u]) for u in units])
 
 
-def _problem_fp(fp: dict[str, str], alloc: AllocationConfig) -> str:
+def _problem_fp(fp: dict[str, Any], alloc: AllocationConfig) -> str:
     d = {k: v for k, v in alloc.to_dict().items() if k not in ("generations", "checkpoint", "database")}
     return hashlib.sha256(json.dumps([fp, d], sort_keys=True, default=str).encode()).hexdigest()
 

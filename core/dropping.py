@@ -137,7 +137,7 @@ def remove_blocks(model: nn.Module, drop: Sequence[int]) -> None:
     for new_i, b in enumerate(kept):
         for m in b.modules():
             if hasattr(m, "layer_idx"):
-                m.layer_idx = new_i
+                setattr(m, "layer_idx", new_i)  # noqa: B010 - the attention reads its cache slot here
     cfg = getattr(model, "config", None)
     if cfg is not None:
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
