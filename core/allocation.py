@@ -85,6 +85,12 @@ class DropBlocksConfig(MethodConfig):
     the stage's ``allocation:`` (shortgpt by default; sleb, evopress)."""
 
     method: ClassVar[str] = "drop_blocks"
+    citation: ClassVar[str] = """@article{gromov2024unreasonable,
+      title   = {The Unreasonable Ineffectiveness of the Deeper Layers},
+      author  = {Gromov, Andrey and Tirumala, Kushal and Shapourian, Hassan and Glorioso, Paolo and Roberts, Daniel A.},
+      journal = {arXiv preprint arXiv:2403.17887},
+      year    = {2024}
+    }"""
     scope: ClassVar[str] = "model"
     stats: ClassVar[frozenset[str]] = frozenset()
     blocks: int = 1

@@ -20,6 +20,13 @@ class ExplicitConfig(AllocationConfig):
     """``levels``: qualified unit name -> its level value."""
 
     method: ClassVar[str] = "explicit"
+    #: the level-database framework this baseline / written-back choice belongs to
+    citation: ClassVar[str] = """@article{sieberling2024evopress,
+      title   = {{EvoPress}: Towards Optimal Dynamic Model Compression via Evolutionary Search},
+      author  = {Sieberling, Oliver and Kuznedelev, Denis and Kurtic, Eldar and Alistarh, Dan},
+      journal = {arXiv preprint arXiv:2410.14649},
+      year    = {2024}
+    }"""
     levels: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:

@@ -15,6 +15,13 @@ class UniformConfig(AllocationConfig):
 
     method: ClassVar[str] = "uniform"
     kinds: ClassVar[tuple[str, ...]] = ("sparsity", "bits")
+    #: the level-database framework this baseline / written-back choice belongs to
+    citation: ClassVar[str] = """@article{sieberling2024evopress,
+      title   = {{EvoPress}: Towards Optimal Dynamic Model Compression via Evolutionary Search},
+      author  = {Sieberling, Oliver and Kuznedelev, Denis and Kurtic, Eldar and Alistarh, Dan},
+      journal = {arXiv preprint arXiv:2410.14649},
+      year    = {2024}
+    }"""
 
 
 @hookimpl
