@@ -75,16 +75,23 @@ def _explicit_levels(alloc: AllocationConfig, units: list[str], levels: LevelSet
     return levels.restrict([float(chosen[u]) for u in units])
 
 
-def _problem_fp(fp: dict[str, Any], alloc: AllocationConfig) -> str:
+def _problem_fp(fp: dict[str, Any], alloc: AllocationConfig, levels: LevelSet) -> str:
+    """Identifies a search problem: database, search options (but not how many generations),
+    budget and start."""
     d = {k: v for k, v in alloc.to_dict().items() if k not in ("generations", "checkpoint", "database")}
-    return hashlib.sha256(json.dumps([fp, d], sort_keys=True, default=str).encode()).hexdigest()
+    blob = [fp, d, levels.budget, levels.start]
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _checkpoint(alloc: AllocationConfig) -> str | None:
+def _checkpoint(alloc: AllocationConfig, problem_fp: str) -> str | None:
+    """The search's checkpoint file: the config's ``checkpoint``, else one per problem in the
+    database folder (searches of other budgets on the same database do not collide)."""
     ck = getattr(alloc, "checkpoint", None)
     if ck:
         return str(ck)
-    return None if alloc.database is None else str(Path(alloc.database) / f"search_{alloc.method}.json")
+    if alloc.database is None:
+        return None
+    return str(Path(alloc.database) / f"search_{alloc.method}_{problem_fp[:12]}.json")
 
 
 def compress_allocated(
@@ -254,8 +261,8 @@ def _run_levels(
         seqlen=int(ids.shape[1]),
         groups=unit_blocks(units, prefix),
         scores=scores,
-        checkpoint=_checkpoint(alloc),
-        fingerprint=_problem_fp(fp, alloc),
+        checkpoint=_checkpoint(alloc, _problem_fp(fp, alloc, levels)),
+        fingerprint=_problem_fp(fp, alloc, levels),
         progress=progress,
     )
     try:
@@ -330,8 +337,8 @@ def _run_drop(
         seqlen=int(ids.shape[1]),
         groups=[i // (1 if gran == "block" else 2) for i in range(len(units))],
         signals={"block_influence": influence},
-        checkpoint=_checkpoint(alloc),
-        fingerprint=_problem_fp(fp, alloc),
+        checkpoint=_checkpoint(alloc, _problem_fp(fp, alloc, levels)),
+        fingerprint=_problem_fp(fp, alloc, levels),
         progress=progress,
     )
     try:

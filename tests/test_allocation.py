@@ -472,3 +472,25 @@ def test_fractional_average_bits_under_an_allocation() -> None:
     again, _ = llmpress.compress(tiny_llama(), report.recipe, IDS, progress=False)  # the explicit recipe
     for n in levels:
         assert torch.equal(weight_of(again.get_submodule(n)), weight_of(model.get_submodule(n)))
+
+
+def test_searches_of_other_budgets_share_a_database_and_a_finished_search_is_reused(tmp_path: Path) -> None:
+    db = tmp_path / "db"
+    alloc = {
+        "method": "evopress",
+        "generations": 2,
+        "offspring": 2,
+        "tokens": [64],
+        "survivors": [],
+        "database": str(db),
+    }
+    runs = {}
+    for bits in (3, 2.5, 3):
+        stage = {"method": "rtn", "bits": bits, "group_size": 16, "allocation": alloc}
+        runs.setdefault(bits, []).append(
+            llmpress.compress(tiny_llama(), {"stages": [stage]}, IDS, progress=False)[1].allocation
+        )
+    assert len(list(db.glob("unit_*.safetensors"))) == 14  # one database for both budgets
+    assert len(list(db.glob("search_evopress_*.json"))) == 2
+    first, again = runs[3]
+    assert again["levels"] == first["levels"] and again["history"] == first["history"]
