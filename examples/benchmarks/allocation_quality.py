@@ -47,11 +47,11 @@ def rows_to_run(a: argparse.Namespace) -> list[tuple[str, str, dict, dict]]:
         for alloc in ({"method": "uniform"}, {"method": "owl"}, evo):
             out.append((f"{a.sparsity:.0%} sparsity", alloc["method"], sp, alloc))
     if "bits" in a.groups:
-        for bits in (3, 2.5):
+        for bits in [float(b) for b in a.bits.split(",")]:
             for alloc in ({"method": "uniform"}, evo):
                 out.append(
                     (
-                        f"{bits} bits",
+                        f"{bits:g} bits",
                         alloc["method"],
                         {"method": "gptq", "bits": bits, "group_size": 128},
                         alloc,
@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--tokens", default="256,1024", help="tokens of each EvoPress selection step")
     ap.add_argument("--survivors", default="2", help="offspring kept after each step but the last")
     ap.add_argument("--groups", default="sparsity,bits,drop")
+    ap.add_argument("--bits", default="3,2.5", help="average bit widths of the bits rows")
     ap.add_argument(
         "--database", default=None, help="folder for the level databases (default: a temp folder)"
     )
