@@ -225,6 +225,7 @@ def test_stitched_bits_equal_direct_gptq() -> None:
                     "offspring": 3,
                     "tokens": [64],
                     "survivors": [],
+                    "bits": [2, 3, 4],
                 },
             }
         ]
@@ -395,7 +396,7 @@ def test_cli_evopress_recipes_save_and_reload(tiny_model_dir: Path, tmp_path: Pa
     recipes = {
         "sparse": "stages:\n  - method: sparsegpt\n    sparsity: 0.7\n    allocation:\n      method: evopress\n"
         "      generations: 2\n      offspring: 3\n      sparsity_step: 0.1\n      sparsity_span: 0.2\n",
-        "bits": "stages:\n  - method: gptq\n    bits: 3\n    group_size: 16\n    allocation: {method: evopress, generations: 2, offspring: 3}\n",
+        "bits": "stages:\n  - method: gptq\n    bits: 3\n    group_size: 16\n    allocation: {method: evopress, generations: 2, offspring: 3, bits: [2, 3, 4]}\n",
     }
     for name, text in recipes.items():
         (tmp_path / f"{name}.yaml").write_text(text)
