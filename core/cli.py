@@ -97,6 +97,13 @@ def _compress_into(a: argparse.Namespace, recipe: Any, out: Path) -> int:
         f"compressed {len(report.modules)} layers to {out} "
         f"(overall sparsity {report.overall_sparsity:.4f}, {report.wall_time_s:.1f}s)"
     )
+    if report.allocation is not None:
+        al = report.allocation
+        print(
+            f"allocation {al['method']}: {al['kind']} budget {al['target']:g} met exactly, "
+            f"fitness {al['fitness']}, {al['evaluations']} evaluations"
+            + (f"; dropped {', '.join(al['dropped'])}" if al.get("dropped") else "")
+        )
     return 0
 
 

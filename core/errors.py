@@ -23,3 +23,8 @@ class CheckpointError(LlmpressError, ValueError):
 
 class EvalTaskError(LlmpressError, ValueError):
     """An lm-eval-harness task cannot be found, loaded or run."""
+
+
+class AllocationError(LlmpressError, ValueError):
+    """An allocation search cannot run as asked (a budget no level set meets, a level database
+    built for another model, recipe or calibration set, an empty level list)."""

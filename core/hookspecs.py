@@ -20,7 +20,8 @@ the model::
 and then commits ``result`` (a :class:`llmpress.results.LayerResult`). For a
 ``scope = "block"`` method it calls ``llmpress_change_block`` once per block and applies the
 returned change. When a compressed model is loaded, ``llmpress_export_kernel`` offers the
-kernels that can run each stored layer.
+kernels that can run each stored layer. A stage with an ``allocation:`` section asks
+``llmpress_search_allocation`` for the level of every unit under the stage's budget.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from llmpress.allocation import AllocationProblem, AllocationResult
     from llmpress.blocks import BlockChange, BlockContext
     from llmpress.config import MethodConfig
     from llmpress.formats import ModuleFormat
@@ -158,6 +160,24 @@ def llmpress_score_block(block: BlockContext, config: MethodConfig) -> Any:
     :param config: the stage's method config.
     :returns: any object the method's ``llmpress_change_block`` understands, or ``None``.
         The block must not be modified. ``firstresult``.
+    """
+
+
+@hookspec(firstresult=True)
+def llmpress_search_allocation(problem: AllocationProblem, config: MethodConfig) -> AllocationResult | None:
+    """Choose a compression level for every unit of a stage under its global budget.
+
+    :param problem: the typed :class:`llmpress.allocation.AllocationProblem`: the units
+        (layers, blocks or sub-blocks), each unit's level values and integer costs, the uniform
+        start, the exact budget, and ``fitness(levels, tokens)`` (KL divergence to the dense
+        model, lower is better), which stitches a candidate from the level database.
+    :param config: the stage's ``allocation:`` config (an
+        :class:`llmpress.allocation.AllocationConfig` of this plugin's own method).
+    :returns: an :class:`llmpress.allocation.AllocationResult`: one level index per unit whose
+        costs sum to exactly the budget (the core checks it), plus the fitness curve and the
+        number of fitness evaluations; or ``None`` to leave it to the next plugin.
+
+    ``firstresult``.
     """
 
 

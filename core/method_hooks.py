@@ -17,6 +17,7 @@ from torch import nn
 from llmpress.errors import ModelError
 
 if TYPE_CHECKING:
+    from llmpress.allocation import AllocationProblem, AllocationResult
     from llmpress.blocks import BlockChange, BlockContext
     from llmpress.config import MethodConfig
     from llmpress.results import LayerResult
@@ -29,6 +30,7 @@ _METHOD_HOOKS = (
     "llmpress_update_weights",
     "llmpress_change_block",
     "llmpress_score_block",
+    "llmpress_search_allocation",
 )
 
 
@@ -86,3 +88,12 @@ class MethodHooks:
             if not isinstance(c, BLOCK_CHANGES):
                 raise self._bad("llmpress_change_block", "a block change (llmpress.blocks)", c)
         return changes
+
+    def search(self, problem: AllocationProblem, config: MethodConfig) -> AllocationResult:
+        """The allocation chosen by the method's ``llmpress_search_allocation``."""
+        from llmpress.allocation import AllocationResult
+
+        out = self._call["llmpress_search_allocation"](problem=problem, config=config)
+        if not isinstance(out, AllocationResult):
+            raise self._bad("llmpress_search_allocation", "an AllocationResult", out)
+        return out

@@ -240,6 +240,12 @@ def _calibrate_inputs(res: LayerResult, stats: LayerStats | None, name: str) -> 
     return dataclasses.replace(res, quant=q)
 
 
+def _needing_calibration(stages: list[ResolvedStage], rec: Recipe) -> str:
+    methods = [s.config.method for s in stages if s.config.calibrated()]
+    parts = [f"methods {methods}"] if methods else []
+    return " and ".join(parts + (["kv_cache: fp8"] if rec.kv_cache is not None else []))
+
+
 def _calibrate_kv_cache(model: nn.Module, ids: torch.Tensor, batch_size: int, dev: torch.device) -> None:
     """FP8 KV cache: per-layer key/value scales from the compressed model on the calibration
     tokens, recorded in the model's compression state and switched on."""
@@ -304,6 +310,13 @@ def compress(
     rec = as_recipe(recipe)
     stages = rec.resolve(pm)
     dev = torch.device(device) if device is not None else _default_device(model)
+    if any(st.allocation is not None for st in stages):  # per-layer levels under a budget
+        from llmpress.allocate import compress_allocated
+
+        return compress_allocated(
+            model, rec, stages, pm, calibration, tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen,
+            seed=seed, device=dev, batch_size=batch_size, progress=progress,
+        )
     engine = _Engine(model, stages, pm, dev)  # validates targets and shapes before any work
     needs_calib = any(s.config.calibrated() for s in stages) or rec.kv_cache is not None
 
@@ -312,8 +325,8 @@ def compress(
     if needs_calib:
         if calibration is None:
             raise CalibrationError(
-                f"{[s.config.method for s in stages if s.config.calibrated()] or 'kv_cache: fp8'} need(s) calibration "
-                f"data: pass a text file, a list of strings or token ids"
+                f"{_needing_calibration(stages, rec)} need calibration data: pass a text file, a list of "
+                f"strings or token ids"
             )
         if not isinstance(calibration, torch.Tensor) and tokenizer is None:
             raise CalibrationError("calibration text needs a tokenizer (pass tokenizer=...)")

@@ -7,6 +7,8 @@ stages:
     pattern: "2:4"
     targets: ["mlp"]       # optional regexes over module names (default: all block linears)
     ignore: ["down_proj"]  # optional regexes removed from the targets
+    allocation:            # optional: per-layer levels under the stage's budget (llmpress.allocation)
+      method: evopress     # or uniform, owl (sparsity); shortgpt, sleb (method: drop_blocks)
 ```
 """
 
@@ -59,6 +61,8 @@ class Stage:
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     targets: list[str] | None = None
     ignore: list[str] = dataclasses.field(default_factory=list)
+    #: the stage's ``allocation:`` section (``{method: evopress, ...}``), or ``None``
+    allocation: dict[str, Any] | None = None
 
     @classmethod
     def from_config(
@@ -74,6 +78,8 @@ class Stage:
             out["targets"] = list(self.targets)
         if self.ignore:
             out["ignore"] = list(self.ignore)
+        if self.allocation is not None:
+            out["allocation"] = dict(self.allocation)
         return out
 
 
@@ -84,6 +90,8 @@ class ResolvedStage:
     index: int
     stage: Stage
     config: MethodConfig
+    #: the validated ``allocation:`` config (an :class:`llmpress.allocation.AllocationConfig`)
+    allocation: MethodConfig | None = None
 
     @property
     def name(self) -> str:
@@ -114,13 +122,16 @@ class Recipe:
         if not stages:
             raise RecipeError("the recipe has no stages; add e.g. {method: wanda, sparsity: 0.5}")
         out = []
+        from llmpress.allocation import resolve_allocation, split_average
+
         for i, st in enumerate(stages):
             info = pm.method(st.method)
+            options, average = split_average(st.options, st.allocation)  # bits: 2.5 under an allocation
             try:
-                cfg = info.config_cls.from_dict(dict(st.options))
+                cfg = info.config_cls.from_dict(options)
             except RecipeError as e:
                 raise RecipeError(f"stage {i} ({st.method}): {e}") from None
-            out.append(ResolvedStage(i, st, cfg))
+            out.append(ResolvedStage(i, st, cfg, resolve_allocation(pm, i, st.allocation, cfg, average)))
         return out
 
     @classmethod
@@ -150,13 +161,24 @@ class Recipe:
             method = d.pop("method")
             targets = d.pop("targets", None)
             ignore = d.pop("ignore", [])
+            allocation = d.pop("allocation", None)
+            if isinstance(allocation, str):
+                allocation = {"method": allocation}
+            if allocation is not None and (not isinstance(allocation, dict) or "method" not in allocation):
+                raise RecipeError(f"stage {i}: 'allocation' must be a mapping with a 'method' key, got {allocation!r}")
             if isinstance(targets, str):
                 targets = [targets]
             if isinstance(ignore, str):
                 ignore = [ignore]
             opts = d.pop("options", {}) or {}
             stages.append(
-                Stage(method=str(method), options={**d, **opts}, targets=targets, ignore=list(ignore))
+                Stage(
+                    method=str(method),
+                    options={**d, **opts},
+                    targets=targets,
+                    ignore=list(ignore),
+                    allocation=allocation,
+                )
             )
         if kv_cache not in (None, "fp8"):
             raise RecipeError(f"kv_cache must be 'fp8' (an FP8 E4M3 KV cache with calibrated scales), got {kv_cache!r}")

@@ -43,6 +43,8 @@ class CompressionReport:
     #: block-level (structured) changes: the blocks' parameter counts before and after, and
     #: per block the widths (heads, kv_heads, neurons) as ``[before, after]``
     structure: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: an allocation search's choice and its course (method, per-unit levels, fitness curve)
+    allocation: dict[str, Any] | None = None
 
     @property
     def overall_sparsity(self) -> float:
@@ -62,4 +64,5 @@ class CompressionReport:
             "wall_time_s": round(self.wall_time_s, 3),
             "versions": self.versions,
             **({"structure": self.structure} if self.structure else {}),
+            **({"allocation": self.allocation} if self.allocation is not None else {}),
         }

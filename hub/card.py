@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from llmpress.eval_harness import EvalRecord
+from llmpress.hub.allocation import allocation_context
 from llmpress.hub.errors import CardTemplateError
 from llmpress.hub.folder import CARD_FILE, PLOT_FILE, FolderInfo, SizeStats, hub_size, local_size, read_folder
 
@@ -376,7 +377,9 @@ def build_card_context(
     records = [
         EvalRecord.from_dict(r) for r in (info.evaluation or {}).get("results", []) if isinstance(r, dict)
     ]
-    citations, missing = method_citations([str(s.get("method")) for s in stages], pm)
+    searched = ((info.report or {}).get("allocation") or {}).get("searched_with") or {}
+    methods = [str(s.get("method")) for s in stages] + ([str(searched["method"])] if "method" in searched else [])
+    citations, missing = method_citations(methods, pm)
 
     plot = None
     if write_plot and mods:
@@ -493,6 +496,7 @@ def build_card_context(
             f"{100 * float(structure['removed_fraction']):.1f} %" if "removed_fraction" in structure else None
         ),
         "plot": plot,
+        "allocation": allocation_context(report, path, write_plot),
         "calibration": _calibration_text(calib),
         "compute": {
             "device": report.get("device", "unknown"),

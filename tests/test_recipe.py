@@ -178,9 +178,21 @@ def test_every_method_config_round_trips_through_json(pm) -> None:
         assert set(d) == {"method", "version", *type(cfg).field_names()}
         back = type(cfg).from_dict(json.loads(json.dumps(d)))
         assert back == cfg and type(back) is type(cfg)
+        if cfg.scope == "allocation":  # an allocation search: under a stage's allocation key
+            stage = _STAGE_OF_KIND[type(cfg).kinds[0]]  # type: ignore[attr-defined]
+            (st,) = Recipe.from_dict({"stages": [{**stage, "allocation": d}]}).resolve(pm)
+            assert st.allocation == cfg
+            continue
         # as a recipe stage too
         (st,) = Recipe(stages=[cfg]).resolve(pm)
         assert st.config == cfg
+
+
+_STAGE_OF_KIND = {
+    "sparsity": {"method": "sparsegpt", "sparsity": 0.5},
+    "bits": {"method": "gptq", "bits": 4},
+    "blocks": {"method": "drop_blocks", "blocks": 1},
+}
 
 
 def test_configs_are_frozen_and_hashable() -> None:

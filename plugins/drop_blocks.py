@@ -1,0 +1,13 @@
+"""``drop_blocks``: remove whole blocks (or attention/MLP sub-blocks) chosen by the stage's
+``allocation:`` (shortgpt by default, sleb, evopress). The core does the work
+(:mod:`llmpress.dropping`); this plugin registers the method."""
+
+from __future__ import annotations
+
+from llmpress import hookimpl
+from llmpress.allocation import DropBlocksConfig
+
+
+@hookimpl
+def llmpress_register_methods(register) -> None:  # noqa: ANN001
+    register(DropBlocksConfig)

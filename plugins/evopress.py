@@ -1,0 +1,174 @@
+"""EvoPress (Sieberling et al., 2024): (1 + lambda) evolutionary search over per-unit levels.
+
+From the uniform start, each generation makes ``offspring`` copies of the parent, each with a
+few *level-switch* mutations (one unit up a level, another down a level of the same cost, so
+the budget holds exactly). Selection is multi-step: every offspring is scored on a few
+tokens, the best ``survivors[0]`` on more, and so on; the last step's best replaces the parent
+only if it is at least as fit on the most tokens (elitism). Seeded; the state after every
+generation is checkpointed, so an interrupted search resumes to the identical result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any, ClassVar
+
+from tqdm.auto import tqdm
+
+from llmpress import hookimpl
+from llmpress.allocation import AllocationConfig, AllocationProblem, AllocationResult, moves_from
+from llmpress.errors import AllocationError, RecipeError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvoPressConfig(AllocationConfig):
+    """``generations``; ``offspring`` (lambda); ``max_mutations`` (per offspring, drawn as the
+    smaller of two uniform draws in 1..max); ``tokens``: calibration tokens of each selection
+    step (increasing); ``survivors``: offspring kept after each step but the last
+    (``len(tokens) - 1`` numbers); ``seed``; ``checkpoint``: a JSON file to resume from
+    (default: in the database folder when there is one)."""
+
+    method: ClassVar[str] = "evopress"
+    citation: ClassVar[str] = """@article{sieberling2024evopress,
+      title   = {{EvoPress}: Towards Optimal Dynamic Model Compression via Evolutionary Search},
+      author  = {Sieberling, Oliver and Kuznedelev, Denis and Kurtic, Eldar and Alistarh, Dan},
+      journal = {arXiv preprint arXiv:2410.14649},
+      year    = {2024}
+    }"""
+    generations: int = 50
+    offspring: int = 16
+    max_mutations: int = 3
+    tokens: tuple[int, ...] = (512, 2048, 8192)
+    survivors: tuple[int, ...] = (4, 2)
+    seed: int = 0
+    checkpoint: str | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        ints = (
+            self.generations,
+            self.offspring,
+            self.max_mutations,
+            self.seed,
+            *self.tokens,
+            *self.survivors,
+        )
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in ints):
+            raise RecipeError("allocation 'evopress': generations, offspring, tokens, survivors are integers")
+        if self.generations < 0 or self.offspring < 1 or self.max_mutations < 1 or not self.tokens:
+            raise RecipeError(
+                "allocation 'evopress': need generations >= 0, offspring >= 1, max_mutations >= 1, tokens"
+            )
+        if len(self.survivors) != len(self.tokens) - 1 or any(s < 1 for s in self.survivors):
+            raise RecipeError("allocation 'evopress': survivors needs len(tokens) - 1 numbers >= 1")
+
+
+def mutate(
+    problem: AllocationProblem, levels: list[int], rng: random.Random, max_mutations: int
+) -> list[int]:
+    """A copy of ``levels`` after ``min(U, U')`` budget-preserving level switches."""
+    child = list(levels)
+    n = min(rng.randint(1, max_mutations), rng.randint(1, max_mutations))
+    for _ in range(n):
+        ups = [i for i in range(len(child)) if moves_from(problem, child, i)]
+        if not ups:
+            break
+        up = rng.choice(ups)
+        down = rng.choice(moves_from(problem, child, up))
+        child[up] += 1
+        child[down] -= 1
+    return child
+
+
+def _load(path: Path, key: str) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text())
+    if state.get("key") != key:
+        raise AllocationError(
+            f"evopress checkpoint {path} belongs to another search (model, level database, calibration "
+            f"or options differ); delete it or choose another 'checkpoint'"
+        )
+    return state
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, path)
+
+
+def evolve(problem: AllocationProblem, config: EvoPressConfig) -> AllocationResult:
+    """The (1 + lambda) search (see the module doc)."""
+    steps = [min(t, problem.max_tokens) for t in config.tokens]
+    final = steps[-1]
+    path = Path(problem.checkpoint) if problem.checkpoint else None
+    key = problem.fingerprint + json.dumps(
+        [config.offspring, config.max_mutations, list(config.tokens), list(config.survivors), config.seed]
+    )
+    state = _load(path, key) if path is not None else None
+    rng = random.Random(config.seed)
+    if state is None:
+        parent = list(problem.start)
+        state = {
+            "key": key,
+            "generation": 0,
+            "parent": parent,
+            "fitness": problem.fitness(parent, final),
+            "history": [],
+            "evaluations": 1,
+        }
+    else:
+        log.info("evopress: resuming from %s at generation %d", path, state["generation"])
+        v, internal, gauss = state["rng"]
+        rng.setstate((v, tuple(internal), gauss))
+    parent, best, evals = list(state["parent"]), float(state["fitness"]), int(state["evaluations"])
+    history = list(state["history"])
+    bar = tqdm(range(state["generation"], config.generations), desc="evopress", disable=not problem.progress)
+    for gen in bar:
+        pool = [mutate(problem, parent, rng, config.max_mutations) for _ in range(config.offspring)]
+        for tokens, keep in zip(steps[:-1], config.survivors):
+            fits = [problem.fitness(c, tokens) for c in pool]
+            evals += len(pool)
+            order = sorted(range(len(pool)), key=lambda i: (fits[i], i))
+            pool = [pool[i] for i in order[:keep]]
+        fits = [problem.fitness(c, final) for c in pool]
+        evals += len(pool)
+        i = min(range(len(pool)), key=lambda j: (fits[j], j))
+        if fits[i] <= best:  # elitism: the parent stays unless matched or beaten
+            parent, best = pool[i], fits[i]
+        history.append(best)
+        bar.set_postfix(best=f"{best:.5f}")
+        log.info("evopress generation %d: best fitness %.6f (%d evaluations)", gen + 1, best, evals)
+        if path is not None:
+            v, internal, gauss = rng.getstate()
+            _save(
+                path,
+                {
+                    "key": key,
+                    "generation": gen + 1,
+                    "parent": parent,
+                    "fitness": best,
+                    "history": history,
+                    "evaluations": evals,
+                    "rng": [v, list(internal), gauss],
+                },
+            )
+    return AllocationResult(levels=parent, fitness=best, history=history, evaluations=evals)
+
+
+@hookimpl
+def llmpress_register_methods(register) -> None:  # noqa: ANN001
+    register(EvoPressConfig)
+
+
+@hookimpl
+def llmpress_search_allocation(problem: AllocationProblem, config: EvoPressConfig) -> AllocationResult:
+    return evolve(problem, config)

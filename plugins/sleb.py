@@ -1,0 +1,57 @@
+"""SLEB (Song et al., 2024): remove blocks greedily, one at a time, each time the block whose
+removal hurts the fitness least given the blocks already removed (re-scored every step)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from tqdm.auto import tqdm
+
+from llmpress import hookimpl
+from llmpress.allocation import AllocationConfig, AllocationProblem, AllocationResult
+
+
+@dataclasses.dataclass(frozen=True)
+class SLEBConfig(AllocationConfig):
+    """``metric``: ``ppl`` (the paper's calibration perplexity) or ``kl``; ``tokens``: tokens
+    per score (0: all fitness tokens)."""
+
+    method: ClassVar[str] = "sleb"
+    kinds: ClassVar[tuple[str, ...]] = ("blocks",)
+    citation: ClassVar[str] = """@inproceedings{song2024sleb,
+      title     = {{SLEB}: Streamlining {LLMs} through Redundancy Verification and Elimination of Transformer Blocks},
+      author    = {Song, Jiwon and Oh, Kyungseok and Kim, Taesu and Kim, Hyungjun and Kim, Yulhwa and Kim, Jae-Joon},
+      booktitle = {International Conference on Machine Learning},
+      year      = {2024}
+    }"""
+    metric: str = "ppl"
+    tokens: int = 0
+
+
+@hookimpl
+def llmpress_register_methods(register) -> None:  # noqa: ANN001
+    register(SLEBConfig)
+
+
+@hookimpl
+def llmpress_search_allocation(problem: AllocationProblem, config: SLEBConfig) -> AllocationResult:
+    tokens = config.tokens or problem.max_tokens
+    levels = [0] * len(problem.units)
+    history: list[float] = []
+    evals = 0
+    for _ in tqdm(range(problem.budget), desc="sleb", disable=not problem.progress):
+        best: tuple[float, int] | None = None
+        for i in range(len(levels)):
+            if levels[i]:
+                continue
+            levels[i] = 1
+            f = problem.fitness(levels, tokens)
+            evals += 1
+            levels[i] = 0
+            if best is None or f < best[0]:
+                best = (f, i)
+        assert best is not None
+        levels[best[1]] = 1
+        history.append(best[0])
+    return AllocationResult(levels=levels, fitness=history[-1], history=history, evaluations=evals)
