@@ -93,9 +93,12 @@ def _compress_into(a: argparse.Namespace, recipe: Any, out: Path) -> int:
         fmt=a.format,
         sparse_format=a.sparse_format,
     )
+    removed = report.structure.get("removed_fraction")
     print(
         f"compressed {len(report.modules)} layers to {out} "
-        f"(overall sparsity {report.overall_sparsity:.4f}, {report.wall_time_s:.1f}s)"
+        f"(overall sparsity {report.overall_sparsity:.4f}, "
+        + (f"block parameters removed {removed:.4f}, " if removed is not None else "")
+        + f"{report.wall_time_s:.1f}s)"
     )
     if report.allocation is not None:
         al = report.allocation

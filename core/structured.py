@@ -377,16 +377,3 @@ def _consumer_updates(
             gone = _complement(w.shape[1], keep).to(w.device)
             biases[rel] = b0 + compensation_bias(w, mean, gone)
     return weights, biases
-
-
-def structured_summary(model: Any, dense_block_params: int) -> dict[str, float]:
-    """Parameters of the blocks now, against ``dense_block_params``: the achieved ratio."""
-    from llmpress.modules import find_blocks
-
-    _, blocks = find_blocks(model)
-    now = sum(p.numel() for b in blocks for p in b.parameters())
-    return {
-        "block_params": now,
-        "dense_block_params": dense_block_params,
-        "ratio": 1 - now / dense_block_params,
-    }

@@ -21,6 +21,12 @@ class MagnitudeStructuredConfig(StructuredConfig):
     """Remove the heads and neurons whose weights have the smallest L2 norm."""
 
     method: ClassVar[str] = "magnitude_structured"
+    citation: ClassVar[str] = """@inproceedings{li2017pruning,
+      title     = {Pruning Filters for Efficient ConvNets},
+      author    = {Li, Hao and Kadav, Asim and Durdanovic, Igor and Samet, Hanan and Graf, Hans Peter},
+      booktitle = {International Conference on Learning Representations},
+      year      = {2017}
+    }"""
 
 
 def _rows_sq(ctx: BlockContext, names: tuple[str, ...]) -> torch.Tensor:

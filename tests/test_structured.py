@@ -285,7 +285,9 @@ def test_structured_then_gptq_saves_packed_and_reloads(tmp_path: Path) -> None:
     assert gen.shape == (1, 8)
 
 
-def test_the_issue_recipe_runs_from_the_cli(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_the_issue_recipe_runs_from_the_cli(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     recipe = tmp_path / "flap.yaml"
     recipe.write_text(
         "stages:\n  - method: flap\n    ratio: 0.2             # fraction of the blocks' parameters removed\n"
@@ -297,6 +299,7 @@ def test_the_issue_recipe_runs_from_the_cli(tiny_model_dir: Path, tmp_path: Path
         + ["--out", str(out), "--nsamples", "4", "--seqlen", "32"]
     )
     assert rc == 0
+    assert "block parameters removed 0.1" in capsys.readouterr().out
     report = json.loads((out / "llmpress_report.json").read_text())
     assert report["recipe"]["stages"][0]["method"] == "flap"
     assert report["structure"]["removed_fraction"] == pytest.approx(0.2, abs=0.02)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -41,7 +43,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _time(fn) -> float:  # noqa: ANN001
+def _time(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
@@ -57,16 +59,19 @@ def speedup(
     best: dict[str, list[float]] = {"dense": [1e9, 1e9], "model": [1e9, 1e9]}
     for _ in range(repeats + 1):  # the first round warms up (and counts: best-of)
         for key, m in (("dense", dense), ("model", model)):
-            _sync(device)
-            best[key][0] = min(best[key][0], _time(lambda m=m: m(input_ids=ids, use_cache=False)))
-            _sync(device)
-            gen = (
-                lambda m=m: m.generate(  # noqa: E731
-                    ids[:, :16], max_new_tokens=decode, min_new_tokens=decode, do_sample=False, use_cache=True
-                )
+            prefill_run = partial(m, input_ids=ids, use_cache=False)
+            decode_run = partial(
+                m.generate,
+                ids[:, :16],
+                max_new_tokens=decode,
+                min_new_tokens=decode,
+                do_sample=False,
+                use_cache=True,
             )
-            best[key][1] = min(best[key][1], _time(gen))
-            _sync(device)
+            for k, run in enumerate((prefill_run, decode_run)):
+                _sync(device)
+                best[key][k] = min(best[key][k], _time(run))
+                _sync(device)
     return best["dense"][0] / best["model"][0], best["dense"][1] / best["model"][1]
 
 
