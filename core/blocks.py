@@ -200,7 +200,8 @@ def _update_params(ctx: BlockContext, change: PruneChannels) -> None:
             new.weight.copy_(w)
             _replace(block, rel, new)
             mod = new
-        mod.bias.copy_(b.to(mod.bias))
+        bias = mod.get_parameter("bias")
+        bias.copy_(b.to(bias))
 
 
 @torch.no_grad()

@@ -157,7 +157,7 @@ def block_widths(model: nn.Module) -> list[dict[str, int]] | None:
         out = []
         for b in blocks:
             s = discover(b, config, hidden)
-            row = {}
+            row: dict[str, int] = {}
             if s.heads is not None:
                 row.update(heads=s.heads.n_heads, kv_heads=s.heads.n_kv)
             if s.neurons is not None:
