@@ -379,7 +379,7 @@ def choose_format(quant: QuantState | None, keep: torch.Tensor | None, sparse: s
     """The storage format of a layer; ``sparse`` is ``"auto"``, ``"dense"``, ``"bitmask"`` or
     ``"2:4"``. ``None`` means a plain dense weight (no packing)."""
     is24 = keep is not None and _is_24(keep)
-    if quant is not None and quant.kind == "fp8":
+    if quant is not None and getattr(quant, "kind", "int") == "fp8":
         return "fp8"
     if quant is not None:
         return "int-2:4" if is24 and sparse in ("auto", "2:4") else "int"

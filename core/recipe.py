@@ -126,6 +126,14 @@ class Recipe:
 
         for i, st in enumerate(stages):
             info = pm.method(st.method)
+            if (
+                st.allocation is not None
+                and set(st.allocation) == {"method"}
+                and "allocation" in info.config_cls.field_names()
+            ):  # the method's own allocation option (structured: uniform | global), not a search
+                st = dataclasses.replace(
+                    st, options={**st.options, "allocation": st.allocation["method"]}, allocation=None
+                )
             options, average = split_average(st.options, st.allocation)  # bits: 2.5 under an allocation
             try:
                 cfg = info.config_cls.from_dict(options)

@@ -34,6 +34,7 @@ import llmpress
 from llmpress.cli import main
 from llmpress.errors import CheckpointError
 from llmpress.formats import PACKED_FORMATS, ModuleFormat, choose_format, pack_module, unpack_module
+from llmpress.quant.activations import fp8_weight
 from llmpress.quant.grid import dequantize_weight
 from llmpress.results import LayerResult, QuantState
 from llmpress.runtime import LlmpressLinear
@@ -95,6 +96,13 @@ def test_pack_unpack_module_roundtrip(case: dict) -> None:
         quant = QuantState(codes, scales, zeros, bits=bits, group_size=gs, symmetric=sym)
         weight = dequantize_weight(codes, scales, zeros, gs)
         fmt = ModuleFormat(kind, i, o, bits=bits, group_size=gs, symmetric=sym, dtype=dt)
+    elif kind == "fp8":
+        w8, scale = fp8_weight(torch.randn(o, i, generator=g))
+        quant = QuantState(
+            w8.view(torch.uint8), scale, torch.zeros_like(scale), bits=8, group_size=-1, symmetric=True, kind="fp8"
+        )
+        weight = quant.dequantize()
+        fmt = ModuleFormat(kind, i, o, dtype=dt)
     else:
         values = (torch.randn(o, i, generator=g) + 3.0).to(tdt).float()  # nonzero, exact in tdt
         if kind == "2:4":

@@ -194,8 +194,8 @@ def test_nonsense_storage_dtype_is_refused(ckpt: Path, value: object) -> None:
 
 
 def test_unknown_top_level_field_is_refused(ckpt: Path) -> None:
-    _edit_config(ckpt, lambda q: q.__setitem__("kv_cache", "fp8"))
-    with pytest.raises(CheckpointError, match="kv_cache: Extra inputs are not permitted"):
+    _edit_config(ckpt, lambda q: q.__setitem__("kv_cache_dtype", "fp8"))
+    with pytest.raises(CheckpointError, match="kv_cache_dtype: Extra inputs are not permitted"):
         AutoModelForCausalLM.from_pretrained(ckpt)
 
 
