@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=None, help="score only the first N eval tokens")
+    ap.add_argument("--only", default=None, help="comma-separated substrings of config names to run")
     a = ap.parse_args()
 
     _, tok = load_model(a.model)
@@ -86,6 +87,8 @@ def main() -> None:
     rows = [{"name": "dense fp16", "ppl": base, "mb": dir_size(out_root / "dense") / 1e6, "delta": 0.0}]
     after: dict[str, float] = {}
     for name, stages in CONFIGS:
+        if a.only and not any(x.strip() in name for x in a.only.split(",")):
+            continue
         model, _ = load_model(a.model, dtype=torch.float32)
         t = time.perf_counter()
         model, report = llmpress.compress(
