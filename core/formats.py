@@ -226,6 +226,14 @@ class IntCodes:
     bits: int
     group_size: int  # in_features when per channel
 
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dense weight [out, in] in ``dtype`` (broadcast per group: no gathers)."""
+        n, k = self.codes.shape
+        g = k // self.group_size
+        w = self.codes.view(n, g, self.group_size).to(torch.float32)
+        w.sub_(self.zeros.view(n, g, 1)).mul_(self.scales.view(n, g, 1).to(torch.float32))
+        return w.view(n, k).to(dtype)
+
 
 def int_codes(fmt: ModuleFormat, t: dict[str, torch.Tensor]) -> IntCodes:
     """Unpack the codes, scales and zero points of an ``int`` layer."""
@@ -246,9 +254,7 @@ def _int_unpack(fmt: ModuleFormat, t: dict[str, torch.Tensor], dtype: torch.dtyp
     assert fmt.bits is not None
     o, i = fmt.out_features, fmt.in_features
     if fmt.format == "int":
-        q = int_codes(fmt, t)
-        g = torch.arange(i, device=q.codes.device) // q.group_size
-        return ((q.codes.to(torch.float32) - q.zeros[:, g]) * q.scales.to(torch.float32)[:, g]).to(dtype)
+        return int_codes(fmt, t).dequantize(dtype)
     codes = unpack_int32(t["weight"], fmt.bits, i // 2).to(torch.float32)  # [out, in/2]
     scale = t["weight_scale"].to(torch.float32)  # [out, G]
     zero = (

@@ -89,8 +89,7 @@ def repack(q: IntCodes) -> CpuIntWeight:
 
 def dense_weight(q: IntCodes, dtype: torch.dtype) -> torch.Tensor:
     """The dense [N, K] weight of ``q``."""
-    g = torch.arange(q.codes.shape[1], device=q.codes.device) // q.group_size
-    return ((q.codes.to(torch.float32) - q.zeros[:, g]) * q.scales.to(torch.float32)[:, g]).to(dtype)
+    return q.dequantize(dtype)
 
 
 def matmul(x: torch.Tensor, w: CpuIntWeight) -> torch.Tensor:
