@@ -9,7 +9,9 @@ by llmpress; each variant is loaded with ``AutoModelForCausalLM.from_pretrained`
 runtime picks its kernels at load) and decodes greedily with a KV cache at batch 1 and 16.
 Decode speed is (new tokens x batch) / (time of generating N+1 tokens - time of generating 1),
 so the prompt's prefill is not counted. Targets (issue 12): GPU int4 >= 2.2x fp16 at batch 1;
-CPU int4 and int8 faster than fp32 at batch 1.
+CPU int4 and int8 faster than fp32 at batch 1. On CPU the quantized models also run with
+their unquantized layers (embeddings, lm_head, norms) in bf16 (``int4+bf16``), as in the bf16
+model.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--only", default=None, help="comma-separated model labels to run (e.g. int4,int4+bf16)")
     a = p.parse_args()
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -86,6 +89,8 @@ def main() -> None:
         model.save_pretrained(dense_dir)
         del model
         for name, recipe in VARIANTS.items():
+            if a.only and not any(v.split("+")[0] == name for v in a.only.split(",")):
+                continue
             model = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
             llmpress.compress(model, [recipe])
             llmpress.save_quantized(model, Path(tmp) / name, dtype=torch.float16 if gpu else torch.bfloat16)
@@ -93,6 +98,10 @@ def main() -> None:
             gc.collect()
         variants = [(str(d).removeprefix("torch."), dense_dir, d) for d in dense_dtypes]
         variants += [(n, Path(tmp) / n, torch.float16 if gpu else torch.float32) for n in VARIANTS]
+        if not gpu:  # the layers left unquantized (embeddings, lm_head, norms) in bf16, as in the bf16 model
+            variants += [(f"{n}+bf16", Path(tmp) / n, torch.bfloat16) for n in VARIANTS]
+        if a.only:
+            variants = [v for v in variants if v[0] in a.only.split(",")]
         for label, path, dtype in variants:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=dev).eval()
             kernels = sorted({m.kernel.name for m in model.modules() if getattr(m, "kernel", None) is not None})
@@ -106,13 +115,13 @@ def main() -> None:
             gc.collect()
     base = {r["batch"]: r["tps"] for r in rows if r["model"] == str(dense_dtypes[0]).removeprefix("torch.")}
     for r in rows:
-        r["x"] = r["tps"] / base[r["batch"]]
+        r["x"] = r["tps"] / base[r["batch"]] if r["batch"] in base else None
     name = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\n{name}; {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}; {new_tokens} new tokens after a {a.prompt}-token prompt")
     print_table(
         rows,
         [("model", "model", ""), ("kernels", "kernels", ""), ("GiB", "GiB", ".2f"), ("batch", "batch", "d"),
-         ("tps", "tokens/s", ".1f"), ("x", f"vs {rows[0]['model']}", ".2f")],
+         ("tps", "tokens/s", ".1f"), ("x", f"vs {str(dense_dtypes[0]).removeprefix('torch.')}", ".2f")],
     )
 
 
