@@ -159,11 +159,16 @@ def compress_allocated(
 
 
 def _search(
-    pm: Llmpress, problem: AllocationProblem, alloc: AllocationConfig
+    pm: Llmpress, problem: AllocationProblem, alloc: AllocationConfig, stitcher: Any, fit: Any
 ) -> tuple[AllocationResult, float]:
+    """Run the search (the model is restored afterwards, whatever happens); checks the budget."""
     t = time.perf_counter()
-    result = pm.hooks_for(alloc).search(problem, alloc)
+    try:
+        result = pm.hooks_for(alloc).search(problem, alloc)
+    finally:
+        stitcher.restore()
     problem.check(result.levels, f"allocation {alloc.method!r}")
+    result.evaluations = result.evaluations or fit.evaluations
     return result, time.perf_counter() - t
 
 
@@ -248,6 +253,7 @@ def _run_levels(
         w = stitcher.dense[i].float()  # [out, in]
         return w.abs() * norms.sqrt().unsqueeze(0)
 
+    problem_fp = _problem_fp(fp, alloc, levels)
     problem = AllocationProblem(
         kind=kind,
         units=units,
@@ -261,15 +267,11 @@ def _run_levels(
         seqlen=int(ids.shape[1]),
         groups=unit_blocks(units, prefix),
         scores=scores,
-        checkpoint=_checkpoint(alloc, _problem_fp(fp, alloc, levels)),
-        fingerprint=_problem_fp(fp, alloc, levels),
+        checkpoint=_checkpoint(alloc, problem_fp),
+        fingerprint=problem_fp,
         progress=progress,
     )
-    try:
-        result, search_s = _search(pm, problem, alloc)
-    finally:
-        stitcher.restore()
-    result.evaluations = result.evaluations or fit.evaluations
+    result, search_s = _search(pm, problem, alloc, stitcher, fit)
     reports: dict[str, ModuleReport] = {}
     for i, (name, mod) in enumerate(zip(units, mods)):
         res = db.get(i, result.levels[i], get_weight(mod).dtype)
@@ -324,6 +326,7 @@ def _run_drop(
         "blocks": levels.budget,
         "ids": hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest(),
     }
+    problem_fp = _problem_fp(fp, alloc, levels)
     problem = AllocationProblem(
         kind="blocks",
         units=units,
@@ -337,15 +340,11 @@ def _run_drop(
         seqlen=int(ids.shape[1]),
         groups=[i // (1 if gran == "block" else 2) for i in range(len(units))],
         signals={"block_influence": influence},
-        checkpoint=_checkpoint(alloc, _problem_fp(fp, alloc, levels)),
-        fingerprint=_problem_fp(fp, alloc, levels),
+        checkpoint=_checkpoint(alloc, problem_fp),
+        fingerprint=problem_fp,
         progress=progress,
     )
-    try:
-        result, search_s = _search(pm, problem, alloc)
-    finally:
-        stitcher.restore()
-    result.evaluations = result.evaluations or fit.evaluations
+    result, search_s = _search(pm, problem, alloc, stitcher, fit)
     summary = _summary(problem, alloc, result, search_s, 0.0)
     dropped = [u for u, lv in zip(units, result.levels) if problem.levels[units.index(u)][lv] == 1.0]
     summary["dropped"] = dropped
