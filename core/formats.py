@@ -108,6 +108,11 @@ class ModuleFormat:
         return _DTYPES[self.dtype]
 
     @property
+    def group_width(self) -> int:
+        """Inputs per quantization group (``in_features`` when per channel)."""
+        return self.in_features if self.group_size in (None, -1) else int(self.group_size)
+
+    @property
     def n_groups(self) -> int:
         return 1 if self.group_size in (None, -1) else self.in_features // int(self.group_size)
 
@@ -246,7 +251,7 @@ def int_codes(fmt: ModuleFormat, t: dict[str, torch.Tensor]) -> IntCodes:
         if "weight_zero" in t
         else torch.full(scale.shape, float(2 ** (fmt.bits - 1)), device=scale.device)
     )
-    gs = fmt.in_features if fmt.group_size in (None, -1) else int(fmt.group_size)
+    gs = fmt.group_width
     return IntCodes(codes, scale, zero, fmt.bits, gs)
 
 
@@ -262,7 +267,7 @@ def _int_unpack(fmt: ModuleFormat, t: dict[str, torch.Tensor], dtype: torch.dtyp
         if "weight_zero" in t
         else torch.full_like(scale, 2 ** (fmt.bits - 1))
     )
-    gs = i if fmt.group_size in (None, -1) else int(fmt.group_size)
+    gs = fmt.group_width
     g = _slot_columns(t["weight_meta"], o, i) // gs  # group of each slot's original column
     vals = (codes - zero.gather(1, g)) * scale.gather(1, g)
     return unpack_24(vals.to(dtype), t["weight_meta"], i)

@@ -28,5 +28,4 @@ CPU_INT = Kernel("cpu-int", 50, _prepare, _forward, "torch's CPU int4/int8 weigh
 def llmpress_export_kernel(fmt: ModuleFormat, device: torch.device) -> tuple[Kernel, ...]:
     if device.type != "cpu" or fmt.format != "int" or fmt.bits is None or not cpu_int.available():
         return ()
-    gs = fmt.in_features if fmt.group_size in (None, -1) else int(fmt.group_size)
-    return (CPU_INT,) if cpu_int.supports(fmt.bits, gs, fmt.in_features) else ()
+    return (CPU_INT,) if cpu_int.supports(fmt.bits, fmt.group_width, fmt.in_features) else ()
