@@ -68,10 +68,16 @@ class MethodConfig:
     def calibrated(self) -> bool:
         """Whether these options need calibration data (default: ``needs_calibration``)."""
         return type(self).needs_calibration
+
     def plans_globally(self) -> bool:
         """True for a ``scope = "block"`` method that scores every block first
         (``llmpress_score_block``) and decides across blocks before changing any."""
         return False
+
+    def model_changes(self, block_scores: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Whole-model changes (e.g. :class:`llmpress.hidden.PruneHidden`) decided from the
+        planning pass's block scores, applied before the block pass (default: none)."""
+        return ()
 
     def check_module(self, name: str, in_features: int, out_features: int) -> None:
         """Check that this config can compress a layer of this shape (before any work);

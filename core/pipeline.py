@@ -74,6 +74,10 @@ class _Engine:
         self.hooks = [pm.hooks_for(st.config) for st in stages]
         self.device = device
         self.prefix, self.blocks, self.plans = _plan(model, stages)
+        if any("hidden" in getattr(st.config, "structures", ()) for st in stages):
+            from llmpress.hidden import check_hidden_prunable
+
+            check_hidden_prunable(model)  # before any work: the architecture can shrink its width
         self.modules_report: dict[str, ModuleReport] = {}
         #: weight gradients of the layers whose stage asks for the ``grad`` statistic
         self.grads: dict[str, torch.Tensor] = {}
@@ -105,6 +109,42 @@ class _Engine:
                 pre.run(block, keep_outputs=True)
             block.to(home)
         self.block_scores = {si: tuple(a) for si, a in answers.items()}
+
+    def change_model(self, acts: BlockActivations | None) -> dict[str, int] | None:
+        """Apply the stages' whole-model changes (hidden channels) decided by the planning
+        pass; the calibration activations and gradients follow. Returns the hidden width
+        ``{"before", "after"}`` when it changed."""
+        from llmpress.hidden import PruneHidden, hidden_size, prune_hidden
+
+        widths: dict[str, int] | None = None
+        for si, st in enumerate(self.stages):
+            for change in st.config.model_changes(self.block_scores.get(si, ())):
+                if not isinstance(change, PruneHidden):
+                    raise ModelError(f"{st.name}: unknown model change {type(change).__name__}")
+                before = hidden_size(self.model)
+                keep = torch.sort(change.keep.to(torch.int64).cpu().unique()).values
+                results = prune_hidden(self.model, change)
+                widths = {"before": (widths or {}).get("before", before), "after": hidden_size(self.model)}
+                if acts is not None:
+                    acts.hidden = [h.index_select(-1, keep.to(h.device)) for h in acts.hidden]
+                for name, res in results.items():
+                    g = self.grads.get(name)
+                    if g is not None:
+                        dim = 1 if res.removed_cols is not None else 0
+                        self.grads[name] = g.index_select(dim, keep.to(g.device))
+                    rep = self._module_report(name, self.model.get_submodule(name))
+                    rep.info[f"{st.config.method}_removed_hidden"] = before - int(keep.numel())
+                self._recheck_shapes()
+        return widths
+
+    def _recheck_shapes(self) -> None:
+        """Every stage must still accept its (resized) target layers."""
+        modules = dict(self.model.named_modules())
+        for si, st in enumerate(self.stages):
+            for i, rels in self.plans[si].items():
+                for rel in rels:
+                    name = f"{self.prefix}.{i}.{rel}"
+                    st.config.check_module(name, *in_out_features(modules[name]))
 
     def grad_targets(self) -> list[str]:
         """Qualified names of the layers whose stage needs weight gradients."""
@@ -256,6 +296,8 @@ def _calibrate_kv_cache(model: nn.Module, ids: torch.Tensor, batch_size: int, de
     kv_cache.enable(model, scales)
     state = compression_state(model, create=True)
     state.kv_cache = {"dtype": "float8_e4m3fn", "scales": {n: [k, v] for n, (k, v) in scales.items()}}
+
+
 def _structure_summary(
     params_before: int, widths_before: list[dict[str, int]] | None, model: nn.Module, blocks: nn.ModuleList
 ) -> dict[str, Any]:
@@ -314,8 +356,18 @@ def compress(
         from llmpress.allocate import compress_allocated
 
         return compress_allocated(
-            model, rec, stages, pm, calibration, tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen,
-            seed=seed, device=dev, batch_size=batch_size, progress=progress,
+            model,
+            rec,
+            stages,
+            pm,
+            calibration,
+            tokenizer=tokenizer,
+            nsamples=nsamples,
+            seqlen=seqlen,
+            seed=seed,
+            device=dev,
+            batch_size=batch_size,
+            progress=progress,
         )
     engine = _Engine(model, stages, pm, dev)  # validates targets and shapes before any work
     needs_calib = any(s.config.calibrated() for s in stages) or rec.kv_cache is not None
@@ -351,6 +403,7 @@ def compress(
     was_training = model.training
     model.eval()
     engine.plan(acts, dev, progress)
+    hidden = engine.change_model(acts)
     for i in tqdm(range(len(blocks)), desc="compressing blocks", disable=not progress):
         block = blocks[i]
         home = _default_device(block)
@@ -376,6 +429,8 @@ def compress(
     )
     if structured:
         report.structure = _structure_summary(params_before, widths_before, model, blocks)
+        if hidden is not None:
+            report.structure["hidden"] = [hidden["before"], hidden["after"]]
     log.info(
         "compressed %d layers, overall sparsity %.4f in %.1fs",
         len(report.modules),

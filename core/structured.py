@@ -15,12 +15,21 @@ StructureScores`` (higher = more important), and two hookimpls delegating here::
 ``ratio`` is the fraction of the blocks' parameters removed. ``allocation="uniform"`` removes
 it from every block; ``"global"`` (FLAP) scores every block first and removes the units with
 the lowest standardized scores across all blocks and structures.
+
+Hidden channels (structure ``hidden``) are one width for the whole model: every block scores
+them (``StructureScores.hidden``, summed over blocks), the planning pass decides how many go
+and :meth:`StructuredConfig.model_changes` removes them (:mod:`llmpress.hidden`) before the
+block pass. Uniform: a fraction ``f`` of the hidden channels and of every block's heads and
+neurons with ``(1 - f)^2 = 1 - ratio`` (alone: the whole budget), each block's heads and
+neurons then making up the rest of its share. Global: hidden channels compete with every
+block's heads and neurons, their scores standardized over the channels.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -29,6 +38,7 @@ import torch
 from llmpress.blocks import BlockContext, ChannelGroup, PruneChannels
 from llmpress.config import MethodConfig
 from llmpress.errors import ModelError, RecipeError
+from llmpress.hidden import PruneHidden, block_hidden_cost, hidden_step
 from llmpress.modules import get_weight
 from llmpress.structured_math import (
     Units,
@@ -67,7 +77,8 @@ class StructuredConfig(MethodConfig):
     """Options shared by the structured pruning methods.
 
     * ``ratio``: fraction of the blocks' parameters removed, in [0, 1).
-    * ``structures``: any of ``heads``, ``neurons``.
+    * ``structures``: any of ``heads``, ``neurons``, ``hidden`` (the residual width, across
+      the whole model).
     * ``allocation``: ``uniform`` (the same fraction of every block) or ``global``.
     * ``head_mode``: ``query`` (query heads removed evenly from every key/value group),
       ``group`` (a key/value head with all of its query heads) or ``auto`` (``query`` under
@@ -77,8 +88,8 @@ class StructuredConfig(MethodConfig):
     * ``reconstruct``: least-squares update of each consumer (``o_proj``, ``down_proj``) on
       calibration inputs so that its output changes least (with a fitted bias when
       ``bias_compensation``).
-    * ``neuron_multiple``: remove neurons this many at a time, so MLP widths stay multiples
-      of it (e.g. a later GPTQ stage's ``group_size``).
+    * ``neuron_multiple``: remove neurons (and hidden channels) this many at a time, so MLP
+      and hidden widths stay multiples of it (e.g. a later GPTQ stage's ``group_size``).
     """
 
     scope: ClassVar[str] = "block"
@@ -118,11 +129,6 @@ class StructuredConfig(MethodConfig):
             raise RecipeError(
                 f"method {self.method!r}: unknown structure(s) {bad}; known: {list(STRUCTURES)}"
             )
-        if "hidden" in self.structures:
-            raise RecipeError(
-                f"method {self.method!r}: structure 'hidden' (embedding channels) is not supported yet; "
-                f"use heads and/or neurons"
-            )
         if self.allocation not in ("uniform", "global"):
             raise RecipeError(f"method {self.method!r}: allocation must be 'uniform' or 'global'")
         if self.head_mode not in ("auto", "query", "group"):
@@ -135,7 +141,14 @@ class StructuredConfig(MethodConfig):
                 raise RecipeError(f"method {self.method!r}: {f} must be true or false")
 
     def plans_globally(self) -> bool:
-        return self.allocation == "global"
+        return self.allocation == "global" or "hidden" in self.structures
+
+    def model_changes(self, block_scores: tuple[Any, ...]) -> tuple[Any, ...]:
+        """The hidden channels removed (a :class:`llmpress.hidden.PruneHidden`), if any."""
+        if "hidden" not in self.structures:
+            return ()
+        change = plan_hidden(block_scores, self)
+        return () if change is None else (change,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +163,8 @@ class StructureScores:
     kv: torch.Tensor | None = None
     neurons: torch.Tensor | None = None
     head_channels: torch.Tensor | None = None
+    #: this block's share of the hidden channels' importance [hidden] (summed over blocks)
+    hidden: torch.Tensor | None = None
 
     def per_head(self, head_dim: int, standardized: bool) -> StructureScores:
         """Head scores from ``head_channels`` (summed, or standardized then averaged)."""
@@ -163,12 +178,33 @@ class StructureScores:
 Scorer = Callable[[BlockContext, BlockStructures, Any], StructureScores]
 
 
+def hidden_readers(structs: BlockStructures) -> tuple[str, ...]:
+    """The block's linears whose input columns are hidden channels (q/k/v, gate/up)."""
+    h, n = structs.heads, structs.neurons
+    return (() if h is None else (*h.q, *h.kv)) + (() if n is None else n.producers)
+
+
+def hidden_writers(structs: BlockStructures) -> tuple[str, ...]:
+    """The block's linears whose output rows are hidden channels (o_proj, down_proj)."""
+    h, n = structs.heads, structs.neurons
+    return (() if h is None else (h.o,)) + (() if n is None else (n.consumer,))
+
+
+def wants_hidden(config: Any) -> bool:
+    return "hidden" in getattr(config, "structures", ())
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockUnits:
     """What the planning pass keeps of one block: its units per structure and its size."""
 
     units: tuple[Units, ...]
     params: int
+    #: this block's hidden-channel scores [hidden] and parameters per hidden channel
+    hidden: torch.Tensor | None = None
+    hidden_cost: int = 0
+    #: hidden channels the model's config accepts removing at a time
+    hidden_step: int = 1
 
 
 def structures_of(ctx: BlockContext, config: StructuredConfig) -> BlockStructures:
@@ -198,7 +234,7 @@ def block_units(ctx: BlockContext, config: StructuredConfig, scorer: Scorer) -> 
     """Score ``ctx``'s block and turn the scores into removal units, per ``config.structures``."""
     structs = structures_of(ctx, config)
     sc = scorer(ctx, structs, config)
-    if config.plans_globally():  # comparable across blocks and structures (FLAP)
+    if config.allocation == "global":  # comparable across blocks and structures (FLAP)
         heads = sc.heads if sc.head_channels is None or structs.heads is None else None
 
         def std(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -206,10 +242,12 @@ def block_units(ctx: BlockContext, config: StructuredConfig, scorer: Scorer) -> 
 
         sc = dataclasses.replace(sc, heads=std(heads), kv=std(sc.kv), neurons=std(sc.neurons))
     if structs.heads is not None:  # channel scores -> heads (standardized over the channels)
-        sc = sc.per_head(structs.heads.head_dim, config.plans_globally())
+        sc = sc.per_head(structs.heads.head_dim, config.allocation == "global")
     hidden = int(ctx.model_config.hidden_size)
     units: list[Units] = []
     for kind in config.structures:
+        if kind == "hidden":
+            continue
         if kind == "neurons":
             n = structs.neurons
             assert n is not None and sc.neurons is not None
@@ -233,7 +271,14 @@ def block_units(ctx: BlockContext, config: StructuredConfig, scorer: Scorer) -> 
                     groups = groups + sc.kv.cpu().float()
                 units.append(kv_group_units(groups, per_q * h.group + per_kv))
     params = sum(p.numel() for p in ctx.module.parameters())
-    return BlockUnits(tuple(units), params)
+    if "hidden" not in config.structures:
+        return BlockUnits(tuple(units), params)
+    if sc.hidden is None or sc.hidden.shape != (hidden,):
+        raise ModelError(
+            f"{ctx.name}: method {config.method!r} gave no hidden-channel scores of size {hidden}"
+        )
+    cost = block_hidden_cost(ctx.module, ctx.name, ctx.model_config, hidden)
+    return BlockUnits(tuple(units), params, sc.hidden.float().cpu(), cost, hidden_step(ctx.model_config))
 
 
 def score_block(ctx: BlockContext, config: StructuredConfig, scorer: Scorer) -> BlockUnits:
@@ -241,47 +286,142 @@ def score_block(ctx: BlockContext, config: StructuredConfig, scorer: Scorer) -> 
     return block_units(ctx, config, scorer)
 
 
-_GLOBAL_CACHE: dict[int, tuple[tuple[Any, ...], list[list[int]]]] = {}
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """The planning pass's decision: per block its unit counts (``None`` under uniform
+    allocation: each block decides in the block pass) and the hidden units removed."""
+
+    blocks: list[list[int]] | None
+    hidden: Units | None
+    hidden_count: int
 
 
-def _global_counts(ctx: BlockContext, config: StructuredConfig) -> list[int]:
-    """This block's unit counts under the global allocation (computed once per run)."""
-    key = id(ctx.scores)
-    hit = _GLOBAL_CACHE.get(key)
-    if hit is None or hit[0] is not ctx.scores:
-        blocks: list[BlockUnits] = list(ctx.scores)
-        flat = [u for b in blocks for u in b.units]
-        target = float(config.ratio) * sum(b.params for b in blocks)
-        counts = allocate_global(flat, target, standardized=False)  # scores standardized per block
+_PLAN_CACHE: dict[int, tuple[tuple[Any, ...], _Plan]] = {}
+
+
+def _hidden_units(blocks: list[BlockUnits], config: StructuredConfig) -> Units:
+    """Hidden channels as removal units: block scores summed (standardized under global
+    allocation), ``neuron_multiple`` at a time, their cost summed over the blocks."""
+    scores = torch.stack([b.hidden for b in blocks if b.hidden is not None]).sum(0)
+    if config.allocation == "global":
+        scores = standardize(scores)
+    multiple = math.lcm(config.neuron_multiple, blocks[0].hidden_step)
+    if scores.numel() % multiple:
+        raise ModelError(
+            f"{config.method}: hidden size {scores.numel()} is not a multiple of {multiple} (neuron_multiple "
+            f"{config.neuron_multiple} and the config's step of {blocks[0].hidden_step} channels)"
+        )
+    u = neuron_units(scores, sum(b.hidden_cost for b in blocks), multiple)
+    return dataclasses.replace(u, kind="hidden")
+
+
+def _removed_estimate(units: list[Units], counts: list[int], hidden: Units | None, width: int) -> float:
+    """Parameters removed by ``counts``: a hidden channel and a head or neuron removed together
+    share their weights (each structure's cost assumes the other whole)."""
+    total = [k * u.cost for u, k in zip(units, counts)]
+    if hidden is None:
+        return float(sum(total))
+    frac = sum(len(m) for m in hidden.members[: counts[-1]]) / width  # hidden fraction gone
+    return float(sum(total[:-1]) * (1 - frac) + total[-1])
+
+
+def _allocate_global(units: list[Units], target: float, hidden: Units | None, width: int) -> list[int]:
+    """:func:`allocate_global` with its target raised until the removal, net of the overlap of
+    hidden channels with heads and neurons, comes closest to ``target``."""
+    counts = allocate_global(units, target, standardized=False)
+    if hidden is None:
+        return counts
+    lo, hi = target, 2.0 * target
+    while _removed_estimate(units, allocate_global(units, hi, standardized=False), hidden, width) < target:
+        if hi > 1e3 * max(target, 1.0):
+            break
+        lo, hi = hi, 2 * hi
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if _removed_estimate(units, allocate_global(units, mid, standardized=False), hidden, width) < target:
+            lo = mid
+        else:
+            hi = mid
+    below, above = (allocate_global(units, t, standardized=False) for t in (lo, hi))
+    err = [abs(_removed_estimate(units, c, hidden, width) - target) for c in (below, above)]
+    return below if err[0] <= err[1] else above
+
+
+def _plan(scores: tuple[Any, ...], config: StructuredConfig) -> _Plan:
+    """The cross-block decision, computed once per planning pass."""
+    hit = _PLAN_CACHE.get(id(scores))
+    if hit is not None and hit[0] is scores:
+        return hit[1]
+    blocks: list[BlockUnits] = list(scores)
+    if not blocks or not all(isinstance(b, BlockUnits) for b in blocks):
+        raise ModelError(f"{config.method}: the planning pass gave no block scores")
+    target = float(config.ratio) * sum(b.params for b in blocks)
+    hidden = _hidden_units(blocks, config) if "hidden" in config.structures else None
+    width = 0 if hidden is None else int(blocks[0].hidden.numel())  # type: ignore[union-attr]
+    if config.allocation == "global":  # block scores were standardized per block and structure
+        flat = [u for b in blocks for u in b.units] + ([hidden] if hidden is not None else [])
+        counts = _allocate_global(flat, target, hidden, width)
         per_block, k = [], 0
         for b in blocks:
             per_block.append(counts[k : k + len(b.units)])
             k += len(b.units)
-        _GLOBAL_CACHE.clear()
-        _GLOBAL_CACHE[key] = (ctx.scores, per_block)
-        hit = _GLOBAL_CACHE[key]
-    return hit[1][ctx.index]
+        plan = _Plan(per_block, hidden, counts[-1] if hidden is not None else 0)
+    else:
+        n_hidden = 0
+        if hidden is not None:
+            m = len(hidden.members[0]) if len(hidden) else 1  # channels per unit
+            if any(b.units for b in blocks):  # (1 - f)^2 = 1 - ratio
+                n_hidden = round((1 - (1 - float(config.ratio)) ** 0.5) * width / m)
+            else:
+                n_hidden = round(target / hidden.cost)
+            n_hidden = min(n_hidden, len(hidden))
+        plan = _Plan(None, hidden, n_hidden)
+    _PLAN_CACHE.clear()
+    _PLAN_CACHE[id(scores)] = (scores, plan)
+    return plan
+
+
+def plan_hidden(scores: tuple[Any, ...], config: StructuredConfig) -> Any:
+    """The :class:`llmpress.hidden.PruneHidden` of the planning pass (``None``: none removed)."""
+    plan = _plan(scores, config)
+    if plan.hidden is None or plan.hidden_count == 0:
+        return None
+    width = int(scores[0].hidden.numel())
+    gone = torch.tensor(removed_members(plan.hidden, plan.hidden_count), dtype=torch.int64)
+    return PruneHidden(_complement(width, gone))
+
+
+def _planned(ctx: BlockContext) -> BlockUnits:
+    if len(ctx.scores) <= ctx.index or not isinstance(ctx.scores[ctx.index], BlockUnits):
+        raise ModelError(f"{ctx.name}: this allocation needs the planning pass's block scores")
+    return ctx.scores[ctx.index]
 
 
 def prune_block(ctx: BlockContext, config: StructuredConfig, scorer: Scorer) -> PruneChannels | None:
     """``llmpress_change_block`` of a structured method: remove the block's share of units."""
-    if config.plans_globally():
-        if len(ctx.scores) <= ctx.index or not isinstance(ctx.scores[ctx.index], BlockUnits):
-            raise ModelError(f"{ctx.name}: global allocation needs the planning pass's block scores")
-        bu: BlockUnits = ctx.scores[ctx.index]
-        counts = _global_counts(ctx, config)
+    if config.allocation == "global":
+        bu = _planned(ctx)
+        plan = _plan(ctx.scores, config)
+        assert plan.blocks is not None
+        counts = plan.blocks[ctx.index]
     else:
         bu = block_units(ctx, config, scorer)
-        counts = allocate_uniform(bu.units, float(config.ratio) * bu.params)
-        _check_uniform(ctx, config, bu, counts)
+        target = float(config.ratio) * bu.params
+        if "hidden" in config.structures:  # the hidden channels already took part of the share
+            before = _planned(ctx).params
+            target = float(config.ratio) * before - (before - bu.params)
+        if not bu.units:
+            return None
+        counts = allocate_uniform(bu.units, target)
+        _check_uniform(ctx, config, bu, target)
     structs = structures_of(ctx, config)
     return build_change(ctx, config, structs, bu.units, counts)
 
 
-def _check_uniform(ctx: BlockContext, config: StructuredConfig, bu: BlockUnits, counts: list[int]) -> None:
+def _check_uniform(ctx: BlockContext, config: StructuredConfig, bu: BlockUnits, target: float) -> None:
     """The budget must be reachable without removing every head or neuron of the block."""
     removable = sum(len(u) * u.cost for u in bu.units)
-    if float(config.ratio) * bu.params > removable + max((u.cost for u in bu.units), default=0) / 2:
+    if target > removable + max((u.cost for u in bu.units), default=0) / 2:
         kinds = ", ".join(u.kind for u in bu.units)
         raise ModelError(
             f"{ctx.name}: ratio {config.ratio} would remove every {kinds} of this block "

@@ -492,6 +492,9 @@ def build_card_context(
         "has_loss": any(m.losses for m in mods),
         "widths": widths,
         "widths_plot": widths_plot_file,
+        "hidden_width": (
+            " to ".join(str(w) for w in structure["hidden"]) if len(structure.get("hidden") or []) == 2 else None
+        ),
         "structure_removed": (
             f"{100 * float(structure['removed_fraction']):.1f} %" if "removed_fraction" in structure else None
         ),

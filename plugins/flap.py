@@ -15,7 +15,14 @@ from llmpress import hookimpl
 from llmpress.blocks import BlockContext
 from llmpress.errors import ModelError
 from llmpress.modules import get_weight
-from llmpress.structured import StructuredConfig, StructureScores, prune_block, score_block
+from llmpress.structured import (
+    StructuredConfig,
+    StructureScores,
+    hidden_readers,
+    prune_block,
+    score_block,
+    wants_hidden,
+)
 from llmpress.structures import BlockStructures
 
 
@@ -47,13 +54,16 @@ def fluctuation(ctx: BlockContext, consumer: str) -> Any:
 def flap_scores(ctx: BlockContext, structs: BlockStructures, config: Any) -> StructureScores:
     """Neurons: their fluctuation. Heads: per output channel, the fluctuation squared (as the
     authors' code scores attention channels); the core sums or standardizes and averages them
-    per head."""
+    per head. Hidden channels (not in the paper): their fluctuation into q/k/v and gate/up."""
     channels = neurons = None
     if (n := structs.neurons) is not None:
         neurons = fluctuation(ctx, n.consumer)
     if structs.heads is not None:
         channels = fluctuation(ctx, structs.heads.o).square()
-    return StructureScores(neurons=neurons, head_channels=channels)
+    hidden = None
+    if wants_hidden(config):  # the channel's fluctuation into every reader of the stream
+        hidden = sum(fluctuation(ctx, r) for r in hidden_readers(structs))
+    return StructureScores(neurons=neurons, head_channels=channels, hidden=hidden)  # type: ignore[arg-type]
 
 
 @hookimpl

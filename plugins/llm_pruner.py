@@ -1,6 +1,7 @@
 """LLM-Pruner (Ma et al., 2023): first-order Taylor importance ``|W * dL/dW|`` of every weight,
 summed over each coupled group (a neuron's gate/up rows and down column, a head's query rows
-and output columns, a key/value head's key and value rows). Gradients of the LM loss on the
+and output columns, a key/value head's key and value rows, a hidden channel's columns and rows
+in every block). Gradients of the LM loss on the
 calibration text come from the core's ``grad`` statistic."""
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ from llmpress import hookimpl
 from llmpress.blocks import BlockContext
 from llmpress.errors import ModelError
 from llmpress.modules import get_weight
-from llmpress.structured import StructuredConfig, StructureScores, prune_block, score_block
+from llmpress.structured import (
+    StructuredConfig,
+    StructureScores,
+    hidden_readers,
+    hidden_writers,
+    prune_block,
+    score_block,
+    wants_hidden,
+)
 from llmpress.structured_math import group_sum
 from llmpress.structures import BlockStructures
 
@@ -53,7 +62,12 @@ def taylor_scores(ctx: BlockContext, structs: BlockStructures, config: Any) -> S
     if (h := structs.heads) is not None:
         heads = group_sum(_rows(ctx, h.q) + taylor(ctx, h.o).sum(0), h.head_dim)
         kv = group_sum(_rows(ctx, h.kv), h.head_dim)
-    return StructureScores(heads, kv, neurons)
+    hidden = None
+    if wants_hidden(config):  # the channel's columns and rows in this block
+        hidden = sum(taylor(ctx, r).sum(0) for r in hidden_readers(structs)) + _rows(
+            ctx, hidden_writers(structs)
+        )
+    return StructureScores(heads, kv, neurons, hidden=hidden)  # type: ignore[arg-type]
 
 
 @hookimpl

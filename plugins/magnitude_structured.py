@@ -11,7 +11,15 @@ import torch
 from llmpress import hookimpl
 from llmpress.blocks import BlockContext
 from llmpress.modules import get_weight
-from llmpress.structured import StructuredConfig, StructureScores, prune_block, score_block
+from llmpress.structured import (
+    StructuredConfig,
+    StructureScores,
+    hidden_readers,
+    hidden_writers,
+    prune_block,
+    score_block,
+    wants_hidden,
+)
 from llmpress.structured_math import group_sum
 from llmpress.structures import BlockStructures
 
@@ -40,7 +48,8 @@ def _cols_sq(ctx: BlockContext, name: str) -> torch.Tensor:
 
 def magnitude_scores(ctx: BlockContext, structs: BlockStructures, config: Any) -> StructureScores:
     """Neuron ``j``: ``||(W_gate[j], W_up[j], W_down[:, j])||``; a query head: the norm of its
-    query rows and output columns; a key/value head: of its key and value rows."""
+    query rows and output columns; a key/value head: of its key and value rows; a hidden
+    channel: of its columns and rows in every block."""
     heads = kv = neurons = None
     if (n := structs.neurons) is not None:
         neurons = (_rows_sq(ctx, n.producers) + _cols_sq(ctx, n.consumer)).sqrt()
@@ -48,7 +57,12 @@ def magnitude_scores(ctx: BlockContext, structs: BlockStructures, config: Any) -
         per_ch = _rows_sq(ctx, h.q) + _cols_sq(ctx, h.o)  # [n_heads * head_dim]
         heads = group_sum(per_ch, h.head_dim).sqrt()
         kv = group_sum(_rows_sq(ctx, h.kv), h.head_dim).sqrt()
-    return StructureScores(heads, kv, neurons)
+    hidden = None
+    if wants_hidden(config):  # squared norm of the channel's columns and rows in this block
+        hidden = sum(_cols_sq(ctx, r) for r in hidden_readers(structs)) + _rows_sq(
+            ctx, hidden_writers(structs)
+        )
+    return StructureScores(heads, kv, neurons, hidden=hidden)  # type: ignore[arg-type]
 
 
 @hookimpl

@@ -1,7 +1,9 @@
 """Minitron-style activation importance (Muralidharan et al., 2024), from forward passes only.
 
 A neuron scores the root-mean-square of its activation (the input of ``down_proj``), a head
-the L2 norm of its attention output (its columns of the ``o_proj`` input)."""
+the L2 norm of its attention output (its columns of the ``o_proj`` input), a hidden channel
+the root-mean-square of the norms' outputs (the attention's and the MLP's input) summed over
+the blocks."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Any, ClassVar
 from llmpress import hookimpl
 from llmpress.blocks import BlockContext
 from llmpress.errors import ModelError
-from llmpress.structured import StructuredConfig, StructureScores, prune_block, score_block
+from llmpress.structured import StructuredConfig, StructureScores, prune_block, score_block, wants_hidden
 from llmpress.structured_math import group_sum
 from llmpress.structures import BlockStructures
 
@@ -45,7 +47,15 @@ def minitron_scores(ctx: BlockContext, structs: BlockStructures, config: Any) ->
         neurons = _mean_sq(ctx, n.consumer).sqrt()
     if (h := structs.heads) is not None:
         heads = group_sum(_mean_sq(ctx, h.o), h.head_dim).sqrt()
-    return StructureScores(heads, None, neurons)
+    hidden = None
+    if wants_hidden(config):  # the norms' outputs: what the attention and the MLP read
+        firsts = [
+            rels[0]
+            for rels in (structs.heads and structs.heads.q, structs.neurons and structs.neurons.producers)
+            if rels
+        ]
+        hidden = sum(_mean_sq(ctx, r).sqrt() for r in firsts)
+    return StructureScores(heads, None, neurons, hidden=hidden)  # type: ignore[arg-type]
 
 
 @hookimpl

@@ -197,7 +197,6 @@ def test_flap_compensation_lowers_the_output_error_on_calibration_data(arch: str
         ({"ratio": 1.0}, "ratio 1.0 is outside"),
         ({"ratio": -0.1}, "outside"),
         ({"structures": ["rows"]}, "unknown structure"),
-        ({"structures": ["hidden"]}, "not supported yet"),
         ({"allocation": "evo"}, "allocation"),
         ({"neuron_multiple": 0}, "neuron_multiple"),
     ],
