@@ -26,7 +26,7 @@ from llmpress.blocks import DroppedModule
 from llmpress.calibration import CalibrationSource, build_calibration
 from llmpress.dropping import SkipBlock, drop_sub_blocks, drop_units, influence_hooks, remove_blocks
 from llmpress.errors import AllocationError, CalibrationError, RecipeError
-from llmpress.fitness import Fitness, SwapStitcher, WeightStitcher
+from llmpress.fitness import Fitness, ModuleStitcher, WeightStitcher, swap_stitcher
 from llmpress.level_build import build_database, unit_blocks
 from llmpress.level_sets import LevelSet, bit_levels, drop_levels, sparsity_levels
 from llmpress.levels import LevelDatabase, fingerprint
@@ -131,6 +131,8 @@ def compress_allocated(
     try:
         if kind == "blocks":
             summary, modules = _run_drop(model, st, alloc, pm, fit_ids, device, bs, progress)
+        elif kind == "widths":
+            summary, modules = _run_widths(model, st, alloc, pm, ids, fit_ids, device, bs, progress)
         else:
             summary, modules = _run_levels(model, st, alloc, kind, pm, ids, fit_ids, device, bs, progress)
     finally:
@@ -147,6 +149,7 @@ def compress_allocated(
         wall_time_s=time.perf_counter() - t_start,
         versions=versions(),
         allocation=summary,
+        structure=summary.pop("structure", None) or {},
     )
     log.info(
         "allocation %s: fitness %s after %d evaluations; %.1fs in all",
@@ -187,7 +190,7 @@ def _summary(
         "budget": problem.budget,
         "cost": problem.cost(result.levels),
         "levels": {
-            u: (int(v) if problem.kind != "sparsity" else round(v, 8)) for u, v in zip(problem.units, values)
+            u: (round(v, 8) if problem.kind in ("sparsity", "widths") else int(v)) for u, v in zip(problem.units, values)
         },
         "fitness": result.fitness,
         "metric": alloc.metric,
@@ -315,7 +318,7 @@ def _run_drop(
             return SkipBlock(as_tuple[0])
         return DroppedModule("attention" if i % 2 == 0 else "mlp")
 
-    stitcher = SwapStitcher(model, units, make_skip)
+    stitcher = swap_stitcher(model, units, make_skip)
 
     def fitness(lv: Any, n_tokens: int) -> float:
         stitcher.apply(lv)
@@ -324,7 +327,7 @@ def _run_drop(
     fp = {
         "units": units,
         "blocks": levels.budget,
-        "ids": hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest(),
+        "ids": _ids_sha(ids),
     }
     problem_fp = _problem_fp(fp, alloc, levels)
     problem = AllocationProblem(
@@ -354,3 +357,83 @@ def _run_drop(
     else:
         drop_sub_blocks(model, dropped)
     return summary, {}
+
+
+def _run_widths(
+    model: nn.Module,
+    st: ResolvedStage,
+    alloc: AllocationConfig,
+    pm: Llmpress,
+    ids: torch.Tensor,
+    fit_ids: torch.Tensor,
+    device: torch.device,
+    bs: int,
+    progress: bool,
+) -> tuple[dict[str, Any], dict[str, ModuleReport]]:
+    """Structured pruning with per-block widths from the search (EvoPress over width levels)."""
+    from llmpress.pipeline import structure_summary
+    from llmpress.results import compression_state
+    from llmpress.structures import block_widths
+    from llmpress.width_levels import build_width_levels, width_values
+
+    cfg = st.config
+    ratio = float(getattr(cfg, "ratio", 0.0))
+    values, k0 = width_values(ratio, alloc.sparsity_step, alloc.sparsity_span, alloc.max_sparsity)
+    _, blocks = find_blocks(model)
+    params_before = sum(p.numel() for b in blocks for p in b.parameters())
+    widths_before = block_widths(model)
+    t0 = time.perf_counter()
+    units, levels, variants = build_width_levels(model, st, pm, ids, values, k0, device, bs, progress)
+    build_s = time.perf_counter() - t0
+    if alloc.method == "explicit":
+        chosen = _explicit_levels(alloc, units, levels)
+        variants = [[v[lv.index(c[0])]] for v, lv, c in zip(variants, levels.values, chosen.values)]
+        levels = chosen
+    fit = Fitness(model, fit_ids.to(device), alloc.metric, device, bs)
+    stitcher = ModuleStitcher(model, units, variants)
+    if alloc.method == "explicit":
+        stitcher.current = [-1] * len(units)  # level 0 is the chosen variant, not the block
+
+    def fitness(lv: Any, n_tokens: int) -> float:
+        stitcher.apply(lv)
+        return fit(n_tokens)
+
+    stage_d = {k: v for k, v in st.stage.to_dict().items() if k != "allocation"}
+    fp = {"units": units, "stage": stage_d, "values": levels.values, "ids": _ids_sha(ids)}
+    problem_fp = _problem_fp(fp, alloc, levels)
+    problem = AllocationProblem(
+        kind="widths",
+        units=units,
+        levels=levels.values,
+        costs=levels.costs,
+        start=levels.start,
+        budget=levels.budget,
+        target=ratio,
+        fitness=fitness,
+        max_tokens=fit_ids.numel(),
+        seqlen=int(ids.shape[1]),
+        groups=list(range(len(units))),
+        checkpoint=_checkpoint(alloc, problem_fp),
+        fingerprint=problem_fp,
+        progress=progress,
+    )
+    result, search_s = _search(pm, problem, alloc, stitcher, fit)
+    stitcher.apply(result.levels)
+    state = compression_state(model, create=True)
+    reports: dict[str, ModuleReport] = {}
+    for i, lv in enumerate(result.levels):
+        for name, res in compression_state(variants[i][lv]).layers.items():
+            state.layers[name] = res
+            rep = reports[name] = ModuleReport(
+                name=name,
+                methods=[cfg.method],
+                shape=tuple(get_weight(model.get_submodule(name)).shape),  # type: ignore[arg-type]
+            )
+            rep.info[f"{alloc.method}_level"] = levels.values[i][lv]
+    summary = _summary(problem, alloc, result, search_s, build_s)
+    summary["structure"] = structure_summary(params_before, widths_before, model, blocks)
+    return summary, reports
+
+
+def _ids_sha(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()

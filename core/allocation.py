@@ -43,8 +43,8 @@ class AllocationConfig(MethodConfig):
 
     scope: ClassVar[str] = "allocation"
     stats: ClassVar[frozenset[str]] = frozenset()
-    #: what the search can allocate: ``sparsity``, ``bits``, ``blocks``
-    kinds: ClassVar[tuple[str, ...]] = ("sparsity", "bits", "blocks")
+    #: what the search can allocate: ``sparsity``, ``bits``, ``blocks``, ``widths``
+    kinds: ClassVar[tuple[str, ...]] = ("sparsity", "bits", "blocks", "widths")
     database: str | None = None
     metric: str = "kl"
     fitness_samples: int = 0
@@ -237,8 +237,8 @@ def resolve_allocation(
     kind = allocation_kind(stage_config)
     if kind is None:
         raise RecipeError(
-            f"{name}: an 'allocation:' section needs a pruning (sparsity), quantization (bits) or "
-            f"drop_blocks stage"
+            f"{name}: an 'allocation:' section needs a pruning (sparsity), quantization (bits), "
+            f"structured (widths) or drop_blocks stage"
         )
     if kinds and kind not in kinds:
         raise RecipeError(f"{name}: allocation {cfg.method!r} handles {', '.join(kinds)}, not {kind}")
@@ -246,11 +246,14 @@ def resolve_allocation(
 
 
 def allocation_kind(config: MethodConfig) -> str | None:
-    """``sparsity``, ``bits`` or ``blocks``: what an allocation over this stage distributes."""
+    """``sparsity``, ``bits``, ``blocks`` or ``widths`` (structured pruning's removed fraction
+    per block): what an allocation over this stage distributes."""
     from llmpress.config import PruningConfig, QuantConfig
 
     if config.scope == "model" and hasattr(config, "blocks"):
         return "blocks"
+    if config.scope == "block" and hasattr(config, "ratio") and hasattr(config, "structures"):
+        return "widths"
     if isinstance(config, PruningConfig):
         return "sparsity"
     if isinstance(config, QuantConfig):

@@ -49,14 +49,16 @@ class WeightStitcher:
                 self.current[i] = None
 
 
-class SwapStitcher:
-    """Swaps each dropped unit (a block or sub-block) for ``make_skip(i)``."""
+class ModuleStitcher:
+    """Puts variant ``levels[i]`` of each unit (a block or sub-block) into the model;
+    ``variants[i][0]`` is the unit as it is (what :meth:`restore` puts back)."""
 
-    def __init__(self, model: nn.Module, units: Sequence[str], make_skip: Callable[[int], nn.Module]) -> None:
+    def __init__(
+        self, model: nn.Module, units: Sequence[str], variants: Sequence[Sequence[nn.Module]]
+    ) -> None:
         self.model = model
         self.units = list(units)
-        self.orig = [model.get_submodule(u) for u in units]
-        self.skips = [make_skip(i) for i in range(len(units))]
+        self.variants = [list(v) for v in variants]
         self.current = [0] * len(units)
 
     def _set(self, i: int, mod: nn.Module) -> None:
@@ -70,11 +72,18 @@ class SwapStitcher:
     def apply(self, levels: Sequence[int]) -> None:
         for i, lv in enumerate(levels):
             if self.current[i] != lv:
-                self._set(i, self.skips[i] if lv else self.orig[i])
+                self._set(i, self.variants[i][int(lv)])
                 self.current[i] = int(lv)
 
     def restore(self) -> None:
         self.apply([0] * len(self.units))
+
+
+def swap_stitcher(
+    model: nn.Module, units: Sequence[str], make_skip: Callable[[int], nn.Module]
+) -> ModuleStitcher:
+    """Level 1 of each dropped unit (a block or sub-block) is ``make_skip(i)``."""
+    return ModuleStitcher(model, units, [[model.get_submodule(u), make_skip(i)] for i, u in enumerate(units)])
 
 
 class Fitness:

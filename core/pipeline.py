@@ -298,7 +298,7 @@ def _calibrate_kv_cache(model: nn.Module, ids: torch.Tensor, batch_size: int, de
     state.kv_cache = {"dtype": "float8_e4m3fn", "scales": {n: [k, v] for n, (k, v) in scales.items()}}
 
 
-def _structure_summary(
+def structure_summary(
     params_before: int, widths_before: list[dict[str, int]] | None, model: nn.Module, blocks: nn.ModuleList
 ) -> dict[str, Any]:
     """The blocks' parameters before/after and per-block widths ``[before, after]``."""
@@ -428,7 +428,7 @@ def compress(
         versions=versions(),
     )
     if structured:
-        report.structure = _structure_summary(params_before, widths_before, model, blocks)
+        report.structure = structure_summary(params_before, widths_before, model, blocks)
         if hidden is not None:
             report.structure["hidden"] = [hidden["before"], hidden["after"]]
     log.info(

@@ -129,10 +129,16 @@ class Recipe:
             if (
                 st.allocation is not None
                 and set(st.allocation) == {"method"}
-                and "allocation" in info.config_cls.field_names()
+                and st.allocation["method"] in getattr(info.config_cls, "own_allocations", ())
             ):  # the method's own allocation option (structured: uniform | global), not a search
                 st = dataclasses.replace(
                     st, options={**st.options, "allocation": st.allocation["method"]}, allocation=None
+                )
+            own = getattr(info.config_cls, "own_allocations", ())
+            if own and st.allocation is not None and str(st.allocation.get("method")) not in pm.methods:
+                raise RecipeError(
+                    f"stage {i} ({st.method}): allocation must be one of {list(own)} or a search such as "
+                    f"{{method: evopress}}, got {st.allocation.get('method')!r}"
                 )
             options, average = split_average(st.options, st.allocation)  # bits: 2.5 under an allocation
             try:
@@ -173,7 +179,9 @@ class Recipe:
             if isinstance(allocation, str):
                 allocation = {"method": allocation}
             if allocation is not None and (not isinstance(allocation, dict) or "method" not in allocation):
-                raise RecipeError(f"stage {i}: 'allocation' must be a mapping with a 'method' key, got {allocation!r}")
+                raise RecipeError(
+                    f"stage {i}: 'allocation' must be a mapping with a 'method' key, got {allocation!r}"
+                )
             if isinstance(targets, str):
                 targets = [targets]
             if isinstance(ignore, str):
@@ -189,7 +197,9 @@ class Recipe:
                 )
             )
         if kv_cache not in (None, "fp8"):
-            raise RecipeError(f"kv_cache must be 'fp8' (an FP8 E4M3 KV cache with calibrated scales), got {kv_cache!r}")
+            raise RecipeError(
+                f"kv_cache must be 'fp8' (an FP8 E4M3 KV cache with calibrated scales), got {kv_cache!r}"
+            )
         return cls(stages=stages, kv_cache=kv_cache)
 
     @classmethod

@@ -79,7 +79,9 @@ class StructuredConfig(MethodConfig):
     * ``ratio``: fraction of the blocks' parameters removed, in [0, 1).
     * ``structures``: any of ``heads``, ``neurons``, ``hidden`` (the residual width, across
       the whole model).
-    * ``allocation``: ``uniform`` (the same fraction of every block) or ``global``.
+    * ``allocation``: ``uniform`` (the same fraction of every block) or ``global``; a stage's
+      ``allocation: {method: evopress}`` searches per-block widths instead
+      (:mod:`llmpress.width_levels`).
     * ``head_mode``: ``query`` (query heads removed evenly from every key/value group),
       ``group`` (a key/value head with all of its query heads) or ``auto`` (``query`` under
       grouped-query attention, ``group`` otherwise).
@@ -93,6 +95,8 @@ class StructuredConfig(MethodConfig):
     """
 
     scope: ClassVar[str] = "block"
+    #: values of ``allocation:`` that set this option rather than name a search (EvoPress)
+    own_allocations: ClassVar[tuple[str, ...]] = ("uniform", "global")
     #: statistics the importance score itself needs (the config adds what compensation needs)
     score_stats: ClassVar[frozenset[str]] = frozenset()
     ratio: float = 0.2

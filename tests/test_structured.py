@@ -318,3 +318,43 @@ def test_the_model_card_shows_widths_before_and_after(tmp_path: Path) -> None:
     assert "## Structure" in text and "| block | attention heads | key/value heads | MLP neurons |" in text
     assert "| 0 | 4 → 2 | 2 | 64 → 36 |" in text
     assert "![Per-layer widths" in text and (tmp_path / "m" / "llmpress_widths.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------ allocation search over widths
+
+EVO = {"method": "evopress", "generations": 6, "offspring": 6, "tokens": [128, 512], "survivors": [2]}
+
+
+def test_evopress_moves_width_to_the_block_that_matters(tmp_path: Path) -> None:
+    model = tiny_qwen2(num_hidden_layers=3)
+    with torch.no_grad():  # block 1's MLP barely writes to the residual stream: its neurons are cheap
+        model.model.layers[1].mlp.down_proj.weight.mul_(0.01)
+    stage = {
+        "method": "minitron",
+        "ratio": 0.3,
+        "structures": ["neurons"],
+        "allocation": {**EVO, "sparsity_step": 0.1},
+    }
+    dense = _block_params(model)
+    model, report = llmpress.compress(model, {"stages": [stage]}, calib_ids(8, 32), progress=False)
+    levels = report.allocation["levels"]  # type: ignore[attr-defined]
+    assert levels["model.layers.1"] > max(levels["model.layers.0"], levels["model.layers.2"])
+    assert sum(levels.values()) == pytest.approx(0.9)  # the budget: 3 blocks at 0.3 on average
+    assert 1 - _block_params(model) / dense == pytest.approx(0.3, abs=0.03)
+    assert report.structure["layers"][1]["neurons"][1] < report.structure["layers"][0]["neurons"][1]  # type: ignore[attr-defined]
+    # the written recipe reproduces the choice without a search; the result reloads
+    again, _ = llmpress.compress(
+        tiny_qwen2(num_hidden_layers=3), report.recipe, calib_ids(8, 32), progress=False
+    )  # type: ignore[attr-defined]
+    assert [b.mlp.down_proj.in_features for b in again.model.layers] == [
+        b.mlp.down_proj.in_features for b in model.model.layers
+    ]
+    save_compressed(model, tmp_path / "m", report=report)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert torch.allclose(_logits(loaded), _logits(model), atol=1e-6)
+
+
+def test_evopress_over_hidden_widths_is_refused() -> None:
+    stage = {"method": "flap", "ratio": 0.3, "structures": ["neurons", "hidden"], "allocation": EVO}
+    with pytest.raises(RecipeError, match="hidden width is one for the whole model"):
+        llmpress.compress(tiny_llama(), {"stages": [stage]}, calib_ids(), progress=False)

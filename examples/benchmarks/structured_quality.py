@@ -2,7 +2,8 @@
 
     python examples/benchmarks/structured_quality.py [--ratios 0.2,0.5] [--device cuda]
 
-Removes heads and neurons of ../shared/ref-lm/pycoder-19m (``ratio`` = fraction of the
+Removes heads and neurons (``--structures heads,neurons,hidden`` adds the hidden width) of
+../shared/ref-lm/pycoder-19m (``ratio`` = fraction of the
 blocks' parameters) with each structured method, calibrated on windows of calib.txt, and
 scores perplexity on the first ``--max-tokens`` tokens of eval.txt in windows of
 ``--seqlen`` (128, as in the FLAP paper's tables), next to the dense model measured in the
@@ -144,6 +145,7 @@ def main() -> None:
                     "params": sum(p.numel() for p in model.parameters()) / 1e6,
                     "prefill": pre,
                     "decode": dec,
+                    "hidden": model.config.hidden_size,
                     "heads": " ".join(map(str, heads)),
                     "widths": " ".join(map(str, widths)),
                     "time": dt,
@@ -167,6 +169,7 @@ def main() -> None:
             ("params", "params (M)", ".2f"),
             ("prefill", "prefill speed x", ".2f"),
             ("decode", "decode speed x", ".2f"),
+            ("hidden", "hidden", ""),
             ("heads", "heads per layer", ""),
             ("widths", "MLP width per layer", ""),
             ("time", "compress s", ".1f"),
