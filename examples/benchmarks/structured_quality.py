@@ -36,6 +36,10 @@ VARIANTS = {
     "flap uniform": {"method": "flap", "allocation": "uniform"},
     "flap no-comp": {"method": "flap", "bias_compensation": False},
     "flap +ls": {"method": "flap", "reconstruct": True},
+    # per-block widths chosen by EvoPress (levels: the method's uniform pruning of each block)
+    "minitron evopress": {"method": "minitron", "allocation": {"method": "evopress", "generations": 30}},
+    "llm_pruner evopress": {"method": "llm_pruner", "allocation": {"method": "evopress", "generations": 30}},
+    "flap evopress": {"method": "flap", "allocation": {"method": "evopress", "generations": 30}},
 }
 
 
