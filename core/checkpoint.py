@@ -145,7 +145,9 @@ class KVCacheEntry(BaseModel):
     def _positive(cls, v: dict[str, list[float]]) -> dict[str, list[float]]:
         for name, pair in v.items():
             if len(pair) != 2 or not all(math.isfinite(x) and x > 0 for x in pair):
-                raise ValueError(f"kv_cache scales of {name} must be two finite positive numbers (key, value), got {pair}")
+                raise ValueError(
+                    f"kv_cache scales of {name} must be two finite positive numbers (key, value), got {pair}"
+                )
         return v
 
 

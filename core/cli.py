@@ -110,7 +110,9 @@ def _compress_into(a: argparse.Namespace, recipe: Any, out: Path) -> int:
     return 0
 
 
-def _evaluate(a: argparse.Namespace, model_path: str, tasks: list[str], quiet: bool) -> tuple[dict[str, Any], list]:
+def _evaluate(
+    a: argparse.Namespace, model_path: str, tasks: list[str], quiet: bool
+) -> tuple[dict[str, Any], list]:
     """Perplexity on ``--text`` and the lm-eval ``tasks`` of one model: ``(numbers, records)``."""
     from llmpress.eval_harness import parse_limit, perplexity_record, run_lm_eval
     from llmpress.evaluate import perplexity
@@ -118,19 +120,32 @@ def _evaluate(a: argparse.Namespace, model_path: str, tasks: list[str], quiet: b
 
     model, tok = load_model(model_path, dtype=a.dtype, device=a.device)
     if tok is None:
-        raise LlmpressError(f"{model_path} has no tokenizer; {'perplexity' if a.text else 'evaluation'} needs one")
+        raise LlmpressError(
+            f"{model_path} has no tokenizer; {'perplexity' if a.text else 'evaluation'} needs one"
+        )
     out: dict[str, Any] = {}
     records = []
     if a.text is not None:
         res = perplexity(
-            model, tok, Path(a.text), seqlen=a.seqlen, batch_size=a.batch_size, max_tokens=a.max_tokens,
-            device=a.device, progress=not quiet,
+            model,
+            tok,
+            Path(a.text),
+            seqlen=a.seqlen,
+            batch_size=a.batch_size,
+            max_tokens=a.max_tokens,
+            device=a.device,
+            progress=not quiet,
         )
         out.update(res)
         records.append(perplexity_record(res, a.text, a.seqlen))
     if tasks:
         task_records = run_lm_eval(
-            model, tok, tasks, limit=parse_limit(a.limit), include_path=a.include_path, batch_size=a.batch_size
+            model,
+            tok,
+            tasks,
+            limit=parse_limit(a.limit),
+            include_path=a.include_path,
+            batch_size=a.batch_size,
         )
         records += task_records
         table: dict[str, dict[str, float]] = {}
@@ -153,8 +168,12 @@ def _baseline_records(a: argparse.Namespace, tasks: list[str], quiet: bool) -> l
                 f"{a.model_dir} does not record its base model; name it: --baseline MODEL (a folder or Hub id)"
             )
     settings = {
-        "text": None if a.text is None else Path(a.text).name, "seqlen": a.seqlen, "max_tokens": a.max_tokens,
-        "tasks": sorted(tasks), "limit": a.limit, "dtype": a.dtype,
+        "text": None if a.text is None else Path(a.text).name,
+        "seqlen": a.seqlen,
+        "max_tokens": a.max_tokens,
+        "tasks": sorted(tasks),
+        "limit": a.limit,
+        "dtype": a.dtype,
     }
     cached = load_baseline(a.model_dir, str(base), settings)
     if cached:
@@ -180,7 +199,9 @@ def _eval(a: argparse.Namespace) -> int:
 
     tasks = [t.strip() for t in (a.tasks or "").split(",") if t.strip()]
     if a.text is None and not tasks:
-        raise LlmpressError("eval needs --text FILE (perplexity) and/or --tasks T1,T2 (lm-eval-harness tasks)")
+        raise LlmpressError(
+            "eval needs --text FILE (perplexity) and/or --tasks T1,T2 (lm-eval-harness tasks)"
+        )
     out, records = _evaluate(a, a.model_dir, tasks, a.json)
     if a.baseline:
         records = with_baseline(records, _baseline_records(a, tasks, a.json))
@@ -194,7 +215,9 @@ def _eval(a: argparse.Namespace) -> int:
     for r in records:
         base = f"; base model {r.baseline:.4f}, recovery {r.recovery:.1f} %" if r.recovery is not None else ""
         if r.metric == "perplexity" and a.text is not None and r.task == Path(a.text).name:
-            print(f"perplexity {out['perplexity']:.4f} over {int(out['windows'])} windows of {a.seqlen} tokens{base}")
+            print(
+                f"perplexity {out['perplexity']:.4f} over {int(out['windows'])} windows of {a.seqlen} tokens{base}"
+            )
             continue
         err = f" ± {r.stderr:.4f}" if r.stderr is not None else ""
         print(f"{r.task} {r.metric} {r.value:.4f}{err} ({r.samples} samples){base}")

@@ -209,7 +209,9 @@ def load_baseline(folder: str | Path, base: str, settings: dict[str, Any]) -> li
     return [] if non_finite(records) else records
 
 
-def save_baseline(folder: str | Path, base: str, settings: dict[str, Any], records: Sequence[EvalRecord]) -> Path:
+def save_baseline(
+    folder: str | Path, base: str, settings: dict[str, Any], records: Sequence[EvalRecord]
+) -> Path:
     """Cache the base model's records beside the compressed model's (atomically)."""
     check_finite(records, f"refusing to save the base model's results to {Path(folder) / BASELINE_FILE}")
     path = Path(folder) / BASELINE_FILE

@@ -337,7 +337,9 @@ def _fp8_pack(fmt: ModuleFormat, weight: torch.Tensor, result: LayerResult | Non
         raise CheckpointError("format 'fp8' needs the layer's FP8 quantization state")
     return {
         "weight": quant.codes.to(weight.device).view(FP8_DTYPE).contiguous(),
-        "weight_scale": quant.scales.to(device=weight.device, dtype=torch.float32).reshape(-1, 1).contiguous(),
+        "weight_scale": quant.scales.to(device=weight.device, dtype=torch.float32)
+        .reshape(-1, 1)
+        .contiguous(),
     } | _pack_input_scale(fmt, quant)
 
 

@@ -218,7 +218,9 @@ def check_hidden_prunable(model: nn.Module) -> HiddenCoupling:
     size = coupling.size
     step = hidden_step(model.config)
     if step >= size:
-        raise ModelError(f"{type(model).__name__}: its config accepts no smaller hidden_size; cannot prune hidden")
+        raise ModelError(
+            f"{type(model).__name__}: its config accepts no smaller hidden_size; cannot prune hidden"
+        )
     new = size - step * max(1, size // 4 // step)
     try:
         skel = _skeleton(model, hidden_config(model, new))
@@ -274,6 +276,10 @@ def prune_hidden(model: nn.Module, change: PruneHidden) -> dict[str, LayerResult
     done: set[int] = set()  # a tied weight is sliced once
 
     def cut(t: Any, dim: int) -> None:
+        if isinstance(t, torch.Tensor) and t.device.type == "meta":
+            raise ModelError(
+                "hidden-channel pruning needs every weight in memory; load the model without disk offload"
+            )
         if isinstance(t, torch.Tensor) and id(t) not in done and t.shape[dim] == old:
             _slice(t, dim, keep)
             done.add(id(t))

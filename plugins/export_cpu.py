@@ -21,7 +21,9 @@ def _forward(module: LlmpressLinear, state: cpu_int.CpuIntWeight, x: torch.Tenso
     return cpu_int.matmul(x, state)
 
 
-CPU_INT = Kernel("cpu-int", 50, _prepare, _forward, "torch's CPU int4/int8 weight-only kernels (bf16 activations)")
+CPU_INT = Kernel(
+    "cpu-int", 50, _prepare, _forward, "torch's CPU int4/int8 weight-only kernels (bf16 activations)"
+)
 
 
 @hookimpl

@@ -36,7 +36,9 @@ def _dense_prepare(module: LlmpressLinear) -> dict[torch.dtype, torch.Tensor]:
         return {}
 
 
-def _dense_forward(module: LlmpressLinear, state: dict[torch.dtype, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def _dense_forward(
+    module: LlmpressLinear, state: dict[torch.dtype, torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
     weight = state.get(x.dtype)
     if weight is None:
         if not state:  # did not fit at load

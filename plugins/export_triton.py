@@ -38,4 +38,6 @@ TRITON_INT = Kernel("triton-int", 60, _prepare, _forward, "Triton int4/int8 weig
 def llmpress_export_kernel(fmt: ModuleFormat, device: torch.device) -> tuple[Kernel, ...]:
     if device.type != "cuda" or not triton_int.HAVE_TRITON or fmt.format != "int" or fmt.bits is None:
         return ()
-    return (TRITON_INT,) if triton_int.supports(kernel_bits(fmt.bits), fmt.group_width, fmt.in_features) else ()
+    return (
+        (TRITON_INT,) if triton_int.supports(kernel_bits(fmt.bits), fmt.group_width, fmt.in_features) else ()
+    )

@@ -32,7 +32,9 @@ def _fp8_prepare(module: LlmpressLinear) -> tuple[torch.Tensor, torch.Tensor]:
     return t["weight"].contiguous(), t["weight_scale"].float().reshape(1, -1).contiguous()  # [N, K], [1, N]
 
 
-def _fp8_forward(module: LlmpressLinear, state: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def _fp8_forward(
+    module: LlmpressLinear, state: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
     w, sw = state
     assert module.fmt.activations is not None
     lead = x.shape[:-1]
@@ -49,7 +51,9 @@ def _int8_prepare(module: LlmpressLinear) -> tuple[torch.Tensor, torch.Tensor]:
     return w, q.scales.float().reshape(1, -1).contiguous()
 
 
-def _int8_forward(module: LlmpressLinear, state: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def _int8_forward(
+    module: LlmpressLinear, state: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
     w, sw = state
     assert module.fmt.activations is not None
     lead = x.shape[:-1]
@@ -61,8 +65,12 @@ def _int8_forward(module: LlmpressLinear, state: tuple[torch.Tensor, torch.Tenso
     return (acc.float() * sx * sw).to(x.dtype).reshape(*lead, -1)
 
 
-CUDA_FP8 = Kernel("cuda-fp8", 70, _fp8_prepare, _fp8_forward, "torch._scaled_mm E4M3 W8A8", quantizes_activations=True)
-CUDA_INT8 = Kernel("cuda-int8", 70, _int8_prepare, _int8_forward, "torch._int_mm INT8 W8A8", quantizes_activations=True)
+CUDA_FP8 = Kernel(
+    "cuda-fp8", 70, _fp8_prepare, _fp8_forward, "torch._scaled_mm E4M3 W8A8", quantizes_activations=True
+)
+CUDA_INT8 = Kernel(
+    "cuda-int8", 70, _int8_prepare, _int8_forward, "torch._int_mm INT8 W8A8", quantizes_activations=True
+)
 
 
 def _multiple_of_16(fmt: ModuleFormat) -> bool:

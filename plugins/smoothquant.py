@@ -34,7 +34,11 @@ class SmoothQuantConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
+        if (
+            isinstance(self.alpha, bool)
+            or not isinstance(self.alpha, (int, float))
+            or not 0 <= self.alpha <= 1
+        ):
             raise RecipeError(f"smoothquant: alpha must be a number in [0, 1], got {self.alpha!r}")
 
 

@@ -35,7 +35,11 @@ def available() -> bool:
     ops = torch.ops.aten
     return all(
         hasattr(ops, name)
-        for name in ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu")
+        for name in (
+            "_weight_int8pack_mm",
+            "_weight_int4pack_mm_for_cpu",
+            "_convert_weight_to_int4pack_for_cpu",
+        )
     )
 
 
@@ -84,7 +88,9 @@ def repack(q: IntCodes) -> CpuIntWeight:
     signed = (q.codes.to(torch.int16) - 128).to(torch.int8).contiguous()
     zero = q.zeros[:, 0]
     offsets = None if bool((zero == 128).all()) else (scale[:, 0] * (zero - 128.0)).contiguous()
-    return CpuIntWeight("int8", signed, scale[:, 0].to(torch.bfloat16).contiguous(), offsets, q.group_size, n, q)
+    return CpuIntWeight(
+        "int8", signed, scale[:, 0].to(torch.bfloat16).contiguous(), offsets, q.group_size, n, q
+    )
 
 
 def dense_weight(q: IntCodes, dtype: torch.dtype) -> torch.Tensor:
