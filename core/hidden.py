@@ -270,16 +270,16 @@ def prune_hidden(model: nn.Module, change: PruneHidden) -> dict[str, LayerResult
             f"{type(model).__name__}: its config refuses hidden_size {new}; keep a multiple of "
             f"{hidden_step(model.config)} channels"
         )
+    if any(p.device.type == "meta" for p in model.parameters()):  # before any tensor is cut
+        raise ModelError(
+            "hidden-channel pruning needs every weight in memory; load the model without disk offload"
+        )
     gone = torch.ones(old, dtype=torch.bool)
     gone[keep] = False
     removed = torch.nonzero(gone).flatten()
     done: set[int] = set()  # a tied weight is sliced once
 
     def cut(t: Any, dim: int) -> None:
-        if isinstance(t, torch.Tensor) and t.device.type == "meta":
-            raise ModelError(
-                "hidden-channel pruning needs every weight in memory; load the model without disk offload"
-            )
         if isinstance(t, torch.Tensor) and id(t) not in done and t.shape[dim] == old:
             _slice(t, dim, keep)
             done.add(id(t))
