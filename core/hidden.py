@@ -6,7 +6,8 @@ A hidden channel ``j`` is one coordinate of the residual stream. It runs through
 output row ``j`` of every linear writing it (``o_proj``, ``down_proj``). Removing channels
 slices all of them at once (a tied LM head follows its embedding) and sets the config's
 ``hidden_size``, so the saved config describes the smaller model and plain transformers
-rebuilds it.
+rebuilds it. RMS norms, which now average over fewer channels, get their weight scaled by
+``sqrt(old / new)`` so that removing a channel equals zeroing it in the residual stream.
 
 :func:`hidden_coupling` finds these tensors from the module graph: inside each block from its
 attention heads and MLP (:mod:`llmpress.structures`), outside from the shapes (embeddings,
@@ -255,6 +256,36 @@ def _set_width_attrs(mod: nn.Module, old: int, new: int) -> None:
 
 
 @torch.no_grad()
+def _rescale_norm(mod: nn.Module, name: str, old: int, new: int) -> None:
+    """Scale an RMS norm's weight by ``sqrt(old / new)``: it now averages over ``new``
+    channels, and with the scale its output equals the dense model's with the removed
+    channels zeroed in the residual stream (exactly, up to ``eps``). Norms with a bias
+    (LayerNorm: its mean changes too) or not linear in their weight (Gemma's ``1 + w``) are
+    left as they are."""
+    w = getattr(mod, "weight", None)
+    if (
+        not isinstance(w, nn.Parameter)
+        or w.dim() != 1
+        or isinstance(getattr(mod, "bias", None), torch.Tensor)
+    ):
+        return
+    x = torch.randn(2, new, generator=torch.Generator().manual_seed(0)).to(w)
+    try:
+        y = mod(x)
+        w.mul_(2.0)
+        linear = torch.allclose(mod(x), 2 * y, rtol=1e-3, atol=1e-5)
+        w.div_(2.0)
+    except Exception:  # noqa: BLE001 - a norm that does not take a plain [.., width] input
+        linear = False
+    if not linear:
+        log.warning(
+            "%s: %s is not linear in its weight; its scale is not compensated", name, type(mod).__name__
+        )
+        return
+    w.mul_((old / new) ** 0.5)
+
+
+@torch.no_grad()
 def prune_hidden(model: nn.Module, change: PruneHidden) -> dict[str, LayerResult]:
     """Keep ``change.keep`` hidden channels everywhere; set the config's ``hidden_size``.
     Returns the per-linear results (removed rows or columns), also recorded in the model's
@@ -305,6 +336,8 @@ def prune_hidden(model: nn.Module, change: PruneHidden) -> dict[str, LayerResult
         emb.embedding_dim = new  # type: ignore[assignment]
     for mod in model.modules():
         _set_width_attrs(mod, old, new)
+    for name in coupling.vectors:
+        _rescale_norm(model.get_submodule(name), name, old, new)
     config = hidden_config(model, new)
     for key in ("head_dim", *_CONFIG_KEYS):
         if hasattr(config, key):

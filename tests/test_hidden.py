@@ -57,7 +57,7 @@ def test_pruning_slices_every_coupled_tensor_and_sets_the_config() -> None:
     assert model.config.hidden_size == 8 and model.config.head_dim == 8
     assert torch.equal(sd["model.embed_tokens.weight"], before["model.embed_tokens.weight"][:, keep])
     assert torch.equal(sd["lm_head.weight"], before["lm_head.weight"][:, keep])
-    assert torch.equal(sd["model.norm.weight"], before["model.norm.weight"][keep])
+    assert torch.allclose(sd["model.norm.weight"], before["model.norm.weight"][keep] * 2)  # sqrt(32 / 8)
     q = "model.layers.1.self_attn.q_proj"
     assert torch.equal(sd[f"{q}.weight"], before[f"{q}.weight"][:, keep])
     assert torch.equal(sd[f"{q}.bias"], before[f"{q}.bias"])  # head rows untouched
@@ -204,3 +204,19 @@ def test_the_model_card_states_the_hidden_width(tmp_path: Path) -> None:
 def test_a_width_the_config_refuses_is_named_with_the_fix() -> None:
     with pytest.raises(ModelError, match="refuses hidden_size 27; keep a multiple of 4 channels"):
         prune_hidden(tiny_llama(), PruneHidden(torch.arange(27)))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_removing_channels_equals_zeroing_them_in_the_residual_stream(arch: str) -> None:
+    build = {"llama": tiny_llama, "qwen2": tiny_qwen2}[arch]
+    keep = torch.tensor([i for i in range(32) if i % 4 != 1])  # 24 kept: Llama wants a multiple of 4
+    gone = torch.tensor([i for i in range(32) if i % 4 == 1])
+    zeroed = build(rms_norm_eps=1e-12)  # exact up to eps
+    with torch.no_grad():
+        zeroed.model.embed_tokens.weight[:, gone] = 0
+        for b in zeroed.model.layers:
+            b.self_attn.o_proj.weight[gone] = 0
+            b.mlp.down_proj.weight[gone] = 0
+    pruned = build(rms_norm_eps=1e-12)
+    prune_hidden(pruned, PruneHidden(keep))
+    assert torch.allclose(_logits(pruned), _logits(zeroed), atol=1e-5)
