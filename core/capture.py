@@ -24,7 +24,8 @@ def outside_blocks_on(model: nn.Module, block_prefix: str, device: torch.device)
     moved: list[tuple[torch.Tensor, torch.device]] = []
     prefix = block_prefix + "."
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if not name.startswith(prefix) and t.device != device:
+        # offloaded weights (meta) are loaded by their accelerate hooks at each forward
+        if not name.startswith(prefix) and t.device != device and t.device.type != "meta":
             moved.append((t, t.device))
             t.data = t.data.to(device)
     try:
