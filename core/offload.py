@@ -172,20 +172,22 @@ def onload(block: nn.Module, dev: torch.device, write_back: bool = True) -> Iter
 def module_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` of ``module``'s state dict, one at a time: offloaded (``meta``)
     weights are read from the storage accelerate's hooks read them from (for streaming saves)."""
-    from accelerate.utils import has_offloaded_params
-
     mods = dict(module.named_modules())
     for key, t in module.state_dict(keep_vars=True).items():
         if t.device.type == "meta":
-            t = _stored(mods, key, has_offloaded_params)
+            t = stored_tensor(mods, key)
         yield key, t.detach()
 
 
-def _stored(mods: dict[str, nn.Module], key: str, offloaded: Any) -> torch.Tensor:
+def stored_tensor(mods: dict[str, nn.Module], key: str) -> torch.Tensor:
+    """The tensor ``key`` (offloaded, on ``meta`` in the model) read from the storage of the
+    accelerate hook of its closest offloaded ancestor in ``mods`` (``named_modules()``)."""
+    from accelerate.utils import has_offloaded_params
+
     parts = key.split(".")
     for cut in range(len(parts) - 1, -1, -1):
         owner = ".".join(parts[:cut])
         m = mods.get(owner)
-        if m is not None and offloaded(m):
+        if m is not None and has_offloaded_params(m):
             return _align_hook(m).weights_map[".".join(parts[cut:])]
     raise ModelError(f"{key} is on the meta device and no accelerate offload hook stores it")

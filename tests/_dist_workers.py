@@ -19,41 +19,46 @@ def init(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
-def stats_worker(rank: int, world: int, port: int, x: torch.Tensor, out: Path) -> None:
-    """Each rank accumulates its rows of ``x``; the reduced statistics go to ``out`` (rank 0)."""
+def worker(
+    rank: int, world: int, port: int, x: torch.Tensor, ids: torch.Tensor, recipes: dict, out: Path
+) -> None:
+    """One process group for every check: reduced statistics, then each recipe's compression."""
     import torch.distributed as dist
-
-    from llmpress import distributed
-    from llmpress.stats import LayerStats
 
     init(rank, world, port)
     try:
-        needs = {"hessian", "mean_var", "absmax", "token_norms"}
-        s = LayerStats(x.shape[-1], torch.device("cpu"), needs)
-        for batch in distributed.shard(x).split(3):
-            s.add(batch)
-        shared = {"q": s, "k": s}  # layers fed the same input share one object: reduced once
-        distributed.reduce_stats(shared, ["q", "k"])
-        if rank == 0:
-            torch.save({"acc": s.acc, "nsamples": s.nsamples}, out)
+        stats(rank, x, out / "stats.pt")
+        for name, recipe in recipes.items():
+            compress(rank, world, recipe, ids, out / f"{name}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def compress_worker(rank: int, world: int, port: int, recipe: Any, ids: torch.Tensor, out: Path) -> None:
+def stats(rank: int, x: torch.Tensor, out: Path) -> None:
+    """Each rank accumulates its rows of ``x``; the reduced statistics go to ``out`` (rank 0)."""
+    from llmpress import distributed
+    from llmpress.stats import LayerStats
+
+    needs = {"hessian", "mean_var", "absmax", "token_norms"}
+    s = LayerStats(x.shape[-1], torch.device("cpu"), needs)
+    for batch in distributed.shard(x).split(3):
+        s.add(batch)
+    shared = {"q": s, "k": s}  # layers fed the same input share one object: reduced once
+    distributed.reduce_stats(shared, ["q", "k"])
+    if rank == 0:
+        torch.save({"acc": s.acc, "nsamples": s.nsamples}, out)
+
+
+def compress(rank: int, world: int, recipe: Any, ids: torch.Tensor, out: Path) -> None:
     """Compress the tiny Llama on ``world`` ranks; rank 0 saves its weights and report."""
     import torch.distributed as dist
     from models import tiny_llama
 
     import llmpress
 
-    init(rank, world, port)
-    try:
-        model, report = llmpress.compress(tiny_llama(seed=0), recipe, ids, batch_size=2, progress=False)
-        sd = {k: v.clone() for k, v in model.state_dict().items()}
-        gathered = [None] * world
-        dist.all_gather_object(gathered, sd)  # every rank holds the same compressed model
-        if rank == 0:
-            torch.save({"state": sd, "others": gathered[1:], "report": report.to_dict()}, out)
-    finally:
-        dist.destroy_process_group()
+    model, report = llmpress.compress(tiny_llama(seed=0), recipe, ids, batch_size=2, progress=False)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, sd)  # every rank holds the same compressed model
+    if rank == 0:
+        torch.save({"state": sd, "others": gathered[1:], "report": report.to_dict()}, out)

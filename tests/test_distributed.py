@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _dist_workers import compress_worker, stats_worker
-from models import DATA_DIR, tiny_llama
+from _dist_workers import worker
+from models import tiny_llama
 
 import llmpress
 from llmpress.stats import LayerStats
@@ -37,12 +33,23 @@ def _ids(n: int = 8) -> torch.Tensor:
     return torch.randint(0, 128, (n, 32), generator=torch.Generator().manual_seed(0))
 
 
-def test_statistics_reduced_over_two_ranks_equal_one_process(tmp_path: Path) -> None:
-    x = torch.randn(2, 12, 5, 16, generator=torch.Generator().manual_seed(1)).flatten(0, 1)  # 24 sequences
-    mp.spawn(stats_worker, args=(2, _port(), x, tmp_path / "s.pt"), nprocs=2)
-    got = torch.load(tmp_path / "s.pt")
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 2-process gloo run (spawning is the slow part): statistics, then GPTQ and SparseGPT."""
+    out = tmp_path_factory.mktemp("two-ranks")
+    recipes = {"gptq": GPTQ, "sparsegpt": SPARSEGPT}
+    mp.spawn(worker, args=(2, _port(), _x(), _ids(), recipes, out), nprocs=2)
+    return out
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(24, 5, 16, generator=torch.Generator().manual_seed(1))  # 24 sequences of 5 tokens
+
+
+def test_statistics_reduced_over_two_ranks_equal_one_process(two_ranks: Path) -> None:
+    got = torch.load(two_ranks / "stats.pt")
     ref = LayerStats(16, torch.device("cpu"), {"hessian", "mean_var", "absmax", "token_norms"})
-    for batch in x.split(3):
+    for batch in _x().split(3):
         ref.add(batch)
     assert got["nsamples"] == ref.nsamples == 24 * 5
     assert got["acc"].keys() == ref.acc.keys()
@@ -50,12 +57,11 @@ def test_statistics_reduced_over_two_ranks_equal_one_process(tmp_path: Path) -> 
         torch.testing.assert_close(got["acc"][name], acc, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("recipe", [GPTQ, SPARSEGPT], ids=["gptq", "sparsegpt"])
-def test_two_processes_compress_like_one(tmp_path: Path, recipe: dict) -> None:
-    ids = _ids()
-    mp.spawn(compress_worker, args=(2, _port(), recipe, ids, tmp_path / "r.pt"), nprocs=2)
-    got = torch.load(tmp_path / "r.pt", weights_only=False)
-    model, report = llmpress.compress(tiny_llama(seed=0), recipe, ids, batch_size=2, progress=False)
+@pytest.mark.parametrize("name", ["gptq", "sparsegpt"])
+def test_two_processes_compress_like_one(two_ranks: Path, name: str) -> None:
+    recipe = {"gptq": GPTQ, "sparsegpt": SPARSEGPT}[name]
+    got = torch.load(two_ranks / f"{name}.pt", weights_only=False)
+    model, report = llmpress.compress(tiny_llama(seed=0), recipe, _ids(), batch_size=2, progress=False)
     for other in got["others"]:  # rank 1 holds the very same model as rank 0
         for k, v in got["state"].items():
             assert torch.equal(v, other[k]), k
