@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from _dist_workers import worker
-from models import tiny_llama
+from models import DATA_DIR, tiny_llama
 
 import llmpress
 from llmpress.stats import LayerStats
@@ -70,3 +75,108 @@ def test_two_processes_compress_like_one(two_ranks: Path, name: str) -> None:
     assert got["report"]["world_size"] == 2 and got["report"]["devices"] == ["cpu", "cpu"]
     assert report.to_dict()["world_size"] == 1
     assert got["report"]["modules"].keys() == report.to_dict()["modules"].keys()
+
+
+def test_torchrun_cli_two_processes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``torchrun --nproc-per-node 2 -m llmpress compress``: rank 0 alone writes the folder, whose
+    weights match a 1-process run; the report and the model card record the 2 processes."""
+    from safetensors.torch import load_file
+
+    from llmpress.cli import main
+    from llmpress.hub.card import build_card
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - method: gptq\n    bits: 4\n    group_size: 16\n", encoding="utf-8")
+    common = [
+        "--recipe",
+        str(recipe),
+        "--calib",
+        str(DATA_DIR / "calib.txt"),
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "32",
+    ]
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "LLMPRESS_DISABLE_PLUGINS"} | {"OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_port()),
+    ]
+    r = subprocess.run(
+        [*cmd, "-m", "llmpress", "compress", str(tiny_model_dir), "--out", str(runs / "two"), *common],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("compressed 14 layers") == 1  # rank 0 reports, rank 1 only waits
+    assert main(["compress", str(tiny_model_dir), "--out", str(runs / "one"), *common]) == 0
+    assert sorted(p.name for p in runs.iterdir()) == ["one", "two"]  # no temporary folder left over
+    two, one = runs / "two", runs / "one"
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    a, b = load_file(two / "model.safetensors"), load_file(one / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=0, atol=1e-3, msg=k)  # fp16 storage
+    report = json.loads((two / "llmpress_report.json").read_text())
+    assert report["world_size"] == 2 and report["devices"] == ["cpu", "cpu"]
+    assert json.loads((one / "llmpress_report.json").read_text())["world_size"] == 1
+    assert "by 2 processes (torch.distributed; devices cpu, cpu)" in build_card(two).text
+
+
+@functools.cache
+def _in_memory() -> torch.nn.Module:
+    return llmpress.compress(tiny_llama(seed=0), GPTQ, _ids(), batch_size=2, progress=False)[0]
+
+
+@pytest.mark.parametrize("kind", ["cpu", "disk"])
+def test_offloaded_model_compresses_like_in_memory(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model whose weights accelerate keeps on ``meta`` (CPU or disk storage) compresses to the
+    same weights, written back to that storage, and saves (streamed in shards) the same files."""
+    from accelerate import cpu_offload, disk_offload
+    from safetensors.torch import load_file
+
+    from llmpress.offload import module_tensors
+    from llmpress.save import save_compressed
+
+    ref = _in_memory()
+    model = tiny_llama(seed=0)
+    if kind == "cpu":
+        cpu_offload(model, execution_device=torch.device("cpu"))
+    else:
+        disk_offload(model, tmp_path / "offload", execution_device=torch.device("cpu"))
+    assert model.model.layers[0].self_attn.q_proj.weight.device.type == "meta"
+    llmpress.compress(model, GPTQ, _ids(), batch_size=2, progress=False)
+    assert model.model.layers[0].self_attn.q_proj.weight.device.type == "meta"  # still offloaded
+    got = dict(module_tensors(model))
+    assert got.keys() == ref.state_dict().keys()
+    for k, v in ref.state_dict().items():
+        assert torch.equal(got[k], v), k
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids(2)).logits, ref(_ids(2)).logits)
+    monkeypatch.setattr("llmpress.shards.MAX_SHARD_BYTES", 20_000)  # several shards and an index
+    save_compressed(model, tmp_path / "a", dtype=torch.float16)
+    save_compressed(ref, tmp_path / "b", dtype=torch.float16)
+    index = json.loads((tmp_path / "a" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    a = {k: v for s in shards for k, v in load_file(tmp_path / "a" / s).items()}
+    b = {k: v for s in shards for k, v in load_file(tmp_path / "b" / s).items()}
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_solves_spread_by_cost() -> None:
+    from llmpress.distributed import assign
+
+    assert assign([4.0, 1.0, 1.0, 1.0, 1.0], 2) == [0, 1, 1, 1, 1]
+    assert assign([1.0, 1.0, 1.0], 1) == [0, 0, 0]
