@@ -2,7 +2,9 @@
 
 The budget covers the weights accelerate keeps on the GPU plus the compression working set:
 two blocks' weights (the onloaded one and its compressed copy), fp32 statistics of the
-block's widest inputs, and the calibration activations unless they rest on the CPU.
+block's widest inputs, and the calibration activations unless they rest on the CPU. The
+activations cross to the GPU for every pass over every block, the offloaded weights once, so
+the activations keep the GPU first and the weights get what is left.
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ def plan_memory(
     stats = 4 * (h * h + inter * inter)  # the widest inputs' X^T X (attention/MLP in, MLP down)
     acts = 2 * -(-nsamples // world) * seqlen * h * param_bytes  # block inputs and outputs
     fixed = 2 * block + stats + 2 * vocab * h * param_bytes // max(layers, 1)
-    offload_acts = fixed + acts > budget // 2
+    # activations cross to the GPU for every pass over every block, weights once: activations
+    # stay on the GPU whenever they fit, the weights get what is left
+    offload_acts = fixed + acts > budget
     working = fixed + (0 if offload_acts else acts)
     if working >= budget:
         need = (working + 2**30 - 1) // 2**30

@@ -54,6 +54,8 @@ def _compress(a: argparse.Namespace) -> int:
         from llmpress.budget import parse_memory
 
         parse_memory(a.max_gpu_memory)  # a bad size fails before loading anything
+        if not a.device.startswith("cuda"):
+            raise LlmpressError("--max-gpu-memory budgets a GPU: use it with --device cuda (or cuda:N)")
     if a.calib is not None and Path(a.calib).is_file():
         from llmpress.calibration import read_documents
 
@@ -90,8 +92,6 @@ def _load_for_compress(a: argparse.Namespace) -> tuple[Any, Any, bool]:
     from llmpress.budget import parse_memory, plan_memory
 
     dev = torch.device(a.device)
-    if dev.type != "cuda":
-        raise LlmpressError("--max-gpu-memory budgets a GPU: use it with --device cuda (or cuda:N)")
     cfg = transformers.AutoConfig.from_pretrained(a.model)
     dt = stored_dtype(a.model) if a.dtype == "auto" else getattr(torch, str(a.dtype), None)
     nbytes = dt.itemsize if isinstance(dt, torch.dtype) else 2

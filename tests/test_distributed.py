@@ -180,3 +180,37 @@ def test_solves_spread_by_cost() -> None:
 
     assert assign([4.0, 1.0, 1.0, 1.0, 1.0], 2) == [0, 1, 1, 1, 1]
     assert assign([1.0, 1.0, 1.0], 1) == [0, 0, 0]
+
+
+def test_max_gpu_memory_user_errors(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from llmpress.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - method: magnitude\n    sparsity: 0.5\n", encoding="utf-8")
+    base = ["compress", str(tiny_model_dir), "--recipe", str(recipe), "--out", str(tmp_path / "o")]
+    assert main([*base, "--max-gpu-memory", "lots"]) == 2
+    assert "error: --max-gpu-memory 'lots' is not a size" in capsys.readouterr().err
+    assert main([*base, "--max-gpu-memory", "20GiB"]) == 2  # --device cpu
+    assert "use it with --device cuda" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_memory_plan_of_an_8b_model() -> None:
+    from transformers import LlamaConfig
+
+    from llmpress.budget import parse_memory, plan_memory
+    from llmpress.errors import LlmpressError
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, vocab_size=128256)
+    assert parse_memory("20GiB") == 20 * 2**30 and parse_memory("1.5GB") == 1_500_000_000
+    plan = plan_memory(cfg, parse_memory("20GiB"), nsamples=128, seqlen=2048, param_bytes=2)
+    assert not plan.offload_activations  # 2 x 128 x 2048 x 4096 bf16 = 4 GiB: on the GPU
+    assert 0 < plan.weights < 16 * 2**30 and plan.weights + plan.working_set == 20 * 2**30
+    tight = plan_memory(cfg, parse_memory("8GiB"), nsamples=512, seqlen=2048, param_bytes=2)
+    assert tight.offload_activations  # 16 GiB of activations: on CPU
+    halves = plan_memory(cfg, parse_memory("8GiB"), nsamples=512, seqlen=2048, param_bytes=2, world=4)
+    assert not halves.offload_activations  # a quarter of the sequences per process fits
+    with pytest.raises(LlmpressError, match="less than one block's working set"):
+        plan_memory(cfg, parse_memory("1GiB"), nsamples=128, seqlen=2048, param_bytes=2)
