@@ -71,7 +71,10 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 def export_units(
-    model: nn.Module, sparse: str = "auto", dtype: torch.dtype | None = torch.float16, dedupe_tied: bool = True
+    model: nn.Module,
+    sparse: str = "auto",
+    dtype: torch.dtype | None = torch.float16,
+    dedupe_tied: bool = True,
 ) -> tuple[list[Callable[[], dict[str, torch.Tensor]]], dict[str, dict[str, Any]]]:
     """What :func:`export_state_dict` returns, lazily: callables each building the tensors
     of one state-dict entry or one packed layer (offloaded weights read from their storage),
@@ -121,7 +124,7 @@ def export_units(
     units: list[Callable[[], dict[str, torch.Tensor]]] = []
     seen: set[int] = set()
     for key, t in model.state_dict(keep_vars=True).items():
-        if dedupe_tied and id(t) in seen:  # a tied weight (lm_head = embed_tokens): saved once, as save_pretrained does
+        if dedupe_tied and id(t) in seen:  # tied (lm_head = embed_tokens): once, as save_pretrained does
             continue
         seen.add(id(t))
         owner, _, leaf = key.rpartition(".")
