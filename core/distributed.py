@@ -81,6 +81,12 @@ def init_from_env(device: str) -> str:
     return device
 
 
+def bind(device: torch.device) -> None:
+    """Make ``device`` this rank's current CUDA device (nccl collectives of objects use it)."""
+    if is_initialized() and device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

@@ -360,6 +360,7 @@ def compress(
             seed=seed, device=dev, batch_size=batch_size, progress=progress,
         )
     engine = _Engine(model, stages, pm, dev)  # validates targets and shapes before any work
+    distributed.bind(dev)
     needs_calib = any(s.config.calibrated() for s in stages) or rec.kv_cache is not None
 
     calib_info: dict[str, Any] = {}
