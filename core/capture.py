@@ -24,7 +24,8 @@ def outside_blocks_on(model: nn.Module, block_prefix: str, device: torch.device)
     moved: list[tuple[torch.Tensor, torch.device]] = []
     prefix = block_prefix + "."
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if not name.startswith(prefix) and t.device != device:
+        # offloaded weights (meta) are loaded by their accelerate hooks at each forward
+        if not name.startswith(prefix) and t.device != device and t.device.type != "meta":
             moved.append((t, t.device))
             t.data = t.data.to(device)
     try:
@@ -34,12 +35,28 @@ def outside_blocks_on(model: nn.Module, block_prefix: str, device: torch.device)
             t.data = t.data.to(dev)
 
 
+def _to_store(t: torch.Tensor, store: torch.device) -> torch.Tensor:
+    """``t`` on ``store``; from a GPU to the CPU into pinned memory (asynchronously), so that it
+    also goes back asynchronously."""
+    if store.type == "cpu" and t.is_cuda:
+        buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return buf.copy_(t, non_blocking=True)
+    return t.to(store)
+
+
+def _sync(store: torch.device, compute: torch.device) -> None:
+    """Wait for the asynchronous copies to pinned CPU memory before the CPU may read them."""
+    if store.type == "cpu" and compute.type == "cuda":
+        torch.cuda.synchronize(compute)
+
+
 class BlockActivations:
     """Calibration activations flowing between blocks, one entry per batch.
 
     ``hidden[i]``: [B, L, d] input of the current block for batch ``i``; ``kwargs[i]``: the
     other arguments the model passed to its blocks (attention mask, position embeddings).
-    ``store``: where activations rest between uses (the compute device, or CPU to offload).
+    ``store``: where activations rest between uses (the compute device, or CPU to offload:
+    pinned memory, copied asynchronously, when the compute device is a GPU).
     """
 
     def __init__(self, store: torch.device, compute: torch.device) -> None:
@@ -66,7 +83,7 @@ class BlockActivations:
             kw.pop("past_key_value", None)
             kw.pop("layer_past", None)
             kw["use_cache"] = False
-            self.hidden.append(x.detach().to(self.store))
+            self.hidden.append(_to_store(x.detach(), self.store))
             self.kwargs.append(kw)
             raise _Stop
 
@@ -77,6 +94,7 @@ class BlockActivations:
                     model(input_ids=batch.to(self.compute), use_cache=False)
         finally:
             handle.remove()
+            _sync(self.store, self.compute)
 
     @torch.no_grad()
     def run(self, block: nn.Module, *, keep_outputs: bool, on_batch: Any = None) -> None:
@@ -84,9 +102,10 @@ class BlockActivations:
         for i, x in enumerate(self.hidden):
             if on_batch is not None:
                 on_batch()
-            out = block(x.to(self.compute), **self.kwargs[i])
+            out = block(x.to(self.compute, non_blocking=True), **self.kwargs[i])
             if isinstance(out, (tuple, list)):
                 out = out[0]
             if keep_outputs:
-                self.hidden[i] = out.to(self.store)
+                self.hidden[i] = _to_store(out, self.store)
             del out
+        _sync(self.store, self.compute)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,8 @@ def check_device(device: str) -> None:
 
 
 def _compress(a: argparse.Namespace) -> int:
-    from llmpress.output import claim_output
+    from llmpress import distributed
+    from llmpress.output import check_output_path, claim_output
     from llmpress.plugin_manager import get_plugin_manager
     from llmpress.recipe import Recipe
 
@@ -48,23 +50,72 @@ def _compress(a: argparse.Namespace) -> int:
 
         check_recipe_exportable([s.config for s in stages])
     check_device(a.device)
+    if a.max_gpu_memory is not None:
+        from llmpress.budget import parse_memory
+
+        parse_memory(a.max_gpu_memory)  # a bad size fails before loading anything
+        if not a.device.startswith("cuda"):
+            raise LlmpressError("--max-gpu-memory budgets a GPU: use it with --device cuda (or cuda:N)")
     if a.calib is not None and Path(a.calib).is_file():
         from llmpress.calibration import read_documents
 
         read_documents(a.calib)  # an unreadable or binary file fails now, not after loading the model
-    with claim_output(a.out, a.overwrite) as out:  # held until saved: a concurrent run fails at once
-        return _compress_into(a, recipe, out)
+    started = not distributed.is_initialized()
+    a.device = distributed.init_from_env(a.device)  # torchrun / accelerate launch: join the group
+    try:
+        if not distributed.is_main():  # only rank 0 writes; the others compress their share and wait
+            check_output_path(Path(a.out).resolve(), a.overwrite)
+            return _compress_into(a, recipe, None)
+        with claim_output(a.out, a.overwrite) as out:  # held until saved: a concurrent run fails at once
+            return _compress_into(a, recipe, out)
+    finally:
+        if started and distributed.is_initialized():
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
-def _compress_into(a: argparse.Namespace, recipe: Any, out: Path) -> int:
+def _load_for_compress(a: argparse.Namespace) -> tuple[Any, Any, bool]:
+    """``(model, tokenizer, offload_activations)``: loaded whole, or under ``--max-gpu-memory``
+    with accelerate (the rest offloaded to CPU) and activations on CPU when they do not fit."""
     import torch
 
-    from llmpress.loading import load_model, max_positions, stored_dtype
+    from llmpress import distributed
+    from llmpress.loading import load_model, stored_dtype
+
+    if a.max_gpu_memory is None:
+        model, tok = load_model(a.model, dtype=a.dtype, device="cpu" if a.offload_model else a.device)
+        return model, tok, a.offload_activations
+    import transformers
+    from accelerate.utils import get_max_memory
+
+    from llmpress.budget import parse_memory, plan_memory
+
+    dev = torch.device(a.device)
+    cfg = transformers.AutoConfig.from_pretrained(a.model)
+    dt = stored_dtype(a.model) if a.dtype == "auto" else getattr(torch, str(a.dtype), None)
+    nbytes = dt.itemsize if isinstance(dt, torch.dtype) else 2
+    plan = plan_memory(cfg, parse_memory(a.max_gpu_memory), a.nsamples, a.seqlen, nbytes, distributed.world_size())
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    budgets = {k: v for k, v in get_max_memory().items() if not isinstance(k, int)}  # cpu (and disk)
+    budgets[idx] = plan.weights
+    model, tok = load_model(
+        a.model, dtype=a.dtype, device=a.device, max_memory=budgets, offload_folder=a.offload_folder
+    )
+    return model, tok, a.offload_activations or plan.offload_activations
+
+
+def _compress_into(a: argparse.Namespace, recipe: Any, out: Path | None) -> int:
+    """Load, compress and (with ``out``; ``None`` on ranks other than 0) save."""
+    import torch
+
+    from llmpress import distributed
+    from llmpress.loading import max_positions, stored_dtype
     from llmpress.pipeline import compress
     from llmpress.save import save_result
 
     saved_dtype = stored_dtype(a.model)  # read before loading: loading in fp32 overwrites config.dtype
-    model, tok = load_model(a.model, dtype=a.dtype, device="cpu" if a.offload_model else a.device)
+    model, tok, offload_activations = _load_for_compress(a)
     limit = max_positions(model.config)
     if a.calib is not None and limit is not None and a.seqlen > limit:
         raise LlmpressError(
@@ -80,8 +131,12 @@ def _compress_into(a: argparse.Namespace, recipe: Any, out: Path) -> int:
         seed=a.seed,
         device=a.device,
         batch_size=a.batch_size,
-        offload_activations=a.offload_activations,
+        offload_activations=offload_activations,
+        progress=distributed.is_main(),
     )
+    if out is None:
+        distributed.barrier()  # rank 0 saves
+        return 0
     save_dtype = saved_dtype if isinstance(saved_dtype, torch.dtype) and not a.keep_dtype else None
     save_result(
         model,
@@ -93,6 +148,7 @@ def _compress_into(a: argparse.Namespace, recipe: Any, out: Path) -> int:
         fmt=a.format,
         sparse_format=a.sparse_format,
     )
+    distributed.barrier()
     removed = report.structure.get("removed_fraction")
     print(
         f"compressed {len(report.modules)} layers to {out} "
@@ -277,6 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--offload-model", action="store_true", help="keep the model on CPU, one block at a time on --device"
     )
     c.add_argument(
+        "--max-gpu-memory",
+        default=None,
+        metavar="SIZE",
+        help="GPU budget, e.g. 20GiB: load with accelerate (device_map) keeping what does not fit on CPU, "
+        "one block at a time on the GPU; calibration activations go to CPU when they do not fit",
+    )
+    c.add_argument(
+        "--offload-folder", default=None, help="with --max-gpu-memory: weights that do not fit in CPU memory"
+    )
+    c.add_argument(
         "--keep-dtype", action="store_true", help="save in the compute dtype instead of the checkpoint's"
     )
     c.add_argument(
@@ -343,8 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    worker = os.environ.get("RANK", "0") != "0"  # torchrun: the other ranks log warnings only
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if args.verbose else logging.WARNING if worker else logging.INFO,
+        format=(f"[rank {os.environ['RANK']}] " if worker else "") + "%(levelname)s %(name)s: %(message)s",
     )
     try:
         if args.plugin:

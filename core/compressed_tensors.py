@@ -16,12 +16,13 @@ float8_e4m3fn [out, in], ``name.weight_scale`` [out, 1]).
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from llmpress.errors import LlmpressError
 from llmpress.quant.activations import FP8_DTYPE
@@ -149,32 +150,79 @@ def check_exportable(model: Any, quantized: dict[str, QuantState]) -> None:
             )
 
 
+_PACKED_SUFFIXES = ("weight", "weight_scale", "weight_zero", "weight_meta", "weight_bitmask")
+
+
 def compressed_tensors_state_dict(
     model: Any, quantized: dict[str, QuantState], dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     """The model's state dict with each quantized layer's ``weight`` replaced by its packed form."""
+    sd: dict[str, torch.Tensor] = {}
+    for unit in compressed_tensors_units(model, quantized, dtype, cast=False):
+        sd.update(unit())
+    return sd
+
+
+def compressed_tensors_units(
+    model: Any, quantized: dict[str, QuantState], dtype: torch.dtype, cast: bool = True
+) -> list[Callable[[], dict[str, torch.Tensor]]]:
+    """:func:`compressed_tensors_state_dict` lazily, one entry or packed layer per callable (for
+    :func:`llmpress.shards.write_shards`); offloaded weights are read from their storage.
+    ``cast``: floating tensors (but FP8 codes) to ``dtype``; a tied ``lm_head`` is left out."""
     check_exportable(model, quantized)
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    for name, q in quantized.items():
-        for suffix in ("weight", "weight_scale", "weight_zero", "weight_meta", "weight_bitmask"):
-            sd.pop(f"{name}.{suffix}", None)  # dense weight, or llmpress's packed tensors
-        out_f, in_f = q.codes.shape
-        codes = q.codes.to(torch.uint8)  # pruned weights hold the zero point's code
-        if q.kind == "fp8":
-            sd[f"{name}.weight"] = codes.view(FP8_DTYPE)
-        elif q.activations is not None:  # int-quantized: signed int8 values
-            sd[f"{name}.weight"] = (codes.to(torch.int16) - 128).to(torch.int8)
-        else:
-            sd[f"{name}.weight_packed"] = pack_int32(codes, q.bits)
-            sd[f"{name}.weight_shape"] = torch.tensor([out_f, in_f], dtype=torch.int64)
-        sd[f"{name}.weight_scale"] = q.scales.to(dtype).contiguous()
-        if q.input_scale is not None:
-            sd[f"{name}.input_scale"] = q.input_scale.to(dtype).reshape(1).contiguous()
+    mods = dict(model.named_modules())
+    tied = cast and getattr(model.config, "tie_word_embeddings", False)
+    units: list[Callable[[], dict[str, torch.Tensor]]] = []
+    done: set[str] = set()
+    for key, t in model.state_dict(keep_vars=True).items():
+        owner, _, leaf = key.rpartition(".")
+        if tied and key == "lm_head.weight":
+            continue
+        if owner in quantized and leaf in _PACKED_SUFFIXES:
+            if owner not in done:  # dense weight, or llmpress's packed tensors: replaced once
+                done.add(owner)
+                units.append(functools.partial(_packed, owner, quantized[owner], dtype))
+            continue
+        units.append(functools.partial(_entry, mods, key, t, dtype if cast else None))
     kv = compression_state(model).kv_cache
     for attn, (k, v) in ({} if kv is None else kv["scales"]).items():
-        sd[f"{attn}.k_scale"] = torch.tensor([k], dtype=dtype)
-        sd[f"{attn}.v_scale"] = torch.tensor([v], dtype=dtype)
+        units.append(functools.partial(_kv_scales, attn, k, v, dtype))
+    return units
+
+
+def _entry(
+    mods: dict[str, Any], key: str, t: torch.Tensor, dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    from llmpress.offload import stored_tensor
+
+    v = stored_tensor(mods, key) if t.device.type == "meta" else t.detach()
+    if dtype is not None and v.is_floating_point() and v.dtype != FP8_DTYPE:
+        v = v.to(dtype)
+    return {key: v.contiguous().cpu()}
+
+
+def _packed(name: str, q: QuantState, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    out_f, in_f = q.codes.shape
+    codes = q.codes.to(torch.uint8)  # pruned weights hold the zero point's code
+    sd: dict[str, torch.Tensor] = {}
+    if q.kind == "fp8":
+        sd[f"{name}.weight"] = codes.view(FP8_DTYPE)
+    elif q.activations is not None:  # int-quantized: signed int8 values
+        sd[f"{name}.weight"] = (codes.to(torch.int16) - 128).to(torch.int8)
+    else:
+        sd[f"{name}.weight_packed"] = pack_int32(codes, q.bits)
+        sd[f"{name}.weight_shape"] = torch.tensor([out_f, in_f], dtype=torch.int64)
+    sd[f"{name}.weight_scale"] = q.scales.to(dtype).contiguous()
+    if q.input_scale is not None:
+        sd[f"{name}.input_scale"] = q.input_scale.to(dtype).reshape(1).contiguous()
     return {k: v.contiguous().cpu() for k, v in sd.items()}
+
+
+def _kv_scales(attn: str, k: float, v: float, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {
+        f"{attn}.k_scale": torch.tensor([k], dtype=dtype),
+        f"{attn}.v_scale": torch.tensor([v], dtype=dtype),
+    }
 
 
 def save_compressed_tensors(
@@ -187,14 +235,12 @@ def save_compressed_tensors(
     overwrite: bool = False,
 ) -> Path:
     """Write a compressed-tensors checkpoint (atomically). Pruned-only layers stay dense."""
+    from llmpress.shards import write_shards
+
     quantized = compression_state(model).quantized
-    sd = compressed_tensors_state_dict(model, quantized, dtype)
-    sd = {k: (v.to(dtype) if v.is_floating_point() and v.dtype != FP8_DTYPE else v) for k, v in sd.items()}
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    if tied:
-        sd.pop("lm_head.weight", None)
+    units = compressed_tensors_units(model, quantized, dtype)
     with atomic_directory(out_dir, overwrite) as tmp:
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_shards(tmp, units)  # streamed: one shard in memory at a time
         cfg = model.config.to_dict()
         cfg["quantization_config"] = compressed_tensors_config(quantized, compression_state(model).kv_cache)
         cfg["dtype"] = str(dtype).replace("torch.", "")

@@ -63,8 +63,14 @@ def load_model(
     dtype: str | torch.dtype | None = "auto",
     device: str = "cpu",
     trust_remote_code: bool = False,
+    max_memory: dict[Any, int] | None = None,
+    offload_folder: str | None = None,
 ) -> tuple[nn.Module, Any]:
-    """Load ``(model, tokenizer)`` from a local folder or Hub id; tokenizer may be ``None``."""
+    """Load ``(model, tokenizer)`` from a local folder or Hub id; tokenizer may be ``None``.
+
+    ``max_memory`` (``{gpu index or "cpu": bytes}``): dispatch with accelerate
+    (``device_map="auto"``) under those budgets; what fits nowhere goes to ``offload_folder``.
+    """
     import transformers
 
     src = str(name_or_path)
@@ -76,8 +82,15 @@ def load_model(
     if Path(src).is_dir():
         check_shard_index(Path(src))
     log.info("loading %s with %s", src, cls.__name__)
-    model = cls.from_pretrained(src, dtype=_dtype(dtype, device), trust_remote_code=trust_remote_code)
-    model.to(device)
+    if max_memory is not None:
+        model = cls.from_pretrained(
+            src, dtype=_dtype(dtype, device), trust_remote_code=trust_remote_code, device_map="auto",
+            max_memory=max_memory, offload_folder=offload_folder,
+        )
+        log.info("device map: %s", sorted(set(getattr(model, "hf_device_map", {}).values()), key=str))
+    else:
+        model = cls.from_pretrained(src, dtype=_dtype(dtype, device), trust_remote_code=trust_remote_code)
+        model.to(device)
     model.eval()
     try:
         tok = transformers.AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)

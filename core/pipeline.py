@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from llmpress import distributed
 from llmpress.blocks import BlockContext, apply_block_change
 from llmpress.calibration import CalibrationSource, build_calibration
 from llmpress.capture import BlockActivations, outside_blocks_on
@@ -26,6 +27,7 @@ from llmpress.errors import CalibrationError, ModelError
 from llmpress.gradients import collect_gradients
 from llmpress.method_hooks import MethodHooks
 from llmpress.modules import find_blocks, get_weight, in_out_features, is_linear, select_targets
+from llmpress.offload import execution_device, onload
 from llmpress.plugin_manager import Llmpress, get_plugin_manager
 from llmpress.quant.activations import is_static, static_scale
 from llmpress.recipe import Recipe, ResolvedStage, as_recipe
@@ -57,6 +59,9 @@ def _plan(
 
 
 def _default_device(model: nn.Module) -> torch.device:
+    dispatched = execution_device(model)  # accelerate hooks (offloaded weights are on meta)
+    if dispatched is not None:
+        return dispatched
     try:
         return next(model.parameters()).device
     except StopIteration:  # pragma: no cover
@@ -97,17 +102,15 @@ class _Engine:
         answers: dict[int, list[Any]] = {si: [] for si in planning}
         for i in tqdm(range(len(self.blocks)), desc="scoring blocks", disable=not progress):
             block = self.blocks[i]
-            home = _default_device(block)
-            block.to(dev)
-            for si in planning:
-                st = self.stages[si]
-                rels = [r for r in self.plans[si].get(i, []) if is_linear(block.get_submodule(r))]
-                stats, _ = self._collect(block, {r: block.get_submodule(r) for r in rels}, st, pre, i)
-                ctx = BlockContext(i, f"{self.prefix}.{i}", block, getattr(self.model, "config", None), stats)
-                answers[si].append(self.hooks[si].score_block(ctx, st.config))
-            if pre is not None and i + 1 < len(self.blocks):
-                pre.run(block, keep_outputs=True)
-            block.to(home)
+            with onload(block, dev, write_back=False):
+                for si in planning:
+                    st = self.stages[si]
+                    rels = [r for r in self.plans[si].get(i, []) if is_linear(block.get_submodule(r))]
+                    stats, _ = self._collect(block, {r: block.get_submodule(r) for r in rels}, st, pre, i)
+                    ctx = BlockContext(i, f"{self.prefix}.{i}", block, getattr(self.model, "config", None), stats)
+                    answers[si].append(self.hooks[si].score_block(ctx, st.config))
+                if pre is not None and i + 1 < len(self.blocks):
+                    pre.run(block, keep_outputs=True)
         self.block_scores = {si: tuple(a) for si, a in answers.items()}
 
     def change_model(self, acts: BlockActivations | None) -> dict[str, int] | None:
@@ -167,6 +170,7 @@ class _Engine:
             return {}, None
         with StatsCollector(mods, st.config.statistics()) as col:
             acts.run(block, keep_outputs=False, on_batch=col.new_batch)
+        distributed.reduce_stats(col.stats, col.order)  # every rank solves on the sums of all ranks
         stats = dict(col.stats)
         if "grad" in st.config.statistics():
             stats = {r: s.with_grad(self.grads[f"{self.prefix}.{i}.{r}"]) for r, s in stats.items()}
@@ -188,11 +192,37 @@ class _Engine:
                 group = list(pending)
                 if col is not None and st.config.sequential():
                     group = input_groups(col)[0]  # only the first input group now; the rest see its output
-                for rel in group:
-                    self._apply(
-                        f"{self.prefix}.{i}.{rel}", pending.pop(rel), stats.get(rel), st, self.hooks[si]
-                    )
+                self._apply_group(i, {rel: pending.pop(rel) for rel in group}, stats, st, self.hooks[si])
                 del stats, col
+
+    def _apply_group(
+        self,
+        i: int,
+        mods: dict[str, nn.Module],
+        stats: dict[str, LayerStats],
+        st: ResolvedStage,
+        hooks: MethodHooks,
+    ) -> None:
+        """Solve and commit layers that need no other's result. Over several processes each
+        layer is solved on one owner rank (spread by cost) and its result broadcast, so every
+        rank commits the same block."""
+        names = {rel: f"{self.prefix}.{i}.{rel}" for rel in mods}
+        if distributed.world_size() == 1:
+            for rel, mod in mods.items():
+                t0 = time.perf_counter()
+                res = self._solve(names[rel], mod, stats.get(rel), st, hooks)
+                self._record(names[rel], mod, res, st, time.perf_counter() - t0)
+            return
+        owners = distributed.assign([_solve_cost(m) for m in mods.values()])
+        solved: dict[str, tuple[LayerResult, float]] = {}
+        for (rel, mod), owner in zip(mods.items(), owners):
+            if owner == distributed.rank():
+                t0 = time.perf_counter()
+                res = self._solve(names[rel], mod, stats.get(rel), st, hooks)
+                solved[rel] = (res, time.perf_counter() - t0)
+        for (rel, mod), owner in zip(mods.items(), owners):
+            res, dt = distributed.broadcast_result(solved.pop(rel, None), owner, get_weight(mod).device)
+            self._record(names[rel], mod, res, st, dt)
 
     def _change_block(
         self,
@@ -230,11 +260,11 @@ class _Engine:
         rep.shape = tuple(get_weight(mod).shape)  # type: ignore[assignment]
         return rep
 
-    def _apply(
+    def _solve(
         self, name: str, mod: nn.Module, stats: LayerStats | None, st: ResolvedStage, hooks: MethodHooks
-    ) -> None:
+    ) -> LayerResult:
+        """One layer's result (the model is not changed)."""
         cfg = st.config
-        t0 = time.perf_counter()
         prev = compression_state(self.model).keep_mask(name)
         scores = hooks.score(mod, stats, cfg)
         mask = None
@@ -252,12 +282,16 @@ class _Engine:
             raise ModelError(f"{st.name}: no plugin computed a result for {name} (method {cfg.method!r})")
         if res.mask is None and scores is not None:
             res = dataclasses.replace(res, mask=mask)
-        res = _calibrate_inputs(res, stats, name)
+        return _calibrate_inputs(res, stats, name)
+
+    def _record(self, name: str, mod: nn.Module, res: LayerResult, st: ResolvedStage, seconds: float) -> None:
+        """Commit one layer's result to the model and report it."""
+        cfg = st.config
         merged = commit(self.model, name, mod, res)
         rep = self._module_report(name, mod)
         rep.methods.append(cfg.method)
         rep.info.update(res.info)
-        rep.info[f"{cfg.method}_time_s"] = round(time.perf_counter() - t0, 4)
+        rep.info[f"{cfg.method}_time_s"] = round(seconds, 4)
         if res.loss is not None:
             rep.losses[cfg.method] = float(res.loss)
         # the pruned fraction: from the mask when there is one (quantization may round a few
@@ -266,6 +300,12 @@ class _Engine:
             rep.sparsity = 1.0 - float(merged.mask.float().mean())
         elif merged.quant is None:
             rep.sparsity = float((get_weight(mod) == 0).float().mean())
+
+
+def _solve_cost(mod: nn.Module) -> float:
+    """Relative cost of solving a layer (an OBS solve: in^2 * out)."""
+    inp, out = in_out_features(mod)
+    return float(inp) ** 2 * out
 
 
 def _calibrate_inputs(res: LayerResult, stats: LayerStats | None, name: str) -> LayerResult:
@@ -353,6 +393,8 @@ def compress(
     stages = rec.resolve(pm)
     dev = torch.device(device) if device is not None else _default_device(model)
     if any(st.allocation is not None for st in stages):  # per-layer levels under a budget
+        if distributed.world_size() > 1:
+            raise ModelError("allocation searches run in one process; run them without torchrun")
         from llmpress.allocate import compress_allocated
 
         return compress_allocated(
@@ -370,6 +412,7 @@ def compress(
             progress=progress,
         )
     engine = _Engine(model, stages, pm, dev)  # validates targets and shapes before any work
+    distributed.bind(dev)
     needs_calib = any(s.config.calibrated() for s in stages) or rec.kv_cache is not None
 
     calib_info: dict[str, Any] = {}
@@ -386,14 +429,16 @@ def compress(
         calib_info = {"nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "seed": seed}
         if isinstance(calibration, (str,)) or hasattr(calibration, "__fspath__"):
             calib_info["source"] = str(calibration)
-        bs = batch_size or max(1, min(ids.shape[0], 8192 // ids.shape[1]))
+        local = distributed.shard(ids)  # this process's share of the sequences
+        bs = batch_size or max(1, min(local.shape[0], 8192 // ids.shape[1]))
         store = torch.device("cpu") if offload_activations else dev
         acts = BlockActivations(store=store, compute=dev)
         grad_names = engine.grad_targets()
         if grad_names:
-            engine.grads = collect_gradients(model, ids, grad_names, bs, dev, progress=progress)
+            engine.grads = collect_gradients(model, local, grad_names, bs, dev, progress=progress)
+            distributed.all_reduce_sum(engine.grads.values())
         with outside_blocks_on(model, engine.prefix, dev):
-            acts.capture(model, engine.blocks[0], ids, bs, progress=progress)
+            acts.capture(model, engine.blocks[0], local, bs, progress=progress)
         log.info("captured %d calibration batches of %d x %d", len(acts.hidden), bs, ids.shape[1])
 
     blocks = engine.blocks
@@ -406,12 +451,10 @@ def compress(
     hidden = engine.change_model(acts)
     for i in tqdm(range(len(blocks)), desc="compressing blocks", disable=not progress):
         block = blocks[i]
-        home = _default_device(block)
-        block.to(dev)
-        engine.compress_block(i, block, acts)
-        if acts is not None and i + 1 < len(blocks):
-            acts.run(block, keep_outputs=True)
-        block.to(home)
+        with onload(block, dev):  # back home (or to its offload storage) with the compressed weights
+            engine.compress_block(i, block, acts)
+            if acts is not None and i + 1 < len(blocks):
+                acts.run(block, keep_outputs=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     model.train(was_training)
@@ -424,6 +467,8 @@ def compress(
         modules=engine.modules_report,
         calibration=calib_info,
         device=str(dev),
+        world_size=distributed.world_size(),
+        devices=distributed.gather_objects(str(dev)),
         wall_time_s=time.perf_counter() - t_start,
         versions=versions(),
     )

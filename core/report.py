@@ -38,6 +38,9 @@ class CompressionReport:
     modules: dict[str, ModuleReport] = dataclasses.field(default_factory=dict)
     calibration: dict[str, Any] = dataclasses.field(default_factory=dict)
     device: str = "cpu"
+    #: processes of a ``torch.distributed`` run (1: a single process) and each one's device
+    world_size: int = 1
+    devices: list[str] = dataclasses.field(default_factory=list)
     wall_time_s: float = 0.0
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
     #: block-level (structured) changes: the blocks' parameter counts before and after, and
@@ -61,6 +64,8 @@ class CompressionReport:
             "modules": {k: v.to_dict() for k, v in self.modules.items()},
             "calibration": self.calibration,
             "device": self.device,
+            "world_size": self.world_size,
+            "devices": self.devices or [self.device],
             "wall_time_s": round(self.wall_time_s, 3),
             "versions": self.versions,
             **({"structure": self.structure} if self.structure else {}),

@@ -19,11 +19,13 @@ from torch import nn
 
 from llmpress.blocks import DroppedModule
 from llmpress.formats import ModuleFormat, choose_format, pack_module
-from llmpress.modules import get_weight, is_linear
+from llmpress.modules import _is_conv1d, get_weight, is_linear
+from llmpress.offload import stored_tensor as _stored
 from llmpress.output import atomic_directory
 from llmpress.report import CompressionReport
 from llmpress.results import compression_state
 from llmpress.runtime import LlmpressLinear, replace_module
+from llmpress.shards import reverse_conversion, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +52,40 @@ def export_state_dict(
     model: nn.Module, sparse: str = "auto", dtype: torch.dtype | None = torch.float16
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """The tensors to save and the per-module ``quantization_config`` entries; the model is
-    not changed.
+    not changed (all tensors at once; :func:`export_units` builds them one module at a time).
 
     Quantized layers are stored ``int`` (or ``int-2:4``); pruned-only layers ``2:4`` or
     ``bitmask`` when that is smaller (``sparse="dense"`` keeps them dense); resized layers
     ``dense`` with their shape; dropped sub-blocks ``dropped``. Floating tensors are cast to
     ``dtype`` (``None``: kept).
     """
+    units, modules = export_units(model, sparse, dtype, dedupe_tied=False)
+    sd: dict[str, torch.Tensor] = {}
+    for unit in units:
+        sd.update(unit())
+    return sd, modules
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def export_units(
+    model: nn.Module,
+    sparse: str = "auto",
+    dtype: torch.dtype | None = torch.float16,
+    dedupe_tied: bool = True,
+) -> tuple[list[Callable[[], dict[str, torch.Tensor]]], dict[str, dict[str, Any]]]:
+    """What :func:`export_state_dict` returns, lazily: callables each building the tensors
+    of one state-dict entry or one packed layer (offloaded weights read from their storage),
+    in state-dict order, so that a writer holds one shard at a time. Tied tensors appear once."""
     state = compression_state(model)
-    sd = dict(model.state_dict())
-    if dtype is not None:
-        sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
     dtype_name = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
     shapes = _config_shapes(model)  # resized layers, also of a loaded model that has no results
+    mods = dict(model.named_modules())
     modules: dict[str, dict[str, Any]] = {}
-    for name, mod in model.named_modules():
+    packed: dict[str, ModuleFormat] = {}  # layer name -> its format (the weight key is replaced)
+    for name, mod in mods.items():
         if isinstance(mod, LlmpressLinear):  # loaded packed: stored as it is
             modules[name] = mod.fmt.to_dict()
             continue
@@ -74,10 +95,10 @@ def export_state_dict(
         if not is_linear(mod):
             continue
         res = state.layers.get(name)
-        w = get_weight(mod).detach()
+        out_f, in_f = get_weight(mod).shape
         resized = res is not None and (res.removed_rows is not None or res.removed_cols is not None)
         if shapes is not None:
-            resized = name in shapes and shapes[name] != tuple(w.shape)
+            resized = name in shapes and shapes[name] != (out_f, in_f)
         target = None if res is None else choose_format(res.quant, res.mask, sparse)
         if target is None and resized:
             target = "dense"
@@ -86,24 +107,56 @@ def export_state_dict(
         q = None if res is None else res.quant
         fmt = ModuleFormat(
             format=target,
-            in_features=int(w.shape[1]),
-            out_features=int(w.shape[0]),
+            in_features=int(in_f),
+            out_features=int(out_f),
             bits=None if q is None or q.kind != "int" else q.bits,
             group_size=None if q is None or q.kind != "int" else q.group_size,
             symmetric=False if q is None or q.kind != "int" else q.symmetric,
             activations=None if q is None else q.activations,
             dtype=dtype_name,
-            nnz=int(res.mask.sum())
-            if target == "bitmask" and res is not None and res.mask is not None
-            else None,
+            nnz=int(res.mask.sum()) if target == "bitmask" and res is not None and res.mask is not None else None,
             resized=resized,
             bias=isinstance(getattr(mod, "bias", None), torch.Tensor) if resized else None,
         )
-        sd.pop(f"{name}.weight", None)
-        for suffix, t in pack_module(fmt, w.float(), res).items():
-            sd[f"{name}.{suffix}"] = t
+        packed[name] = fmt
         modules[name] = fmt.to_dict()
-    return sd, modules
+
+    units: list[Callable[[], dict[str, torch.Tensor]]] = []
+    seen: set[int] = set()
+    for key, t in model.state_dict(keep_vars=True).items():
+        if dedupe_tied and id(t) in seen:  # tied (lm_head = embed_tokens): once, as save_pretrained does
+            continue
+        seen.add(id(t))
+        owner, _, leaf = key.rpartition(".")
+        if leaf == "weight" and owner in packed:
+            units.append(_packed_unit(mods, owner, packed[owner], state.layers.get(owner)))
+        else:
+            units.append(_tensor_unit(mods, key, t, dtype))
+    return units, modules
+
+
+def _tensor_unit(
+    mods: dict[str, nn.Module], key: str, t: torch.Tensor, dtype: torch.dtype | None
+) -> Callable[[], dict[str, torch.Tensor]]:
+    def unit() -> dict[str, torch.Tensor]:
+        v = _stored(mods, key) if t.device.type == "meta" else t.detach()
+        return {key: _cast(v.to("cpu"), dtype)}
+
+    return unit
+
+
+def _packed_unit(
+    mods: dict[str, nn.Module], name: str, fmt: ModuleFormat, res: Any
+) -> Callable[[], dict[str, torch.Tensor]]:
+    def unit() -> dict[str, torch.Tensor]:
+        mod = mods[name]
+        w = get_weight(mod)
+        if w.device.type == "meta":  # offloaded: the compressed weight in its storage
+            w = _stored(mods, f"{name}.weight")
+            w = w.t() if _is_conv1d(mod) else w  # stored as the module holds it
+        return {f"{name}.{suffix}": t for suffix, t in pack_module(fmt, w.detach().float(), res).items()}
+
+    return unit
 
 
 @torch.no_grad()
@@ -153,17 +206,20 @@ def save_compressed(
     with atomic_directory(out_dir, overwrite) as tmp:
         try:
             config.__dict__.update(plan.config)
-            sd, modules = export_state_dict(model, sparse, dtype)
-            sd.update(plan.zero_tensors(dtype))
-            if dtype is not None:
-                config.dtype = dtype
+            units, modules = export_units(model, sparse, dtype)
+            units.append(lambda: plan.zero_tensors(dtype))
+            config.dtype = dtype if dtype is not None else getattr(model, "dtype", None)
+            config.architectures = [type(model).__name__]
             kv = compression_state(model).kv_cache
             if modules or plan.attributes or kv:
                 recipe = report.recipe if report is not None else {}
                 config.quantization_config = LlmpressConfig(
                     modules=modules, recipe=recipe, attributes=plan.attributes or None, kv_cache=kv
                 )
-            model.save_pretrained(tmp, state_dict=sd)
+            config.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None and model.can_generate():
+                model.generation_config.save_pretrained(tmp)
+            write_shards(tmp, units, convert=reverse_conversion(model))  # streamed: one shard in memory
         finally:  # the caller's config as it was
             config.__dict__.clear()
             config.__dict__.update(old)

@@ -18,7 +18,7 @@ and may use these variables (a user template can also ``{% extends "default.md.j
 :class:`SizeSummary`), ``size_rows`` (``{label, before, after}``), ``sparsity``, ``modules``
 (``{name, shape, methods, sparsity, bits, loss}``), ``has_loss`` (any module reports a
 reconstruction loss), ``plot`` (relative PNG path or None),
-``calibration``, ``compute`` (``{device, wall_time, versions}``), ``usage`` (Python code),
+``calibration``, ``compute`` (``{device, world_size, devices, wall_time, versions}``), ``usage`` (Python code),
 ``citations`` (``{method, bibtex}``), ``missing_citations``, ``evaluations`` (``{task, metric,
 value, stderr, samples, notes, baseline, recovery}``), ``has_baseline``, ``tags``, ``quantized``, ``license``, ``pipeline_tag``.
 """
@@ -503,6 +503,8 @@ def build_card_context(
         "calibration": _calibration_text(calib),
         "compute": {
             "device": report.get("device", "unknown"),
+            "world_size": int(report.get("world_size", 1)),
+            "devices": [str(d) for d in report.get("devices") or [report.get("device", "unknown")]],
             "wall_time": f"{float(report.get('wall_time_s', 0.0)):.1f} s",
             "versions": report.get("versions") or {},
         },

@@ -150,7 +150,7 @@ def test_failed_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         Path(path, "model.safetensors").write_bytes(b"partial")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(model, "save_pretrained", broken_save)
+    monkeypatch.setattr("llmpress.save.write_shards", broken_save)  # the shard writer fails midway
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="disk full"):
         save_compressed(model, out)
@@ -168,7 +168,7 @@ def test_failed_overwrite_keeps_the_old_folder(tmp_path: Path, monkeypatch: pyte
         Path(path, "config.json").write_text("{}")
         raise OSError("boom")
 
-    monkeypatch.setattr(model, "save_pretrained", broken_save)
+    monkeypatch.setattr("llmpress.save.write_shards", broken_save)
     with pytest.raises(OSError, match="boom"):
         save_compressed(model, out, overwrite=True)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
