@@ -26,6 +26,8 @@ from llmpress.errors import CalibrationError, ModelError
 from llmpress.gradients import collect_gradients
 from llmpress.method_hooks import MethodHooks
 from llmpress.modules import find_blocks, get_weight, in_out_features, is_linear, select_targets
+from llmpress.moe import with_experts_unfused
+from llmpress.moe_stats import DEFAULT_MIN_TOKENS, complete_expert_stats
 from llmpress.plugin_manager import Llmpress, get_plugin_manager
 from llmpress.quant.activations import is_static, static_scale
 from llmpress.recipe import Recipe, ResolvedStage, as_recipe
@@ -79,6 +81,8 @@ class _Engine:
         self.grads: dict[str, torch.Tensor] = {}
         #: per stage planning globally: every block's ``llmpress_score_block`` answer
         self.block_scores: dict[int, tuple[Any, ...]] = {}
+        #: MoE: experts with fewer routed tokens get statistics from all tokens (llmpress.moe_stats)
+        self.moe_min_tokens = DEFAULT_MIN_TOKENS
 
     def plan(self, acts: BlockActivations | None, dev: torch.device, progress: bool) -> None:
         """The planning pass of stages that decide across blocks: score every block of the
@@ -127,6 +131,7 @@ class _Engine:
             return {}, None
         with StatsCollector(mods, st.config.statistics()) as col:
             acts.run(block, keep_outputs=False, on_batch=col.new_batch)
+        complete_expert_stats(block, mods, col, acts, self.moe_min_tokens, f"{self.prefix}.{i}")
         stats = dict(col.stats)
         if "grad" in st.config.statistics():
             stats = {r: s.with_grad(self.grads[f"{self.prefix}.{i}.{r}"]) for r, s in stats.items()}
@@ -275,6 +280,7 @@ def _structure_summary(
     return out
 
 
+@with_experts_unfused  # MoE: one nn.Linear per expert projection while compressing (llmpress.moe)
 def compress(
     model: nn.Module,
     recipe: Recipe | dict[str, Any] | list[Any] | str | Any,
@@ -294,6 +300,9 @@ def compress(
 
     Each layer's result (keep mask, quantization state, loss) is committed to the model and
     recorded in its :func:`llmpress.results.compression_state`, which the savers read.
+    Mixture-of-experts models keep their architecture: fused experts are unfused for the
+    compression and fused back afterwards; results name the per-expert layers
+    (``...experts.3.down_proj``, see :mod:`llmpress.moe`).
 
     :param model: a Hugging Face model (causal LM or encoder) on any device.
     :param recipe: a :class:`Recipe`, a dict/list as in a YAML recipe, a file path, or a
@@ -318,6 +327,8 @@ def compress(
             seed=seed, device=dev, batch_size=batch_size, progress=progress,
         )
     engine = _Engine(model, stages, pm, dev)  # validates targets and shapes before any work
+    if rec.moe_min_tokens is not None:
+        engine.moe_min_tokens = rec.moe_min_tokens
     needs_calib = any(s.config.calibrated() for s in stages) or rec.kv_cache is not None
 
     calib_info: dict[str, Any] = {}

@@ -20,6 +20,14 @@ from torch import nn
 from llmpress.blocks import DroppedModule
 from llmpress.formats import ModuleFormat, choose_format, pack_module
 from llmpress.modules import get_weight, is_linear
+from llmpress.moe import (
+    expert_views,
+    fuse_state_dict,
+    fused_experts,
+    unfuse_model,
+    unfused_experts,
+    unfused_state_dict,
+)
 from llmpress.output import atomic_directory
 from llmpress.report import CompressionReport
 from llmpress.results import compression_state
@@ -59,12 +67,15 @@ def export_state_dict(
     """
     state = compression_state(model)
     sd = dict(model.state_dict())
+    views = expert_views(model, state.layers)  # fused MoE experts with results: per-expert layers
+    unfused_state_dict(sd, views)
     if dtype is not None:
         sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
     dtype_name = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
     shapes = _config_shapes(model)  # resized layers, also of a loaded model that has no results
     modules: dict[str, dict[str, Any]] = {}
-    for name, mod in model.named_modules():
+    view_mods = [(f"{e}.{n}", m) for e, v in views.items() for n, m in v.named_modules() if n]
+    for name, mod in [*model.named_modules(), *view_mods]:
         if isinstance(mod, LlmpressLinear):  # loaded packed: stored as it is
             modules[name] = mod.fmt.to_dict()
             continue
@@ -103,7 +114,17 @@ def export_state_dict(
         for suffix, t in pack_module(fmt, w.float(), res).items():
             sd[f"{name}.{suffix}"] = t
         modules[name] = fmt.to_dict()
+    # MoE experts without packed layers: back to the standard fused tensors (llmpress.moe)
+    fuse_state_dict({**unfused_experts(model), **views}, sd, modules)
     return sd, modules
+
+
+def stored_unfused(model: nn.Module, modules: dict[str, Any]) -> dict[str, str]:
+    """MoE experts modules (fused or not) stored unfused because some of their layers are in
+    ``modules``: name -> fused layout name."""
+    found = {n: m.layout for n, m in unfused_experts(model).items()}
+    found.update({n: lay for n, lay in fused_experts(model).items() if lay is not None})
+    return {n: lay.name for n, lay in found.items() if any(k.startswith(n + ".") for k in modules)}
 
 
 @torch.no_grad()
@@ -112,6 +133,7 @@ def to_runtime(model: nn.Module, sparse: str = "auto", dtype: torch.dtype = torc
     layers become their runtime modules (packed layers run by a kernel), floating tensors
     are cast to ``dtype``. Returns the model."""
     sd, modules = export_state_dict(model, sparse, dtype)
+    unfuse_model(model, list(stored_unfused(model, modules)))  # packed MoE experts: per-expert layers
     for name, entry in modules.items():
         fmt = ModuleFormat.from_dict(entry, name)
         old = model.get_submodule(name)
@@ -158,12 +180,17 @@ def save_compressed(
             if dtype is not None:
                 config.dtype = dtype
             kv = compression_state(model).kv_cache
+            experts = stored_unfused(model, modules)  # MoE experts stored unfused, unfused again at load
             if modules or plan.attributes or kv:
                 recipe = report.recipe if report is not None else {}
                 config.quantization_config = LlmpressConfig(
-                    modules=modules, recipe=recipe, attributes=plan.attributes or None, kv_cache=kv
+                    modules=modules, recipe=recipe, attributes=plan.attributes or None, kv_cache=kv,
+                    experts=experts or None,
                 )
-            model.save_pretrained(tmp, state_dict=sd)
+            # an llmpress checkpoint keeps the model's own tensor names (what the quantizer checks at
+            # load); transformers would otherwise rename some (Mixtral: mlp -> block_sparse_moe)
+            llmpress_ckpt = bool(modules or plan.attributes or kv)
+            model.save_pretrained(tmp, state_dict=sd, save_original_format=not llmpress_ckpt)
         finally:  # the caller's config as it was
             config.__dict__.clear()
             config.__dict__.update(old)
