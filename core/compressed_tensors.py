@@ -133,6 +133,7 @@ def check_exportable(model: Any, quantized: dict[str, QuantState]) -> None:
     """Raise :class:`LlmpressError` unless every quantized layer fits compressed-tensors."""
     if not quantized:
         raise LlmpressError("compressed-tensors export needs a quantized model (add an rtn or gptq stage)")
+    _check_no_experts(model, quantized)
     for name, q in quantized.items():
         if q.bits not in (4, 8):
             raise LlmpressError(f"compressed-tensors export supports 4 and 8 bits; {name} has {q.bits}")
@@ -147,6 +148,26 @@ def check_exportable(model: Any, quantized: dict[str, QuantState]) -> None:
                 f"pack-quantized checkpoints (it allocates the zero point unpacked while the decompressor "
                 f"expects it packed); quantize with 'symmetric: true' for this export, or use --format llmpress"
             )
+
+
+def _check_no_experts(model: Any, quantized: dict[str, QuantState]) -> None:
+    """MoE expert projections cannot go into a compressed-tensors checkpoint that transformers
+    loads: it keeps experts fused (3-D tensors) and quantizes only ``nn.Linear`` modules."""
+    from llmpress.moe import fused_experts, unfused_experts
+
+    experts = {**{n: type(model.get_submodule(n)).__name__ for n in fused_experts(model)}, **{
+        n: "UnfusedExperts" for n in unfused_experts(model)
+    }}
+    hit = sorted(q for q in quantized if any(q.startswith(e + ".") for e in experts))
+    if hit:
+        owner = next(e for e in experts if hit[0].startswith(e + "."))
+        raise LlmpressError(
+            f"{hit[0]} (and {len(hit) - 1} more) are mixture-of-experts expert projections: transformers keeps "
+            f"these experts fused ({owner} is a {experts[owner]} with 3-D weights) and its compressed-tensors "
+            f"loader only quantizes nn.Linear layers, so the checkpoint would not load; use --format llmpress "
+            f"(packed experts load with `import llmpress`), or keep the experts out of the quantization stages "
+            f"(ignore: ['.*experts.*'])"
+        )
 
 
 def compressed_tensors_state_dict(

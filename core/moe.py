@@ -6,7 +6,9 @@ others *fused*: an ``experts`` module holding 3-D parameters (``gate_up_proj`` [
 layers, so before compression :func:`unfuse_model` replaces each fused ``experts`` module by an
 :class:`UnfusedExperts`: an ``nn.ModuleList`` of :class:`ExpertMLP` (``experts.{e}.gate_proj``,
 ``up_proj``, ``down_proj``, plain ``nn.Linear``) whose forward computes exactly what the fused
-module's eager forward computes, routing weights included. Every expert projection is then an
+module's eager forward computes, routing weights included (transformers' default ``grouped_mm``
+kernel may round differently in the last bit). After compression the experts are fused back
+(:func:`with_experts_unfused`), so the compressed model keeps its own architecture and kernels. Every expert projection is then an
 ordinary target: default targets and ``targets: ['.*experts.*']`` reach it.
 
 The layout is discovered from the module, not from the model type: its parameter names and
