@@ -65,9 +65,21 @@ def complete_expert_stats(
     acts: BlockActivations,
     min_tokens: int,
     where: str = "",
+    key_prefix: str = "",
 ) -> dict[str, int]:
     """Apply the fallback rule to ``col`` (statistics of ``mods`` just collected over
-    ``acts``); returns ``layer -> routed tokens`` of the layers whose statistics were replaced."""
+    ``acts``); returns ``layer -> routed tokens`` of the layers whose statistics were replaced.
+    ``where``: the block's name (for messages); ``key_prefix``: what the keys of ``mods`` and
+    ``col`` put before names relative to ``block`` (``""``, or the block's name and a dot)."""
+    if key_prefix:
+        rel = {k[len(key_prefix) :]: m for k, m in mods.items() if k.startswith(key_prefix)}
+        view = StatsCollector(rel, col.needs)
+        view.stats = {k[len(key_prefix) :]: v for k, v in col.stats.items() if k.startswith(key_prefix)}
+        view.order = [k[len(key_prefix) :] for k in col.order if k.startswith(key_prefix)]
+        out = complete_expert_stats(block, rel, view, acts, min_tokens, where)
+        col.stats.update({key_prefix + k: v for k, v in view.stats.items()})
+        col.order.extend(key_prefix + k for k in view.order if key_prefix + k not in col.order)
+        return {key_prefix + k: v for k, v in out.items()}
     experts = expert_targets(block, list(mods))
     if not experts:
         return {}

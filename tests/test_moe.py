@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 import llmpress
 from llmpress import moe_stats
 from llmpress.errors import LlmpressError, RecipeError
+from llmpress.modules import select_targets
 from llmpress.moe import (
     ExpertsLayout,
     UnfusedExperts,
@@ -28,7 +29,6 @@ from llmpress.moe import (
     unfuse_model,
     unfused_experts,
 )
-from llmpress.modules import select_targets
 from llmpress.recipe import Recipe
 from llmpress.results import compression_state
 from llmpress.runtime import LlmpressLinear
@@ -331,3 +331,11 @@ def test_unfused_experts_helper_lists_modules() -> None:
     model = tiny_qwen3_moe()
     unfuse_model(model)
     assert sorted(unfused_experts(model)) == [EXPERTS.format(i=0), EXPERTS.format(i=1)]
+
+
+def test_allocation_search_covers_a_starved_expert() -> None:
+    """The level database (allocation searches) uses the same fallback: no expert lacks statistics."""
+    stage = {**SPARSEGPT, "allocation": {"method": "owl"}}
+    model, report = llmpress.compress(_starved_mixtral(), stage, CALIB, progress=False)
+    assert expert_names() <= set(report.modules)
+    assert abs(report.overall_sparsity - 0.5) < 0.01
