@@ -65,6 +65,11 @@ def _compress_into(a: argparse.Namespace, recipe: Any, out: Path) -> int:
 
     saved_dtype = stored_dtype(a.model)  # read before loading: loading in fp32 overwrites config.dtype
     model, tok = load_model(a.model, dtype=a.dtype, device="cpu" if a.offload_model else a.device)
+    if a.format == "compressed-tensors":  # MoE expert projections: refused before any work
+        from llmpress.compressed_tensors import check_model_exportable
+        from llmpress.plugin_manager import get_plugin_manager
+
+        check_model_exportable(model, recipe.resolve(get_plugin_manager()))
     limit = max_positions(model.config)
     if a.calib is not None and limit is not None and a.seqlen > limit:
         raise LlmpressError(

@@ -129,6 +129,24 @@ def check_recipe_exportable(configs: list[Any]) -> None:
             )
 
 
+def check_model_exportable(model: Any, stages: list[Any]) -> None:
+    """Before any work: raise :class:`LlmpressError` if a quantization stage of ``stages``
+    (resolved recipe stages) would reach mixture-of-experts expert projections."""
+    import re
+
+    from llmpress.config import QuantConfig
+    from llmpress.moe import expert_layer_names
+
+    names = expert_layer_names(model)
+    for st in stages:
+        if not (isinstance(st.config, QuantConfig) or st.config.method == "fp8") or not names:
+            continue
+        hit = [n for n in names if st.stage.targets is None or any(re.search(p, n) for p in st.stage.targets)]
+        hit = [n for n in hit if not any(re.search(p, n) for p in st.stage.ignore)]
+        if hit:
+            _check_no_experts(model, {n: None for n in hit})  # type: ignore[misc]
+
+
 def check_exportable(model: Any, quantized: dict[str, QuantState]) -> None:
     """Raise :class:`LlmpressError` unless every quantized layer fits compressed-tensors."""
     if not quantized:
@@ -150,7 +168,7 @@ def check_exportable(model: Any, quantized: dict[str, QuantState]) -> None:
             )
 
 
-def _check_no_experts(model: Any, quantized: dict[str, QuantState]) -> None:
+def _check_no_experts(model: Any, quantized: dict[str, Any]) -> None:
     """MoE expert projections cannot go into a compressed-tensors checkpoint that transformers
     loads: it keeps experts fused (3-D tensors) and quantizes only ``nn.Linear`` modules."""
     from llmpress.moe import fused_experts, unfused_experts

@@ -413,3 +413,16 @@ def with_experts_unfused(fn: Callable[P, R]) -> Callable[P, R]:
             refuse_model(model, names)
 
     return wrapper
+
+
+def expert_layer_names(model: nn.Module) -> list[str]:
+    """The qualified names the per-expert layers of ``model``'s fused experts get when unfused
+    (``...experts.{e}.gate_proj``), without unfusing anything."""
+    out = []
+    for name, lay in fused_experts(model).items():
+        if lay is None:
+            continue
+        projs = ("gate_proj", "up_proj", "down_proj") if lay.gated else ("up_proj", "down_proj")
+        e_n = _dims(model.get_submodule(name), lay)[0]
+        out += [f"{name}.{e}.{p}" for e in range(e_n) for p in projs]
+    return out

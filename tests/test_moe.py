@@ -339,3 +339,46 @@ def test_allocation_search_covers_a_starved_expert() -> None:
     model, report = llmpress.compress(_starved_mixtral(), stage, CALIB, progress=False)
     assert expert_names() <= set(report.modules)
     assert abs(report.overall_sparsity - 0.5) < 0.01
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+@pytest.fixture(scope="module")
+def mixtral_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Path:
+    from models import save_model_dir
+
+    return save_model_dir(tmp_path_factory.mktemp("models") / "tiny-mixtral", tiny_mixtral(vocab_size=256), tokenizer)
+
+
+def _cli_args(model_dir: Path, recipe: Path, out: Path, *extra: str) -> list[str]:
+    from models import DATA_DIR
+
+    calib = str(DATA_DIR / "calib.txt")
+    return ["compress", str(model_dir), "--recipe", str(recipe), "--calib", calib, "--out", str(out),
+            "--nsamples", "8", "--seqlen", "32", *extra]  # fmt: skip
+
+
+def test_cli_compresses_and_saves_an_moe_model(mixtral_dir: Path, tmp_path: Path) -> None:
+    from llmpress.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - method: gptq\n    bits: 4\n    group_size: 32\nmoe_min_tokens: 32\n")
+    assert main(_cli_args(mixtral_dir, recipe, tmp_path / "out")) == 0
+    q = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert set(q["experts"]) == {EXPERTS.format(i=i) for i in range(2)} and q["recipe"]["moe_min_tokens"] == 32
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.isfinite(logits(loaded)).all()
+
+
+def test_cli_refuses_compressed_tensors_experts_before_work(
+    mixtral_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from llmpress.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - method: gptq\n    bits: 4\n    group_size: 32\n    symmetric: true\n")
+    assert main([*_cli_args(mixtral_dir, recipe, tmp_path / "out"), "--format", "compressed-tensors"]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "mixture-of-experts expert projections" in err
+    assert not (tmp_path / "out").exists()
