@@ -188,7 +188,7 @@ class LlmpressHfQuantizer(HfQuantizer):
                     f"{type(model).__name__} builds {'an unknown layout' if got is None else repr(got.name)}; "
                     f"load it with the transformers version it was saved with"
                 )
-        unfuse_model(model, list(experts))
+        unfuse_model(model, list(experts), allow_meta=True)
 
     def update_weight_conversions(self, weight_conversions: list[Any], model: Any) -> list[Any]:
         """Drop transformers' conversions into parameters the model no longer has (per-expert

@@ -151,10 +151,13 @@ class UnfusedExperts(nn.ModuleList):
     the fused module, ``(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])``, and
     computing exactly its eager forward. ``layout`` names the fused layout it came from."""
 
-    def __init__(self, experts: list[ExpertMLP], layout: ExpertsLayout, shell: nn.Module) -> None:
+    def __init__(
+        self, experts: list[ExpertMLP], layout: ExpertsLayout, shell: nn.Module, dims: tuple[int, int, int]
+    ) -> None:
         super().__init__(experts)
         self.num_experts = len(experts)
         self.layout = layout
+        self.dims = dims  # (experts, hidden, intermediate) of the fused module
         # the fused module without its parameters (act_fn, config, flags), for refuse_experts
         self._shell = [shell]  # a list: not registered as a submodule
 
@@ -204,9 +207,11 @@ def _copy(lin: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> No
             lin.bias.copy_(bias)
 
 
-def unfuse_experts(module: nn.Module) -> UnfusedExperts:
+def unfuse_experts(module: nn.Module, allow_meta: bool = False) -> UnfusedExperts:
     """An :class:`UnfusedExperts` computing exactly what the fused ``module`` computes (weights
-    copied; on the meta device only shapes). Raises :class:`ModelError` for an unknown layout."""
+    copied; with ``allow_meta``, meta tensors give shapes only, as when a checkpoint is about to
+    load). Raises :class:`ModelError` for an unknown layout or, without ``allow_meta``, weights
+    on the meta device (disk-offloaded)."""
     lay = detect_layout(module)
     if lay is None:
         raise ModelError(
@@ -215,6 +220,12 @@ def unfuse_experts(module: nn.Module) -> UnfusedExperts:
         )
     e_n, hidden, inter = _dims(module, lay)
     up_all, down_all = module.get_parameter(lay.up), module.get_parameter(lay.down)
+    if up_all.is_meta and not allow_meta:
+        raise ModelError(
+            f"{type(module).__name__}: the expert weights are on the meta device (offloaded to disk); llmpress "
+            f"unfuses experts to compress them, so load the model without disk offload (device_map) and pass "
+            f"--offload-model / offload_activations instead"
+        )
     factory = {"device": up_all.device, "dtype": up_all.dtype}
     experts = []
     for e in range(e_n):
@@ -234,7 +245,7 @@ def unfuse_experts(module: nn.Module) -> UnfusedExperts:
     shell = type(module).__new__(type(module))
     shell.__dict__.update({k: dict(v) if isinstance(v, dict) else v for k, v in module.__dict__.items()})
     shell._parameters = {}
-    return UnfusedExperts(experts, lay, shell)
+    return UnfusedExperts(experts, lay, shell, (e_n, hidden, inter))
 
 
 def fused_tensors(unfused: UnfusedExperts) -> dict[str, torch.Tensor]:
@@ -287,10 +298,11 @@ def fused_experts(model: nn.Module) -> dict[str, ExpertsLayout | None]:
     return out
 
 
-def unfuse_model(model: nn.Module, names: list[str] | None = None) -> list[str]:
+def unfuse_model(model: nn.Module, names: list[str] | None = None, allow_meta: bool = False) -> list[str]:
     """Replace (in place) every fused experts module, or those in ``names``, by its
-    :class:`UnfusedExperts`; returns the names replaced. Unknown layouts stay fused, with a
-    warning (or a :class:`ModelError` when named in ``names``)."""
+    :class:`UnfusedExperts` (``allow_meta``: see :func:`unfuse_experts`); returns the names
+    replaced. Unknown layouts stay fused, with a warning (or a :class:`ModelError` when named
+    in ``names``)."""
     found = fused_experts(model)
     done = []
     for name in names if names is not None else list(found):
@@ -306,7 +318,7 @@ def unfuse_model(model: nn.Module, names: list[str] | None = None) -> list[str]:
                 name, type(model.get_submodule(name)).__name__,
             )
             continue
-        _set_child(model, name, unfuse_experts(model.get_submodule(name)))
+        _set_child(model, name, unfuse_experts(model.get_submodule(name), allow_meta))
         done.append(name)
     if done:
         log.info("unfused %d experts modules into per-expert linear layers", len(done))
@@ -349,10 +361,26 @@ def refuse_model(model: nn.Module, names: list[str] | None = None) -> list[str]:
     for name, unf in unfused_experts(model).items():
         if names is not None and name not in names:
             continue
-        if all(type(m) is nn.Linear for ex in unf for m in ex.children() if m is not getattr(ex, "act_fn", None)):
+        if _refusable(unf):
             _set_child(model, name, refuse_experts(unf))
             done.append(name)
+        else:
+            log.warning("%s: experts are no longer plain linears of the fused shapes; left unfused", name)
     return done
+
+
+def _refusable(unf: UnfusedExperts) -> bool:
+    """Every expert projection a plain ``nn.Linear`` of the fused module's shape."""
+    _, h, i = unf.dims
+    want = {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+    for ex in unf:
+        for pname, shape in want.items():
+            m = getattr(ex, pname, None)
+            if m is None and pname == "gate_proj" and not unf.layout.gated:
+                continue
+            if type(m) is not nn.Linear or tuple(m.weight.shape) != shape:
+                return False
+    return True
 
 
 def _under(name: str, prefix: str) -> bool:

@@ -67,7 +67,9 @@ def export_state_dict(
     """
     state = compression_state(model)
     sd = dict(model.state_dict())
-    views = expert_views(model, state.layers)  # fused MoE experts with results: per-expert layers
+    # fused MoE experts with packed results: per-expert layers (temporary copies)
+    packed = {n for n, r in state.layers.items() if choose_format(r.quant, r.mask, sparse) is not None}
+    views = expert_views(model, packed)
     unfused_state_dict(sd, views)
     if dtype is not None:
         sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
