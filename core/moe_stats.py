@@ -66,9 +66,11 @@ def complete_expert_stats(
     min_tokens: int,
     where: str = "",
     key_prefix: str = "",
-) -> dict[str, int]:
+) -> dict[str, dict[str, Any]]:
     """Apply the fallback rule to ``col`` (statistics of ``mods`` just collected over
-    ``acts``); returns ``layer -> routed tokens`` of the layers whose statistics were replaced.
+    ``acts``); returns, for every expert layer of ``mods``, report info: its routed tokens
+    (``moe_routed_tokens``) and where its statistics came from (``moe_statistics``:
+    ``"routed"`` or ``"all tokens"``).
     ``where``: the block's name (for messages); ``key_prefix``: what the keys of ``mods`` and
     ``col`` put before names relative to ``block`` (``""``, or the block's name and a dot)."""
     if key_prefix:
@@ -96,7 +98,11 @@ def complete_expert_stats(
                 if r in fb.stats:
                     col.stats[r] = fb.stats[r]
     _fill_empty(mods, col, experts)
-    return {r: routed[k] for k, rels in short.items() for r in rels}
+    return {
+        r: {"moe_routed_tokens": routed[k], "moe_statistics": "all tokens" if k in short else "routed"}
+        for k, rels in experts.items()
+        for r in rels
+    }
 
 
 def _all_token_stats(

@@ -83,6 +83,7 @@ class _Engine:
         self.block_scores: dict[int, tuple[Any, ...]] = {}
         #: MoE: experts with fewer routed tokens get statistics from all tokens (llmpress.moe_stats)
         self.moe_min_tokens = DEFAULT_MIN_TOKENS
+        self.moe_info: dict[str, dict[str, Any]] = {}  # per expert layer, for the report
 
     def plan(self, acts: BlockActivations | None, dev: torch.device, progress: bool) -> None:
         """The planning pass of stages that decide across blocks: score every block of the
@@ -131,7 +132,8 @@ class _Engine:
             return {}, None
         with StatsCollector(mods, st.config.statistics()) as col:
             acts.run(block, keep_outputs=False, on_batch=col.new_batch)
-        complete_expert_stats(block, mods, col, acts, self.moe_min_tokens, f"{self.prefix}.{i}")
+        info = complete_expert_stats(block, mods, col, acts, self.moe_min_tokens, f"{self.prefix}.{i}")
+        self.moe_info.update({f"{self.prefix}.{i}.{r}": v for r, v in info.items()})
         stats = dict(col.stats)
         if "grad" in st.config.statistics():
             stats = {r: s.with_grad(self.grads[f"{self.prefix}.{i}.{r}"]) for r, s in stats.items()}
@@ -222,6 +224,7 @@ class _Engine:
         rep = self._module_report(name, mod)
         rep.methods.append(cfg.method)
         rep.info.update(res.info)
+        rep.info.update(self.moe_info.get(name, {}))
         rep.info[f"{cfg.method}_time_s"] = round(time.perf_counter() - t0, 4)
         if res.loss is not None:
             rep.losses[cfg.method] = float(res.loss)

@@ -296,7 +296,11 @@ def test_expert_without_tokens_gets_all_token_statistics(
     model = _starved_mixtral()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with caplog.at_level(logging.INFO, logger="llmpress.moe_stats"):
-        model, _ = llmpress.compress(model, {"stages": [stage], "moe_min_tokens": 1}, CALIB, progress=False)
+        model, report = llmpress.compress(model, {"stages": [stage], "moe_min_tokens": 1}, CALIB, progress=False)
+    info = report.modules[f"{EXPERTS.format(i=0)}.3.up_proj"].info
+    assert info["moe_routed_tokens"] == 0 and info["moe_statistics"] == "all tokens"
+    info = report.modules[f"{EXPERTS.format(i=0)}.2.up_proj"].info
+    assert info["moe_routed_tokens"] > 0 and info["moe_statistics"] == "routed"
     n_tokens = CALIB.numel()
     assert seen == {f"mlp.experts.3.{p}": n_tokens for p in PROJ}  # only the starved expert, all tokens
     assert "model.layers.1.mlp.experts.3: 0 routed tokens < moe_min_tokens=1" in caplog.text
