@@ -365,7 +365,7 @@ def refuse_model(model: nn.Module, names: list[str] | None = None) -> list[str]:
             _set_child(model, name, refuse_experts(unf))
             done.append(name)
         else:
-            log.warning("%s: experts are no longer plain linears of the fused shapes; left unfused", name)
+            log.info("%s: experts resized (structured pruning) stay per-expert linear layers", name)
     return done
 
 
@@ -380,7 +380,15 @@ def _refusable(unf: UnfusedExperts) -> bool:
                 continue
             if type(m) is not nn.Linear or tuple(m.weight.shape) != shape:
                 return False
+            if (m.bias is not None) != unf.layout.bias:  # e.g. a bias folded in by structured pruning
+                return False
     return True
+
+
+def irregular_experts(model: nn.Module) -> list[str]:
+    """:class:`UnfusedExperts` of ``model`` that cannot be fused back (structured pruning
+    changed an expert's width or added a bias): stored unfused, their layers as ``dense``."""
+    return [n for n, u in unfused_experts(model).items() if not _refusable(u)]
 
 
 def _under(name: str, prefix: str) -> bool:

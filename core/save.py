@@ -24,6 +24,7 @@ from llmpress.moe import (
     expert_views,
     fuse_state_dict,
     fused_experts,
+    irregular_experts,
     unfuse_model,
     unfused_experts,
     unfused_state_dict,
@@ -77,6 +78,7 @@ def export_state_dict(
     shapes = _config_shapes(model)  # resized layers, also of a loaded model that has no results
     modules: dict[str, dict[str, Any]] = {}
     view_mods = [(f"{e}.{n}", m) for e, v in views.items() for n, m in v.named_modules() if n]
+    irregular = irregular_experts(model)  # MoE experts resized by structured pruning: stored unfused
     for name, mod in [*model.named_modules(), *view_mods]:
         if isinstance(mod, LlmpressLinear):  # loaded packed: stored as it is
             modules[name] = mod.fmt.to_dict()
@@ -92,6 +94,8 @@ def export_state_dict(
         if shapes is not None:
             resized = name in shapes and shapes[name] != tuple(w.shape)
         target = None if res is None else choose_format(res.quant, res.mask, sparse)
+        if target is None and any(name.startswith(e + ".") for e in irregular):
+            resized = True
         if target is None and resized:
             target = "dense"
         if target is None:

@@ -386,3 +386,19 @@ def test_cli_refuses_compressed_tensors_experts_before_work(
     err = capsys.readouterr().err
     assert "error: " in err and "mixture-of-experts expert projections" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_structured_pruning_of_experts_saves_unfused(tmp_path: Path) -> None:
+    """FLAP removes neurons per expert: the experts cannot be fused back, so they stay per-expert
+    layers in memory and on disk (``dense`` entries) and reload identically."""
+    model, report = llmpress.compress(tiny_mixtral(), {"method": "flap", "ratio": 0.2}, CALIB, progress=False)
+    experts = model.get_submodule(EXPERTS.format(i=0))
+    assert isinstance(experts, UnfusedExperts)
+    widths = {experts[e].down_proj.in_features for e in range(4)}
+    assert min(widths) < 64  # some expert lost neurons
+    d = save_compressed(model, tmp_path / "flap", report=report)
+    q = json.loads((d / "config.json").read_text())["quantization_config"]
+    assert set(q["experts"]) == {EXPERTS.format(i=i) for i in range(2)}
+    assert q["modules"][f"{EXPERTS.format(i=0)}.0.down_proj"]["format"] == "dense"
+    loaded = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    assert torch.equal(logits(loaded), logits(model))
