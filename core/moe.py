@@ -33,7 +33,9 @@ An ``experts`` module with packed projections (GPTQ, sparse formats) stays unfus
 (``experts.{e}.gate_proj.weight`` ...) and is listed in ``quantization_config.experts``; at
 ``from_pretrained`` the llmpress quantizer unfuses that module of the freshly built model
 before the weights load (and drops transformers' conversion of per-expert checkpoint names into
-fused tensors for it), then builds the packed layers as for any linear.
+fused tensors for it), then builds the packed layers as for any linear. Experts that structured
+pruning resized (:func:`irregular_experts`) cannot be fused back: they stay unfused in memory
+and on disk, their layers stored as ``dense`` entries.
 """
 
 from __future__ import annotations

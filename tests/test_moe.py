@@ -402,3 +402,25 @@ def test_structured_pruning_of_experts_saves_unfused(tmp_path: Path) -> None:
     assert q["modules"][f"{EXPERTS.format(i=0)}.0.down_proj"]["format"] == "dense"
     loaded = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
     assert torch.equal(logits(loaded), logits(model))
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda e: e.update({EXPERTS.format(i=0): "up"}), r"stores experts of layout 'up', but this .* builds 'gate_up'"),
+        (lambda e: e.update({"model.layers.0.mlp": "gate_up"}), r"names 'model.layers.0.mlp', which is not a fused"),
+    ],
+    ids=["layout", "module"],
+)
+def test_load_refuses_experts_that_do_not_match(compressed: dict, tmp_path: Path, edit: Any, message: str) -> None:
+    import shutil
+
+    from llmpress.errors import CheckpointError
+
+    d = tmp_path / "copy"
+    shutil.copytree(compressed[("mixtral", "gptq")]["dir"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    edit(cfg["quantization_config"]["experts"])
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=message):
+        AutoModelForCausalLM.from_pretrained(d)
