@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
@@ -104,6 +105,11 @@ def detect_layout(module: nn.Module) -> ExpertsLayout | None:
     params = dict(module.named_parameters(recurse=False))
     down = params.get("down_proj")
     if down is None or down.dim() != 3 or not hasattr(module, "act_fn"):
+        return None
+    try:  # called like transformers' experts: (hidden_states, top_k_index, top_k_weights)
+        if "top_k_index" not in inspect.signature(type(module).forward).parameters:
+            return None
+    except (TypeError, ValueError):  # pragma: no cover - a builtin forward
         return None
     if getattr(module, "has_post_expert_norm", False) or not _is_default_gate(module):
         return None
@@ -247,7 +253,30 @@ def unfuse_experts(module: nn.Module, allow_meta: bool = False) -> UnfusedExpert
     shell = type(module).__new__(type(module))
     shell.__dict__.update({k: dict(v) if isinstance(v, dict) else v for k, v in module.__dict__.items()})
     shell._parameters = {}
-    return UnfusedExperts(experts, lay, shell, (e_n, hidden, inter))
+    unf = UnfusedExperts(experts, lay, shell, (e_n, hidden, inter))
+    if not up_all.is_meta:
+        _verify(module, unf)
+    return unf
+
+
+@torch.no_grad()
+def _verify(fused: nn.Module, unf: UnfusedExperts, tokens: int = 8) -> None:
+    """Raise :class:`ModelError` unless ``unf`` computes what ``fused``'s eager forward computes
+    on a few random tokens (a layout whose forward has other semantics is caught here)."""
+    e_n, hidden, _ = unf.dims
+    p = fused.get_parameter(unf.layout.down)
+    g = torch.Generator(device=p.device).manual_seed(0)
+    x = torch.randn(tokens, hidden, generator=g, device=p.device).to(p.dtype)
+    k = min(2, e_n)
+    idx = torch.stack([torch.randperm(e_n, generator=g, device=p.device)[:k] for _ in range(tokens)])
+    w = torch.rand(tokens, k, generator=g, device=p.device).to(p.dtype)
+    eager = getattr(type(fused).forward, "__wrapped__", type(fused).forward)
+    want, got = eager(fused, x, idx, w), unf(x, idx, w)
+    if not torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2 * float(want.abs().max()) + 1e-6):
+        raise ModelError(
+            f"{type(fused).__name__}: the per-expert layers do not reproduce its forward (layout "
+            f"{unf.layout.name!r} guessed from its parameters); its experts cannot be compressed"
+        )
 
 
 def fused_tensors(unfused: UnfusedExperts) -> dict[str, torch.Tensor]:
@@ -312,15 +341,17 @@ def unfuse_model(model: nn.Module, names: list[str] | None = None, allow_meta: b
             if isinstance(_get(model, name), UnfusedExperts):
                 continue
             raise ModelError(f"{name} is not a fused experts module of {type(model).__name__}")
-        if found[name] is None:
+        mod = model.get_submodule(name)
+        if found[name] is not None and not allow_meta and mod.get_parameter("down_proj").is_meta:
+            unfuse_experts(mod)  # raises: offloaded weights cannot be unfused
+        try:
+            unf = unfuse_experts(mod, allow_meta)
+        except ModelError as e:
             if names is not None:
-                unfuse_experts(model.get_submodule(name))  # raises, naming the class
-            log.warning(
-                "%s (%s): fused experts layout not recognized; its experts stay fused and are not compressed",
-                name, type(model.get_submodule(name)).__name__,
-            )
+                raise
+            log.warning("%s: %s; they stay fused and are not compressed", name, e)
             continue
-        _set_child(model, name, unfuse_experts(model.get_submodule(name), allow_meta))
+        _set_child(model, name, unf)
         done.append(name)
     if done:
         log.info("unfused %d experts modules into per-expert linear layers", len(done))

@@ -96,7 +96,8 @@ class _Experts(nn.Module):
         self.down_proj_bias = nn.Parameter(torch.randn(e, h, generator=g))
         self.act_fn = nn.SiLU()
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        x, idx, w = hidden_states, top_k_index, top_k_weights
         out = torch.zeros_like(x)
         for t in range(x.shape[0]):
             for k in range(idx.shape[1]):
@@ -119,6 +120,26 @@ def test_layout_discovered_from_parameters_and_flags() -> None:
     assert all(torch.equal(back[n], p) for n, p in mod.named_parameters())
     mod.down_proj = nn.Parameter(torch.randn(3, 8, 15))  # shapes that do not fit together
     assert detect_layout(mod) is None
+
+
+class _OddExperts(_Experts):
+    """Parameters of a known layout, but a forward with other semantics (routing weights
+    applied twice): caught by the check made when unfusing; the module stays fused."""
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden_states, top_k_index, top_k_weights * top_k_weights)
+
+
+def test_a_layout_with_other_semantics_stays_fused(caplog: pytest.LogCaptureFixture) -> None:
+    from llmpress.errors import ModelError
+
+    holder = nn.Module()
+    holder.experts = _OddExperts()
+    with pytest.raises(ModelError, match="do not reproduce its forward"):
+        unfuse_experts(holder.experts)
+    with caplog.at_level(logging.WARNING, logger="llmpress.moe"):
+        assert unfuse_model(holder) == []
+    assert isinstance(holder.experts, _OddExperts) and "stay fused" in caplog.text
 
 
 # ------------------------------------------------------------------------------ targets
