@@ -361,7 +361,7 @@ def test_unfused_experts_helper_lists_modules() -> None:
 def test_allocation_search_covers_a_starved_expert() -> None:
     """The level database (allocation searches) uses the same fallback: no expert lacks statistics."""
     stage = {**SPARSEGPT, "allocation": {"method": "owl"}}
-    model, report = llmpress.compress(_starved_mixtral(), stage, CALIB, progress=False)
+    model, report = llmpress.compress(_starved_mixtral(), {"stages": [stage], "moe_min_tokens": 8}, CALIB, progress=False)
     assert expert_names() <= set(report.modules)
     assert abs(report.overall_sparsity - 0.5) < 0.01
 
