@@ -31,6 +31,7 @@ from llmpress.level_build import build_database, unit_blocks
 from llmpress.level_sets import LevelSet, bit_levels, drop_levels, sparsity_levels
 from llmpress.levels import LevelDatabase, fingerprint
 from llmpress.modules import find_blocks, get_weight, in_out_features, is_linear, select_targets
+from llmpress.moe_stats import DEFAULT_MIN_TOKENS
 from llmpress.plugin_manager import Llmpress
 from llmpress.recipe import Recipe, ResolvedStage
 from llmpress.report import CompressionReport, ModuleReport
@@ -134,7 +135,9 @@ def compress_allocated(
         elif kind == "widths":
             summary, modules = _run_widths(model, st, alloc, pm, ids, fit_ids, device, bs, progress)
         else:
-            summary, modules = _run_levels(model, st, alloc, kind, pm, ids, fit_ids, device, bs, progress)
+            summary, modules = _run_levels(
+                model, st, alloc, kind, pm, ids, fit_ids, device, bs, progress, rec.moe_min_tokens
+            )
     finally:
         model.train(was_training)
     explicit = dict(st.stage.to_dict(), allocation={"method": "explicit", "levels": summary["levels"]})
@@ -213,6 +216,7 @@ def _run_levels(
     device: torch.device,
     bs: int,
     progress: bool,
+    moe_min_tokens: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, ModuleReport]]:
     cfg = st.config
     prefix, _ = find_blocks(model)
@@ -240,7 +244,8 @@ def _run_levels(
     db = LevelDatabase(units, shapes, fp, alloc.database)  # type: ignore[arg-type]
     hooks = pm.hooks_for(cfg)
     t0 = time.perf_counter()
-    build_database(model, cfg, hooks, kind, db, levels, ids, device, bs, progress)
+    min_tokens = DEFAULT_MIN_TOKENS if moe_min_tokens is None else moe_min_tokens  # MoE statistics fallback
+    build_database(model, cfg, hooks, kind, db, levels, ids, device, bs, progress, min_tokens)
     build_s = time.perf_counter() - t0
     fit = Fitness(model, fit_ids.to(device), alloc.metric, device, bs)
     stitcher = WeightStitcher(model, units, db)

@@ -172,6 +172,10 @@ class QuantizationConfigSchema(BaseModel):
         dict[str, dict[Literal["num_key_value_groups", "num_heads", "num_key_value_heads"], int]] | None
     ) = None
 
+    #: mixture-of-experts modules stored unfused (one linear per expert projection) -> their
+    #: fused layout (:data:`llmpress.moe.LAYOUTS`); unfused before the weights load
+    experts: dict[str, str] | None = None
+
     @field_validator("attributes")
     @classmethod
     def _positive(cls, v: dict[str, dict[str, int]] | None) -> dict[str, dict[str, int]] | None:

@@ -95,7 +95,9 @@ def _load_for_compress(a: argparse.Namespace) -> tuple[Any, Any, bool]:
     cfg = transformers.AutoConfig.from_pretrained(a.model)
     dt = stored_dtype(a.model) if a.dtype == "auto" else getattr(torch, str(a.dtype), None)
     nbytes = dt.itemsize if isinstance(dt, torch.dtype) else 2
-    plan = plan_memory(cfg, parse_memory(a.max_gpu_memory), a.nsamples, a.seqlen, nbytes, distributed.world_size())
+    plan = plan_memory(
+        cfg, parse_memory(a.max_gpu_memory), a.nsamples, a.seqlen, nbytes, distributed.world_size()
+    )
     idx = dev.index if dev.index is not None else torch.cuda.current_device()
     budgets = {k: v for k, v in get_max_memory().items() if not isinstance(k, int)}  # cpu (and disk)
     budgets[idx] = plan.weights
@@ -116,6 +118,11 @@ def _compress_into(a: argparse.Namespace, recipe: Any, out: Path | None) -> int:
 
     saved_dtype = stored_dtype(a.model)  # read before loading: loading in fp32 overwrites config.dtype
     model, tok, offload_activations = _load_for_compress(a)
+    if a.format == "compressed-tensors":  # MoE expert projections: refused before any work
+        from llmpress.compressed_tensors import check_model_exportable
+        from llmpress.plugin_manager import get_plugin_manager
+
+        check_model_exportable(model, recipe.resolve(get_plugin_manager()))
     limit = max_positions(model.config)
     if a.calib is not None and limit is not None and a.seqlen > limit:
         raise LlmpressError(

@@ -130,10 +130,29 @@ def check_recipe_exportable(configs: list[Any]) -> None:
             )
 
 
+def check_model_exportable(model: Any, stages: list[Any]) -> None:
+    """Before any work: raise :class:`LlmpressError` if a quantization stage of ``stages``
+    (resolved recipe stages) would reach mixture-of-experts expert projections."""
+    import re
+
+    from llmpress.config import QuantConfig
+    from llmpress.moe import expert_layer_names
+
+    names = expert_layer_names(model)
+    for st in stages:
+        if not (isinstance(st.config, QuantConfig) or st.config.method == "fp8") or not names:
+            continue
+        hit = [n for n in names if st.stage.targets is None or any(re.search(p, n) for p in st.stage.targets)]
+        hit = [n for n in hit if not any(re.search(p, n) for p in st.stage.ignore)]
+        if hit:
+            _check_no_experts(model, {n: None for n in hit})  # type: ignore[misc]
+
+
 def check_exportable(model: Any, quantized: dict[str, QuantState]) -> None:
     """Raise :class:`LlmpressError` unless every quantized layer fits compressed-tensors."""
     if not quantized:
         raise LlmpressError("compressed-tensors export needs a quantized model (add an rtn or gptq stage)")
+    _check_no_experts(model, quantized)
     for name, q in quantized.items():
         if q.bits not in (4, 8):
             raise LlmpressError(f"compressed-tensors export supports 4 and 8 bits; {name} has {q.bits}")
@@ -151,6 +170,27 @@ def check_exportable(model: Any, quantized: dict[str, QuantState]) -> None:
 
 
 _PACKED_SUFFIXES = ("weight", "weight_scale", "weight_zero", "weight_meta", "weight_bitmask")
+
+
+def _check_no_experts(model: Any, quantized: dict[str, Any]) -> None:
+    """MoE expert projections cannot go into a compressed-tensors checkpoint that transformers
+    loads: it keeps experts fused (3-D tensors) and quantizes only ``nn.Linear`` modules."""
+    from llmpress.moe import fused_experts, unfused_experts
+
+    experts = {
+        **{n: type(model.get_submodule(n)).__name__ for n in fused_experts(model)},
+        **{n: "UnfusedExperts" for n in unfused_experts(model)},
+    }
+    hit = sorted(q for q in quantized if any(q.startswith(e + ".") for e in experts))
+    if hit:
+        owner = next(e for e in experts if hit[0].startswith(e + "."))
+        raise LlmpressError(
+            f"{hit[0]} (and {len(hit) - 1} more) are mixture-of-experts expert projections: transformers keeps "
+            f"these experts fused ({owner} is a {experts[owner]} with 3-D weights) and its compressed-tensors "
+            f"loader only quantizes nn.Linear layers, so the checkpoint would not load; use --format llmpress "
+            f"(packed experts load with `import llmpress`), or keep the experts out of the quantization stages "
+            f"(ignore: ['.*experts.*'])"
+        )
 
 
 def compressed_tensors_state_dict(

@@ -132,11 +132,12 @@ def all_reduce_sum(tensors: Iterable[torch.Tensor]) -> None:
 def reduce_stats(stats: dict[str, Any], order: Sequence[str] | None = None) -> None:
     """All-reduce every distinct :class:`~llmpress.stats.LayerStats` of ``stats`` (layers that
     share an input share one object) with each statistic's merge rule, in a rank-independent
-    order (``order``: the layers' execution order, the same on every rank)."""
+    order (sorted names: the layers that ran can differ between ranks, as MoE experts do;
+    ``order`` is accepted for callers and not needed)."""
     if world_size() == 1:
         return
     seen: set[int] = set()
-    for name in list(order or []) + sorted(stats):
+    for name in sorted(stats):
         s = stats.get(name)
         if s is None or id(s) in seen:
             continue

@@ -68,6 +68,7 @@ class LlmpressConfig(QuantizationConfigMixin):
         self.config_checksum = kwargs.pop("config_checksum", None)
         self.kv_cache = kwargs.pop("kv_cache", None)
         self.attributes = kwargs.pop("attributes", None)
+        self.experts = kwargs.pop("experts", None)
         kwargs.pop("quant_method", None)
         self._unknown = kwargs  # refused by the schema in post_init
         self.post_init()
@@ -95,6 +96,8 @@ class LlmpressConfig(QuantizationConfigMixin):
             d["config_checksum"] = self.config_checksum
         if self.attributes is not None:
             d["attributes"] = self.attributes
+        if self.experts is not None:
+            d["experts"] = self.experts
         return d
 
 
@@ -133,6 +136,7 @@ class LlmpressHfQuantizer(HfQuantizer):
     ) -> Any:
         cfg = self.quantization_config
         assert isinstance(cfg, LlmpressConfig)
+        self._unfuse_experts(model, cfg.schema.experts or {})
         known = dict(model.named_modules())
         for name, fmt in cfg.module_formats().items():
             if name not in known:
@@ -162,6 +166,52 @@ class LlmpressHfQuantizer(HfQuantizer):
         if checkpoint_files:
             self._check_files(model, [str(f) for f in checkpoint_files])
         return model
+
+    @staticmethod
+    def _unfuse_experts(model: Any, experts: dict[str, str]) -> None:
+        """MoE experts stored unfused: replace those fused modules before the weights load."""
+        from llmpress.moe import fused_experts, unfuse_model
+
+        if not experts:
+            return
+        found = fused_experts(model)
+        for name, layout in experts.items():
+            if name not in found:
+                raise CheckpointError(
+                    f"quantization_config.experts names {name!r}, which is not a fused experts module of this "
+                    f"{type(model).__name__}; the checkpoint does not match its config.json"
+                )
+            got = found[name]
+            if got is None or got.name != layout:
+                raise CheckpointError(
+                    f"{name}: the checkpoint stores experts of layout {layout!r}, but this "
+                    f"{type(model).__name__} builds {'an unknown layout' if got is None else repr(got.name)}; "
+                    f"load it with the transformers version it was saved with"
+                )
+        unfuse_model(model, list(experts), allow_meta=True)
+
+    def update_weight_conversions(self, weight_conversions: list[Any], model: Any) -> list[Any]:
+        """Drop transformers' conversions into parameters the model no longer has (per-expert
+        checkpoint names merged into fused experts tensors, for experts llmpress unfused)."""
+        import re
+
+        from transformers.core_model_loading import WeightConverter
+
+        weight_conversions = super().update_weight_conversions(weight_conversions, model)
+        cfg = self.quantization_config
+        if not isinstance(cfg, LlmpressConfig) or not cfg.schema.experts:
+            return weight_conversions
+        params = "\n".join(n for n, _ in model.named_parameters())
+        kept = []
+        for conv in weight_conversions:
+            targets = getattr(conv, "_original_target_patterns", None) or []
+            if isinstance(conv, WeightConverter) and any("experts" in t for t in targets) and not any(
+                re.search(re.escape(t.lstrip(".")) + "$", params, re.MULTILINE) for t in targets
+            ):
+                log.debug("llmpress: no %s in the model (unfused experts); conversion dropped", targets)
+                continue
+            kept.append(conv)
+        return kept
 
     def _check_files(self, model: Any, files: list[str]) -> None:
         """Every tensor of ``files`` against the model just built, then the checksums."""

@@ -14,6 +14,7 @@ from llmpress.level_sets import LevelSet
 from llmpress.levels import LevelDatabase, compute_result, level_config, log_size_estimate, progress_bar
 from llmpress.method_hooks import MethodHooks
 from llmpress.modules import find_blocks, get_weight
+from llmpress.moe_stats import DEFAULT_MIN_TOKENS, complete_expert_stats
 from llmpress.stats import StatsCollector
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ def build_database(
     device: torch.device,
     batch_size: int,
     progress: bool = True,
+    min_tokens: int = DEFAULT_MIN_TOKENS,
 ) -> None:
     """Fill ``db`` with every unit at every level: statistics per block on the dense model's
     activations (shared by all levels), then the stage's plugins once per level. Units already
@@ -59,6 +61,7 @@ def build_database(
             mods = {db.units[i]: model.get_submodule(db.units[i]) for i in by_block[b]}
             with StatsCollector(mods, needs) as col:
                 acts.run(block, keep_outputs=False, on_batch=col.new_batch)
+            complete_expert_stats(block, mods, col, acts, min_tokens, f"{prefix}.{b}", f"{prefix}.{b}.")
             for i in by_block[b]:
                 name = db.units[i]
                 st = col.stats[name]

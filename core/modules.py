@@ -85,19 +85,31 @@ def select_targets(
     """Qualified names of the layers a stage compresses.
 
     ``patterns``: regexes matched (``re.search``) against full module names; ``None`` means
-    every linear layer inside the repeated blocks (never embeddings or the LM head).
+    every linear layer inside the repeated blocks (never embeddings or the LM head) except
+    mixture-of-experts routers (:func:`llmpress.moe.router_names`).
     ``ignore``: regexes removing names. Raises :class:`RecipeError` if nothing matches.
     """
+    from llmpress.moe import router_names
+
     block_prefix, blocks = find_blocks(model)
     in_blocks = [f"{block_prefix}.{i}.{n}" for i, blk in enumerate(blocks) for n in block_linears(blk)]
     if patterns is None:
-        names = in_blocks
+        routers = router_names(model)
+        names = [n for n in in_blocks if n not in routers]
     else:
         regs = [_compile(p, stage_name) for p in patterns]
         all_linear = [n for n, m in model.named_modules() if is_linear(m)]
         names = [n for n in all_linear if any(r.search(n) for r in regs)]
         for p, r in zip(patterns, regs):
             if not any(r.search(n) for n in all_linear):
+                routers = sorted(n for n in router_names(model) if r.search(n))
+                if routers:
+                    raise RecipeError(
+                        f"{stage_name}: target {p!r} matches only mixture-of-experts routers ({routers[:3]}, "
+                        f"{type(model.get_submodule(routers[0])).__name__}), which are not linear layers: "
+                        f"llmpress does not compress routers (they choose the experts); target the experts "
+                        f"instead, e.g. '.*experts.*'"
+                    )
                 raise RecipeError(
                     f"{stage_name}: target {p!r} matches no linear layer; example names: {all_linear[:3]}"
                 )

@@ -27,6 +27,8 @@ from llmpress.errors import CalibrationError, ModelError
 from llmpress.gradients import collect_gradients
 from llmpress.method_hooks import MethodHooks
 from llmpress.modules import find_blocks, get_weight, in_out_features, is_linear, select_targets
+from llmpress.moe import with_experts_unfused
+from llmpress.moe_stats import DEFAULT_MIN_TOKENS, complete_expert_stats
 from llmpress.offload import execution_device, onload
 from llmpress.plugin_manager import Llmpress, get_plugin_manager
 from llmpress.quant.activations import is_static, static_scale
@@ -88,6 +90,9 @@ class _Engine:
         self.grads: dict[str, torch.Tensor] = {}
         #: per stage planning globally: every block's ``llmpress_score_block`` answer
         self.block_scores: dict[int, tuple[Any, ...]] = {}
+        #: MoE: experts with fewer routed tokens get statistics from all tokens (llmpress.moe_stats)
+        self.moe_min_tokens = DEFAULT_MIN_TOKENS
+        self.moe_info: dict[str, dict[str, Any]] = {}  # per expert layer, for the report
 
     def plan(self, acts: BlockActivations | None, dev: torch.device, progress: bool) -> None:
         """The planning pass of stages that decide across blocks: score every block of the
@@ -107,7 +112,9 @@ class _Engine:
                     st = self.stages[si]
                     rels = [r for r in self.plans[si].get(i, []) if is_linear(block.get_submodule(r))]
                     stats, _ = self._collect(block, {r: block.get_submodule(r) for r in rels}, st, pre, i)
-                    ctx = BlockContext(i, f"{self.prefix}.{i}", block, getattr(self.model, "config", None), stats)
+                    ctx = BlockContext(
+                        i, f"{self.prefix}.{i}", block, getattr(self.model, "config", None), stats
+                    )
                     answers[si].append(self.hooks[si].score_block(ctx, st.config))
                 if pre is not None and i + 1 < len(self.blocks):
                     pre.run(block, keep_outputs=True)
@@ -170,6 +177,8 @@ class _Engine:
             return {}, None
         with StatsCollector(mods, st.config.statistics()) as col:
             acts.run(block, keep_outputs=False, on_batch=col.new_batch)
+        info = complete_expert_stats(block, mods, col, acts, self.moe_min_tokens, f"{self.prefix}.{i}")
+        self.moe_info.update({f"{self.prefix}.{i}.{r}": v for r, v in info.items()})
         distributed.reduce_stats(col.stats, col.order)  # every rank solves on the sums of all ranks
         stats = dict(col.stats)
         if "grad" in st.config.statistics():
@@ -291,6 +300,7 @@ class _Engine:
         rep = self._module_report(name, mod)
         rep.methods.append(cfg.method)
         rep.info.update(res.info)
+        rep.info.update(self.moe_info.get(name, {}))
         rep.info[f"{cfg.method}_time_s"] = round(seconds, 4)
         if res.loss is not None:
             rep.losses[cfg.method] = float(res.loss)
@@ -357,6 +367,7 @@ def structure_summary(
     return out
 
 
+@with_experts_unfused  # MoE: one nn.Linear per expert projection while compressing (llmpress.moe)
 def compress(
     model: nn.Module,
     recipe: Recipe | dict[str, Any] | list[Any] | str | Any,
@@ -376,6 +387,9 @@ def compress(
 
     Each layer's result (keep mask, quantization state, loss) is committed to the model and
     recorded in its :func:`llmpress.results.compression_state`, which the savers read.
+    Mixture-of-experts models keep their architecture: fused experts are unfused for the
+    compression and fused back afterwards; results name the per-expert layers
+    (``...experts.3.down_proj``, see :mod:`llmpress.moe`).
 
     :param model: a Hugging Face model (causal LM or encoder) on any device.
     :param recipe: a :class:`Recipe`, a dict/list as in a YAML recipe, a file path, or a
@@ -413,6 +427,8 @@ def compress(
         )
     engine = _Engine(model, stages, pm, dev)  # validates targets and shapes before any work
     distributed.bind(dev)
+    if rec.moe_min_tokens is not None:
+        engine.moe_min_tokens = rec.moe_min_tokens
     needs_calib = any(s.config.calibrated() for s in stages) or rec.kv_cache is not None
 
     calib_info: dict[str, Any] = {}

@@ -105,6 +105,9 @@ class Recipe:
     stages: list[Stage | MethodConfig]
     #: ``"fp8"``: calibrate per-layer key/value scales and keep the KV cache in FP8 (E4M3)
     kv_cache: str | None = None
+    #: mixture-of-experts: an expert with fewer routed calibration tokens than this gets its
+    #: statistics from all of its block's tokens (``None``: the default, see llmpress.moe_stats)
+    moe_min_tokens: int | None = None
 
     def normalized(self) -> list[Stage]:
         return [s if isinstance(s, Stage) else Stage.from_config(s) for s in self.stages]
@@ -113,6 +116,8 @@ class Recipe:
         out: dict[str, Any] = {"stages": [s.to_dict() for s in self.normalized()]}
         if self.kv_cache is not None:
             out["kv_cache"] = self.kv_cache
+        if self.moe_min_tokens is not None:
+            out["moe_min_tokens"] = self.moe_min_tokens
         return out
 
     def resolve(self, pm: Llmpress | None = None) -> list[ResolvedStage]:
@@ -152,13 +157,23 @@ class Recipe:
     def from_dict(cls, data: Any) -> Recipe:
         """From ``{"stages": [...]}``, a list of stage dicts, or one stage dict."""
         kv_cache = None
+        moe_min_tokens = None
         if isinstance(data, dict) and "stages" in data:
-            extra = set(data) - {"stages", "kv_cache"}
+            extra = set(data) - {"stages", "kv_cache", "moe_min_tokens"}
             if extra:
                 raise RecipeError(
-                    f"unknown top-level recipe keys {sorted(extra)}; a recipe has 'stages' and optionally 'kv_cache'"
+                    f"unknown top-level recipe keys {sorted(extra)}; a recipe has 'stages' and optionally "
+                    f"'kv_cache' and 'moe_min_tokens'"
                 )
             kv_cache = data.get("kv_cache")
+            moe_min_tokens = data.get("moe_min_tokens")
+            if moe_min_tokens is not None and (
+                isinstance(moe_min_tokens, bool) or not isinstance(moe_min_tokens, int) or moe_min_tokens < 0
+            ):
+                raise RecipeError(
+                    f"moe_min_tokens must be an integer >= 0 (routed tokens below which an expert's statistics "
+                    f"come from all tokens; 0 turns the fallback off), got {moe_min_tokens!r}"
+                )
             data = data["stages"]
         elif isinstance(data, dict) and "method" in data:
             data = [data]
@@ -200,7 +215,7 @@ class Recipe:
             raise RecipeError(
                 f"kv_cache must be 'fp8' (an FP8 E4M3 KV cache with calibrated scales), got {kv_cache!r}"
             )
-        return cls(stages=stages, kv_cache=kv_cache)
+        return cls(stages=stages, kv_cache=kv_cache, moe_min_tokens=moe_min_tokens)
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:

@@ -20,6 +20,15 @@ from torch import nn
 from llmpress.blocks import DroppedModule
 from llmpress.formats import ModuleFormat, choose_format, pack_module
 from llmpress.modules import _is_conv1d, get_weight, is_linear
+from llmpress.moe import (
+    UnfusedExperts,
+    expert_views,
+    fuse_state_dict,
+    fused_experts,
+    irregular_experts,
+    unfuse_model,
+    unfused_experts,
+)
 from llmpress.offload import stored_tensor as _stored
 from llmpress.output import atomic_directory
 from llmpress.report import CompressionReport
@@ -80,12 +89,17 @@ def export_units(
     of one state-dict entry or one packed layer (offloaded weights read from their storage),
     in state-dict order, so that a writer holds one shard at a time. Tied tensors appear once."""
     state = compression_state(model)
+    # fused MoE experts with packed per-expert results: stored unfused (temporary per-expert copies)
+    with_result = {n for n, r in state.layers.items() if choose_format(r.quant, r.mask, sparse) is not None}
+    views = expert_views(model, with_result)
     dtype_name = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
     shapes = _config_shapes(model)  # resized layers, also of a loaded model that has no results
     mods = dict(model.named_modules())
     modules: dict[str, dict[str, Any]] = {}
     packed: dict[str, ModuleFormat] = {}  # layer name -> its format (the weight key is replaced)
-    for name, mod in mods.items():
+    view_mods = {f"{e}.{n}": m for e, v in views.items() for n, m in v.named_modules() if n}
+    irregular = irregular_experts(model)  # MoE experts resized by structured pruning: stored unfused
+    for name, mod in [*mods.items(), *view_mods.items()]:
         if isinstance(mod, LlmpressLinear):  # loaded packed: stored as it is
             modules[name] = mod.fmt.to_dict()
             continue
@@ -100,6 +114,8 @@ def export_units(
         if shapes is not None:
             resized = name in shapes and shapes[name] != (out_f, in_f)
         target = None if res is None else choose_format(res.quant, res.mask, sparse)
+        if target is None and any(name.startswith(e + ".") for e in irregular):
+            resized = True
         if target is None and resized:
             target = "dense"
         if target is None:
@@ -114,19 +130,30 @@ def export_units(
             symmetric=False if q is None or q.kind != "int" else q.symmetric,
             activations=None if q is None else q.activations,
             dtype=dtype_name,
-            nnz=int(res.mask.sum()) if target == "bitmask" and res is not None and res.mask is not None else None,
+            nnz=int(res.mask.sum())
+            if target == "bitmask" and res is not None and res.mask is not None
+            else None,
             resized=resized,
             bias=isinstance(getattr(mod, "bias", None), torch.Tensor) if resized else None,
         )
         packed[name] = fmt
         modules[name] = fmt.to_dict()
 
+    # the tensors of one MoE experts module are built together (fused back, or per expert)
+    experts = {**unfused_experts(model), **views}
+    mods.update(view_mods)
     units: list[Callable[[], dict[str, torch.Tensor]]] = []
     seen: set[int] = set()
     for key, t in model.state_dict(keep_vars=True).items():
         if dedupe_tied and id(t) in seen:  # tied (lm_head = embed_tokens): once, as save_pretrained does
             continue
         seen.add(id(t))
+        group = next((e for e in experts if key.startswith(e + ".")), None)
+        if group is not None:
+            if id(experts[group]) not in seen:
+                seen.add(id(experts[group]))
+                units.append(_experts_unit(group, experts[group], mods, packed, state, dtype, modules))
+            continue
         owner, _, leaf = key.rpartition(".")
         if leaf == "weight" and owner in packed:
             units.append(_packed_unit(mods, owner, packed[owner], state.layers.get(owner)))
@@ -159,12 +186,45 @@ def _packed_unit(
     return unit
 
 
+def _experts_unit(
+    name: str,
+    experts: UnfusedExperts,
+    mods: dict[str, nn.Module],
+    packed: dict[str, ModuleFormat],
+    state: Any,
+    dtype: torch.dtype | None,
+    modules: dict[str, Any],
+) -> Callable[[], dict[str, torch.Tensor]]:
+    """One MoE experts module's tensors: per expert (packed layers packed) when any of its
+    layers has a ``quantization_config`` entry, else the standard fused tensors
+    (:mod:`llmpress.moe`)."""
+
+    def unit() -> dict[str, torch.Tensor]:
+        sd = {f"{name}.{k}": _cast(v.detach().to("cpu"), dtype) for k, v in experts.state_dict().items()}
+        for layer in [n for n in packed if n.startswith(name + ".")]:
+            sd.pop(f"{layer}.weight", None)
+            sd.update(_packed_unit(mods, layer, packed[layer], state.layers.get(layer))())
+        fuse_state_dict({name: experts}, sd, modules)
+        return sd
+
+    return unit
+
+
+def stored_unfused(model: nn.Module, modules: dict[str, Any]) -> dict[str, str]:
+    """MoE experts modules (fused or not) stored unfused because some of their layers are in
+    ``modules``: name -> fused layout name."""
+    found = {n: m.layout for n, m in unfused_experts(model).items()}
+    found.update({n: lay for n, lay in fused_experts(model).items() if lay is not None})
+    return {n: lay.name for n, lay in found.items() if any(k.startswith(n + ".") for k in modules)}
+
+
 @torch.no_grad()
 def to_runtime(model: nn.Module, sparse: str = "auto", dtype: torch.dtype = torch.float16) -> nn.Module:
     """Turn ``model`` (in place) into what loading its saved checkpoint gives: compressed
     layers become their runtime modules (packed layers run by a kernel), floating tensors
     are cast to ``dtype``. Returns the model."""
     sd, modules = export_state_dict(model, sparse, dtype)
+    unfuse_model(model, list(stored_unfused(model, modules)))  # packed MoE experts: per-expert layers
     for name, entry in modules.items():
         fmt = ModuleFormat.from_dict(entry, name)
         old = model.get_submodule(name)
@@ -211,15 +271,24 @@ def save_compressed(
             config.dtype = dtype if dtype is not None else getattr(model, "dtype", None)
             config.architectures = [type(model).__name__]
             kv = compression_state(model).kv_cache
+            experts = stored_unfused(model, modules)  # MoE experts stored unfused, unfused again at load
             if modules or plan.attributes or kv:
                 recipe = report.recipe if report is not None else {}
                 config.quantization_config = LlmpressConfig(
-                    modules=modules, recipe=recipe, attributes=plan.attributes or None, kv_cache=kv
+                    modules=modules,
+                    recipe=recipe,
+                    attributes=plan.attributes or None,
+                    kv_cache=kv,
+                    experts=experts or None,
                 )
+            # an llmpress checkpoint keeps the model's own tensor names (what the quantizer checks at
+            # load); transformers would otherwise rename some (Mixtral: mlp -> block_sparse_moe)
+            llmpress_ckpt = bool(modules or plan.attributes or kv)
             config.save_pretrained(tmp)
             if getattr(model, "generation_config", None) is not None and model.can_generate():
                 model.generation_config.save_pretrained(tmp)
-            write_shards(tmp, units, convert=reverse_conversion(model))  # streamed: one shard in memory
+            convert = None if llmpress_ckpt else reverse_conversion(model)
+            write_shards(tmp, units, convert=convert)  # streamed: one shard in memory
         finally:  # the caller's config as it was
             config.__dict__.clear()
             config.__dict__.update(old)

@@ -112,6 +112,44 @@ def tiny_phi(seed: int = 0, **kw: Any) -> nn.Module:
     return _build(tf.PhiForCausalLM, tf.PhiConfig, dict(_COMMON, bos_token_id=0, eos_token_id=0), kw, seed)
 
 
+_MOE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    num_experts_per_tok=2,
+    bos_token_id=0,
+    eos_token_id=0,
+    tie_word_embeddings=False,
+)
+
+
+def tiny_mixtral(seed: int = 0, **kw: Any) -> nn.Module:
+    """Mixtral: 4 fused experts (``experts.gate_up_proj`` [4, 128, 64]), top-2, router ``mlp.gate``."""
+    return _build(tf.MixtralForCausalLM, tf.MixtralConfig, dict(_MOE, intermediate_size=64, num_local_experts=4), kw, seed)
+
+
+def tiny_qwen2_moe(seed: int = 0, **kw: Any) -> nn.Module:
+    """Qwen2-MoE: 4 fused experts plus a shared expert and its ``shared_expert_gate`` (a Linear)."""
+    defaults = dict(
+        _MOE,
+        intermediate_size=64,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=64,
+        num_experts=4,
+        norm_topk_prob=True,
+    )
+    return _build(tf.Qwen2MoeForCausalLM, tf.Qwen2MoeConfig, defaults, kw, seed)
+
+
+def tiny_qwen3_moe(seed: int = 0, **kw: Any) -> nn.Module:
+    """Qwen3-MoE: 4 fused experts, top-2, no shared expert."""
+    defaults = dict(_MOE, intermediate_size=64, moe_intermediate_size=64, num_experts=4, head_dim=16, norm_topk_prob=True)
+    return _build(tf.Qwen3MoeForCausalLM, tf.Qwen3MoeConfig, defaults, kw, seed)
+
+
 @dataclasses.dataclass(frozen=True)
 class Arch:
     """A tiny architecture: its factory, where its blocks live and what its block linears are."""
