@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmpress import distributed
 from llmpress.allocation import AllocationConfig, AllocationProblem, AllocationResult, allocation_kind
 from llmpress.blocks import DroppedModule
 from llmpress.calibration import CalibrationSource, build_calibration
@@ -149,6 +150,8 @@ def compress_allocated(
         modules=modules,
         calibration=calib_info,
         device=str(device),
+        world_size=distributed.world_size(),
+        devices=distributed.gather_objects(str(device)),
         wall_time_s=time.perf_counter() - t_start,
         versions=versions(),
         allocation=summary,

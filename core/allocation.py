@@ -119,7 +119,8 @@ class AllocationProblem:
     level database, compressing nothing. ``target``: the stage's average (sparsity, bits) or
     count (blocks). ``signals``: per-unit numbers some searches use (``block_influence``);
     ``scores(i)``: Wanda importance ``|W| * ||x||`` [out, in] of unit ``i`` (OWL).
-    ``groups``: unit index -> block index (OWL's per-block ratio). ``checkpoint``: a file a
+    ``groups``: unit index -> block index (OWL's per-block ratio). :meth:`evaluate` scores many
+    candidates at once, in parallel across torch.distributed ranks. ``checkpoint``: a file a
     search may use to resume; ``fingerprint``: identifies this problem (a checkpoint of another
     problem is refused).
     """
@@ -140,6 +141,22 @@ class AllocationProblem:
     checkpoint: str | None = None
     fingerprint: str = ""
     progress: bool = True
+
+    def evaluate(self, candidates: Sequence[Sequence[int]], tokens: int) -> list[float]:
+        """``fitness(c, tokens)`` of every candidate. Over several processes (torch.distributed)
+        each rank scores every ``world_size``-th candidate and all ranks get every value, so a
+        search that asks for its candidates together runs in parallel and identically on all."""
+        from llmpress import distributed
+
+        ws, rank = distributed.world_size(), distributed.rank()
+        if ws == 1:
+            return [self.fitness(c, tokens) for c in candidates]
+        values = torch.zeros(len(candidates), dtype=torch.float64)
+        for i, c in enumerate(candidates):
+            if i % ws == rank:
+                values[i] = self.fitness(c, tokens)
+        distributed.all_reduce_sum([values])
+        return [float(v) for v in values]
 
     def cost(self, levels: Sequence[int]) -> int:
         """Total cost of a solution."""

@@ -407,8 +407,6 @@ def compress(
     stages = rec.resolve(pm)
     dev = torch.device(device) if device is not None else _default_device(model)
     if any(st.allocation is not None for st in stages):  # per-layer levels under a budget
-        if distributed.world_size() > 1:
-            raise ModelError("allocation searches run in one process; run them without torchrun")
         from llmpress.allocate import compress_allocated
 
         return compress_allocated(

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from tqdm.auto import tqdm
 
-from llmpress import hookimpl
+from llmpress import distributed, hookimpl
 from llmpress.allocation import AllocationConfig, AllocationProblem, AllocationResult, moves_from
 from llmpress.errors import AllocationError, RecipeError
 
@@ -135,11 +135,11 @@ def evolve(problem: AllocationProblem, config: EvoPressConfig) -> AllocationResu
     for gen in bar:
         pool = [mutate(problem, parent, rng, config.max_mutations) for _ in range(config.offspring)]
         for tokens, keep in zip(steps[:-1], config.survivors):
-            fits = [problem.fitness(c, tokens) for c in pool]
+            fits = problem.evaluate(pool, tokens)  # in parallel across ranks under torchrun
             evals += len(pool)
             order = sorted(range(len(pool)), key=lambda i: (fits[i], i))
             pool = [pool[i] for i in order[:keep]]
-        fits = [problem.fitness(c, final) for c in pool]
+        fits = problem.evaluate(pool, final)
         evals += len(pool)
         i = min(range(len(pool)), key=lambda j: (fits[j], j))
         if fits[i] <= best:  # elitism: the parent stays unless matched or beaten
@@ -147,7 +147,7 @@ def evolve(problem: AllocationProblem, config: EvoPressConfig) -> AllocationResu
         history.append(best)
         bar.set_postfix(best=f"{best:.5f}")
         log.info("evopress generation %d: best fitness %.6f (%d evaluations)", gen + 1, best, evals)
-        if path is not None:
+        if path is not None and distributed.is_main():  # one writer; every rank holds the same state
             v, internal, gauss = rng.getstate()
             _save(
                 path,

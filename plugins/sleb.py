@@ -41,17 +41,11 @@ def llmpress_search_allocation(problem: AllocationProblem, config: SLEBConfig) -
     history: list[float] = []
     evals = 0
     for _ in tqdm(range(problem.budget), desc="sleb", disable=not problem.progress):
-        best: tuple[float, int] | None = None
-        for i in range(len(levels)):
-            if levels[i]:
-                continue
-            levels[i] = 1
-            f = problem.fitness(levels, tokens)
-            evals += 1
-            levels[i] = 0
-            if best is None or f < best[0]:
-                best = (f, i)
-        assert best is not None
-        levels[best[1]] = 1
-        history.append(best[0])
+        free = [i for i in range(len(levels)) if not levels[i]]
+        trials = [[1 if j == i else lv for j, lv in enumerate(levels)] for i in free]
+        fits = problem.evaluate(trials, tokens)  # in parallel across ranks under torchrun
+        evals += len(trials)
+        f, i = min(zip(fits, free))
+        levels[i] = 1
+        history.append(f)
     return AllocationResult(levels=levels, fitness=history[-1], history=history, evaluations=evals)

@@ -26,6 +26,9 @@ pytestmark = pytest.mark.skipif(
 
 GPTQ = {"stages": [{"method": "gptq", "bits": 4, "group_size": 16}]}
 SPARSEGPT = {"stages": [{"method": "sparsegpt", "sparsity": 0.5}]}
+EVO = {"method": "evopress", "generations": 3, "offspring": 4, "tokens": [64, 256], "survivors": [2]}
+EVOPRESS = {"stages": [{"method": "sparsegpt", "sparsity": 0.5, "allocation": EVO}]}
+RECIPES = {"gptq": GPTQ, "sparsegpt": SPARSEGPT, "evopress": EVOPRESS}
 
 
 def _port() -> int:
@@ -42,8 +45,7 @@ def _ids(n: int = 8) -> torch.Tensor:
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One 2-process gloo run (spawning is the slow part): statistics, then GPTQ and SparseGPT."""
     out = tmp_path_factory.mktemp("two-ranks")
-    recipes = {"gptq": GPTQ, "sparsegpt": SPARSEGPT}
-    mp.spawn(worker, args=(2, _port(), _x(), _ids(), recipes, out), nprocs=2)
+    mp.spawn(worker, args=(2, _port(), _x(), _ids(), RECIPES, out), nprocs=2)
     return out
 
 
@@ -62,9 +64,11 @@ def test_statistics_reduced_over_two_ranks_equal_one_process(two_ranks: Path) ->
         torch.testing.assert_close(got["acc"][name], acc, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["gptq", "sparsegpt"])
+@pytest.mark.parametrize("name", list(RECIPES))
 def test_two_processes_compress_like_one(two_ranks: Path, name: str) -> None:
-    recipe = {"gptq": GPTQ, "sparsegpt": SPARSEGPT}[name]
+    """Statistics reduced, solves spread over ranks; an EvoPress search scores its offspring on
+    both ranks (each half) and finds the same allocation as one process."""
+    recipe = RECIPES[name]
     got = torch.load(two_ranks / f"{name}.pt", weights_only=False)
     model, report = llmpress.compress(tiny_llama(seed=0), recipe, _ids(), batch_size=2, progress=False)
     for other in got["others"]:  # rank 1 holds the very same model as rank 0
@@ -75,6 +79,9 @@ def test_two_processes_compress_like_one(two_ranks: Path, name: str) -> None:
     assert got["report"]["world_size"] == 2 and got["report"]["devices"] == ["cpu", "cpu"]
     assert report.to_dict()["world_size"] == 1
     assert got["report"]["modules"].keys() == report.to_dict()["modules"].keys()
+    if name == "evopress":
+        assert got["report"]["allocation"]["levels"] == report.allocation["levels"]
+        assert got["report"]["allocation"]["evaluations"] == report.allocation["evaluations"]
 
 
 def test_torchrun_cli_two_processes(tiny_model_dir: Path, tmp_path: Path) -> None:
