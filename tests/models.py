@@ -128,7 +128,13 @@ _MOE = dict(
 
 def tiny_mixtral(seed: int = 0, **kw: Any) -> nn.Module:
     """Mixtral: 4 fused experts (``experts.gate_up_proj`` [4, 128, 64]), top-2, router ``mlp.gate``."""
-    return _build(tf.MixtralForCausalLM, tf.MixtralConfig, dict(_MOE, intermediate_size=64, num_local_experts=4), kw, seed)
+    return _build(
+        tf.MixtralForCausalLM,
+        tf.MixtralConfig,
+        dict(_MOE, intermediate_size=64, num_local_experts=4),
+        kw,
+        seed,
+    )
 
 
 def tiny_qwen2_moe(seed: int = 0, **kw: Any) -> nn.Module:
@@ -146,7 +152,9 @@ def tiny_qwen2_moe(seed: int = 0, **kw: Any) -> nn.Module:
 
 def tiny_qwen3_moe(seed: int = 0, **kw: Any) -> nn.Module:
     """Qwen3-MoE: 4 fused experts, top-2, no shared expert."""
-    defaults = dict(_MOE, intermediate_size=64, moe_intermediate_size=64, num_experts=4, head_dim=16, norm_topk_prob=True)
+    defaults = dict(
+        _MOE, intermediate_size=64, moe_intermediate_size=64, num_experts=4, head_dim=16, norm_topk_prob=True
+    )
     return _build(tf.Qwen3MoeForCausalLM, tf.Qwen3MoeConfig, defaults, kw, seed)
 
 
@@ -276,3 +284,27 @@ def is_nm_sparse(weight: torch.Tensor, n: int, m: int) -> bool:
         return False
     nnz = (weight.reshape(out, cols // m, m) != 0).sum(-1)
     return bool((nnz <= n).all())
+
+
+def run_without_llmpress(folder: Path, ids: torch.Tensor, tmp: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load ``folder`` with plain transformers in a fresh process (asserting llmpress is never
+    imported); returns its logits on ``ids`` and its greedy 6-token continuation of ``ids[:1, :4]``."""
+    import subprocess
+    import sys
+    import textwrap
+
+    torch.save(ids, tmp / "probe.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({str(folder)!r})
+        assert "llmpress" not in sys.modules
+        ids = torch.load({str(tmp / "probe.pt")!r})
+        with torch.no_grad():
+            torch.save(m(input_ids=ids).logits, {str(tmp / "out.pt")!r})
+        torch.save(m.generate(ids[:1, :4], max_new_tokens=6, do_sample=False), {str(tmp / "gen.pt")!r})
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    return torch.load(tmp / "out.pt"), torch.load(tmp / "gen.pt")

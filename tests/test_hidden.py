@@ -4,14 +4,11 @@ exact shapes, tied heads, the scores, and smaller models that plain transformers
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from models import calib_ids, tiny_llama, tiny_opt, tiny_qwen2
+from models import calib_ids, run_without_llmpress, tiny_llama, tiny_opt, tiny_qwen2
 from transformers import AutoModelForCausalLM
 
 import llmpress
@@ -142,23 +139,9 @@ def test_uniform_hidden_saves_a_standard_config_that_plain_transformers_loads(tm
     assert "quantization_config" not in cfg
     assert cfg["hidden_size"] == model.config.hidden_size < 32 and cfg["head_dim"] == 8
     assert cfg["hidden_size"] % 4 == 0  # LlamaConfig wants a multiple of its 4 heads
-    torch.save(PROBE, tmp_path / "probe.pt")
-    script = textwrap.dedent(
-        f"""
-        import sys, torch
-        from transformers import AutoModelForCausalLM
-        m = AutoModelForCausalLM.from_pretrained({str(tmp_path / "m")!r})
-        assert "llmpress" not in sys.modules
-        ids = torch.load({str(tmp_path / "probe.pt")!r})
-        with torch.no_grad():
-            torch.save(m(input_ids=ids).logits, {str(tmp_path / "out.pt")!r})
-        torch.save(m.generate(ids[:1, :4], max_new_tokens=6, do_sample=False), {str(tmp_path / "gen.pt")!r})
-        """
-    )
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
-    assert torch.allclose(torch.load(tmp_path / "out.pt"), _logits(model), atol=1e-5)
-    ref = model.generate(PROBE[:1, :4], max_new_tokens=6, do_sample=False, use_cache=True)
-    assert torch.equal(torch.load(tmp_path / "gen.pt"), ref)
+    logits, gen = run_without_llmpress(tmp_path / "m", PROBE, tmp_path)
+    assert torch.allclose(logits, _logits(model), atol=1e-5)
+    assert torch.equal(gen, model.generate(PROBE[:1, :4], max_new_tokens=6, do_sample=False, use_cache=True))
 
 
 def test_global_hidden_with_non_uniform_blocks_reloads_and_generates(tmp_path: Path) -> None:

@@ -4,14 +4,11 @@ groups kept consistent, FLAP's compensation, and smaller models that save and lo
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from models import DATA_DIR, calib_ids, tiny_llama, tiny_mistral, tiny_opt, tiny_qwen2
+from models import DATA_DIR, calib_ids, run_without_llmpress, tiny_llama, tiny_mistral, tiny_opt, tiny_qwen2
 from transformers import AutoModelForCausalLM
 
 import llmpress
@@ -222,23 +219,9 @@ def test_uniform_shapes_save_a_standard_config_that_plain_transformers_loads(tmp
     assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (2, 2, 8)
     assert cfg["intermediate_size"] == 36 and cfg["attention_bias"] and cfg["mlp_bias"]
     expect = _logits(model)
-    torch.save(PROBE, tmp_path / "probe.pt")
-    script = textwrap.dedent(
-        f"""
-        import sys, torch
-        from transformers import AutoModelForCausalLM
-        m = AutoModelForCausalLM.from_pretrained({str(tmp_path / "m")!r})
-        assert "llmpress" not in sys.modules
-        ids = torch.load({str(tmp_path / "probe.pt")!r})
-        with torch.no_grad():
-            torch.save(m(input_ids=ids).logits, {str(tmp_path / "out.pt")!r})
-        torch.save(m.generate(ids[:1, :4], max_new_tokens=6, do_sample=False), {str(tmp_path / "gen.pt")!r})
-        """
-    )
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
-    assert torch.allclose(torch.load(tmp_path / "out.pt"), expect, atol=1e-5)
-    ref = model.generate(PROBE[:1, :4], max_new_tokens=6, do_sample=False, use_cache=True)
-    assert torch.equal(torch.load(tmp_path / "gen.pt"), ref)
+    logits, gen = run_without_llmpress(tmp_path / "m", PROBE, tmp_path)
+    assert torch.allclose(logits, expect, atol=1e-5)
+    assert torch.equal(gen, model.generate(PROBE[:1, :4], max_new_tokens=6, do_sample=False, use_cache=True))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -27,6 +27,15 @@ from llmpress.evaluate import perplexity_of_windows, text_windows
 from llmpress.loading import load_model
 from llmpress.modules import find_blocks
 
+#: a search sized for a CPU: 20 generations of 8 offspring, selection on 256/1024/4096 tokens
+EVOPRESS = {
+    "method": "evopress",
+    "generations": 20,
+    "offspring": 8,
+    "tokens": [256, 1024, 4096],
+    "survivors": [2, 1],
+}
+
 #: rows: label -> stage options (``ratio`` is added per column)
 VARIANTS = {
     "magnitude_structured": {"method": "magnitude_structured"},
@@ -37,9 +46,9 @@ VARIANTS = {
     "flap no-comp": {"method": "flap", "bias_compensation": False},
     "flap +ls": {"method": "flap", "reconstruct": True},
     # per-block widths chosen by EvoPress (levels: the method's uniform pruning of each block)
-    "minitron evopress": {"method": "minitron", "allocation": {"method": "evopress", "generations": 30}},
-    "llm_pruner evopress": {"method": "llm_pruner", "allocation": {"method": "evopress", "generations": 30}},
-    "flap evopress": {"method": "flap", "allocation": {"method": "evopress", "generations": 30}},
+    "minitron evopress": {"method": "minitron", "allocation": EVOPRESS},
+    "llm_pruner evopress": {"method": "llm_pruner", "allocation": EVOPRESS},
+    "flap evopress": {"method": "flap", "allocation": EVOPRESS},
 }
 
 
