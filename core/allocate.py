@@ -196,7 +196,8 @@ def _summary(
         "budget": problem.budget,
         "cost": problem.cost(result.levels),
         "levels": {
-            u: (round(v, 8) if problem.kind in ("sparsity", "widths") else int(v)) for u, v in zip(problem.units, values)
+            u: (round(v, 8) if problem.kind in ("sparsity", "widths") else int(v))
+            for u, v in zip(problem.units, values)
         },
         "fitness": result.fitness,
         "metric": alloc.metric,
@@ -253,10 +254,6 @@ def _run_levels(
     fit = Fitness(model, fit_ids.to(device), alloc.metric, device, bs)
     stitcher = WeightStitcher(model, units, db)
 
-    def fitness(lv: Any, tokens: int) -> float:
-        stitcher.apply(lv)
-        return fit(tokens)
-
     def scores(i: int) -> torch.Tensor:
         norms = db.sq_norms(i)
         if norms is None:
@@ -264,23 +261,19 @@ def _run_levels(
         w = stitcher.dense[i].float()  # [out, in]
         return w.abs() * norms.sqrt().unsqueeze(0)
 
-    problem_fp = _problem_fp(fp, alloc, levels)
-    problem = AllocationProblem(
-        kind=kind,
-        units=units,
-        levels=levels.values,
-        costs=levels.costs,
-        start=levels.start,
-        budget=levels.budget,
-        target=target,
-        fitness=fitness,
-        max_tokens=fit_ids.numel(),
-        seqlen=int(ids.shape[1]),
+    problem = _make_problem(
+        kind,
+        units,
+        levels,
+        target,
+        stitcher,
+        fit,
+        fp,
+        alloc,
+        int(ids.shape[1]),
+        progress,
         groups=unit_blocks(units, prefix),
         scores=scores,
-        checkpoint=_checkpoint(alloc, problem_fp),
-        fingerprint=problem_fp,
-        progress=progress,
     )
     result, search_s = _search(pm, problem, alloc, stitcher, fit)
     reports: dict[str, ModuleReport] = {}
@@ -328,32 +321,24 @@ def _run_drop(
 
     stitcher = swap_stitcher(model, units, make_skip)
 
-    def fitness(lv: Any, n_tokens: int) -> float:
-        stitcher.apply(lv)
-        return fit(n_tokens)
-
     fp = {
         "units": units,
         "blocks": levels.budget,
         "ids": _ids_sha(ids),
     }
-    problem_fp = _problem_fp(fp, alloc, levels)
-    problem = AllocationProblem(
-        kind="blocks",
-        units=units,
-        levels=levels.values,
-        costs=levels.costs,
-        start=levels.start,
-        budget=levels.budget,
-        target=float(levels.budget),
-        fitness=fitness,
-        max_tokens=ids.numel(),
-        seqlen=int(ids.shape[1]),
+    problem = _make_problem(
+        "blocks",
+        units,
+        levels,
+        float(levels.budget),
+        stitcher,
+        fit,
+        fp,
+        alloc,
+        int(ids.shape[1]),
+        progress,
         groups=[i // (1 if gran == "block" else 2) for i in range(len(units))],
         signals={"block_influence": influence},
-        checkpoint=_checkpoint(alloc, problem_fp),
-        fingerprint=problem_fp,
-        progress=progress,
     )
     result, search_s = _search(pm, problem, alloc, stitcher, fit)
     summary = _summary(problem, alloc, result, search_s, 0.0)
@@ -402,28 +387,20 @@ def _run_widths(
     if alloc.method == "explicit":
         stitcher.current = [-1] * len(units)  # level 0 is the chosen variant, not the block
 
-    def fitness(lv: Any, n_tokens: int) -> float:
-        stitcher.apply(lv)
-        return fit(n_tokens)
-
     stage_d = {k: v for k, v in st.stage.to_dict().items() if k != "allocation"}
     fp = {"units": units, "stage": stage_d, "values": levels.values, "ids": _ids_sha(ids)}
-    problem_fp = _problem_fp(fp, alloc, levels)
-    problem = AllocationProblem(
-        kind="widths",
-        units=units,
-        levels=levels.values,
-        costs=levels.costs,
-        start=levels.start,
-        budget=levels.budget,
-        target=ratio,
-        fitness=fitness,
-        max_tokens=fit_ids.numel(),
-        seqlen=int(ids.shape[1]),
+    problem = _make_problem(
+        "widths",
+        units,
+        levels,
+        ratio,
+        stitcher,
+        fit,
+        fp,
+        alloc,
+        int(ids.shape[1]),
+        progress,
         groups=list(range(len(units))),
-        checkpoint=_checkpoint(alloc, problem_fp),
-        fingerprint=problem_fp,
-        progress=progress,
     )
     result, search_s = _search(pm, problem, alloc, stitcher, fit)
     stitcher.apply(result.levels)
@@ -445,3 +422,42 @@ def _run_widths(
 
 def _ids_sha(ids: torch.Tensor) -> str:
     return hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()
+
+
+def _make_problem(
+    kind: str,
+    units: list[str],
+    levels: LevelSet,
+    target: float,
+    stitcher: Any,
+    fit: Fitness,
+    fp: dict[str, Any],
+    alloc: AllocationConfig,
+    seqlen: int,
+    progress: bool,
+    **extra: Any,
+) -> AllocationProblem:
+    """The problem a search solves: a candidate is stitched into the model, then scored;
+    ``fp`` (what the levels were built from) identifies it for checkpoints."""
+
+    def fitness(lv: Any, tokens: int) -> float:
+        stitcher.apply(lv)
+        return fit(tokens)
+
+    problem_fp = _problem_fp(fp, alloc, levels)
+    return AllocationProblem(
+        kind=kind,
+        units=units,
+        levels=levels.values,
+        costs=levels.costs,
+        start=levels.start,
+        budget=levels.budget,
+        target=target,
+        fitness=fitness,
+        max_tokens=fit.ids.numel(),
+        seqlen=seqlen,
+        checkpoint=_checkpoint(alloc, problem_fp),
+        fingerprint=problem_fp,
+        progress=progress,
+        **extra,
+    )
