@@ -2,7 +2,8 @@
 
 The budget covers the weights accelerate keeps on the GPU plus the compression working set:
 two blocks' weights (the onloaded one and its compressed copy), fp32 statistics of the
-block's widest inputs, and the calibration activations unless they rest on the CPU. The
+block's inputs (only the one being solved when statistics rest on the CPU, as they do for
+many-expert blocks), and the calibration activations unless they rest on the CPU. The
 activations cross to the GPU for every pass over every block, the offloaded weights once, so
 the activations keep the GPU first and the weights get what is left.
 """
@@ -49,6 +50,8 @@ class MemoryPlan:
     weights: int
     offload_activations: bool
     working_set: int
+    #: keep layer input statistics on the CPU (mixture-of-experts blocks: one ``X^T X`` per expert)
+    offload_stats: bool = False
 
 
 def plan_memory(
@@ -59,13 +62,23 @@ def plan_memory(
     inter = int(getattr(config, "intermediate_size", 0) or 4 * h)
     layers = int(getattr(config, "num_hidden_layers", 1) or 1)
     vocab = int(getattr(config, "vocab_size", 0) or 0)
-    block_params = 4 * h * h + 3 * h * inter
+    experts = int(getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0) or 0)
+    moe_inter = int(getattr(config, "moe_intermediate_size", 0) or inter)
+    if experts:  # attention, then every expert's MLP (gate/up input, down input)
+        block_params = 4 * h * h + 3 * h * moe_inter * experts
+        stats = 4 * (2 * h * h + experts * (h * h + moe_inter * moe_inter))
+    else:
+        block_params = 4 * h * h + 3 * h * inter
+        stats = 4 * (h * h + inter * inter)  # the widest inputs' X^T X (attention/MLP in, MLP down)
+    solve = 2 * 4 * max(h, inter, moe_inter) ** 2  # one layer's X^T X and its factor, for its solve
     block = block_params * param_bytes
-    stats = 4 * (h * h + inter * inter)  # the widest inputs' X^T X (attention/MLP in, MLP down)
     acts = 2 * -(-nsamples // world) * seqlen * h * param_bytes  # block inputs and outputs
-    fixed = 2 * block + stats + 2 * vocab * h * param_bytes // max(layers, 1)
-    # activations cross to the GPU for every pass over every block, weights once: activations
-    # stay on the GPU whenever they fit, the weights get what is left
+    base = 2 * block + 2 * vocab * h * param_bytes // max(layers, 1)
+    # statistics go to the CPU when they are a large share (many experts) or do not fit with the
+    # activations; activations cross to the GPU for every pass over every block, weights once:
+    # activations stay on the GPU whenever they fit, the weights get what is left
+    offload_stats = stats > budget // 4 or (base + stats + acts > budget and base + solve + acts <= budget)
+    fixed = base + (solve if offload_stats else stats)
     offload_acts = fixed + acts > budget
     working = fixed + (0 if offload_acts else acts)
     if working >= budget:
@@ -75,9 +88,15 @@ def plan_memory(
             f"raise it, or lower --nsamples/--seqlen"
         )
     log.info(
-        "GPU budget %.1f GiB: %.1f GiB for weights, calibration activations on %s",
+        "GPU budget %.1f GiB: %.1f GiB for weights, calibration activations on %s, statistics on %s",
         budget / 2**30,
         (budget - working) / 2**30,
         "CPU" if offload_acts else "GPU",
+        "CPU" if offload_stats else "GPU",
     )
-    return MemoryPlan(weights=budget - working, offload_activations=offload_acts, working_set=working)
+    return MemoryPlan(
+        weights=budget - working,
+        offload_activations=offload_acts,
+        working_set=working,
+        offload_stats=offload_stats,
+    )

@@ -75,9 +75,10 @@ def _compress(a: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
-def _load_for_compress(a: argparse.Namespace) -> tuple[Any, Any, bool]:
-    """``(model, tokenizer, offload_activations)``: loaded whole, or under ``--max-gpu-memory``
-    with accelerate (the rest offloaded to CPU) and activations on CPU when they do not fit."""
+def _load_for_compress(a: argparse.Namespace) -> tuple[Any, Any, bool, bool]:
+    """``(model, tokenizer, offload_activations, offload_stats)``: loaded whole, or under
+    ``--max-gpu-memory`` with accelerate (the rest offloaded to CPU) and activations and
+    statistics on CPU when they do not fit."""
     import torch
 
     from llmpress import distributed
@@ -85,7 +86,7 @@ def _load_for_compress(a: argparse.Namespace) -> tuple[Any, Any, bool]:
 
     if a.max_gpu_memory is None:
         model, tok = load_model(a.model, dtype=a.dtype, device="cpu" if a.offload_model else a.device)
-        return model, tok, a.offload_activations
+        return model, tok, a.offload_activations, a.offload_stats
     import transformers
     from accelerate.utils import get_max_memory
 
@@ -104,7 +105,12 @@ def _load_for_compress(a: argparse.Namespace) -> tuple[Any, Any, bool]:
     model, tok = load_model(
         a.model, dtype=a.dtype, device=a.device, max_memory=budgets, offload_folder=a.offload_folder
     )
-    return model, tok, a.offload_activations or plan.offload_activations
+    return (
+        model,
+        tok,
+        a.offload_activations or plan.offload_activations,
+        a.offload_stats or plan.offload_stats,
+    )
 
 
 def _compress_into(a: argparse.Namespace, recipe: Any, out: Path | None) -> int:
@@ -117,7 +123,7 @@ def _compress_into(a: argparse.Namespace, recipe: Any, out: Path | None) -> int:
     from llmpress.save import save_result
 
     saved_dtype = stored_dtype(a.model)  # read before loading: loading in fp32 overwrites config.dtype
-    model, tok, offload_activations = _load_for_compress(a)
+    model, tok, offload_activations, offload_stats = _load_for_compress(a)
     if a.format == "compressed-tensors":  # MoE expert projections: refused before any work
         from llmpress.compressed_tensors import check_model_exportable
         from llmpress.plugin_manager import get_plugin_manager
@@ -139,6 +145,7 @@ def _compress_into(a: argparse.Namespace, recipe: Any, out: Path | None) -> int:
         device=a.device,
         batch_size=a.batch_size,
         offload_activations=offload_activations,
+        offload_stats=offload_stats,
         progress=distributed.is_main(),
     )
     if out is None:
@@ -336,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="auto", help="compute dtype (auto: fp32 on CPU, stored dtype on GPU)")
     c.add_argument("--batch-size", type=int, default=None, help="calibration sequences per block forward")
     c.add_argument("--offload-activations", action="store_true", help="keep calibration activations on CPU")
+    c.add_argument(
+        "--offload-stats",
+        action="store_true",
+        help="keep layer input statistics (X^T X) on CPU, each layer's on the device only for its solve",
+    )
     c.add_argument(
         "--offload-model", action="store_true", help="keep the model on CPU, one block at a time on --device"
     )

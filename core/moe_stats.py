@@ -76,7 +76,7 @@ def complete_expert_stats(
     ``col`` put before names relative to ``block`` (``""``, or the block's name and a dot)."""
     if key_prefix:
         rel = {k[len(key_prefix) :]: m for k, m in mods.items() if k.startswith(key_prefix)}
-        view = StatsCollector(rel, col.needs)
+        view = StatsCollector(rel, col.needs, col.store)
         view.stats = {k[len(key_prefix) :]: v for k, v in col.stats.items() if k.startswith(key_prefix)}
         view.order = [k[len(key_prefix) :] for k in col.order if k.startswith(key_prefix)]
         out = complete_expert_stats(block, rel, view, acts, min_tokens, where)
@@ -97,7 +97,7 @@ def complete_expert_stats(
     short = {k: rels for k, rels in experts.items() if routed[k] < min_tokens}
     if short:
         fb = _all_token_stats(
-            block, {r: mods[r] for rels in short.values() for r in rels}, short, acts, col.needs
+            block, {r: mods[r] for rels in short.values() for r in rels}, short, acts, col.needs, col.store
         )
         for k, rels in short.items():
             log.info(
@@ -124,10 +124,11 @@ def _all_token_stats(
     short: dict[tuple[str, int], list[str]],
     acts: BlockActivations,
     needs: frozenset[str],
+    store: torch.device | None = None,
 ) -> StatsCollector:
     """Statistics of ``mods`` with every token of each MoE block run through the ``short``
     experts (a pre-hook on the MoE blocks; the forward stops after the last one)."""
-    fb = StatsCollector(mods, needs)
+    fb = StatsCollector(mods, needs, store)
     by_moe: dict[str, list[int]] = {}
     for bname, e in short:
         by_moe.setdefault(bname, []).append(e)

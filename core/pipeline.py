@@ -92,6 +92,8 @@ class _Engine:
         self.block_scores: dict[int, tuple[Any, ...]] = {}
         #: MoE: experts with fewer routed tokens get statistics from all tokens (llmpress.moe_stats)
         self.moe_min_tokens = DEFAULT_MIN_TOKENS
+        #: statistics accumulate on the CPU (each batch's part computed on the device)
+        self.offload_stats = False
         self.moe_info: dict[str, dict[str, Any]] = {}  # per expert layer, for the report
 
     def plan(self, acts: BlockActivations | None, dev: torch.device, progress: bool) -> None:
@@ -175,7 +177,8 @@ class _Engine:
         """Every statistic the stage asks for, for ``mods``, in one pass over the block."""
         if acts is None or not st.config.calibrated():
             return {}, None
-        with StatsCollector(mods, st.config.statistics()) as col:
+        store = torch.device("cpu") if self.offload_stats else None
+        with StatsCollector(mods, st.config.statistics(), store) as col:
             acts.run(block, keep_outputs=False, on_batch=col.new_batch)
         info = complete_expert_stats(block, mods, col, acts, self.moe_min_tokens, f"{self.prefix}.{i}")
         self.moe_info.update({f"{self.prefix}.{i}.{r}": v for r, v in info.items()})
@@ -380,6 +383,7 @@ def compress(
     device: str | torch.device | None = None,
     batch_size: int | None = None,
     offload_activations: bool = False,
+    offload_stats: bool = False,
     pm: Llmpress | None = None,
     progress: bool = True,
 ) -> tuple[nn.Module, CompressionReport]:
@@ -400,6 +404,10 @@ def compress(
     :param device: where each block is compressed (default: the model's device).
     :param batch_size: calibration sequences per block forward (default: ~8k tokens).
     :param offload_activations: keep calibration activations on CPU between uses.
+    :param offload_stats: keep the layers' input statistics (``X^T X`` and the like) on CPU:
+        each batch's part is computed on ``device`` and added there, and a layer's statistics
+        come back to ``device`` only for its solve (for blocks with many or wide inputs, such
+        as mixture-of-experts blocks).
     """
     t_start = time.perf_counter()
     pm = pm or get_plugin_manager()
@@ -427,6 +435,7 @@ def compress(
     distributed.bind(dev)
     if rec.moe_min_tokens is not None:
         engine.moe_min_tokens = rec.moe_min_tokens
+    engine.offload_stats = offload_stats
     needs_calib = any(s.config.calibrated() for s in stages) or rec.kv_cache is not None
 
     calib_info: dict[str, Any] = {}

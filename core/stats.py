@@ -151,9 +151,19 @@ class LayerStats:
     Cholesky factor). The properties below read the common ones.
     """
 
-    def __init__(self, in_features: int, device: torch.device, needs: Iterable[str]) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        device: torch.device,
+        needs: Iterable[str],
+        compute: torch.device | None = None,
+    ) -> None:
+        """Accumulators live on ``device``; with ``compute`` set (statistics offloaded, e.g. to
+        CPU while the block runs on a GPU) each batch's part is computed there and folded into
+        them, and the properties below hand tensors back on ``compute``."""
         self.in_features = in_features
         self.nsamples = 0
+        self.compute = compute
         wanted = set(needs)
         if "hessian" in wanted:
             wanted.discard("sq_norms")  # the diagonal of X^T X
@@ -178,7 +188,13 @@ class LayerStats:
         """Accumulate a batch of inputs x: [..., in_features]."""
         x = x.reshape(-1, self.in_features)  # [tokens, in]
         for name, acc in self.acc.items():
-            STATISTICS[name].update(acc, x)
+            spec = STATISTICS[name]
+            if self.compute is None:
+                spec.update(acc, x)
+                continue
+            part = spec.init(self.in_features, x.device)  # offloaded: this batch's part, then folded in
+            spec.update(part, x)
+            _merge_into(spec.merge, acc, part.to(acc.device, non_blocking=False))
         self.nsamples += x.shape[0]
 
     def merge(self, other: LayerStats) -> None:
@@ -193,13 +209,19 @@ class LayerStats:
 
         if not (dist.is_available() and dist.is_initialized()):
             return
+        from llmpress.distributed import _comm_device
+
+        comm = _comm_device()  # offloaded (CPU) statistics travel through the backend's device
         for name, acc in self.acc.items():
             rule = STATISTICS[name].merge
             rules = (rule,) if isinstance(rule, str) else rule
             rows = [acc] if isinstance(rule, str) else list(acc)
             for r, row in zip(rules, rows):
-                dist.all_reduce(row, op=dist.ReduceOp.SUM if r == "sum" else dist.ReduceOp.MAX)
-        n = torch.tensor([self.nsamples], dtype=torch.int64, device=next(iter(self.acc.values())).device)
+                buf = row if row.device == comm else row.to(comm)
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM if r == "sum" else dist.ReduceOp.MAX)
+                if buf is not row:
+                    row.copy_(buf)
+        n = torch.tensor([self.nsamples], dtype=torch.int64, device=comm)
         dist.all_reduce(n)
         self.nsamples = int(n.item())
 
@@ -208,7 +230,10 @@ class LayerStats:
             raise RuntimeError(
                 f"statistic {name!r} was not collected: list it in the method config's 'stats'{hint}"
             )
-        return self.acc[name]
+        return self._out(self.acc[name])
+
+    def _out(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.compute is None else t.to(self.compute)
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -223,13 +248,13 @@ class LayerStats:
         if xtx is None:
             raise RuntimeError("the Hessian was not collected or was already taken")
         self.acc["sq_norms"] = torch.diagonal(xtx).clone()
-        return xtx
+        return self._out(xtx)
 
     @property
     def sq_norms(self) -> torch.Tensor:
         """Per-input-column ``||X_j||^2`` (float32 [in])."""
         if "hessian" in self.acc:
-            return torch.diagonal(self.acc["hessian"]).clone()
+            return self._out(torch.diagonal(self.acc["hessian"]).clone())
         return self._need("sq_norms")
 
     @property
@@ -277,9 +302,14 @@ class StatsCollector:
     forward so input sharing is detected per batch.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], needs: Iterable[str]) -> None:
+    def __init__(
+        self, modules: dict[str, nn.Module], needs: Iterable[str], store: torch.device | None = None
+    ) -> None:
+        """``store``: where the accumulators live (``None``: with the inputs; ``cpu`` offloads
+        the statistics, e.g. many experts' ``X^T X``, off the GPU)."""
         self.modules = modules
         self.needs = frozenset(needs)
+        self.store = store
         self.stats: dict[str, LayerStats] = {}
         #: layer names in the order their forward first ran
         self.order: list[str] = []
@@ -311,7 +341,10 @@ class StatsCollector:
                     self.stats.setdefault(name, self.stats[owner])
                     return
             if name not in self.stats:
-                self.stats[name] = LayerStats(in_out_features(mod)[0], x.device, self.needs)
+                if self.store is None:
+                    self.stats[name] = LayerStats(in_out_features(mod)[0], x.device, self.needs)
+                else:
+                    self.stats[name] = LayerStats(in_out_features(mod)[0], self.store, self.needs, x.device)
             self._seen.append((x, name))
             self.stats[name].add(x.detach())
 

@@ -221,3 +221,42 @@ def test_memory_plan_of_an_8b_model() -> None:
     assert not halves.offload_activations  # a quarter of the sequences per process fits
     with pytest.raises(LlmpressError, match="less than one block's working set"):
         plan_memory(cfg, parse_memory("1GiB"), nsamples=128, seqlen=2048, param_bytes=2)
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [GPTQ, SPARSEGPT, {"stages": [{"method": "wanda", "sparsity": 0.5}]}, {"method": "flap", "ratio": 0.2}],
+    ids=["gptq", "sparsegpt", "wanda", "flap"],
+)
+def test_offloaded_statistics_compress_like_resident_ones(recipe: dict) -> None:
+    """offload_stats: accumulators on the CPU, each batch's part computed where the block runs
+    and folded in (the same path a GPU run takes), statistics back on the device for a solve."""
+    ref, _ = llmpress.compress(tiny_llama(seed=0), recipe, _ids(), batch_size=2, progress=False)
+    got, _ = llmpress.compress(
+        tiny_llama(seed=0), recipe, _ids(), batch_size=2, offload_stats=True, progress=False
+    )
+    for (k, a), b in zip(ref.state_dict().items(), got.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5, msg=k)
+
+
+def test_offloaded_statistics_of_every_expert() -> None:
+    from models import tiny_mixtral
+
+    ref, _ = llmpress.compress(tiny_mixtral(), GPTQ, _ids(), batch_size=2, progress=False)
+    got, _ = llmpress.compress(tiny_mixtral(), GPTQ, _ids(), batch_size=2, offload_stats=True, progress=False)
+    for (k, a), b in zip(ref.state_dict().items(), got.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5, msg=k)
+
+
+def test_a_many_expert_model_plans_its_statistics_on_the_cpu() -> None:
+    from transformers import LlamaConfig, MixtralConfig
+
+    from llmpress.budget import parse_memory, plan_memory
+
+    moe = MixtralConfig(hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_hidden_layers=32)
+    plan = plan_memory(moe, parse_memory("16GiB"), nsamples=128, seqlen=2048, param_bytes=2)
+    assert plan.offload_stats  # 8 experts x (4096^2 + 14336^2) fp32 = 7 GiB of X^T X per block
+    dense = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, vocab_size=128256)
+    assert not plan_memory(
+        dense, parse_memory("20GiB"), nsamples=128, seqlen=2048, param_bytes=2
+    ).offload_stats
