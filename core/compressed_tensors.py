@@ -136,7 +136,7 @@ def check_model_exportable(model: Any, stages: list[Any]) -> None:
     import re
 
     from llmpress.config import QuantConfig
-    from llmpress.moe import expert_layer_names
+    from llmpress.moe_model import expert_layer_names
 
     names = expert_layer_names(model)
     for st in stages:
@@ -175,7 +175,7 @@ _PACKED_SUFFIXES = ("weight", "weight_scale", "weight_zero", "weight_meta", "wei
 def _check_no_experts(model: Any, quantized: dict[str, Any]) -> None:
     """MoE expert projections cannot go into a compressed-tensors checkpoint that transformers
     loads: it keeps experts fused (3-D tensors) and quantizes only ``nn.Linear`` modules."""
-    from llmpress.moe import fused_experts, unfused_experts
+    from llmpress.moe_model import fused_experts, unfused_experts
 
     experts = {
         **{n: type(model.get_submodule(n)).__name__ for n in fused_experts(model)},

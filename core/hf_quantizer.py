@@ -170,7 +170,7 @@ class LlmpressHfQuantizer(HfQuantizer):
     @staticmethod
     def _unfuse_experts(model: Any, experts: dict[str, str]) -> None:
         """MoE experts stored unfused: replace those fused modules before the weights load."""
-        from llmpress.moe import fused_experts, unfuse_model
+        from llmpress.moe_model import fused_experts, unfuse_model
 
         if not experts:
             return
@@ -205,8 +205,10 @@ class LlmpressHfQuantizer(HfQuantizer):
         kept = []
         for conv in weight_conversions:
             targets = getattr(conv, "_original_target_patterns", None) or []
-            if isinstance(conv, WeightConverter) and any("experts" in t for t in targets) and not any(
-                re.search(re.escape(t.lstrip(".")) + "$", params, re.MULTILINE) for t in targets
+            if (
+                isinstance(conv, WeightConverter)
+                and any("experts" in t for t in targets)
+                and not any(re.search(re.escape(t.lstrip(".")) + "$", params, re.MULTILINE) for t in targets)
             ):
                 log.debug("llmpress: no %s in the model (unfused experts); conversion dropped", targets)
                 continue

@@ -84,8 +84,12 @@ def load_model(
     log.info("loading %s with %s", src, cls.__name__)
     if max_memory is not None:
         model = cls.from_pretrained(
-            src, dtype=_dtype(dtype, device), trust_remote_code=trust_remote_code, device_map="auto",
-            max_memory=max_memory, offload_folder=offload_folder,
+            src,
+            dtype=_dtype(dtype, device),
+            trust_remote_code=trust_remote_code,
+            device_map="auto",
+            max_memory=max_memory,
+            offload_folder=offload_folder,
         )
         log.info("device map: %s", sorted(set(getattr(model, "hf_device_map", {}).values()), key=str))
     else:

@@ -86,10 +86,10 @@ def select_targets(
 
     ``patterns``: regexes matched (``re.search``) against full module names; ``None`` means
     every linear layer inside the repeated blocks (never embeddings or the LM head) except
-    mixture-of-experts routers (:func:`llmpress.moe.router_names`).
+    mixture-of-experts routers (:func:`llmpress.moe_model.router_names`).
     ``ignore``: regexes removing names. Raises :class:`RecipeError` if nothing matches.
     """
-    from llmpress.moe import router_names
+    from llmpress.moe_model import router_names
 
     block_prefix, blocks = find_blocks(model)
     in_blocks = [f"{block_prefix}.{i}.{n}" for i, blk in enumerate(blocks) for n in block_linears(blk)]

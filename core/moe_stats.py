@@ -28,7 +28,7 @@ from torch import nn
 from llmpress import distributed
 from llmpress.capture import BlockActivations
 from llmpress.modules import in_out_features, is_linear
-from llmpress.moe import moe_blocks
+from llmpress.moe_model import moe_blocks
 from llmpress.stats import LayerStats, StatsCollector
 
 log = logging.getLogger(__name__)

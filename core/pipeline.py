@@ -27,7 +27,7 @@ from llmpress.errors import CalibrationError, ModelError
 from llmpress.gradients import collect_gradients
 from llmpress.method_hooks import MethodHooks
 from llmpress.modules import find_blocks, get_weight, in_out_features, is_linear, select_targets
-from llmpress.moe import with_experts_unfused
+from llmpress.moe_model import with_experts_unfused
 from llmpress.moe_stats import DEFAULT_MIN_TOKENS, complete_expert_stats
 from llmpress.offload import execution_device, onload
 from llmpress.plugin_manager import Llmpress, get_plugin_manager

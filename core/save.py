@@ -20,8 +20,8 @@ from torch import nn
 from llmpress.blocks import DroppedModule
 from llmpress.formats import ModuleFormat, choose_format, pack_module
 from llmpress.modules import _is_conv1d, get_weight, is_linear
-from llmpress.moe import (
-    UnfusedExperts,
+from llmpress.moe import UnfusedExperts
+from llmpress.moe_model import (
     expert_views,
     fuse_state_dict,
     fused_experts,

@@ -26,9 +26,8 @@ from llmpress.moe import (
     fused_tensors,
     refuse_experts,
     unfuse_experts,
-    unfuse_model,
-    unfused_experts,
 )
+from llmpress.moe_model import unfuse_model, unfused_experts
 from llmpress.recipe import Recipe
 from llmpress.results import compression_state
 from llmpress.runtime import LlmpressLinear
@@ -96,7 +95,9 @@ class _Experts(nn.Module):
         self.down_proj_bias = nn.Parameter(torch.randn(e, h, generator=g))
         self.act_fn = nn.SiLU()
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         x, idx, w = hidden_states, top_k_index, top_k_weights
         out = torch.zeros_like(x)
         for t in range(x.shape[0]):
@@ -111,7 +112,9 @@ class _Experts(nn.Module):
 def test_layout_discovered_from_parameters_and_flags() -> None:
     mod = _Experts()
     lay = detect_layout(mod)
-    assert lay == ExpertsLayout("gate_up_interleaved_t_bias", "gate_up_proj", concatenated=False, transposed=True, bias=True)
+    assert lay == ExpertsLayout(
+        "gate_up_interleaved_t_bias", "gate_up_proj", concatenated=False, transposed=True, bias=True
+    )
     unf = unfuse_experts(mod)
     x, idx, w = torch.randn(10, 16), torch.randint(0, 3, (10, 2)), torch.rand(10, 2)
     with torch.no_grad():
@@ -126,7 +129,9 @@ class _OddExperts(_Experts):
     """Parameters of a known layout, but a forward with other semantics (routing weights
     applied twice): caught by the check made when unfusing; the module stays fused."""
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         return super().forward(hidden_states, top_k_index, top_k_weights * top_k_weights)
 
 
@@ -137,7 +142,7 @@ def test_a_layout_with_other_semantics_stays_fused(caplog: pytest.LogCaptureFixt
     holder.experts = _OddExperts()
     with pytest.raises(ModelError, match="do not reproduce its forward"):
         unfuse_experts(holder.experts)
-    with caplog.at_level(logging.WARNING, logger="llmpress.moe"):
+    with caplog.at_level(logging.WARNING, logger="llmpress.moe_model"):
         assert unfuse_model(holder) == []
     assert isinstance(holder.experts, _OddExperts) and "stay fused" in caplog.text
 
@@ -162,7 +167,9 @@ def test_default_targets_reach_every_expert_but_not_routers() -> None:
 def test_targeting_only_a_router_is_a_clear_error() -> None:
     model = tiny_mixtral()
     before = logits(model)
-    with pytest.raises(RecipeError, match=r"only mixture-of-experts routers .*mlp\.gate.*MixtralTopKRouter.*experts"):
+    with pytest.raises(
+        RecipeError, match=r"only mixture-of-experts routers .*mlp\.gate.*MixtralTopKRouter.*experts"
+    ):
         llmpress.compress(model, {**GPTQ, "targets": [r"mlp\.gate$"]}, CALIB, progress=False)
     assert type(model.model.layers[0].mlp.experts).__name__ == "MixtralExperts"  # fused again
     assert torch.equal(logits(model), before)
@@ -253,9 +260,12 @@ def test_sparse_packed_experts_reload_identically(tmp_path: Path) -> None:
     d = save_quantized(model, tmp_path / "bitmask", report=report, sparse="bitmask")
     to_runtime(model, sparse="bitmask")
     loaded = AutoModelForCausalLM.from_pretrained(d)
-    assert json.loads((d / "config.json").read_text())["quantization_config"]["modules"][
-        f"{EXPERTS.format(i=0)}.2.up_proj"
-    ]["format"] == "bitmask"
+    assert (
+        json.loads((d / "config.json").read_text())["quantization_config"]["modules"][
+            f"{EXPERTS.format(i=0)}.2.up_proj"
+        ]["format"]
+        == "bitmask"
+    )
     assert torch.equal(logits(loaded), logits(model))
 
 
@@ -317,7 +327,9 @@ def test_expert_without_tokens_gets_all_token_statistics(
     model = _starved_mixtral()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with caplog.at_level(logging.INFO, logger="llmpress.moe_stats"):
-        model, report = llmpress.compress(model, {"stages": [stage], "moe_min_tokens": 1}, CALIB, progress=False)
+        model, report = llmpress.compress(
+            model, {"stages": [stage], "moe_min_tokens": 1}, CALIB, progress=False
+        )
     info = report.modules[f"{EXPERTS.format(i=0)}.3.up_proj"].info
     assert info["moe_routed_tokens"] == 0 and info["moe_statistics"] == "all tokens"
     info = report.modules[f"{EXPERTS.format(i=0)}.2.up_proj"].info
@@ -361,7 +373,9 @@ def test_unfused_experts_helper_lists_modules() -> None:
 def test_allocation_search_covers_a_starved_expert() -> None:
     """The level database (allocation searches) uses the same fallback: no expert lacks statistics."""
     stage = {**SPARSEGPT, "allocation": {"method": "owl"}}
-    model, report = llmpress.compress(_starved_mixtral(), {"stages": [stage], "moe_min_tokens": 8}, CALIB, progress=False)
+    model, report = llmpress.compress(
+        _starved_mixtral(), {"stages": [stage], "moe_min_tokens": 8}, CALIB, progress=False
+    )
     assert expert_names() <= set(report.modules)
     assert abs(report.overall_sparsity - 0.5) < 0.01
 
@@ -373,7 +387,9 @@ def test_allocation_search_covers_a_starved_expert() -> None:
 def mixtral_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Path:
     from models import save_model_dir
 
-    return save_model_dir(tmp_path_factory.mktemp("models") / "tiny-mixtral", tiny_mixtral(vocab_size=256), tokenizer)
+    return save_model_dir(
+        tmp_path_factory.mktemp("models") / "tiny-mixtral", tiny_mixtral(vocab_size=256), tokenizer
+    )
 
 
 def _cli_args(model_dir: Path, recipe: Path, out: Path, *extra: str) -> list[str]:
@@ -391,7 +407,9 @@ def test_cli_compresses_and_saves_an_moe_model(mixtral_dir: Path, tmp_path: Path
     recipe.write_text("stages:\n  - method: gptq\n    bits: 4\n    group_size: 32\nmoe_min_tokens: 32\n")
     assert main(_cli_args(mixtral_dir, recipe, tmp_path / "out")) == 0
     q = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
-    assert set(q["experts"]) == {EXPERTS.format(i=i) for i in range(2)} and q["recipe"]["moe_min_tokens"] == 32
+    assert (
+        set(q["experts"]) == {EXPERTS.format(i=i) for i in range(2)} and q["recipe"]["moe_min_tokens"] == 32
+    )
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert torch.isfinite(logits(loaded)).all()
 
@@ -428,12 +446,20 @@ def test_structured_pruning_of_experts_saves_unfused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "edit,message",
     [
-        (lambda e: e.update({EXPERTS.format(i=0): "up"}), r"stores experts of layout 'up', but this .* builds 'gate_up'"),
-        (lambda e: e.update({"model.layers.0.mlp": "gate_up"}), r"names 'model.layers.0.mlp', which is not a fused"),
+        (
+            lambda e: e.update({EXPERTS.format(i=0): "up"}),
+            r"stores experts of layout 'up', but this .* builds 'gate_up'",
+        ),
+        (
+            lambda e: e.update({"model.layers.0.mlp": "gate_up"}),
+            r"names 'model.layers.0.mlp', which is not a fused",
+        ),
     ],
     ids=["layout", "module"],
 )
-def test_load_refuses_experts_that_do_not_match(compressed: dict, tmp_path: Path, edit: Any, message: str) -> None:
+def test_load_refuses_experts_that_do_not_match(
+    compressed: dict, tmp_path: Path, edit: Any, message: str
+) -> None:
     import shutil
 
     from llmpress.errors import CheckpointError
