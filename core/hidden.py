@@ -31,6 +31,7 @@ from torch import nn
 from llmpress.errors import ModelError
 from llmpress.modules import find_blocks, get_weight, is_linear
 from llmpress.results import LayerResult, compression_state, merge_results
+from llmpress.structured_math import reconstruct
 from llmpress.structures import discover
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,13 @@ class HiddenCoupling:
 
 @dataclasses.dataclass(frozen=True)
 class PruneHidden:
-    """A whole-model change: keep these hidden channels (int64 indices)."""
+    """A whole-model change: keep these hidden channels (int64 indices). ``hessians``: for
+    readers of the stream (qualified names) their inputs' ``E[x x^T]`` [hidden, hidden] on the
+    dense model; those readers get the least-squares weights for the kept inputs
+    (:func:`llmpress.structured_math.reconstruct`) instead of their sliced columns."""
 
     keep: torch.Tensor
+    hessians: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def hidden_size(model: nn.Module) -> int:
@@ -318,6 +323,11 @@ def prune_hidden(model: nn.Module, change: PruneHidden) -> dict[str, LayerResult
     results: dict[str, LayerResult] = {}
     for name in coupling.columns:
         mod = model.get_submodule(name)
+        hess = change.hessians.get(name)
+        if hess is not None:  # least squares on the kept inputs, from the dense weight
+            w = get_weight(mod)
+            fitted, _ = reconstruct(w.detach().float(), hess.to(w.device).float(), keep.to(w.device))
+            w.data = fitted.to(w.dtype).contiguous()  # [out, kept]: the cut below leaves it
         cut(mod.weight, 1)
         mod.in_features = new  # type: ignore[assignment]
         results[name] = LayerResult(removed_cols=removed)

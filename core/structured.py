@@ -89,7 +89,8 @@ class StructuredConfig(MethodConfig):
       consumer's output bias (FLAP; a bias is added where there was none).
     * ``reconstruct``: least-squares update of each consumer (``o_proj``, ``down_proj``) on
       calibration inputs so that its output changes least (with a fitted bias when
-      ``bias_compensation``).
+      ``bias_compensation``); with ``hidden``, also of every reader of the residual stream
+      (q/k/v, gate/up) that loses input channels, on the dense model's inputs.
     * ``neuron_multiple``: remove neurons (and hidden channels) this many at a time, so MLP
       and hidden widths stay multiples of it (e.g. a later GPTQ stage's ``group_size``).
     """
@@ -209,6 +210,9 @@ class BlockUnits:
     hidden_cost: int = 0
     #: hidden channels the model's config accepts removing at a time
     hidden_step: int = 1
+    #: with ``reconstruct``: the dense model's ``E[x x^T]`` of the inputs of the block's hidden
+    #: readers (q/k/v, gate/up; qualified names; one tensor per shared input), on CPU
+    reader_hessians: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def structures_of(ctx: BlockContext, config: StructuredConfig) -> BlockStructures:
@@ -282,7 +286,15 @@ def block_units(ctx: BlockContext, config: StructuredConfig, scorer: Scorer) -> 
             f"{ctx.name}: method {config.method!r} gave no hidden-channel scores of size {hidden}"
         )
     cost = block_hidden_cost(ctx.module, ctx.name, ctx.model_config, hidden)
-    return BlockUnits(tuple(units), params, sc.hidden.float().cpu(), cost, hidden_step(ctx.model_config))
+    hessians: dict[str, torch.Tensor] = {}
+    if config.reconstruct:  # for the least-squares update of the readers that lose hidden inputs
+        by_input: dict[int, torch.Tensor] = {}
+        for r in hidden_readers(structs):
+            st = ctx.stats[r]
+            hessians[f"{ctx.name}.{r}"] = by_input.setdefault(id(st), st.hessian.float().cpu())
+    return BlockUnits(
+        tuple(units), params, sc.hidden.float().cpu(), cost, hidden_step(ctx.model_config), hessians
+    )
 
 
 def score_block(ctx: BlockContext, config: StructuredConfig, scorer: Scorer) -> BlockUnits:
@@ -392,7 +404,11 @@ def plan_hidden(scores: tuple[Any, ...], config: StructuredConfig) -> Any:
         return None
     width = int(scores[0].hidden.numel())
     gone = torch.tensor(removed_members(plan.hidden, plan.hidden_count), dtype=torch.int64)
-    return PruneHidden(_complement(width, gone))
+    hessians: dict[str, torch.Tensor] = {}
+    for b in scores:
+        hessians.update(b.reader_hessians)
+        b.reader_hessians.clear()  # handed over: not kept with the block scores
+    return PruneHidden(_complement(width, gone), hessians)
 
 
 def _planned(ctx: BlockContext) -> BlockUnits:

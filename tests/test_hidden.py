@@ -203,3 +203,39 @@ def test_removing_channels_equals_zeroing_them_in_the_residual_stream(arch: str)
     pruned = build(rms_norm_eps=1e-12)
     prune_hidden(pruned, PruneHidden(keep))
     assert torch.allclose(_logits(pruned), _logits(zeroed), atol=1e-5)
+
+
+def test_reconstruction_fits_the_readers_that_lose_hidden_inputs() -> None:
+    """``reconstruct``: q/k/v and gate/up get least-squares weights for the kept inputs, so
+    their outputs (whose width hidden pruning leaves alone) stay closer to the dense model's."""
+
+    def correlated() -> torch.nn.Module:  # a residual stream of rank 8: dropped channels are predictable
+        m = tiny_qwen2()
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            emb = torch.randn(m.config.vocab_size, 8, generator=g) @ torch.randn(8, 32, generator=g)
+            m.model.embed_tokens.weight.copy_(emb)
+        return m
+
+    def reader_outputs(model: torch.nn.Module) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        block = model.model.layers[0]
+        hooks = [
+            m.register_forward_hook(lambda _m, _a, y: out.append(y))
+            for m in (block.self_attn.q_proj, block.mlp.gate_proj)
+        ]
+        with torch.no_grad():
+            model(input_ids=ids)
+        for h in hooks:
+            h.remove()
+        return out
+
+    ids = calib_ids()
+    dense = reader_outputs(correlated())
+    err = {}
+    for rec in (False, True):
+        stage = {"method": "minitron", "ratio": 0.25, "structures": ["hidden"], "reconstruct": rec}
+        model, _ = llmpress.compress(correlated(), stage, ids, progress=False)
+        assert model.config.hidden_size == 24
+        err[rec] = sum(float((a - b).square().mean()) for a, b in zip(reader_outputs(model), dense))
+    assert err[True] < 0.5 * err[False]

@@ -45,6 +45,7 @@ VARIANTS = {
     "flap uniform": {"method": "flap", "allocation": "uniform"},
     "flap no-comp": {"method": "flap", "bias_compensation": False},
     "flap +ls": {"method": "flap", "reconstruct": True},
+    "minitron +ls": {"method": "minitron", "reconstruct": True},
     # per-block widths chosen by EvoPress (levels: the method's uniform pruning of each block)
     "minitron evopress": {"method": "minitron", "allocation": EVOPRESS},
     "llm_pruner evopress": {"method": "llm_pruner", "allocation": EVOPRESS},
