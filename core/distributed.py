@@ -94,7 +94,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _comm_device() -> torch.device:
+def comm_device() -> torch.device:
     """Where collectives run: this rank's GPU with nccl, CPU with gloo."""
     import torch.distributed as dist
 
@@ -122,18 +122,18 @@ def all_reduce_sum(tensors: Iterable[torch.Tensor]) -> None:
     if world_size() == 1:
         return
     for t in tensors:
-        dev = _comm_device()
+        dev = comm_device()
         buf = t if t.device == dev else t.to(dev)
         dist.all_reduce(buf)
         if buf is not t:
             t.copy_(buf)
 
 
-def reduce_stats(stats: dict[str, Any], order: Sequence[str] | None = None) -> None:
+def reduce_stats(stats: dict[str, Any]) -> None:
     """All-reduce every distinct :class:`~llmpress.stats.LayerStats` of ``stats`` (layers that
     share an input share one object) with each statistic's merge rule, in a rank-independent
-    order (sorted names: the layers that ran can differ between ranks, as MoE experts do;
-    ``order`` is accepted for callers and not needed)."""
+    order (sorted names: the order the layers ran in can differ between ranks, as MoE experts
+    do)."""
     if world_size() == 1:
         return
     seen: set[int] = set()
@@ -192,11 +192,11 @@ def broadcast_result(result: Any, src: int, device: torch.device) -> Any:
         return result
     tensors: list[tuple[str, torch.Tensor]] = []
     box = [_flatten(result, "result", tensors) if rank() == src else None]
-    dist.broadcast_object_list(box, src=src, device=_comm_device())
+    dist.broadcast_object_list(box, src=src, device=comm_device())
     spec = box[0]
     shapes: list[tuple[tuple[int, ...], torch.dtype]] = []
     _collect_specs(spec, shapes)
-    comm = _comm_device()
+    comm = comm_device()
     received: list[torch.Tensor] = []
     for k, (shape, dtype) in enumerate(shapes):
         wire = torch.uint8 if dtype == torch.bool else dtype

@@ -67,6 +67,10 @@ class PruneHidden:
     keep: torch.Tensor
     hessians: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
+    def kept(self) -> torch.Tensor:
+        """The kept channels, sorted and unique (int64, CPU)."""
+        return torch.sort(self.keep.to(torch.int64).cpu().unique()).values
+
 
 def hidden_size(model: nn.Module) -> int:
     size = getattr(getattr(model, "config", None), "hidden_size", None)
@@ -201,19 +205,20 @@ def _config_accepts(config: Any, size: int) -> bool:
     return True
 
 
-_STEPS: dict[int, tuple[Any, int]] = {}
+_STEPS: dict[tuple[int, int], tuple[Any, int]] = {}
 
 
 def hidden_step(config: Any) -> int:
     """The smallest number of hidden channels the config accepts removing at a time (Llama's
     config wants ``hidden_size`` a multiple of ``num_attention_heads``; most accept any)."""
-    hit = _STEPS.get(id(config))
+    size = int(config.hidden_size)
+    key = (id(config), size)  # pruning changes the config's hidden_size in place
+    hit = _STEPS.get(key)
     if hit is not None and hit[0] is config:
         return hit[1]
-    size = int(config.hidden_size)
     step = next((s for s in range(1, size) if _config_accepts(config, size - s)), size)
     _STEPS.clear()
-    _STEPS[id(config)] = (config, step)
+    _STEPS[key] = (config, step)
     return step
 
 
@@ -297,7 +302,7 @@ def prune_hidden(model: nn.Module, change: PruneHidden) -> dict[str, LayerResult
     compression state."""
     coupling = check_hidden_prunable(model)
     old = coupling.size
-    keep = torch.sort(change.keep.to(torch.int64).cpu().unique()).values
+    keep = change.kept()
     if keep.numel() == 0 or int(keep[0]) < 0 or int(keep[-1]) >= old:
         raise ModelError(f"kept hidden channels must be indices in [0, {old}) and not empty")
     new = int(keep.numel())

@@ -134,7 +134,7 @@ class _Engine:
                 if not isinstance(change, PruneHidden):
                     raise ModelError(f"{st.name}: unknown model change {type(change).__name__}")
                 before = hidden_size(self.model)
-                keep = torch.sort(change.keep.to(torch.int64).cpu().unique()).values
+                keep = change.kept()
                 results = prune_hidden(self.model, change)
                 widths = {"before": (widths or {}).get("before", before), "after": hidden_size(self.model)}
                 if acts is not None:
@@ -182,7 +182,7 @@ class _Engine:
             acts.run(block, keep_outputs=False, on_batch=col.new_batch)
         info = complete_expert_stats(block, mods, col, acts, self.moe_min_tokens, f"{self.prefix}.{i}")
         self.moe_info.update({f"{self.prefix}.{i}.{r}": v for r, v in info.items()})
-        distributed.reduce_stats(col.stats, col.order)  # every rank solves on the sums of all ranks
+        distributed.reduce_stats(col.stats)  # every rank solves on the sums of all ranks
         stats = dict(col.stats)
         if "grad" in st.config.statistics():
             stats = {r: s.with_grad(self.grads[f"{self.prefix}.{i}.{r}"]) for r, s in stats.items()}

@@ -209,9 +209,9 @@ class LayerStats:
 
         if not (dist.is_available() and dist.is_initialized()):
             return
-        from llmpress.distributed import _comm_device
+        from llmpress.distributed import comm_device
 
-        comm = _comm_device()  # offloaded (CPU) statistics travel through the backend's device
+        comm = comm_device()  # offloaded (CPU) statistics travel through the backend's device
         for name, acc in self.acc.items():
             rule = STATISTICS[name].merge
             rules = (rule,) if isinstance(rule, str) else rule

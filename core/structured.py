@@ -199,6 +199,13 @@ def wants_hidden(config: Any) -> bool:
     return "hidden" in getattr(config, "structures", ())
 
 
+def hidden_importance(structs: BlockStructures, per_weight: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """A hidden channel's share in one block of a per-weight importance ([out, in] for a
+    layer name): summed over its columns in the readers and its rows in the writers."""
+    cols = sum(per_weight(r).sum(0) for r in hidden_readers(structs))
+    return cols + sum(per_weight(w).sum(1) for w in hidden_writers(structs))  # type: ignore[return-value]
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockUnits:
     """What the planning pass keeps of one block: its units per structure and its size."""
@@ -344,9 +351,8 @@ def _removed_estimate(units: list[Units], counts: list[int], hidden: Units | Non
 def _allocate_global(units: list[Units], target: float, hidden: Units | None, width: int) -> list[int]:
     """:func:`allocate_global` with its target raised until the removal, net of the overlap of
     hidden channels with heads and neurons, comes closest to ``target``."""
-    counts = allocate_global(units, target, standardized=False)
     if hidden is None:
-        return counts
+        return allocate_global(units, target, standardized=False)
     lo, hi = target, 2.0 * target
     while _removed_estimate(units, allocate_global(units, hi, standardized=False), hidden, width) < target:
         if hi > 1e3 * max(target, 1.0):

@@ -18,8 +18,7 @@ from llmpress.modules import get_weight
 from llmpress.structured import (
     StructuredConfig,
     StructureScores,
-    hidden_readers,
-    hidden_writers,
+    hidden_importance,
     prune_block,
     score_block,
     wants_hidden,
@@ -64,9 +63,7 @@ def taylor_scores(ctx: BlockContext, structs: BlockStructures, config: Any) -> S
         kv = group_sum(_rows(ctx, h.kv), h.head_dim)
     hidden = None
     if wants_hidden(config):  # the channel's columns and rows in this block
-        hidden = sum(taylor(ctx, r).sum(0) for r in hidden_readers(structs)) + _rows(
-            ctx, hidden_writers(structs)
-        )
+        hidden = hidden_importance(structs, lambda name: taylor(ctx, name))
     return StructureScores(heads, kv, neurons, hidden=hidden)  # type: ignore[arg-type]
 
 

@@ -14,8 +14,7 @@ from llmpress.modules import get_weight
 from llmpress.structured import (
     StructuredConfig,
     StructureScores,
-    hidden_readers,
-    hidden_writers,
+    hidden_importance,
     prune_block,
     score_block,
     wants_hidden,
@@ -59,8 +58,8 @@ def magnitude_scores(ctx: BlockContext, structs: BlockStructures, config: Any) -
         kv = group_sum(_rows_sq(ctx, h.kv), h.head_dim).sqrt()
     hidden = None
     if wants_hidden(config):  # squared norm of the channel's columns and rows in this block
-        hidden = sum(_cols_sq(ctx, r) for r in hidden_readers(structs)) + _rows_sq(
-            ctx, hidden_writers(structs)
+        hidden = hidden_importance(
+            structs, lambda name: get_weight(ctx.linear(name)).detach().float().square()
         )
     return StructureScores(heads, kv, neurons, hidden=hidden)  # type: ignore[arg-type]
 

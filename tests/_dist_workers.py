@@ -44,7 +44,7 @@ def stats(rank: int, x: torch.Tensor, out: Path) -> None:
     for batch in distributed.shard(x).split(3):
         s.add(batch)
     shared = {"q": s, "k": s}  # layers fed the same input share one object: reduced once
-    distributed.reduce_stats(shared, ["q", "k"])
+    distributed.reduce_stats(shared)
     if rank == 0:
         torch.save({"acc": s.acc, "nsamples": s.nsamples}, out)
 
