@@ -176,7 +176,10 @@ def test_repack_roundtrip_torch(bits: int, gs: int | None, asym: bool) -> None:
     assert torch.equal(ti._dequantize_t_torch(w, torch.float32).T, W)
     if not ti._can_launch(codes):  # a CPU tensor outside the interpreter: the torch fallback
         x = torch.randn(2, 3, K)
-        torch.testing.assert_close(ti.int_matmul(x, w), x @ W.T, rtol=1e-5, atol=1e-5)
+        ref = x @ W.T
+        # fp32 sums of K products in another order (the BLAS kernel differs per CPU): relative to their size
+        tol = 1e-5 * float((x.abs() @ W.abs().T).max())
+        torch.testing.assert_close(ti.int_matmul(x, w), ref, rtol=1e-5, atol=tol)
         assert torch.equal(ti.dequantize(w, torch.float32), W)
 
 
