@@ -166,7 +166,9 @@ class LevelDatabase:
             self._write_manifest()
             return
         diff = [
-            k for k in ("model", "recipe", "levels", "calibration") if old.get("fingerprint", {}).get(k) != self.fp[k]
+            k
+            for k in ("model", "recipe", "levels", "calibration")
+            if old.get("fingerprint", {}).get(k) != self.fp[k]
         ]
         if old.get("version") != DB_VERSION or diff:
             raise AllocationError(
@@ -175,7 +177,9 @@ class LevelDatabase:
                 f"use another folder, or delete it to rebuild"
             )
         files = old.get("files")
-        self._sums = {k: v for k, v in files.items() if isinstance(v, dict)} if isinstance(files, dict) else {}
+        self._sums = (
+            {k: v for k, v in files.items() if isinstance(v, dict)} if isinstance(files, dict) else {}
+        )
         self._verify()
 
     def _verify(self) -> None:

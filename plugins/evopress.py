@@ -112,7 +112,9 @@ def _invalid(state: Any, problem: AllocationProblem) -> str | None:
         problem.check(st.parent, "its parent")
         random.Random().setstate((st.rng[0], tuple(st.rng[1]), st.rng[2]))
     except ValidationError as e:
-        return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'state'}: {err['msg']}" for err in e.errors()[:3])
+        return "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'state'}: {err['msg']}" for err in e.errors()[:3]
+        )
     except (AllocationError, ValueError, TypeError) as e:
         return str(e) or type(e).__name__
     return None

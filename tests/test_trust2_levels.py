@@ -27,7 +27,11 @@ FAST = {"sparsity_step": 0.1, "sparsity_span": 0.2}
 
 
 def _recipe(db: Path) -> dict:
-    return {"stages": [{"method": "sparsegpt", "sparsity": 0.6, "allocation": {**EVO, **FAST, "database": str(db)}}]}
+    return {
+        "stages": [
+            {"method": "sparsegpt", "sparsity": 0.6, "allocation": {**EVO, **FAST, "database": str(db)}}
+        ]
+    }
 
 
 def _run(db: Path, caplog: pytest.LogCaptureFixture) -> tuple[torch.nn.Module, dict]:
@@ -50,11 +54,15 @@ def _assert_same_search(got: tuple[torch.nn.Module, dict], want: tuple[torch.nn.
     assert a1["levels"] == a2["levels"]
     assert a1["fitness"] == pytest.approx(a2["fitness"], rel=1e-4, abs=1e-6)
     for n in a2["levels"]:
-        torch.testing.assert_close(weight_of(m1.get_submodule(n)), weight_of(m2.get_submodule(n)), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            weight_of(m1.get_submodule(n)), weight_of(m2.get_submodule(n)), rtol=1e-4, atol=1e-5
+        )
 
 
 def _damaged_names(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "damaged" in r.getMessage()]
+    return [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "damaged" in r.getMessage()
+    ]
 
 
 def test_truncated_layer_file_is_named_rebuilt_and_the_search_is_unchanged(
@@ -81,7 +89,9 @@ def test_truncated_layer_file_is_named_rebuilt_and_the_search_is_unchanged(
     assert not _damaged_names(caplog)
 
 
-def test_byte_flips_in_every_layer_file_are_named_and_rebuilt(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_byte_flips_in_every_layer_file_are_named_and_rebuilt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     db = tmp_path / "db"
     clean = _run(db, caplog)
     files = sorted(db.glob("unit_*.safetensors"))
@@ -118,7 +128,9 @@ def test_a_file_without_a_recorded_checksum_and_a_damaged_manifest_are_rebuilt(
     assert json.loads(man.read_text())["files"].keys() == data["files"].keys() | {"unit_00001.safetensors"}
 
 
-def test_a_database_of_another_model_is_still_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_database_of_another_model_is_still_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     db = tmp_path / "db"
     _run(db, caplog)
     with pytest.raises(AllocationError, match="model"):
@@ -218,7 +230,14 @@ def test_cli_with_a_half_cut_evopress_checkpoint_restarts_with_a_warning(
     )
 
     def compress(out: str) -> tuple[int, dict]:
-        args = ["compress", str(tiny_model_dir), "--recipe", str(recipe), "--calib", str(DATA_DIR / "calib.txt")]
+        args = [
+            "compress",
+            str(tiny_model_dir),
+            "--recipe",
+            str(recipe),
+            "--calib",
+            str(DATA_DIR / "calib.txt"),
+        ]
         rc = main([*args, "--out", str(tmp_path / out), "--nsamples", "4", "--seqlen", "32"])
         return rc, json.loads((tmp_path / out / "llmpress_report.json").read_text())["allocation"]
 
