@@ -25,6 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -183,39 +184,41 @@ class LevelDatabase:
         self._verify()
 
     def _verify(self) -> None:
-        """Check every layer file against its recorded size and checksum; a damaged one is
-        named in a warning and marked for rebuilding (``has`` is false until ``put``)."""
-        skip_hash = os.environ.get(VERIFY_ENV, "").strip() == "0"
-        t0, nbytes = time.perf_counter(), 0
-        for i in range(len(self.units)):
-            f = self._file(i)
-            if not f.is_file():
-                continue  # not built yet: an interrupted build resumes here
+        """Check every layer file against its recorded size and checksum (files hashed in
+        parallel threads); a damaged one is named in a warning and marked for rebuilding
+        (``has`` is false until ``put``)."""
+        t0 = time.perf_counter()
+        found = {i: self._file(i) for i in range(len(self.units)) if self._file(i).is_file()}
+        sizes = {i: f.stat().st_size for i, f in found.items()}
+        problems: dict[int, str] = {}
+        for i, f in found.items():
             rec = self._sums.get(f.name)
-            size = f.stat().st_size
-            nbytes += size
             if rec is None:
-                why = "no checksum recorded: an interrupted build or an older llmpress wrote it"
-            elif size != rec.get("size"):
-                why = f"truncated or extended: {size} bytes, {rec.get('size')} when written"
-            elif not skip_hash and file_checksum(f) != rec.get("sha256"):
-                why = "its checksum differs from the one recorded when written: its bytes changed"
-            else:
-                continue
+                problems[i] = "no checksum recorded: an interrupted build or an older llmpress wrote it"
+            elif sizes[i] != rec.get("size"):
+                problems[i] = f"truncated or extended: {sizes[i]} bytes, {rec.get('size')} when written"
+        hashed = [i for i in found if i not in problems]
+        if os.environ.get(VERIFY_ENV, "").strip() == "0":
+            hashed = []
+        with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:  # hashlib releases the GIL
+            for i, digest in zip(hashed, pool.map(file_checksum, [found[i] for i in hashed])):
+                if digest != self._sums[found[i].name].get("sha256"):
+                    problems[i] = "its checksum differs from the one recorded when written: its bytes changed"
+        for i in sorted(problems):
             log.warning(
                 "level database %s: layer file %s (%s) is damaged (%s); rebuilding that layer",
                 self.path,
-                f.name,
+                found[i].name,
                 self.units[i],
-                why,
+                problems[i],
             )
-            self._stale.add(i)
+        self._stale |= set(problems)
         log.info(
-            "level database %s: %d layer files (%.1f MiB) %s in %.2fs",
+            "level database %s: %d layer files, %d checksums (%.1f MiB) verified in %.2fs",
             self.path,
-            sum(self._file(i).is_file() for i in range(len(self.units))),
-            nbytes / 2**20,
-            "size-checked" if skip_hash else "verified",
+            len(found),
+            len(hashed),
+            sum(sizes[i] for i in hashed) / 2**20,
             time.perf_counter() - t0,
         )
 

@@ -16,10 +16,13 @@ from safetensors import safe_open
 
 import llmpress
 from llmpress.allocation import AllocationProblem
+from llmpress.checkpoint import VERIFY_ENV
 from llmpress.cli import main
 from llmpress.errors import AllocationError
 from llmpress.level_sets import sparsity_levels
+from llmpress.levels import LevelDatabase
 from llmpress.plugins.evopress import EvoPressConfig, evolve
+from llmpress.results import LayerResult
 
 IDS = calib_ids(4, 32)
 EVO = {"method": "evopress", "generations": 2, "offspring": 3, "tokens": [64], "survivors": []}
@@ -126,6 +129,32 @@ def test_a_file_without_a_recorded_checksum_and_a_damaged_manifest_are_rebuilt(
     msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("manifest.json" in m and "rebuil" in m for m in msgs)
     assert json.loads(man.read_text())["files"].keys() == data["files"].keys() | {"unit_00001.safetensors"}
+
+
+def test_without_hashing_a_truncated_file_is_still_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    fp = {"model": "m", "recipe": "r", "levels": "l", "calibration": "c"}
+    units, shapes = ["a", "b"], [(4, 8), (4, 8)]
+    db = LevelDatabase(units, shapes, fp, tmp_path)
+    for i in range(2):
+        db.put(i, [LayerResult(weight=torch.randn(4, 8))], torch.ones(8))
+    cut, flipped = tmp_path / "unit_00000.safetensors", tmp_path / "unit_00001.safetensors"
+    cut.write_bytes(cut.read_bytes()[:-1])
+    data = bytearray(flipped.read_bytes())
+    data[-1] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    monkeypatch.setenv(VERIFY_ENV, "0")  # sizes only: the flip goes unseen, the cut does not
+    db = LevelDatabase(units, shapes, fp, tmp_path)
+    assert not db.has(0) and db.has(1)
+    monkeypatch.delenv(VERIFY_ENV)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        db = LevelDatabase(units, shapes, fp, tmp_path)
+    assert not db.has(0) and not db.has(1)
+    assert [flipped.name in m for m in _damaged_names(caplog)] == [False, True]
+    db.put(1, [LayerResult(weight=torch.zeros(4, 8))], None)
+    assert LevelDatabase(units, shapes, fp, tmp_path).has(1)
 
 
 def test_a_database_of_another_model_is_still_refused(
