@@ -41,6 +41,7 @@ from llmpress.errors import AllocationError
 from llmpress.level_sets import LevelSet
 from llmpress.method_hooks import MethodHooks
 from llmpress.modules import get_weight
+from llmpress.output import atomic_file
 from llmpress.quant.packing import pack_bitmask, unpack_bitmask
 from llmpress.results import LayerResult, QuantState
 from llmpress.stats import LayerStats
@@ -225,7 +226,8 @@ class LevelDatabase:
     def _write_manifest(self) -> None:
         assert self.path is not None
         data = {"version": DB_VERSION, "fingerprint": self.fp, "units": self.units, "files": self._sums}
-        _write_atomic(self.path / MANIFEST, json.dumps(data, indent=1).encode())
+        with atomic_file(self.path / MANIFEST) as tmp:
+            tmp.write_text(json.dumps(data, indent=1))
 
     def _file(self, i: int) -> Path:
         assert self.path is not None
@@ -262,11 +264,10 @@ class LevelDatabase:
         if sq_norms is not None:
             tensors["sq_norms"] = sq_norms.detach().cpu().float()
         f = self._file(i)
-        tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")
-        save_file(tensors, str(tmp), metadata={"levels": json.dumps(meta), "unit": self.units[i]})
-        self._sums[f.name] = {"sha256": file_checksum(tmp), "size": tmp.stat().st_size}
         self._files.pop(i, None)
-        os.replace(tmp, f)
+        with atomic_file(f) as tmp:
+            save_file(tensors, str(tmp), metadata={"levels": json.dumps(meta), "unit": self.units[i]})
+            self._sums[f.name] = {"sha256": file_checksum(tmp), "size": tmp.stat().st_size}
         self._stale.discard(i)
         self._write_manifest()
 
@@ -320,13 +321,6 @@ class LevelDatabase:
             return self._norms.get(i)
         f = self._handle(i)
         return f.get_tensor("sq_norms") if "sq_norms" in set(f.keys()) else None
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename (never half-written)."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def log_size_estimate(

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from llmpress import distributed, hookimpl
 from llmpress.allocation import AllocationConfig, AllocationProblem, AllocationResult, moves_from
 from llmpress.errors import AllocationError, RecipeError
+from llmpress.output import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +164,8 @@ def _load(path: Path, key: str, problem: AllocationProblem) -> dict[str, Any] | 
 
 
 def _save(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(state))
 
 
 def evolve(problem: AllocationProblem, config: EvoPressConfig) -> AllocationResult:

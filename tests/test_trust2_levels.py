@@ -281,3 +281,15 @@ def test_cli_with_a_half_cut_evopress_checkpoint_restarts_with_a_warning(
     assert any(ck.name in r.getMessage() and "restart" in r.getMessage() for r in caplog.records)
     assert second["levels"] == first["levels"]
     assert second["fitness"] == pytest.approx(first["fitness"], rel=1e-4, abs=1e-6)
+
+
+def test_atomic_file_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
+    from llmpress.output import atomic_file
+
+    path = tmp_path / "state.json"
+    with atomic_file(path) as tmp:
+        tmp.write_text("old")
+    with pytest.raises(RuntimeError), atomic_file(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed while writing")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["state.json"]
