@@ -161,11 +161,7 @@ class LevelDatabase:
                 raise ValueError(f"a JSON {type(old).__name__}, not an object")
         except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             # a cache: with its fingerprint and checksums gone, no layer file can be trusted
-            log.warning(
-                "level database %s: %s is damaged (%s); rebuilding every layer", self.path, MANIFEST, e
-            )
-            self._stale = set(range(len(self.units)))
-            self._write_manifest()
+            self._rebuild_all(f"{MANIFEST} is damaged ({e})")
             return
         diff = [
             k
@@ -179,10 +175,16 @@ class LevelDatabase:
                 f"use another folder, or delete it to rebuild"
             )
         files = old.get("files")
-        self._sums = (
-            {k: v for k, v in files.items() if isinstance(v, dict)} if isinstance(files, dict) else {}
-        )
+        if not isinstance(files, dict):
+            self._rebuild_all(f"{MANIFEST} records no layer checksums (an older llmpress built it)")
+            return
+        self._sums = {k: v for k, v in files.items() if isinstance(v, dict)}
         self._verify()
+
+    def _rebuild_all(self, why: str) -> None:
+        log.warning("level database %s: %s; rebuilding every layer", self.path, why)
+        self._stale = set(range(len(self.units)))
+        self._write_manifest()
 
     def _verify(self) -> None:
         """Check every layer file against its recorded size and checksum (files hashed in

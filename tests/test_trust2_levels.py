@@ -62,6 +62,10 @@ def _assert_same_search(got: tuple[torch.nn.Module, dict], want: tuple[torch.nn.
         )
 
 
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
 def _damaged_names(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "damaged" in r.getMessage()
@@ -124,11 +128,14 @@ def test_a_file_without_a_recorded_checksum_and_a_damaged_manifest_are_rebuilt(
     _assert_same_search(_run(db, caplog), clean)
     warned = _damaged_names(caplog)
     assert len(warned) == 1 and "unit_00001.safetensors" in warned[0]
+    del data["files"]
+    man.write_text(json.dumps(data))  # a manifest of an llmpress without checksums: all rebuilt
+    _assert_same_search(_run(db, caplog), clean)
+    assert [m for m in _warnings(caplog) if "rebuilding every layer" in m]
     man.write_text(man.read_text()[:40])  # a manifest cut short: every layer is rebuilt
     _assert_same_search(_run(db, caplog), clean)
-    msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("manifest.json" in m and "rebuil" in m for m in msgs)
-    assert json.loads(man.read_text())["files"].keys() == data["files"].keys() | {"unit_00001.safetensors"}
+    assert [m for m in _warnings(caplog) if "manifest.json is damaged" in m and "rebuilding every layer" in m]
+    assert {f.name for f in db.glob("unit_*.safetensors")} == set(json.loads(man.read_text())["files"])
 
 
 def test_without_hashing_a_truncated_file_is_still_caught(
@@ -245,6 +252,21 @@ def test_checkpoint_of_another_search_or_not_a_checkpoint_is_still_refused(tmp_p
     ck.write_text(json.dumps(state))
     with pytest.raises(AllocationError, match="another search"):
         evolve(_problem(ck), CFG)
+
+
+def test_block_dropping_search_with_a_named_damaged_checkpoint_restarts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ck = tmp_path / "drop.json"
+    alloc = {**EVO, "generations": 3, "checkpoint": str(ck)}
+    recipe = {"stages": [{"method": "drop_blocks", "blocks": 2, "allocation": alloc}]}
+    first = llmpress.compress(tiny_llama(layers=4), recipe, IDS, progress=False)[1].allocation
+    ck.write_text(ck.read_text()[:-7])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        again = llmpress.compress(tiny_llama(layers=4), recipe, IDS, progress=False)[1].allocation
+    assert any(str(ck) in r.getMessage() and "restart" in r.getMessage() for r in caplog.records)
+    assert again["dropped"] == first["dropped"] and again["history"] == pytest.approx(first["history"])
 
 
 def test_cli_with_a_half_cut_evopress_checkpoint_restarts_with_a_warning(
