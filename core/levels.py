@@ -217,7 +217,7 @@ class LevelDatabase:
             )
         self._stale |= set(problems)
         log.info(
-            "level database %s: %d layer files, %d checksums (%.1f MiB) verified in %.2fs",
+            "level database %s: %d layer files, %d checksums (%.1f MiB) checked in %.2fs",
             self.path,
             len(found),
             len(hashed),
