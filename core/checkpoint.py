@@ -228,6 +228,15 @@ def tensor_checksum(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def file_checksum(path: str | Path, chunk: int = 1 << 22) -> str:
+    """``sha256`` of a file's bytes (hex), read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def config_checksum(config: dict[str, Any]) -> str:
     """``sha256`` of the model config without keys that do not change the computation."""
     core = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}

@@ -9,7 +9,11 @@ safetensors file per layer holding all its levels (read memory-mapped with ``saf
 On disk the database is resumable (a layer's file appears only once all its levels are
 written) and reusable by later searches; ``manifest.json`` holds its fingerprint (model
 weights and config, recipe stage, level sets, calibration tokens), and a database built for
-anything else is refused with an :class:`~llmpress.errors.AllocationError`.
+anything else is refused with an :class:`~llmpress.errors.AllocationError`. It is a cache:
+the manifest also records each layer file's size and ``sha256`` when written, every file is
+checked on reuse, and a damaged one (truncated, bytes changed, no checksum recorded) is named
+in a warning and that layer alone rebuilt; so is every layer when the manifest itself is
+damaged. ``LLMPRESS_VERIFY_CHECKSUMS=0`` checks sizes only (hashing reads every file once).
 """
 
 from __future__ import annotations
@@ -19,21 +23,25 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from llmpress.checkpoint import VERIFY_ENV, file_checksum
 from llmpress.config import MethodConfig
 from llmpress.errors import AllocationError
 from llmpress.level_sets import LevelSet
 from llmpress.method_hooks import MethodHooks
 from llmpress.modules import get_weight
+from llmpress.output import atomic_file
 from llmpress.quant.packing import pack_bitmask, unpack_bitmask
 from llmpress.results import LayerResult, QuantState
 from llmpress.stats import LayerStats
@@ -131,47 +139,108 @@ class LevelDatabase:
         self._mem: dict[int, list[LayerResult]] = {}
         self._norms: dict[int, torch.Tensor] = {}
         self._files: dict[int, Any] = {}
+        #: layer file name -> {"sha256", "size"} recorded when it was written
+        self._sums: dict[str, dict[str, Any]] = {}
+        #: units whose file on disk is damaged (rebuilt by the next build pass)
+        self._stale: set[int] = set()
         if self.path is not None:
             self._open_dir()
 
     def _open_dir(self) -> None:
         assert self.path is not None
         man = self.path / MANIFEST
-        if man.is_file():
-            try:
-                old = json.loads(man.read_text())
-            except json.JSONDecodeError as e:
-                raise AllocationError(
-                    f"level database {self.path}: {MANIFEST} is not valid JSON ({e})"
-                ) from e
-            diff = [
-                k
-                for k in ("model", "recipe", "levels", "calibration")
-                if old.get("fingerprint", {}).get(k) != self.fp[k]
-            ]
-            if old.get("version") != DB_VERSION or diff:
-                raise AllocationError(
-                    f"level database {self.path} was built for another "
-                    f"{' / '.join(diff) or 'format version'} ({', '.join(diff)} differ); "
-                    f"use another folder, or delete it to rebuild"
-                )
+        if not man.is_file():
+            if self.path.exists() and any(self.path.iterdir()):
+                raise AllocationError(f"level database folder {self.path} is not empty and has no {MANIFEST}")
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._write_manifest()
             return
-        if self.path.exists() and any(self.path.iterdir()):
-            raise AllocationError(f"level database folder {self.path} is not empty and has no {MANIFEST}")
-        self.path.mkdir(parents=True, exist_ok=True)
-        man.write_text(
-            json.dumps({"version": DB_VERSION, "fingerprint": self.fp, "units": self.units}, indent=1)
+        try:
+            old = json.loads(man.read_text())
+            if not isinstance(old, dict):
+                raise ValueError(f"a JSON {type(old).__name__}, not an object")
+        except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            # a cache: with its fingerprint and checksums gone, no layer file can be trusted
+            self._rebuild_all(f"{MANIFEST} is damaged ({e})")
+            return
+        diff = [
+            k
+            for k in ("model", "recipe", "levels", "calibration")
+            if old.get("fingerprint", {}).get(k) != self.fp[k]
+        ]
+        if old.get("version") != DB_VERSION or diff:
+            raise AllocationError(
+                f"level database {self.path} was built for another "
+                f"{' / '.join(diff) or 'format version'} ({', '.join(diff)} differ); "
+                f"use another folder, or delete it to rebuild"
+            )
+        files = old.get("files")
+        if not isinstance(files, dict):
+            self._rebuild_all(f"{MANIFEST} records no layer checksums (an older llmpress built it)")
+            return
+        self._sums = {k: v for k, v in files.items() if isinstance(v, dict)}
+        self._verify()
+
+    def _rebuild_all(self, why: str) -> None:
+        log.warning("level database %s: %s; rebuilding every layer", self.path, why)
+        self._stale = set(range(len(self.units)))
+        self._write_manifest()
+
+    def _verify(self) -> None:
+        """Check every layer file against its recorded size and checksum (files hashed in
+        parallel threads); a damaged one is named in a warning and marked for rebuilding
+        (``has`` is false until ``put``)."""
+        t0 = time.perf_counter()
+        found = {i: self._file(i) for i in range(len(self.units)) if self._file(i).is_file()}
+        sizes = {i: f.stat().st_size for i, f in found.items()}
+        problems: dict[int, str] = {}
+        for i, f in found.items():
+            rec = self._sums.get(f.name)
+            if rec is None:
+                problems[i] = "no checksum recorded: an interrupted build or an older llmpress wrote it"
+            elif sizes[i] != rec.get("size"):
+                problems[i] = f"truncated or extended: {sizes[i]} bytes, {rec.get('size')} when written"
+        hashed = [i for i in found if i not in problems]
+        if os.environ.get(VERIFY_ENV, "").strip() == "0":
+            hashed = []
+        with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:  # hashlib releases the GIL
+            for i, digest in zip(hashed, pool.map(file_checksum, [found[i] for i in hashed])):
+                if digest != self._sums[found[i].name].get("sha256"):
+                    problems[i] = "its checksum differs from the one recorded when written: its bytes changed"
+        for i in sorted(problems):
+            log.warning(
+                "level database %s: layer file %s (%s) is damaged (%s); rebuilding that layer",
+                self.path,
+                found[i].name,
+                self.units[i],
+                problems[i],
+            )
+        self._stale |= set(problems)
+        log.info(
+            "level database %s: %d layer files, %d checksums (%.1f MiB) checked in %.2fs",
+            self.path,
+            len(found),
+            len(hashed),
+            sum(sizes[i] for i in hashed) / 2**20,
+            time.perf_counter() - t0,
         )
+
+    def _write_manifest(self) -> None:
+        assert self.path is not None
+        data = {"version": DB_VERSION, "fingerprint": self.fp, "units": self.units, "files": self._sums}
+        with atomic_file(self.path / MANIFEST) as tmp:
+            tmp.write_text(json.dumps(data, indent=1))
 
     def _file(self, i: int) -> Path:
         assert self.path is not None
         return self.path / f"unit_{i:05d}.safetensors"
 
     def has(self, i: int) -> bool:
-        return i in self._mem if self.path is None else self._file(i).is_file()
+        """Whether unit ``i`` is stored (on disk: its file is there and was not found damaged)."""
+        return i in self._mem if self.path is None else i not in self._stale and self._file(i).is_file()
 
     def put(self, i: int, results: Sequence[LayerResult], sq_norms: torch.Tensor | None) -> None:
-        """Store all levels of unit ``i`` (atomically on disk)."""
+        """Store all levels of unit ``i`` (atomically on disk, its checksum in the manifest)."""
         if self.path is None:
             # quantized levels keep only their codes; the weight is decoded when asked for
             self._mem[i] = [
@@ -196,16 +265,26 @@ class LevelDatabase:
             meta.append(m)
         if sq_norms is not None:
             tensors["sq_norms"] = sq_norms.detach().cpu().float()
-        tmp = self._file(i).with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"levels": json.dumps(meta), "unit": self.units[i]})
-        os.replace(tmp, self._file(i))
+        f = self._file(i)
+        self._files.pop(i, None)
+        with atomic_file(f) as tmp:
+            save_file(tensors, str(tmp), metadata={"levels": json.dumps(meta), "unit": self.units[i]})
+            self._sums[f.name] = {"sha256": file_checksum(tmp), "size": tmp.stat().st_size}
+        self._stale.discard(i)
+        self._write_manifest()
 
     def _handle(self, i: int) -> Any:
         f = self._files.get(i)
         if f is None:
             if not self.has(i):
                 raise AllocationError(f"level database has no entry for {self.units[i]}")
-            f = self._files[i] = safe_open(str(self._file(i)), framework="pt")
+            try:
+                f = self._files[i] = safe_open(str(self._file(i)), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise AllocationError(
+                    f"level database {self.path}: layer file {self._file(i).name} ({self.units[i]}) became "
+                    f"unreadable after it was verified ({e}); run again: a damaged layer file is rebuilt"
+                ) from None
         return f
 
     def get(self, i: int, level: int, dtype: torch.dtype | None = None) -> LayerResult:

@@ -116,3 +116,18 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary (hidden) path beside ``path``; on success it replaces ``path``, so
+    readers see the old file or the whole new one, never a half-written one; on any error it
+    is removed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -5,7 +5,8 @@ few *level-switch* mutations (one unit up a level, another down a level of the s
 the budget holds exactly). Selection is multi-step: every offspring is scored on a few
 tokens, the best ``survivors[0]`` on more, and so on; the last step's best replaces the parent
 only if it is at least as fit on the most tokens (elitism). Seeded; the state after every
-generation is checkpointed, so an interrupted search resumes to the identical result.
+generation is checkpointed, so an interrupted search resumes to the identical result; a
+damaged checkpoint (cut short, edited) is named in a warning and the search restarts.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import random
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
 from llmpress import distributed, hookimpl
 from llmpress.allocation import AllocationConfig, AllocationProblem, AllocationResult, moves_from
 from llmpress.errors import AllocationError, RecipeError
+from llmpress.output import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -87,22 +90,82 @@ def mutate(
     return child
 
 
-def _load(path: Path, key: str) -> dict[str, Any] | None:
+class _State(BaseModel):
+    """A checkpoint's schema (the state after a generation)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str
+    generation: int = Field(ge=1)
+    parent: list[int]
+    fitness: float
+    history: list[float]
+    evaluations: int = Field(ge=1)
+    rng: tuple[int, list[int], float | None]
+
+
+def _invalid(state: Any, problem: AllocationProblem) -> str | None:
+    """What is wrong with a checkpoint's content of this search (``None``: nothing)."""
+    try:
+        st = _State.model_validate(state)
+        if len(st.history) != st.generation:
+            return f"{len(st.history)} history entries for generation {st.generation}"
+        problem.check(st.parent, "its parent")
+        random.Random().setstate((st.rng[0], tuple(st.rng[1]), st.rng[2]))
+    except ValidationError as e:
+        return "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'state'}: {err['msg']}" for err in e.errors()[:3]
+        )
+    except (AllocationError, ValueError, TypeError) as e:
+        return str(e) or type(e).__name__
+    return None
+
+
+def _load(path: Path, key: str, problem: AllocationProblem) -> dict[str, Any] | None:
+    """The checkpoint's state, or ``None`` to start afresh (no file, or a damaged one).
+
+    A checkpoint is a cache of the search's progress, written only by the search (atomically):
+    a damaged one (cut short, not JSON, wrong content) has nothing left to resume, so the
+    search restarts with a warning, the damaged bytes kept aside as ``<file>.damaged``. A valid
+    JSON object of another search, or of nothing llmpress wrote, is refused: it may be another
+    search's progress, or a file the ``checkpoint`` option names by mistake."""
     if not path.is_file():
         return None
-    state = json.loads(path.read_text())
-    if state.get("key") != key:
-        raise AllocationError(
-            f"evopress checkpoint {path} belongs to another search (model, level database, calibration "
-            f"or options differ); delete it or choose another 'checkpoint'"
-        )
-    return state
+    try:
+        state = json.loads(path.read_bytes())
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        why = f"not valid JSON: {e}"
+    else:
+        if not isinstance(state, dict) or not isinstance(state.get("key"), str):
+            raise AllocationError(
+                f"{path} is not an evopress checkpoint (a JSON {type(state).__name__} without its search's "
+                f"key); choose another 'checkpoint' file, or delete it"
+            )
+        if state["key"] != key:
+            raise AllocationError(
+                f"evopress checkpoint {path} belongs to another search (model, level database, calibration "
+                f"or options differ); delete it or choose another 'checkpoint'"
+            )
+        bad = _invalid(state, problem)
+        if bad is None:
+            return state
+        why = f"invalid content: {bad}"
+    aside = path.with_name(path.name + ".damaged")
+    if distributed.is_main():
+        os.replace(path, aside)
+    log.warning(
+        "evopress checkpoint %s is damaged (%s); restarting the search from the start (the damaged file "
+        "is kept as %s)",
+        path,
+        why,
+        aside,
+    )
+    return None
 
 
 def _save(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(state))
 
 
 def evolve(problem: AllocationProblem, config: EvoPressConfig) -> AllocationResult:
@@ -113,7 +176,7 @@ def evolve(problem: AllocationProblem, config: EvoPressConfig) -> AllocationResu
     key = problem.fingerprint + json.dumps(
         [config.offspring, config.max_mutations, list(config.tokens), list(config.survivors), config.seed]
     )
-    state = _load(path, key) if path is not None else None
+    state = _load(path, key, problem) if path is not None else None
     rng = random.Random(config.seed)
     if state is None:
         parent = list(problem.start)
