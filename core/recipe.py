@@ -47,14 +47,16 @@ class _RecipeLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
             try:
-                first = lines.setdefault(key, line)
+                first = lines.get(key)
             except TypeError:  # an unhashable key: the base class says so
                 continue
-            if first != line:
+            if first is not None:
+                where = f"line {line}" if first == line else f"lines {first} and {line}"
                 raise RecipeError(
-                    f"duplicate key {key!r} on lines {first} and {line}; YAML would silently keep only "
-                    f"the last one: remove one of them"
+                    f"duplicate key {key!r} on {where}; YAML would silently keep only the last one: "
+                    f"remove one of them"
                 )
+            lines[key] = line
         return super().construct_mapping(node, deep=deep)
 
 
