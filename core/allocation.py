@@ -228,7 +228,9 @@ def split_average(
             f"allocation: {{method: evopress}}"
         )
     levels = section.get("bits", AllocationConfig.bits)
-    if not (isinstance(levels, (list, tuple)) and levels and all(type(b) is int and 2 <= b <= 8 for b in levels)):
+    if not (
+        isinstance(levels, (list, tuple)) and levels and all(type(b) is int and 2 <= b <= 8 for b in levels)
+    ):
         levels = AllocationConfig.bits  # malformed levels: the section's own check names them
     check_bits_budget(bits, levels)
     opts["bits"] = int(bits)  # within the levels, so a valid width for the config's checks

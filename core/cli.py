@@ -313,7 +313,10 @@ def _eval(a: argparse.Namespace) -> int:
 _SECTIONS = {
     "stage_methods": ("Stage methods (a recipe stage's `method:`)", "methods"),
     "allocation_searches": ("Allocation searches (a stage's `allocation: {method: ...}`)", "methods"),
-    "kernels": ("Kernels and export targets (picked per packed layer at load; LLMPRESS_KERNEL=name)", "kernels"),
+    "kernels": (
+        "Kernels and export targets (picked per packed layer at load; LLMPRESS_KERNEL=name)",
+        "kernels",
+    ),
     "general": ("General plugins (hooks called for every method)", "hooks"),
 }
 

@@ -147,7 +147,9 @@ class Llmpress:
                 out["kernels"][name] = sorted(k.name for k in kernels if isinstance(k, Kernel))
             if not any(name in section for section in out.values()):
                 out["general"][name] = sorted(
-                    c.name for c in self.pm.get_hookcallers(plugin) or () if c.name != "llmpress_register_methods"
+                    c.name
+                    for c in self.pm.get_hookcallers(plugin) or ()
+                    if c.name != "llmpress_register_methods"
                 )
         return out
 

@@ -27,7 +27,6 @@ from llmpress.config import MethodConfig
 from llmpress.errors import RecipeError
 from llmpress.plugin_manager import Llmpress, get_plugin_manager
 
-
 #: the most stages a recipe may have (a real recipe has a handful; each is a pass over the model)
 MAX_STAGES = 64
 #: the largest recipe file read, by format: YAML parses in pure Python (about 5 s per MiB);

@@ -127,7 +127,9 @@ def test_whole_float_bits_is_that_integer_with_or_without_an_allocation() -> Non
 
 
 def test_bits_budget_error_in_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    p = _write(tmp_path, "r.yaml", "stages:\n  - method: gptq\n    bits: 1.5\n    allocation: {method: evopress}\n")
+    p = _write(
+        tmp_path, "r.yaml", "stages:\n  - method: gptq\n    bits: 1.5\n    allocation: {method: evopress}\n"
+    )
     err = _cli_error(capsys, ["compress", "nowhere", "--recipe", str(p), "--out", str(tmp_path / "o")])
     assert "bits 1.5" in err and "at least 2" in err
 
@@ -137,7 +139,9 @@ def test_bits_budget_error_in_the_cli(tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_too_many_stages_are_refused_naming_the_limit(tmp_path: Path) -> None:
     stage = {"method": "magnitude", "sparsity": 0.5}
-    Recipe.from_dict({"stages": [stage] * MAX_STAGES}).resolve(get_plugin_manager())  # the limit itself is fine
+    Recipe.from_dict({"stages": [stage] * MAX_STAGES}).resolve(
+        get_plugin_manager()
+    )  # the limit itself is fine
     with pytest.raises(RecipeError, match=rf"{MAX_STAGES + 1} stages; at most {MAX_STAGES}"):
         Recipe.from_dict({"stages": [stage] * (MAX_STAGES + 1)})
     p = _write(tmp_path, "r.json", json.dumps({"stages": [stage] * 300_000}))  # 12 MB: JSON parses fast
@@ -197,7 +201,9 @@ def _size_mb(line: str) -> float:
 def test_compress_summary_of_a_quantize_only_recipe(
     tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    line = _compress(tiny_model_dir, tmp_path, "stages:\n  - {method: rtn, bits: 4, group_size: 16}\n", capsys)
+    line = _compress(
+        tiny_model_dir, tmp_path, "stages:\n  - {method: rtn, bits: 4, group_size: 16}\n", capsys
+    )
     assert "sparsity" not in line and "4.00 bits per weight" in line, line
     on_disk = sum(f.stat().st_size for f in (tmp_path / "out").rglob("*") if f.is_file()) / 1e6
     assert _size_mb(line) == pytest.approx(on_disk, abs=0.01)
