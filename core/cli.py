@@ -8,9 +8,13 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmpress.errors import LlmpressError
+
+if TYPE_CHECKING:
+    from llmpress.recipe import Recipe
+    from llmpress.report import CompressionReport
 
 log = logging.getLogger("llmpress")
 
@@ -174,7 +178,7 @@ def _compress_into(a: argparse.Namespace, recipe: Any, out: Path | None) -> int:
     return 0
 
 
-def compress_summary(report: Any, recipe: Any, out: Path) -> str:
+def compress_summary(report: CompressionReport, recipe: Recipe, out: Path) -> str:
     """The line ``compress`` prints: the measures that apply to the recipe (sparsity when a
     stage prunes, block parameters removed, bits per weight when quantized), size on disk, time."""
     from llmpress.demo import folder_mb
