@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import reprlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,20 @@ MAX_STAGES = 64
 #: the largest recipe file read, by format: YAML parses in pure Python (about 5 s per MiB);
 #: JSON parses fast and is what llmpress writes (an explicit allocation's per-layer levels)
 MAX_RECIPE_BYTES = {"yaml": 1 << 20, "json": 16 << 20}
+#: the most values a YAML recipe may expand to through its anchors and aliases (``*name``):
+#: a file within the size limit has fewer without aliases; nested aliases can reach billions
+MAX_RECIPE_NODES = 1_000_000
 
 
 class _RecipeLoader(yaml.SafeLoader):
     """YAML 1.1 without base-60 numbers (``pattern: 2:4`` stays the string "2:4") and without
     duplicate keys (YAML would keep the last one silently)."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            _check_expansion(node)
+        return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         lines: dict[Any, int] = {}
@@ -57,6 +67,39 @@ class _RecipeLoader(yaml.SafeLoader):
                 )
             lines[key] = line
         return super().construct_mapping(node, deep=deep)
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a YAML document whose aliases expand it past :data:`MAX_RECIPE_NODES` values
+    ("billion laughs") or make it contain itself. Each node is sized once (memoized)."""
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        if children_done:
+            open_.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[id(node)] > MAX_RECIPE_NODES:
+                raise RecipeError(
+                    f"the recipe expands to more than {MAX_RECIPE_NODES:,} values through its YAML aliases "
+                    f"(*name); write the values out, or use fewer nested aliases"
+                )
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in open_:
+            raise RecipeError(
+                f"the recipe contains itself through a YAML alias (line {node.start_mark.line + 1}); "
+                f"a recipe is a tree"
+            )
+        open_.add(id(node))
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
 
 
 _RecipeLoader.yaml_implicit_resolvers = {
@@ -232,6 +275,14 @@ class Recipe:
                 targets = [targets]
             if isinstance(ignore, str):
                 ignore = [ignore]
+            for key, regexes in (("targets", targets), ("ignore", ignore)):
+                if regexes is not None and not (
+                    isinstance(regexes, list) and all(isinstance(r, str) for r in regexes)
+                ):
+                    raise RecipeError(
+                        f"stage {i}: {key!r} must be a module-name regex or a list of them, got "
+                        f"{reprlib.repr(regexes)}"
+                    )
             opts = d.pop("options", {}) or {}
             stages.append(
                 Stage(

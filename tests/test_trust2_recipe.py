@@ -13,7 +13,7 @@ import llmpress
 from llmpress.cli import main
 from llmpress.errors import RecipeError
 from llmpress.plugin_manager import get_plugin_manager
-from llmpress.recipe import MAX_RECIPE_BYTES, MAX_STAGES, Recipe
+from llmpress.recipe import MAX_RECIPE_BYTES, MAX_RECIPE_NODES, MAX_STAGES, Recipe
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 CALIB = DATA_DIR / "calib.txt"
@@ -174,11 +174,35 @@ def test_deeply_nested_recipe_is_an_error_not_a_crash(tmp_path: Path) -> None:
             Recipe.load(p)
 
 
+def test_a_yaml_alias_bomb_is_refused_before_it_is_expanded(tmp_path: Path) -> None:
+    anchors = ['&x0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    anchors += [f"&x{i} [{', '.join([f'*x{i - 1}'] * 10)}]" for i in range(1, 9)]  # 10^9 values
+    text = f"stages:\n  - method: magnitude\n    sparsity: 0.5\n    ignore: [{', '.join(anchors)}]\n"
+    p = _write(tmp_path, "bomb.yaml", text)
+    assert p.stat().st_size < 1000
+    with pytest.raises(RecipeError, match=rf"more than {MAX_RECIPE_NODES:,} values through its YAML aliases"):
+        Recipe.load(p)
+
+
+def test_a_recipe_that_contains_itself_is_refused(tmp_path: Path) -> None:
+    p = _write(tmp_path, "r.yaml", "stages: &s\n  - method: wanda\n    sparsity: 0.5\n    ignore: *s\n")
+    with pytest.raises(RecipeError, match=r"contains itself through a YAML alias \(line 1\)"):
+        Recipe.load(p)
+
+
+@pytest.mark.parametrize("value", [[["mlp"]], 5, {"a": 1}])
+def test_targets_and_ignore_must_be_regexes(value: object) -> None:
+    for key in ("targets", "ignore"):
+        with pytest.raises(RecipeError, match=rf"'{key}' must be a module-name regex or a list of them"):
+            Recipe.from_dict({"method": "wanda", "sparsity": 0.5, key: value})
+
+
 def test_readme_documents_the_recipe_limits() -> None:
     text = README.read_text(encoding="utf-8")
     assert f"at most {MAX_STAGES} stages" in text
     assert f"{MAX_RECIPE_BYTES['yaml'] >> 20} MiB of YAML" in text
     assert f"{MAX_RECIPE_BYTES['json'] >> 20} MiB of JSON" in text
+    assert f"past {MAX_RECIPE_NODES:,} values" in text
 
 
 # ------------------------------------------------------------------- CLI: compress summary
