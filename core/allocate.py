@@ -286,6 +286,7 @@ def _run_levels(
             rep.losses[cfg.method] = float(res.loss)
         if merged.mask is not None:
             rep.sparsity = 1.0 - float(merged.mask.float().mean())
+        rep.bits = None if merged.quant is None else merged.quant.bits
     return _summary(problem, alloc, result, search_s, build_s), reports
 
 

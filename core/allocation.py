@@ -208,14 +208,51 @@ def moves_from(problem: AllocationProblem, levels: Sequence[int], up: int) -> li
 def split_average(
     options: dict[str, Any], section: dict[str, Any] | None
 ) -> tuple[dict[str, Any], float | None]:
-    """A stage's options with a fractional ``bits`` (an average, allowed under an allocation)
-    replaced by its integer part for the method's config; returns ``(options, average)``."""
+    """A stage's options with ``bits`` an integer for the method's config, and the average
+    a fractional ``bits`` sets: ``(options, average)``.
+
+    A whole number written as a float (``4.0``) is that integer. A fractional value (``2.5``)
+    is an average-bits budget over the layers: it needs an ``allocation:`` section and must
+    lie within the section's bit-width levels; otherwise :class:`RecipeError`."""
     opts = dict(options)
     bits = opts.get("bits")
-    if section is None or isinstance(bits, bool) or not isinstance(bits, float):
+    if isinstance(bits, bool) or not isinstance(bits, float):
         return opts, None
-    opts["bits"] = int(bits)
-    return opts, None if bits.is_integer() else float(bits)
+    if bits.is_integer():
+        opts["bits"] = int(bits)
+        return opts, None
+    if section is None:
+        raise RecipeError(
+            f"bits must be an integer from 2 to 8, got {bits!r}; a fractional bits value is an "
+            f"average-bits budget over the layers, which needs an allocation search, e.g. "
+            f"allocation: {{method: evopress}}"
+        )
+    levels = section.get("bits", AllocationConfig.bits)
+    if not (
+        isinstance(levels, (list, tuple)) and levels and all(type(b) is int and 2 <= b <= 8 for b in levels)
+    ):
+        levels = AllocationConfig.bits  # malformed levels: the section's own check names them
+    check_bits_budget(bits, levels)
+    opts["bits"] = int(bits)  # within the levels, so a valid width for the config's checks
+    return opts, bits
+
+
+def check_bits_budget(budget: float, levels: Sequence[int]) -> None:
+    """Raise :class:`RecipeError` unless the average-bits ``budget`` of an allocation lies
+    within its bit-width ``levels`` (no mix of levels can average outside them)."""
+    lo, hi = min(levels), max(levels)
+    if lo <= budget <= hi:
+        return
+    if budget < lo:
+        need = f"at least {lo} (the lowest bit-width level)"
+    elif budget > hi:
+        need = f"at most {hi} (the highest bit-width level)"
+    else:  # nan
+        need = f"a number from {lo} to {hi}"
+    raise RecipeError(
+        f"bits {budget:g} under an allocation is the average-bits budget over the layers; it must be {need}; "
+        f"the levels are {list(levels)}"
+    )
 
 
 def resolve_allocation(
@@ -259,6 +296,12 @@ def resolve_allocation(
         )
     if kinds and kind not in kinds:
         raise RecipeError(f"{name}: allocation {cfg.method!r} handles {', '.join(kinds)}, not {kind}")
+    if kind == "bits":  # the budget must be reachable, before any work
+        budget = cfg.average if cfg.average is not None else stage_config.bits  # type: ignore[attr-defined]
+        try:
+            check_bits_budget(float(budget), cfg.bits)  # type: ignore[attr-defined]
+        except RecipeError as e:
+            raise RecipeError(f"{name}: {e}") from None
     return cfg
 
 

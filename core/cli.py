@@ -8,9 +8,13 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmpress.errors import LlmpressError
+
+if TYPE_CHECKING:
+    from llmpress.recipe import Recipe
+    from llmpress.report import CompressionReport
 
 log = logging.getLogger("llmpress")
 
@@ -163,13 +167,7 @@ def _compress_into(a: argparse.Namespace, recipe: Any, out: Path | None) -> int:
         sparse_format=a.sparse_format,
     )
     distributed.barrier()
-    removed = report.structure.get("removed_fraction")
-    print(
-        f"compressed {len(report.modules)} layers to {out} "
-        f"(overall sparsity {report.overall_sparsity:.4f}, "
-        + (f"block parameters removed {removed:.4f}, " if removed is not None else "")
-        + f"{report.wall_time_s:.1f}s)"
-    )
+    print(compress_summary(report, recipe, out))
     if report.allocation is not None:
         al = report.allocation
         print(
@@ -178,6 +176,27 @@ def _compress_into(a: argparse.Namespace, recipe: Any, out: Path | None) -> int:
             + (f"; dropped {', '.join(al['dropped'])}" if al.get("dropped") else "")
         )
     return 0
+
+
+def compress_summary(report: CompressionReport, recipe: Recipe, out: Path) -> str:
+    """The line ``compress`` prints: the measures that apply to the recipe (sparsity when a
+    stage prunes, block parameters removed, bits per weight when quantized), size on disk, time."""
+    from llmpress.demo import folder_mb
+    from llmpress.plugin_manager import get_plugin_manager
+
+    stages = recipe.resolve(get_plugin_manager())
+    parts = []
+    if any(s.config.sparsity_target() is not None for s in stages):
+        parts.append(f"overall sparsity {report.overall_sparsity:.4f}")
+    removed = report.structure.get("removed_fraction")
+    if removed is not None:
+        parts.append(f"block parameters removed {removed:.4f}")
+    if report.average_bits is not None:
+        parts.append(f"{report.average_bits:.2f} bits per weight")
+    mb = folder_mb(out)
+    parts.append(f"{mb / 1e3:.2f} GB on disk" if mb >= 1e3 else f"{mb:.2f} MB on disk")
+    parts.append(f"{report.wall_time_s:.1f}s")
+    return f"compressed {len(report.modules)} layers to {out} ({', '.join(parts)})"
 
 
 def _evaluate(
@@ -294,17 +313,34 @@ def _eval(a: argparse.Namespace) -> int:
     return 0
 
 
+#: ``llmpress plugins``: the heading of each of :meth:`Llmpress.sections`, and what a row lists
+_SECTIONS = {
+    "stage_methods": ("Stage methods (a recipe stage's `method:`)", "methods"),
+    "allocation_searches": ("Allocation searches (a stage's `allocation: {method: ...}`)", "methods"),
+    "kernels": (
+        "Kernels and export targets (picked per packed layer at load; LLMPRESS_KERNEL=name)",
+        "kernels",
+    ),
+    "general": ("General plugins (hooks called for every method)", "hooks"),
+}
+
+
 def _plugins(a: argparse.Namespace) -> int:
     from llmpress.plugin_manager import get_plugin_manager
 
     pm = get_plugin_manager()
-    rows = pm.plugins()
-    if a.json:
-        print(json.dumps(rows, indent=2))
+    sections = pm.sections()
+    if a.json:  # default: the flat {plugin: [methods]} of earlier versions; --sections: by kind
+        print(json.dumps(sections if a.sections else pm.plugins(), indent=2))
         return 0
-    width = max(len(n) for n in rows) if rows else 10
-    for name, methods in sorted(rows.items()):
-        print(f"{name:<{width}}  {pm.plugin_origin(name):<28} methods: {', '.join(methods) or '-'}")
+    width = max((len(n) for rows in sections.values() for n in rows), default=10)
+    for key, rows in sections.items():
+        if not rows:
+            continue
+        heading, what = _SECTIONS[key]
+        print(f"{heading}:")
+        for name, names in sorted(rows.items()):
+            print(f"{name:<{width}}  {pm.plugin_origin(name):<28} {what}: {', '.join(names) or '-'}")
     return 0
 
 
@@ -315,6 +351,24 @@ def _demo(a: argparse.Namespace) -> int:
     print(format_table(result.rows))
     print(f"\nresults:    {result.out}\nmodel card: {result.card}")
     return 0
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default value; an option whose default is "not given"
+    says in its help what happens then, and flags are off unless given."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            action.option_strings
+            and default is not None
+            and default is not False
+            and default is not argparse.SUPPRESS
+            and "%(default)" not in text
+        ):
+            text += " (default: %(default)s)"
+        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,17 +385,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    c = sub.add_parser("compress", help="compress a model with a recipe")
+    c = sub.add_parser("compress", help="compress a model with a recipe", formatter_class=_DefaultsFormatter)
     c.add_argument("model", help="local model folder or Hub id")
     c.add_argument("--recipe", required=True, help="YAML or JSON recipe file")
-    c.add_argument("--calib", help="calibration text (.txt, .jsonl, dataset folder or Hub dataset id)")
+    c.add_argument(
+        "--calib",
+        help="calibration text (.txt, .jsonl, dataset folder or Hub dataset id); without it only "
+        "data-free methods run (magnitude, rtn, fp8)",
+    )
     c.add_argument("--out", required=True, help="output folder (written atomically)")
-    c.add_argument("--nsamples", type=int, default=128)
-    c.add_argument("--seqlen", type=int, default=2048)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
+    c.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sequence")
+    c.add_argument("--seed", type=int, default=0, help="seed that draws the calibration sequences")
     c.add_argument("--device", default="cpu", help="compute device, e.g. cuda or cuda:0")
     c.add_argument("--dtype", default="auto", help="compute dtype (auto: fp32 on CPU, stored dtype on GPU)")
-    c.add_argument("--batch-size", type=int, default=None, help="calibration sequences per block forward")
+    c.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="calibration sequences per block forward (default: as many as hold 8192 tokens)",
+    )
     c.add_argument("--offload-activations", action="store_true", help="keep calibration activations on CPU")
     c.add_argument(
         "--offload-stats",
@@ -356,10 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SIZE",
         help="GPU budget, e.g. 20GiB: load with accelerate (device_map) keeping what does not fit on CPU, "
-        "one block at a time on the GPU; calibration activations go to CPU when they do not fit",
+        "one block at a time on the GPU; calibration activations go to CPU when they do not fit "
+        "(default: none, the whole model on --device)",
     )
     c.add_argument(
-        "--offload-folder", default=None, help="with --max-gpu-memory: weights that do not fit in CPU memory"
+        "--offload-folder",
+        default=None,
+        help="with --max-gpu-memory: weights that do not fit in CPU memory (default: none, all in memory)",
     )
     c.add_argument(
         "--keep-dtype", action="store_true", help="save in the compute dtype instead of the checkpoint's"
@@ -378,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="storage of pruned layers: dense (an ordinary checkpoint; default for pruning-only recipes), "
         "auto (2:4 or bitmask when smaller; default with quantization), bitmask or 2:4",
     )
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     c.set_defaults(func=_compress)
 
     e = sub.add_parser("eval", help="evaluate a (compressed) model")
@@ -413,8 +479,13 @@ def build_parser() -> argparse.ArgumentParser:
     hub_cli.add_push_arguments(pu)
     pu.set_defaults(func=hub_cli.push_command)
 
-    pl = sub.add_parser("plugins", help="list plugins and their methods")
-    pl.add_argument("--json", action="store_true")
+    pl = sub.add_parser("plugins", help="list plugins: stage methods, allocation searches, kernels")
+    pl.add_argument("--json", action="store_true", help="print JSON: {plugin: [methods]}")
+    pl.add_argument(
+        "--sections",
+        action="store_true",
+        help="with --json: {stage_methods|allocation_searches|kernels|general: {plugin: [names]}}",
+    )
     pl.set_defaults(func=_plugins)
 
     d = sub.add_parser("demo", help="train a small model, compress it every way, evaluate, save and reload")

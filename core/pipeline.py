@@ -313,6 +313,7 @@ class _Engine:
             rep.sparsity = 1.0 - float(merged.mask.float().mean())
         elif merged.quant is None:
             rep.sparsity = float((get_weight(mod) == 0).float().mean())
+        rep.bits = None if merged.quant is None else merged.quant.bits
 
 
 def _solve_cost(mod: nn.Module) -> float:

@@ -121,6 +121,38 @@ class Llmpress:
             out[name] = sorted(m.name for m in self.methods.values() if m.plugin == name)
         return out
 
+    def sections(self) -> dict[str, dict[str, list[str]]]:
+        """Plugins by what they provide, each ``{plugin: [names]}``: ``stage_methods`` and
+        ``allocation_searches`` (the methods it registers), ``kernels`` (the kernels it offers
+        through ``llmpress_export_kernel``, by name) and ``general`` (a plugin with none of
+        these: the hooks it implements, called for every method). A plugin may be in several."""
+        from llmpress.kernels.registry import Kernel
+
+        out: dict[str, dict[str, list[str]]] = {
+            "stage_methods": {},
+            "allocation_searches": {},
+            "kernels": {},
+            "general": {},
+        }
+        exporters = {impl.plugin_name for impl in self.pm.hook.llmpress_export_kernel.get_hookimpls()}
+        for name, plugin in self.pm.list_name_plugin():
+            if plugin is None:
+                continue
+            for m in sorted(self.methods.values(), key=lambda m: m.name):
+                if m.plugin == name:
+                    kind = "allocation_searches" if m.config_cls.scope == "allocation" else "stage_methods"
+                    out[kind].setdefault(name, []).append(m.name)
+            if name in exporters:
+                kernels = getattr(plugin, "__dict__", {}).values()
+                out["kernels"][name] = sorted(k.name for k in kernels if isinstance(k, Kernel))
+            if not any(name in section for section in out.values()):
+                out["general"][name] = sorted(
+                    c.name
+                    for c in self.pm.get_hookcallers(plugin) or ()
+                    if c.name != "llmpress_register_methods"
+                )
+        return out
+
     def register(self, plugin: ModuleType | Any, name: str | None = None) -> None:
         """Add a plugin (a module or an object with hook implementations) to this manager;
         its methods become usable in recipes at once."""

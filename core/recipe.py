@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import reprlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,78 @@ from llmpress.config import MethodConfig
 from llmpress.errors import RecipeError
 from llmpress.plugin_manager import Llmpress, get_plugin_manager
 
+#: the most stages a recipe may have (a real recipe has a handful; each is a pass over the model)
+MAX_STAGES = 64
+#: the largest recipe file read, by format: YAML parses in pure Python (about 5 s per MiB);
+#: JSON parses fast and is what llmpress writes (an explicit allocation's per-layer levels)
+MAX_RECIPE_BYTES = {"yaml": 1 << 20, "json": 16 << 20}
+#: the most values a YAML recipe may expand to through its anchors and aliases (``*name``):
+#: a file within the size limit has fewer without aliases; nested aliases can reach billions
+MAX_RECIPE_NODES = 1_000_000
+
 
 class _RecipeLoader(yaml.SafeLoader):
-    """YAML 1.1 without base-60 numbers: ``pattern: 2:4`` stays the string "2:4"."""
+    """YAML 1.1 without base-60 numbers (``pattern: 2:4`` stays the string "2:4") and without
+    duplicate keys (YAML would keep the last one silently)."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            _check_expansion(node)
+        return node
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = lines.get(key)
+            except TypeError:  # an unhashable key: the base class says so
+                continue
+            if first is not None:
+                where = f"line {line}" if first == line else f"lines {first} and {line}"
+                raise RecipeError(
+                    f"duplicate key {key!r} on {where}; YAML would silently keep only the last one: "
+                    f"remove one of them"
+                )
+            lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a YAML document whose aliases expand it past :data:`MAX_RECIPE_NODES` values
+    ("billion laughs") or make it contain itself. Each node is sized once (memoized)."""
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        if children_done:
+            open_.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[id(node)] > MAX_RECIPE_NODES:
+                raise RecipeError(
+                    f"the recipe expands to more than {MAX_RECIPE_NODES:,} values through its YAML aliases "
+                    f"(*name); write the values out, or use fewer nested aliases"
+                )
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in open_:
+            raise RecipeError(
+                f"the recipe contains itself through a YAML alias (line {node.start_mark.line + 1}); "
+                f"a recipe is a tree"
+            )
+        open_.add(id(node))
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
 
 
 _RecipeLoader.yaml_implicit_resolvers = {
@@ -126,6 +196,7 @@ class Recipe:
         stages = self.normalized()
         if not stages:
             raise RecipeError("the recipe has no stages; add e.g. {method: wanda, sparsity: 0.5}")
+        _check_stage_count(len(stages))
         out = []
         from llmpress.allocation import resolve_allocation, split_average
 
@@ -145,8 +216,10 @@ class Recipe:
                     f"stage {i} ({st.method}): allocation must be one of {list(own)} or a search such as "
                     f"{{method: evopress}}, got {st.allocation.get('method')!r}"
                 )
-            options, average = split_average(st.options, st.allocation)  # bits: 2.5 under an allocation
             try:
+                options, average = (st.options, None)
+                if "bits" in info.config_cls.field_names():  # bits: 2.5 is a budget under an allocation
+                    options, average = split_average(st.options, st.allocation)
                 cfg = info.config_cls.from_dict(options)
             except RecipeError as e:
                 raise RecipeError(f"stage {i} ({st.method}): {e}") from None
@@ -179,6 +252,7 @@ class Recipe:
             data = [data]
         if not isinstance(data, list):
             raise RecipeError("a recipe is a mapping with a 'stages' list (see the README)")
+        _check_stage_count(len(data))
         stages: list[Stage | MethodConfig] = []
         for i, d in enumerate(data):
             if not isinstance(d, dict) or "method" not in d:
@@ -201,6 +275,14 @@ class Recipe:
                 targets = [targets]
             if isinstance(ignore, str):
                 ignore = [ignore]
+            for key, regexes in (("targets", targets), ("ignore", ignore)):
+                if regexes is not None and not (
+                    isinstance(regexes, list) and all(isinstance(r, str) for r in regexes)
+                ):
+                    raise RecipeError(
+                        f"stage {i}: {key!r} must be a module-name regex or a list of them, got "
+                        f"{reprlib.repr(regexes)}"
+                    )
             opts = d.pop("options", {}) or {}
             stages.append(
                 Stage(
@@ -223,6 +305,13 @@ class Recipe:
         p = Path(path)
         if not p.is_file():
             raise RecipeError(f"recipe file {p} does not exist")
+        fmt = "json" if p.suffix.lower() == ".json" else "yaml"
+        size, limit = p.stat().st_size, MAX_RECIPE_BYTES[fmt]
+        if size > limit:
+            raise RecipeError(
+                f"recipe file {p} is {size / 2**20:.1f} MiB; a {fmt.upper()} recipe may be at most "
+                f"{limit // 2**20} MiB (at most {MAX_STAGES} stages). Is this the right file?"
+            )
         try:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError:
@@ -234,11 +323,16 @@ class Recipe:
                 f"recipe file {p} holds NUL bytes (a binary file?); a recipe is a YAML or JSON file"
             )
         try:
-            data = json.loads(text) if p.suffix.lower() == ".json" else yaml.load(text, Loader=_RecipeLoader)
+            if fmt == "json":
+                data = json.loads(text, object_pairs_hook=_unique_keys)
+            else:
+                data = yaml.load(text, Loader=_RecipeLoader)
         except (json.JSONDecodeError, yaml.YAMLError) as e:
-            raise RecipeError(
-                f"recipe file {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}"
-            ) from e
+            raise RecipeError(f"recipe file {p} is not valid {fmt.upper()}: {e}") from e
+        except RecursionError:
+            raise RecipeError(f"recipe file {p} is nested too deeply to be a recipe") from None
+        except RecipeError as e:
+            raise RecipeError(f"{p}: {e}") from None
         try:
             return cls.from_dict(data)
         except RecipeError as e:
@@ -248,6 +342,27 @@ class Recipe:
         p = Path(path)
         d = self.to_dict()
         p.write_text(json.dumps(d, indent=2) if p.suffix == ".json" else yaml.safe_dump(d, sort_keys=False))
+
+
+def _check_stage_count(n: int) -> None:
+    if n > MAX_STAGES:
+        raise RecipeError(
+            f"the recipe has {n} stages; at most {MAX_STAGES} are allowed (each stage is a pass over the "
+            f"model); a real recipe has a handful: is this the right recipe?"
+        )
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``'s object hook: a key given twice is an error (JSON keeps the last one)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            where = f" in the stage of method {out['method']!r}" if isinstance(out.get("method"), str) else ""
+            raise RecipeError(
+                f"duplicate key {key!r}{where}; JSON would silently keep only the last one: remove one of them"
+            )
+        out[key] = value
+    return out
 
 
 def as_recipe(recipe: Recipe | dict[str, Any] | list[Any] | str | Path | MethodConfig) -> Recipe:

@@ -17,6 +17,8 @@ class ModuleReport:
     info: dict[str, float] = dataclasses.field(default_factory=dict)
     #: reconstruction loss per method, as the reference OBS code reports it
     losses: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: the bit width of a quantized layer's codes (``None``: not quantized)
+    bits: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -25,6 +27,7 @@ class ModuleReport:
             "sparsity": round(self.sparsity, 6),
             **({"loss": {k: float(f"{v:.6g}") for k, v in self.losses.items()}} if self.losses else {}),
             **({"info": self.info} if self.info else {}),
+            **({"bits": self.bits} if self.bits is not None else {}),
         }
 
 
@@ -56,11 +59,20 @@ class CompressionReport:
         zeros = sum(m.sparsity * m.shape[0] * m.shape[1] for m in self.modules.values())
         return zeros / total if total else 0.0
 
+    @property
+    def average_bits(self) -> float | None:
+        """Bits per weight of the quantized layers' codes, weighted by layer size (scales and
+        zero points not counted); ``None`` when no layer is quantized."""
+        sized = [(m.bits, m.shape[0] * m.shape[1]) for m in self.modules.values() if m.bits is not None]
+        total = sum(n for _, n in sized)
+        return sum(b * n for b, n in sized) / total if total else None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "base_model": self.base_model,
             "recipe": self.recipe,
             "overall_sparsity": round(self.overall_sparsity, 6),
+            **({"average_bits": round(self.average_bits, 6)} if self.average_bits is not None else {}),
             "modules": {k: v.to_dict() for k, v in self.modules.items()},
             "calibration": self.calibration,
             "device": self.device,
