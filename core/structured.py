@@ -164,9 +164,10 @@ class StructureScores:
     """Importance (higher = keep) of one block's structures: ``heads`` per query head
     [n_heads]; ``kv`` per key/value head [n_kv] (``None``: a group scores the sum of its query
     heads); ``neurons`` per MLP of the block, in the order of ``BlockStructures.neurons``
-    ([width] each; a bare tensor stands for a block with one MLP). A method scoring the channels of the heads' output instead
-    gives ``head_channels`` [n_heads * head_dim]: a head scores their sum, or under global
-    allocation their mean after standardization over the layer's channels (FLAP's code)."""
+    ([width] each; a bare tensor stands for a block with one MLP). A method scoring the
+    channels of the heads' output instead gives ``head_channels`` [n_heads * head_dim]: a head
+    scores their sum, or under global allocation their mean after standardization over the
+    layer's channels (FLAP's code)."""
 
     heads: torch.Tensor | None = None
     kv: torch.Tensor | None = None
@@ -465,7 +466,7 @@ def _check_uniform(ctx: BlockContext, config: StructuredConfig, bu: BlockUnits, 
     """The budget must be reachable without removing every head or neuron of the block."""
     removable = sum(len(u) * u.cost for u in bu.units)
     if target > removable + max((u.cost for u in bu.units), default=0) / 2:
-        kinds = ", ".join(u.kind for u in bu.units)
+        kinds = ", ".join(dict.fromkeys(u.kind for u in bu.units))  # an MoE block: neurons once
         raise ModelError(
             f"{ctx.name}: ratio {config.ratio} would remove every {kinds} of this block "
             f"(at most {removable / bu.params:.3f} of its parameters can go); lower the ratio or add structures"

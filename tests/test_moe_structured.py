@@ -149,3 +149,13 @@ def test_uniform_allocation_takes_the_same_fraction_of_every_mlp() -> None:
     assert all(abs(k / len(u) - 0.25) < 1.5 / len(u) for k, u in zip(counts, [*experts, shared]))
     heads = _units(1, 1000, "heads")  # a coarse structure first, at the block's fraction
     assert allocate_uniform([heads, _units(63, 10)], 0.1 * 10 * 63) == [0, 6]
+
+
+def test_a_ratio_beyond_every_experts_neurons_is_refused_once() -> None:
+    """The limit is all experts' neurons (one kept in each), not one expert's share."""
+    from llmpress.errors import ModelError
+
+    recipe = {"method": "magnitude_structured", "ratio": 0.9, "structures": ["neurons"]}
+    with pytest.raises(ModelError, match=r"every neurons of this block \(at most 0\.7\d\d of its") as e:
+        llmpress.compress(tiny_mixtral(), recipe, CALIB, progress=False)
+    assert str(e.value).count("neurons") == 1
