@@ -91,9 +91,9 @@ def _block_coupling(block: nn.Module, name: str, config: Any, size: int) -> tupl
     if s.heads is not None:
         cols += [*s.heads.q, *s.heads.kv]
         rows.append(s.heads.o)
-    if s.neurons is not None:
-        cols += list(s.neurons.producers)
-        rows.append(s.neurons.consumer)
+    for n in s.neurons:
+        cols += list(n.producers)
+        rows.append(n.consumer)
     vectors: list[str] = []
     for rel, mod in block.named_modules():
         if is_linear(mod):

@@ -14,7 +14,10 @@ StructureScores`` (higher = more important), and two hookimpls delegating here::
 
 ``ratio`` is the fraction of the blocks' parameters removed. ``allocation="uniform"`` removes
 it from every block; ``"global"`` (FLAP) scores every block first and removes the units with
-the lowest standardized scores across all blocks and structures.
+the lowest standardized scores across all blocks and structures. Each MLP of a block is a
+structure of its own: a mixture-of-experts block's experts (and shared expert) each lose the
+same fraction of their neurons under uniform allocation, and are standardized per expert under
+global allocation.
 
 Hidden channels (structure ``hidden``) are one width for the whole model: every block scores
 them (``StructureScores.hidden``, summed over blocks), the planning pass decides how many go
@@ -160,16 +163,30 @@ class StructuredConfig(MethodConfig):
 class StructureScores:
     """Importance (higher = keep) of one block's structures: ``heads`` per query head
     [n_heads]; ``kv`` per key/value head [n_kv] (``None``: a group scores the sum of its query
-    heads); ``neurons`` [width]. A method scoring the channels of the heads' output instead
-    gives ``head_channels`` [n_heads * head_dim]: a head scores their sum, or under global
-    allocation their mean after standardization over the layer's channels (FLAP's code)."""
+    heads); ``neurons`` per MLP of the block, in the order of ``BlockStructures.neurons``
+    ([width] each; a bare tensor stands for a block with one MLP). A method scoring the
+    channels of the heads' output instead gives ``head_channels`` [n_heads * head_dim]: a head
+    scores their sum, or under global allocation their mean after standardization over the
+    layer's channels (FLAP's code)."""
 
     heads: torch.Tensor | None = None
     kv: torch.Tensor | None = None
-    neurons: torch.Tensor | None = None
+    neurons: tuple[torch.Tensor, ...] | torch.Tensor | None = None
     head_channels: torch.Tensor | None = None
     #: this block's share of the hidden channels' importance [hidden] (summed over blocks)
     hidden: torch.Tensor | None = None
+
+    def per_mlp(self, structs: BlockStructures, where: str) -> tuple[torch.Tensor, ...]:
+        """The neuron scores of each of the block's MLPs (checked against their widths)."""
+        got = (self.neurons,) if isinstance(self.neurons, torch.Tensor) else tuple(self.neurons or ())
+        if len(got) != len(structs.neurons) or any(
+            t.shape != (n.width,) for t, n in zip(got, structs.neurons)
+        ):
+            raise ModelError(
+                f"{where}: neuron scores of shapes {[tuple(t.shape) for t in got]} do not match the "
+                f"block's MLPs (widths {[n.width for n in structs.neurons]}); give one tensor per MLP"
+            )
+        return got
 
     def per_head(self, head_dim: int, standardized: bool) -> StructureScores:
         """Head scores from ``head_channels`` (summed, or standardized then averaged)."""
@@ -185,14 +202,14 @@ Scorer = Callable[[BlockContext, BlockStructures, Any], StructureScores]
 
 def hidden_readers(structs: BlockStructures) -> tuple[str, ...]:
     """The block's linears whose input columns are hidden channels (q/k/v, gate/up)."""
-    h, n = structs.heads, structs.neurons
-    return (() if h is None else (*h.q, *h.kv)) + (() if n is None else n.producers)
+    h = structs.heads
+    return (() if h is None else (*h.q, *h.kv)) + tuple(p for n in structs.neurons for p in n.producers)
 
 
 def hidden_writers(structs: BlockStructures) -> tuple[str, ...]:
     """The block's linears whose output rows are hidden channels (o_proj, down_proj)."""
-    h, n = structs.heads, structs.neurons
-    return (() if h is None else (h.o,)) + (() if n is None else (n.consumer,))
+    h = structs.heads
+    return (() if h is None else (h.o,)) + tuple(n.consumer for n in structs.neurons)
 
 
 def wants_hidden(config: Any) -> bool:
@@ -255,7 +272,9 @@ def block_units(ctx: BlockContext, config: StructuredConfig, scorer: Scorer) -> 
         def std(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else standardize(t.float().cpu())
 
-        sc = dataclasses.replace(sc, heads=std(heads), kv=std(sc.kv), neurons=std(sc.neurons))
+        mlps = () if sc.neurons is None else sc.per_mlp(structs, ctx.name)  # each MLP a layer
+        neurons = tuple(standardize(t.float().cpu()) for t in mlps) or None
+        sc = dataclasses.replace(sc, heads=std(heads), kv=std(sc.kv), neurons=neurons)
     if structs.heads is not None:  # channel scores -> heads (standardized over the channels)
         sc = sc.per_head(structs.heads.head_dim, config.allocation == "global")
     hidden = int(ctx.model_config.hidden_size)
@@ -263,16 +282,15 @@ def block_units(ctx: BlockContext, config: StructuredConfig, scorer: Scorer) -> 
     for kind in config.structures:
         if kind == "hidden":
             continue
-        if kind == "neurons":
-            n = structs.neurons
-            assert n is not None and sc.neurons is not None
-            cost = sum(hidden + _has_bias(ctx, p) for p in n.producers) + hidden
-            if n.width % config.neuron_multiple:
-                raise ModelError(
-                    f"{ctx.name}.{n.consumer}: MLP width {n.width} is not a multiple of neuron_multiple "
-                    f"{config.neuron_multiple}"
-                )
-            units.append(neuron_units(sc.neurons.cpu(), cost, config.neuron_multiple))
+        if kind == "neurons":  # one list per MLP (each expert of a mixture-of-experts block)
+            for n, scores in zip(structs.neurons, sc.per_mlp(structs, ctx.name)):
+                cost = sum(hidden + _has_bias(ctx, p) for p in n.producers) + hidden
+                if n.width % config.neuron_multiple:
+                    raise ModelError(
+                        f"{ctx.name}.{n.consumer}: MLP width {n.width} is not a multiple of "
+                        f"neuron_multiple {config.neuron_multiple}"
+                    )
+                units.append(neuron_units(scores.cpu(), cost, config.neuron_multiple))
         else:
             h = structs.heads
             assert h is not None and sc.heads is not None
@@ -448,7 +466,7 @@ def _check_uniform(ctx: BlockContext, config: StructuredConfig, bu: BlockUnits, 
     """The budget must be reachable without removing every head or neuron of the block."""
     removable = sum(len(u) * u.cost for u in bu.units)
     if target > removable + max((u.cost for u in bu.units), default=0) / 2:
-        kinds = ", ".join(u.kind for u in bu.units)
+        kinds = ", ".join(dict.fromkeys(u.kind for u in bu.units))  # an MoE block: neurons once
         raise ModelError(
             f"{ctx.name}: ratio {config.ratio} would remove every {kinds} of this block "
             f"(at most {removable / bu.params:.3f} of its parameters can go); lower the ratio or add structures"
@@ -467,13 +485,13 @@ def build_change(
     groups: list[ChannelGroup] = []
     attrs: dict[str, dict[str, Any]] = {}
     consumer_keep: dict[str, torch.Tensor] = {}
+    mlps = iter(structs.neurons)  # the neuron lists follow the block's MLPs, in order
     for u, k in zip(units, counts):
+        n = next(mlps) if u.kind == "neurons" else None
         if k == 0:
             continue
         gone = torch.tensor(removed_members(u, k), dtype=torch.int64)
-        if u.kind == "neurons":
-            n = structs.neurons
-            assert n is not None
+        if n is not None:
             keep = _complement(n.width, gone)
             groups.append(ChannelGroup(n.producers, (n.consumer,), keep))
             consumer_keep[n.consumer] = keep

@@ -99,7 +99,9 @@ def _uniform_config(model: nn.Module, config: Any) -> dict[str, Any] | None:
     biased = {"attention": False, "mlp": False}
     for b in blocks:
         s = discover(b, config, hidden)
-        h, n = s.heads, s.neurons
+        if len(s.neurons) > 1:  # experts: their width is not one config value
+            return None
+        h, n = s.heads, (s.neurons[0] if s.neurons else None)
         shapes.add(
             (
                 None if h is None else (h.n_heads, h.n_kv, h.head_dim),

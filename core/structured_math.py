@@ -80,20 +80,35 @@ def kv_group_units(group_scores: torch.Tensor, cost_per_group: int) -> Units:
 def allocate_uniform(units: Sequence[Units], target: float) -> list[int]:
     """Units to remove of each structure of one block so that the removed parameters come
     closest to ``target``: the coarse structures (heads) first, each at the block's overall
-    fraction, then the finest (neurons) make up the rest exactly."""
+    fraction, then the finest kind (the neurons, of every MLP of the block: each expert of a
+    mixture-of-experts block and its shared expert) makes up the rest exactly, the same
+    fraction of each of its lists (the largest remainders get the odd units)."""
     counts = [0] * len(units)
-    order = sorted(range(len(units)), key=lambda i: -units[i].cost)
+    if not units:
+        return counts
+    fine_kind = min(units, key=lambda u: u.cost).kind
+    fine = [i for i, u in enumerate(units) if u.kind == fine_kind]
     total = sum(len(u) * u.cost for u in units)
     frac = target / total if total else 0.0
-    left = target
-    for pos, i in enumerate(order):
-        u = units[i]
-        if pos == len(order) - 1:
-            k = int(min(len(u), max(0, round(left / u.cost))))
-        else:
-            k = int(min(len(u), max(0, math.floor(frac * len(u) + 0.5))))
-        counts[i] = k
-        left -= k * u.cost
+    removed = 0.0
+    for i, u in enumerate(units):
+        if i not in fine:
+            counts[i] = int(min(len(u), max(0, math.floor(frac * len(u) + 0.5))))
+            removed += counts[i] * u.cost
+    room = sum(len(units[i]) * units[i].cost for i in fine)
+    share = min(1.0, max(0.0, (target - removed) / room)) if room else 0.0  # of each fine list
+    for i in fine:
+        counts[i] = min(len(units[i]), math.floor(share * len(units[i])))
+        removed += counts[i] * units[i].cost
+    while True:  # one more unit, from the list furthest below its share, while that gets closer
+        open_ = [i for i in fine if counts[i] < len(units[i])]
+        if not open_:
+            break
+        i = max(open_, key=lambda j: (share * len(units[j]) - counts[j], -j))
+        if removed + units[i].cost - target >= target - removed:
+            break
+        counts[i] += 1
+        removed += units[i].cost
     return counts
 
 

@@ -11,7 +11,8 @@ read in registration order and matched by shape.
   ``g = n_heads / n_kv`` (transformers' ``repeat_kv`` layout).
 * **MLP neurons**: a submodule (or the block itself, as in OPT) owning one or two producers
   and one consumer whose input width is the producers' output width (``gate/up -> down``,
-  ``fc1 -> fc2``).
+  ``fc1 -> fc2``). Every such submodule is one MLP: a mixture-of-experts block (experts
+  unfused, :mod:`llmpress.moe`) has one per expert, and its shared expert's.
 
 Fused projections (``qkv_proj``) cannot be split this way and raise :class:`ModelError`.
 """
@@ -70,8 +71,16 @@ class NeuronStructure:
 
 @dataclasses.dataclass(frozen=True)
 class BlockStructures:
+    """The block's attention heads and its MLPs (several in a mixture-of-experts block: each
+    expert, then the shared expert, in registration order; empty: no MLP)."""
+
     heads: HeadStructure | None
-    neurons: NeuronStructure | None
+    neurons: tuple[NeuronStructure, ...] = ()
+
+    @property
+    def width(self) -> int:
+        """Neurons of all the block's MLPs."""
+        return sum(n.width for n in self.neurons)
 
 
 def _owners(block: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
@@ -100,7 +109,7 @@ def _head_dim(attn: nn.Module, model_config: Any, q_out: int, where: str) -> int
 def discover(block: nn.Module, model_config: Any, hidden: int, where: str = "block") -> BlockStructures:
     """Find the attention heads and MLP neurons of ``block`` (hidden size ``hidden``)."""
     heads: HeadStructure | None = None
-    neurons: NeuronStructure | None = None
+    neurons: list[NeuronStructure] = []
     for owner, lins in _owners(block).items():
         shapes = [in_out_features(m) for _, m in lins]  # (in, out)
         *prod, (c_name, _) = lins
@@ -126,26 +135,27 @@ def discover(block: nn.Module, model_config: Any, hidden: int, where: str = "blo
                 )
             heads = HeadStructure(owner, q, kv, c_name, hd, n_heads, n_kv)
         elif len(prod) <= 2 and all(o == c_in for o in outs):
-            neurons = NeuronStructure(owner, names, c_name, c_in)
-    if heads is None and neurons is None:
+            neurons.append(NeuronStructure(owner, names, c_name, c_in))
+    if heads is None and not neurons:
         raise ModelError(
             f"{where}: no attention heads or MLP neurons found (fused projections such as qkv_proj "
             f"are not supported); this architecture's coupling cannot be resolved"
         )
-    return BlockStructures(heads, neurons)
+    return BlockStructures(heads, tuple(neurons))
 
 
 def require(structs: BlockStructures, wanted: tuple[str, ...], where: str) -> None:
     """Raise :class:`ModelError` when a requested structure is not in the block."""
     if "heads" in wanted and structs.heads is None:
         raise ModelError(f"{where}: structure 'heads' asked for, but no attention heads were found")
-    if "neurons" in wanted and structs.neurons is None:
+    if "neurons" in wanted and not structs.neurons:
         raise ModelError(f"{where}: structure 'neurons' asked for, but no MLP was found")
 
 
 def block_widths(model: nn.Module) -> list[dict[str, int]] | None:
-    """Per block: query heads, key/value heads and MLP neurons (``None`` if the blocks'
-    structures cannot be found)."""
+    """Per block: query heads, key/value heads and MLP neurons (of all its MLPs; a block with
+    several, mixture-of-experts, also gives each MLP's as ``neurons:<module>``), ``None`` if
+    the blocks' structures cannot be found."""
     from llmpress.modules import find_blocks
 
     config = getattr(model, "config", None)
@@ -160,8 +170,10 @@ def block_widths(model: nn.Module) -> list[dict[str, int]] | None:
             row: dict[str, int] = {}
             if s.heads is not None:
                 row.update(heads=s.heads.n_heads, kv_heads=s.heads.n_kv)
-            if s.neurons is not None:
-                row["neurons"] = s.neurons.width
+            if s.neurons:
+                row["neurons"] = s.width
+            if len(s.neurons) > 1:
+                row.update({f"neurons:{n.module}": n.width for n in s.neurons})
             out.append(row)
         return out
     except ModelError:

@@ -56,8 +56,8 @@ def flap_scores(ctx: BlockContext, structs: BlockStructures, config: Any) -> Str
     authors' code scores attention channels); the core sums or standardizes and averages them
     per head. Hidden channels (not in the paper): their fluctuation into q/k/v and gate/up."""
     channels = neurons = None
-    if (n := structs.neurons) is not None:
-        neurons = fluctuation(ctx, n.consumer)
+    if structs.neurons:  # per MLP (each expert of a mixture-of-experts block)
+        neurons = tuple(fluctuation(ctx, n.consumer) for n in structs.neurons)
     if structs.heads is not None:
         channels = fluctuation(ctx, structs.heads.o).square()
     hidden = None

@@ -56,8 +56,8 @@ def _rows(ctx: BlockContext, names: tuple[str, ...]) -> torch.Tensor:
 
 def taylor_scores(ctx: BlockContext, structs: BlockStructures, config: Any) -> StructureScores:
     heads = kv = neurons = None
-    if (n := structs.neurons) is not None:
-        neurons = _rows(ctx, n.producers) + taylor(ctx, n.consumer).sum(0)
+    if structs.neurons:  # per MLP (each expert of a mixture-of-experts block)
+        neurons = tuple(_rows(ctx, n.producers) + taylor(ctx, n.consumer).sum(0) for n in structs.neurons)
     if (h := structs.heads) is not None:
         heads = group_sum(_rows(ctx, h.q) + taylor(ctx, h.o).sum(0), h.head_dim)
         kv = group_sum(_rows(ctx, h.kv), h.head_dim)

@@ -50,8 +50,10 @@ def magnitude_scores(ctx: BlockContext, structs: BlockStructures, config: Any) -
     query rows and output columns; a key/value head: of its key and value rows; a hidden
     channel: of its columns and rows in every block."""
     heads = kv = neurons = None
-    if (n := structs.neurons) is not None:
-        neurons = (_rows_sq(ctx, n.producers) + _cols_sq(ctx, n.consumer)).sqrt()
+    if structs.neurons:  # per MLP (each expert of a mixture-of-experts block)
+        neurons = tuple(
+            (_rows_sq(ctx, n.producers) + _cols_sq(ctx, n.consumer)).sqrt() for n in structs.neurons
+        )
     if (h := structs.heads) is not None:
         per_ch = _rows_sq(ctx, h.q) + _cols_sq(ctx, h.o)  # [n_heads * head_dim]
         heads = group_sum(per_ch, h.head_dim).sqrt()

@@ -43,15 +43,15 @@ def _mean_sq(ctx: BlockContext, consumer: str) -> Any:
 
 def minitron_scores(ctx: BlockContext, structs: BlockStructures, config: Any) -> StructureScores:
     heads = neurons = None
-    if (n := structs.neurons) is not None:
-        neurons = _mean_sq(ctx, n.consumer).sqrt()
+    if structs.neurons:  # per MLP (each expert of a mixture-of-experts block)
+        neurons = tuple(_mean_sq(ctx, n.consumer).sqrt() for n in structs.neurons)
     if (h := structs.heads) is not None:
         heads = group_sum(_mean_sq(ctx, h.o), h.head_dim).sqrt()
     hidden = None
     if wants_hidden(config):  # the norms' outputs: what the attention and the MLP read
         firsts = [
             rels[0]
-            for rels in (structs.heads and structs.heads.q, structs.neurons and structs.neurons.producers)
+            for rels in (structs.heads and structs.heads.q, structs.neurons and structs.neurons[0].producers)
             if rels
         ]
         hidden = sum(_mean_sq(ctx, r).sqrt() for r in firsts)

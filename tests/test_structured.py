@@ -48,14 +48,14 @@ def test_structures_are_found_from_the_module_graph(arch: str) -> None:
     model = FACTORIES[arch]()
     _, blocks = find_blocks(model)
     s = discover(blocks[0], model.config, model.config.hidden_size)
-    assert s.heads is not None and s.neurons is not None
+    assert s.heads is not None and len(s.neurons) == 1
     assert s.heads.head_dim == 8 and s.heads.n_heads == 4
     assert s.heads.n_kv == (4 if arch == "opt" else 2)
-    assert s.neurons.width == 64 and len(s.neurons.producers) == (1 if arch == "opt" else 2)
+    assert s.neurons[0].width == 64 and len(s.neurons[0].producers) == (1 if arch == "opt" else 2)
     if arch != "opt":
         assert s.heads.q == ("self_attn.q_proj",) and s.heads.o == "self_attn.o_proj"
         assert set(s.heads.kv) == {"self_attn.k_proj", "self_attn.v_proj"}
-        assert s.neurons.consumer == "mlp.down_proj"
+        assert s.neurons[0].consumer == "mlp.down_proj"
 
 
 def test_a_fused_projection_is_refused_naming_the_block() -> None:
