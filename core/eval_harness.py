@@ -224,6 +224,19 @@ def save_baseline(
     return path
 
 
+def tokenizer_difference(tokenizer: Any, base: Any) -> str | None:
+    """How ``base`` tokenizes differently from ``tokenizer`` (``None`` when they agree): their
+    vocabularies, or the ids of a probe text (normalization, pre-tokenization, BOS)."""
+    va, vb = tokenizer.get_vocab(), base.get_vocab()
+    if va != vb:
+        differ = sum(vb.get(t) != i for t, i in va.items()) + len(vb.keys() - va.keys())
+        return f"vocabularies of {len(va)} and {len(vb)} tokens, {differ} token(s) differ"
+    ids, base_ids = tokenizer(_PROBE_TEXT)["input_ids"], base(_PROBE_TEXT)["input_ids"]
+    if list(ids) != list(base_ids):
+        return f"a probe text tokenizes to different ids ({len(ids)} and {len(base_ids)} tokens)"
+    return None
+
+
 def with_baseline(records: Sequence[EvalRecord], base: Sequence[EvalRecord]) -> list[EvalRecord]:
     """``records`` with each one's ``baseline`` set from the base model's record of the same key."""
     by_key = {r.key: r.value for r in base}

@@ -33,7 +33,7 @@ def read_text(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise CalibrationError(f"evaluation file {path} does not exist")
-    return "\n\n".join(read_documents(path, what="evaluation"))
+    return "\n\n".join(read_documents(str(path), what="evaluation"))
 
 
 def check_seqlen(model_config: Any, seqlen: int, option: str = "seqlen") -> None:
@@ -56,7 +56,7 @@ def text_windows(tokenizer: Any, text: str, seqlen: int, max_tokens: int | None 
         cut = f" (cut to max_tokens {max_tokens})" if max_tokens is not None else ""
         raise CalibrationError(
             f"the evaluation text has {len(ids)} tokens{cut}, fewer than one window of {seqlen}; "
-            "give more text or a smaller seqlen"
+            "give more text or a smaller seqlen (--seqlen)"
         )
     return torch.tensor(ids[: n * seqlen], dtype=torch.long).view(n, seqlen)
 
