@@ -76,8 +76,6 @@ def load_model(
     src = model_source(name_or_path)
     config = load_config(src, trust_remote_code=trust_remote_code)
     cls = auto_class_for(config)
-    if Path(src).is_dir():
-        check_shard_index(Path(src))
     log.info("loading %s with %s", src, cls.__name__)
     if max_memory is not None:
         model = cls.from_pretrained(
@@ -141,12 +139,15 @@ def load_config(name_or_path: str | Path, trust_remote_code: bool = False) -> An
 
     :raises ModelError: no such folder, a folder without ``config.json``, or a Hub id that
         cannot be fetched (one line: the path or connection to check).
+    :raises CheckpointError: a local folder's shard index is broken (:func:`check_shard_index`).
     """
     import transformers
 
     src = model_source(name_or_path)
-    if Path(src).is_dir() and not (Path(src) / "config.json").is_file():
-        raise ModelError(f"{src} holds no config.json: it is not a Hugging Face model folder")
+    if Path(src).is_dir():
+        if not (Path(src) / "config.json").is_file():
+            raise ModelError(f"{src} holds no config.json: it is not a Hugging Face model folder")
+        check_shard_index(Path(src))
     try:
         return transformers.AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
