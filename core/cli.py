@@ -273,7 +273,9 @@ def _baseline_model(a: argparse.Namespace, config: Any) -> tuple[str, str | None
             f"base model {base} does not share this model's tokenizer ({diff}): its scores are not comparable; "
             "give the model this one was compressed from: --baseline MODEL"
         )
-    archs = [getattr(c, "architectures", None) or [getattr(c, "model_type", "?")] for c in (config, base_config)]
+    archs = [
+        getattr(c, "architectures", None) or [getattr(c, "model_type", "?")] for c in (config, base_config)
+    ]
     note = None
     if archs[0] != archs[1]:
         note = f"the base model {base} is a {'/'.join(archs[1])}, this model a {'/'.join(archs[0])}"
@@ -355,7 +357,9 @@ def _eval(a: argparse.Namespace) -> int:
         print(json.dumps(out))
         return 0
     for r in records:
-        base_txt = f"; base model {r.baseline:.4f}, recovery {r.recovery:.1f} %" if r.recovery is not None else ""
+        base_txt = (
+            f"; base model {r.baseline:.4f}, recovery {r.recovery:.1f} %" if r.recovery is not None else ""
+        )
         if r.metric == "perplexity" and a.text is not None and r.task == Path(a.text).name:
             print(
                 f"perplexity {out['perplexity']:.4f} over {int(out['windows'])} windows of {a.seqlen} tokens"

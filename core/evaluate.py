@@ -43,7 +43,9 @@ def check_seqlen(model_config: Any, seqlen: int, option: str = "seqlen") -> None
         raise ModelError(f"{option} {seqlen}: a window needs at least 2 tokens (one predicts the next)")
     limit = max_positions(model_config)
     if limit is not None and seqlen > limit:
-        raise ModelError(f"{option} {seqlen} exceeds the model's {limit} positions; use {option} {limit} or less")
+        raise ModelError(
+            f"{option} {seqlen} exceeds the model's {limit} positions; use {option} {limit} or less"
+        )
 
 
 def text_windows(tokenizer: Any, text: str, seqlen: int, max_tokens: int | None = None) -> torch.Tensor:

@@ -131,7 +131,7 @@ def test_load_model_names_a_missing_local_folder(tmp_path: Path, monkeypatch: py
         load_model("models")
 
 
-def test_eval_and_compress_name_a_missing_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_eval_and_compress_name_a_missing_folder(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(["eval", "./nope-dir", "--text", str(EVAL)]) == 2
     assert "error: no such folder: ./nope-dir" in _error_line(capsys.readouterr().err)
@@ -142,12 +142,12 @@ def test_eval_and_compress_name_a_missing_folder(tmp_path: Path, monkeypatch: py
     assert not (tmp_path / "o").exists()
 
 
-def test_an_unreachable_hub_id_gives_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_an_unreachable_hub_id_gives_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
     """``nope-dir`` may be a Hub id (like ``gpt2``): both readings are named, on one line."""
     monkeypatch.chdir(tmp_path)
 
     def offline(*args, **kwargs):  # noqa: ANN002, ANN003
-        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your internet.")
+        raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your internet connection.")
 
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
     assert main(["eval", "nope-dir", "--text", str(EVAL)]) == 2
@@ -166,13 +166,21 @@ def compressed(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -
     (work / "r.yaml").write_text(RECIPE)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tiny_model_dir.parent)
-        args = ["compress", f"./{tiny_model_dir.name}", "--recipe", str(work / "r.yaml"), "--calib", str(CALIB)]
-        assert main([*args, "--out", str(work / "out"), "--nsamples", "4", "--seqlen", "32"]) == 0
+        args = [
+            "compress",
+            f"./{tiny_model_dir.name}",
+            "--recipe",
+            str(work / "r.yaml"),
+            "--out",
+            str(work / "out"),
+        ]
+        assert main([*args, "--calib", str(CALIB), "--nsamples", "4", "--seqlen", "32"]) == 0
     return work / "out"
 
 
 def _eval_args(folder: Path, *extra: str) -> list[str]:
-    return ["eval", str(folder), "--text", str(EVAL), "--seqlen", "32", "--max-tokens", "128", "--json", *extra]
+    text = ["--text", str(EVAL), "--seqlen", "32", "--max-tokens", "128"]
+    return ["eval", str(folder), *text, "--json", *extra]
 
 
 def test_report_stores_a_local_base_model_resolved(
@@ -219,7 +227,8 @@ def test_baseline_with_another_architecture_is_named(
     mistral = save_model_dir(tmp_path / "mistral", tiny_mistral(seed=0, vocab_size=256), tokenizer)
     assert main([*_eval_args(compressed, "--no-save"), "--baseline", str(mistral)]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["baseline_note"] == f"the base model {mistral} is a MistralForCausalLM, this model a LlamaForCausalLM"
+    note = f"the base model {mistral} is a MistralForCausalLM, this model a LlamaForCausalLM"
+    assert res["baseline_note"] == note
     args = [a for a in _eval_args(compressed, "--no-save") if a != "--json"]
     assert main([*args, "--baseline", str(mistral)]) == 0
     out = capsys.readouterr().out
@@ -263,8 +272,8 @@ def test_lm_eval_runs_with_a_tokenizer_without_special_tokens(
     assert [r.value for r in got] == pytest.approx([r.value for r in ref], abs=1e-6)
     # the CLI on a saved folder
     folder = save_model_dir(tmp_path / "bare", model, bare)
-    args = ["eval", str(folder), "--tasks", "tiny_mc", "--limit", "4", "--include-path", str(TASKS), "--no-save"]
-    assert main(args) == 0
+    args = ["--tasks", "tiny_mc", "--limit", "2", "--include-path", str(TASKS), "--no-save"]
+    assert main(["eval", str(folder), *args]) == 0
     assert "tiny_mc acc" in capsys.readouterr().out
 
 
