@@ -401,14 +401,14 @@ def check_logits(model: Any, tokenizer: Any, what: str) -> None:
 
 
 def special_token_fallback(model: Any, tokenizer: Any) -> tuple[int, int | None] | None:
-    """``(prefix, eos)`` ids for lm-eval when ``tokenizer`` has neither a BOS nor an EOS token
-    (``None`` when it has one, and lm-eval needs no help).
+    """``(prefix, eos)`` ids for lm-eval when ``tokenizer`` has no EOS token (``None`` when it
+    has one, and lm-eval needs no help).
 
     lm-eval conditions an empty context on a prefix token (BOS, else EOS) and stops generating at
     EOS. The fallbacks are the model config's BOS/EOS ids, else token id 0 as the prefix (a warning
     says which); ``eos`` stays ``None`` when the config names none (generation tasks are refused).
     """
-    if tokenizer.bos_token_id is not None or tokenizer.eos_token_id is not None:
+    if tokenizer.eos_token_id is not None:
         return None
     vocab = len(tokenizer)
     configs = [getattr(model, "config", None), getattr(model, "generation_config", None)]
@@ -421,22 +421,30 @@ def special_token_fallback(model: Any, tokenizer: Any) -> tuple[int, int | None]
                 return v
         return None
 
-    bos, eos = config_id("bos_token_id"), config_id("eos_token_id")
-    prefix = next((i for i in (bos, eos) if i is not None), 0)
-    log.warning(
-        "the tokenizer has no BOS or EOS token: lm-eval conditions empty contexts on token id %d (%r, %s); "
-        "scores of tasks with empty contexts (loglikelihood_rolling, e.g. wikitext) depend on this choice%s",
-        prefix,
-        tokenizer.decode([prefix]),
-        "from the model config" if bos is not None or eos is not None else "an arbitrary fallback",
-        "" if eos is not None else "; generation tasks are refused (no end-of-sequence token)",
+    eos = config_id("eos_token_id")
+    notes = []
+    prefix = tokenizer.bos_token_id
+    if prefix is None:
+        from_config = next((i for i in (config_id("bos_token_id"), eos) if i is not None), None)
+        prefix = 0 if from_config is None else from_config
+        notes.append(
+            f"lm-eval conditions empty contexts on token id {prefix} ({tokenizer.decode([prefix])!r}, "
+            f"{'an arbitrary fallback' if from_config is None else 'from the model config'}): scores of "
+            "tasks with empty contexts (loglikelihood_rolling, e.g. wikitext) depend on this choice"
+        )
+    notes.append(
+        "generation tasks are refused (no end-of-sequence token)"
+        if eos is None
+        else f"generation stops at the model config's EOS id {eos}"
     )
+    what = "EOS" if tokenizer.bos_token_id is not None else "BOS or EOS"
+    log.warning("the tokenizer has no %s token: %s", what, "; ".join(notes))
     return prefix, eos
 
 
 def _hflm(model: Any, tokenizer: Any, batch_size: int) -> Any:
     """lm-eval's ``HFLM`` on the in-memory ``model``, with :func:`special_token_fallback`'s ids
-    for a tokenizer that has no BOS/EOS token (the caller's tokenizer is not changed)."""
+    for a tokenizer that has no EOS token (the caller's tokenizer is not changed)."""
     from lm_eval.models.huggingface import HFLM
 
     fallback = special_token_fallback(model, tokenizer)

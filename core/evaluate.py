@@ -32,7 +32,8 @@ def read_text(path: str | Path) -> str:
     """
     path = Path(path)
     if not path.is_file():
-        raise CalibrationError(f"evaluation file {path} does not exist")
+        problem = "is not a file" if path.exists() else "does not exist"
+        raise CalibrationError(f"evaluation file {path} {problem}")
     return "\n\n".join(read_documents(str(path), what="evaluation"))
 
 

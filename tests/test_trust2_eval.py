@@ -4,6 +4,7 @@ comparable, a mistyped folder; and lm-eval runs with a tokenizer that has no BOS
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -264,7 +265,8 @@ def test_lm_eval_runs_with_a_tokenizer_without_special_tokens(
     model = _bare_llama()
     with caplog.at_level(logging.WARNING, logger="llmpress.eval_harness"):
         got = run_lm_eval(model, bare, ["tiny_mc"], limit=4, include_path=[TASKS], batch_size=4)
-    assert "no BOS or EOS token" in caplog.text and "token id 0" in caplog.text
+    assert "the tokenizer has no BOS or EOS token" in caplog.text and "on token id 0" in caplog.text
+    assert "generation tasks are refused" in caplog.text
     assert bare.pad_token_id is None and len(bare) == len(tokenizer)  # the caller's tokenizer unchanged
     # a multiple-choice task never reads the prefix token: the same scores as with the full tokenizer
     ref = run_lm_eval(model, tokenizer, ["tiny_mc"], limit=4, include_path=[TASKS], batch_size=4)
@@ -293,5 +295,8 @@ def test_lm_eval_generation_without_an_eos_token_is_refused(
         'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 2\n'
         "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
     )
-    with pytest.raises(EvalTaskError, match="generation tasks need an end-of-sequence token"):
-        run_lm_eval(_bare_llama(), bare, ["tiny_gen"], limit=2, include_path=[tmp_path])
+    bos_only = copy.deepcopy(bare)
+    bos_only.bos_token = bos_only.convert_ids_to_tokens(0)
+    for tok in (bare, bos_only):
+        with pytest.raises(EvalTaskError, match="generation tasks need an end-of-sequence token"):
+            run_lm_eval(_bare_llama(), tok, ["tiny_gen"], limit=2, include_path=[tmp_path])
