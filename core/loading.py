@@ -151,7 +151,7 @@ def load_config(name_or_path: str | Path, trust_remote_code: bool = False) -> An
     try:
         return transformers.AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".") + "."
         if Path(src).is_dir():
             raise ModelError(f"cannot read the model config in {src}: {first}") from e
         raise ModelError(
