@@ -29,8 +29,12 @@ def read_documents(
     config_name: str | None = None,
     text_field: str = "text",
     max_documents: int = 20_000,
+    what: str = "calibration",
 ) -> list[str]:
-    """Documents from a file, a list of strings, a local dataset folder or a Hub dataset id."""
+    """Documents from a file, a list of strings, a local dataset folder or a Hub dataset id.
+
+    ``what`` names the data in error messages (``"evaluation"`` for ``llmpress eval --text``).
+    """
     if isinstance(source, (list, tuple)):
         docs = [str(s) for s in source]
     else:
@@ -40,28 +44,28 @@ def read_documents(
                 "a calibration string is taken as a path; pass raw text as a list of strings"
             )
         if path.is_file():
-            docs = _read_file(path, text_field)
+            docs = _read_file(path, text_field, what)
         elif path.is_dir() or not str(source).endswith((".txt", ".jsonl", ".json")):
             docs = _read_dataset(str(source), split, config_name, text_field, max_documents)
         else:
-            raise CalibrationError(f"calibration file {path} does not exist")
+            raise CalibrationError(f"{what} file {path} does not exist")
     docs = [d for d in docs if d.strip()]
     if not docs:
-        raise CalibrationError(f"calibration source {source!r} holds no text")
+        raise CalibrationError(f"{what} source {source!r} holds no text")
     return docs
 
 
-def _read_file(path: Path, text_field: str) -> list[str]:
+def _read_file(path: Path, text_field: str, what: str = "calibration") -> list[str]:
     try:
-        return _read_text_file(path, text_field)
+        return _read_text_file(path, text_field, what)
     except UnicodeDecodeError as e:
         raise CalibrationError(
-            f"calibration file {path} is not UTF-8 text (a binary file?): {e.reason} at byte {e.start}; "
+            f"{what} file {path} is not UTF-8 text (a binary file?): {e.reason} at byte {e.start}; "
             f"use a .txt file or a .jsonl file with a 'text' field per line"
         ) from None
 
 
-def _read_text_file(path: Path, text_field: str) -> list[str]:
+def _read_text_file(path: Path, text_field: str, what: str = "calibration") -> list[str]:
     if path.suffix.lower() in (".jsonl", ".json"):
         docs = []
         with path.open(encoding="utf-8") as f:
@@ -83,7 +87,7 @@ def _read_text_file(path: Path, text_field: str) -> list[str]:
         return docs
     text = path.read_text(encoding="utf-8")
     if "\x00" in text:
-        raise CalibrationError(f"calibration file {path} holds NUL bytes (a binary file?); use plain text")
+        raise CalibrationError(f"{what} file {path} holds NUL bytes (a binary file?); use plain text")
     return [text]
 
 

@@ -244,11 +244,20 @@ def _evaluate(
     return out, records
 
 
-def _baseline_records(a: argparse.Namespace, tasks: list[str], quiet: bool) -> list:
-    """The base model's records for ``--baseline``: from the cache beside the results, else evaluated."""
-    from llmpress.eval_harness import load_baseline, save_baseline
+def _baseline_model(a: argparse.Namespace, config: Any) -> tuple[str, str | None]:
+    """``(base, note)``: the ``--baseline`` model (the report's when ``auto``), checked before anything
+    is evaluated - it loads (config, tokenizer), reads text in windows of ``--seqlen``, and has this
+    model's tokenizer and vocabulary (else the recovery compares different things). ``note`` names a
+    differing architecture. A local folder is returned as an absolute path (the cache's key)."""
+    import transformers
 
-    base = a.baseline
+    from llmpress.errors import ModelError
+    from llmpress.eval_harness import tokenizer_difference
+    from llmpress.evaluate import check_seqlen
+    from llmpress.loading import load_config, model_source
+    from llmpress.report import stored_base
+
+    base, where = a.baseline, "--baseline"
     if base == "auto":
         report = Path(a.model_dir) / "llmpress_report.json"
         base = json.loads(report.read_text()).get("base_model") if report.is_file() else None
@@ -256,6 +265,46 @@ def _baseline_records(a: argparse.Namespace, tasks: list[str], quiet: bool) -> l
             raise LlmpressError(
                 f"{a.model_dir} does not record its base model; name it: --baseline MODEL (a folder or Hub id)"
             )
+        where = f"the base model recorded in {report}"
+    try:
+        base_config = load_config(base)
+    except ModelError as e:
+        fix = "; name it: --baseline MODEL (a folder or Hub id)" if a.baseline == "auto" else ""
+        raise LlmpressError(f"{where}: {e}{fix}") from None
+    base = stored_base(model_source(base)) or base
+    if a.text is not None:
+        try:
+            check_seqlen(base_config, a.seqlen, "--seqlen")
+        except ModelError as e:
+            raise LlmpressError(f"base model {base}: {e}") from None
+    toks = []
+    for path in (a.model_dir, base):
+        try:
+            toks.append(transformers.AutoTokenizer.from_pretrained(model_source(path)))
+        except (OSError, ValueError, TypeError) as e:
+            raise LlmpressError(f"{path} has no tokenizer ({e}); evaluation needs one") from None
+    diff = tokenizer_difference(*toks)
+    sizes = getattr(config, "vocab_size", None), getattr(base_config, "vocab_size", None)
+    if diff is None and sizes[0] != sizes[1]:
+        diff = f"vocabulary sizes {sizes[0]} and {sizes[1]} in config.json"
+    if diff is not None:
+        raise LlmpressError(
+            f"base model {base} does not share this model's tokenizer ({diff}): its scores are not comparable; "
+            "give the model this one was compressed from: --baseline MODEL"
+        )
+    archs = [
+        getattr(c, "architectures", None) or [getattr(c, "model_type", "?")] for c in (config, base_config)
+    ]
+    note = None
+    if archs[0] != archs[1]:
+        note = f"the base model {base} is a {'/'.join(archs[1])}, this model a {'/'.join(archs[0])}"
+    return base, note
+
+
+def _baseline_records(a: argparse.Namespace, base: str, tasks: list[str], quiet: bool) -> list:
+    """The base model's records for ``--baseline``: from the cache beside the results, else evaluated."""
+    from llmpress.eval_harness import load_baseline, save_baseline
+
     settings = {
         "text": None if a.text is None else Path(a.text).name,
         "seqlen": a.seqlen,
@@ -264,15 +313,38 @@ def _baseline_records(a: argparse.Namespace, tasks: list[str], quiet: bool) -> l
         "limit": a.limit,
         "dtype": a.dtype,
     }
-    cached = load_baseline(a.model_dir, str(base), settings)
+    cached = load_baseline(a.model_dir, base, settings)
     if cached:
         log.info("base model %s: cached results", base)
         return cached
     log.info("evaluating the base model %s", base)
-    _, records = _evaluate(a, str(base), tasks, quiet)
+    _, records = _evaluate(a, base, tasks, quiet)
     if not a.no_save and Path(a.model_dir).is_dir():
-        save_baseline(a.model_dir, str(base), settings, records)
+        save_baseline(a.model_dir, base, settings, records)
     return records
+
+
+def _check_eval_inputs(a: argparse.Namespace, tasks: list[str]) -> Any:
+    """Refuse what ``llmpress eval`` cannot evaluate before any model is loaded; the model's config."""
+    from llmpress.evaluate import check_seqlen, read_text
+    from llmpress.loading import load_config
+
+    if a.text is None and not tasks:
+        raise LlmpressError(
+            "eval needs --text FILE (perplexity) and/or --tasks T1,T2 (lm-eval-harness tasks)"
+        )
+    if a.batch_size < 1:
+        raise LlmpressError(f"--batch-size must be at least 1, got {a.batch_size}")
+    if a.text is not None:
+        if a.max_tokens is not None and a.max_tokens < a.seqlen:
+            raise LlmpressError(
+                f"--max-tokens {a.max_tokens} is fewer than one window of --seqlen {a.seqlen}; raise it"
+            )
+        read_text(a.text)  # missing, binary or empty: refused now, not after loading the model
+    config = load_config(a.model_dir)
+    if a.text is not None:
+        check_seqlen(config, a.seqlen, "--seqlen")
+    return config
 
 
 def _eval(a: argparse.Namespace) -> int:
@@ -282,34 +354,41 @@ def _eval(a: argparse.Namespace) -> int:
     ``"tasks": {task: {metric: value}}`` when tasks ran. Results are merged into
     ``DIR/llmpress_eval.json`` (unless ``--no-save``) for the model card. ``--baseline``
     also evaluates the base model (once; cached in ``DIR/llmpress_eval_baseline.json``) and
-    records its value and the recovery next to each result.
+    records its value and the recovery next to each result; the base model is checked first
+    (it loads, shares this model's tokenizer; a differing architecture is named).
     """
     from llmpress.eval_harness import save_eval, with_baseline
 
     tasks = [t.strip() for t in (a.tasks or "").split(",") if t.strip()]
-    if a.text is None and not tasks:
-        raise LlmpressError(
-            "eval needs --text FILE (perplexity) and/or --tasks T1,T2 (lm-eval-harness tasks)"
-        )
+    config = _check_eval_inputs(a, tasks)
+    base, note = _baseline_model(a, config) if a.baseline else (None, None)
     out, records = _evaluate(a, a.model_dir, tasks, a.json)
-    if a.baseline:
-        records = with_baseline(records, _baseline_records(a, tasks, a.json))
+    if base is not None:
+        records = with_baseline(records, _baseline_records(a, base, tasks, a.json))
         out["baseline"] = {f"{r.task}/{r.metric}": r.baseline for r in records}
         out["recovery"] = {f"{r.task}/{r.metric}": r.recovery for r in records}
+        out["base_model"] = base
+        if note is not None:
+            out["baseline_note"] = note
     if not a.no_save and Path(a.model_dir).is_dir():
         save_eval(a.model_dir, records)
     if a.json:
         print(json.dumps(out))
         return 0
     for r in records:
-        base = f"; base model {r.baseline:.4f}, recovery {r.recovery:.1f} %" if r.recovery is not None else ""
+        base_txt = (
+            f"; base model {r.baseline:.4f}, recovery {r.recovery:.1f} %" if r.recovery is not None else ""
+        )
         if r.metric == "perplexity" and a.text is not None and r.task == Path(a.text).name:
             print(
-                f"perplexity {out['perplexity']:.4f} over {int(out['windows'])} windows of {a.seqlen} tokens{base}"
+                f"perplexity {out['perplexity']:.4f} over {int(out['windows'])} windows of {a.seqlen} tokens"
+                + base_txt
             )
             continue
         err = f" ± {r.stderr:.4f}" if r.stderr is not None else ""
-        print(f"{r.task} {r.metric} {r.value:.4f}{err} ({r.samples} samples){base}")
+        print(f"{r.task} {r.metric} {r.value:.4f}{err} ({r.samples} samples){base_txt}")
+    if note is not None:
+        print(f"note: {note}: the recovery compares different architectures")
     return 0
 
 

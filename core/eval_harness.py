@@ -17,6 +17,7 @@ file holding one is refused when read.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -223,6 +224,19 @@ def save_baseline(
     return path
 
 
+def tokenizer_difference(tokenizer: Any, base: Any) -> str | None:
+    """How ``base`` tokenizes differently from ``tokenizer`` (``None`` when they agree): their
+    vocabularies, or the ids of a probe text (normalization, pre-tokenization, BOS)."""
+    va, vb = tokenizer.get_vocab(), base.get_vocab()
+    if va != vb:
+        differ = sum(vb.get(t) != i for t, i in va.items()) + len(vb.keys() - va.keys())
+        return f"vocabularies of {len(va)} and {len(vb)} tokens, {differ} token(s) differ"
+    ids, base_ids = tokenizer(_PROBE_TEXT)["input_ids"], base(_PROBE_TEXT)["input_ids"]
+    if list(ids) != list(base_ids):
+        return f"a probe text tokenizes to different ids ({len(ids)} and {len(base_ids)} tokens)"
+    return None
+
+
 def with_baseline(records: Sequence[EvalRecord], base: Sequence[EvalRecord]) -> list[EvalRecord]:
     """``records`` with each one's ``baseline`` set from the base model's record of the same key."""
     by_key = {r.key: r.value for r in base}
@@ -386,6 +400,75 @@ def check_logits(model: Any, tokenizer: Any, what: str) -> None:
         )
 
 
+def special_token_fallback(model: Any, tokenizer: Any) -> tuple[int, int | None] | None:
+    """``(prefix, eos)`` ids for lm-eval when ``tokenizer`` has no EOS token (``None`` when it
+    has one, and lm-eval needs no help).
+
+    lm-eval conditions an empty context on a prefix token (BOS, else EOS) and stops generating at
+    EOS. The fallbacks are the model config's BOS/EOS ids, else token id 0 as the prefix (a warning
+    says which); ``eos`` stays ``None`` when the config names none (generation tasks are refused).
+    """
+    if tokenizer.eos_token_id is not None:
+        return None
+    vocab = len(tokenizer)
+    configs = [getattr(model, "config", None), getattr(model, "generation_config", None)]
+
+    def config_id(key: str) -> int | None:
+        for cfg in configs:
+            v = getattr(cfg, key, None)
+            v = v[0] if isinstance(v, (list, tuple)) and v else v
+            if isinstance(v, int) and 0 <= v < vocab:
+                return v
+        return None
+
+    eos = config_id("eos_token_id")
+    notes = []
+    prefix = tokenizer.bos_token_id
+    if prefix is None:
+        from_config = next((i for i in (config_id("bos_token_id"), eos) if i is not None), None)
+        prefix = 0 if from_config is None else from_config
+        notes.append(
+            f"lm-eval conditions empty contexts on token id {prefix} ({tokenizer.decode([prefix])!r}, "
+            f"{'an arbitrary fallback' if from_config is None else 'from the model config'}): scores of "
+            "tasks with empty contexts (loglikelihood_rolling, e.g. wikitext) depend on this choice"
+        )
+    notes.append(
+        "generation tasks are refused (no end-of-sequence token)"
+        if eos is None
+        else f"generation stops at the model config's EOS id {eos}"
+    )
+    what = "EOS" if tokenizer.bos_token_id is not None else "BOS or EOS"
+    log.warning("the tokenizer has no %s token: %s", what, "; ".join(notes))
+    return prefix, eos
+
+
+def _hflm(model: Any, tokenizer: Any, batch_size: int) -> Any:
+    """lm-eval's ``HFLM`` on the in-memory ``model``, with :func:`special_token_fallback`'s ids
+    for a tokenizer that has no EOS token (the caller's tokenizer is not changed)."""
+    from lm_eval.models.huggingface import HFLM
+
+    fallback = special_token_fallback(model, tokenizer)
+    if fallback is None:
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    prefix, eos = fallback
+    tokenizer = copy.deepcopy(tokenizer)
+    if tokenizer.pad_token_id is None and tokenizer.unk_token_id is None:
+        tokenizer.pad_token_id = prefix  # else lm-eval adds a pad token beyond the model's vocabulary
+
+    class FallbackLM(HFLM):
+        @property
+        def eot_token_id(self) -> int:
+            if eos is None:
+                raise EvalTaskError(
+                    "lm-eval generation tasks need an end-of-sequence token, and neither the tokenizer "
+                    "nor the model config names one; set the tokenizer's eos_token (tokenizer_config.json) "
+                    "or run loglikelihood tasks (multiple choice, perplexity)"
+                )
+            return eos
+
+    return FallbackLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, prefix_token_id=prefix)
+
+
 def run_lm_eval(
     model: Any,
     tokenizer: Any,
@@ -409,11 +492,9 @@ def run_lm_eval(
     if not tasks:
         raise EvalTaskError("no lm-eval task given")
     lm_eval = _lm_eval()
-    from lm_eval.models.huggingface import HFLM
-
     tm = task_manager(tasks, include_path)
     check_logits(model, tokenizer, f"lm-eval {list(tasks)}")
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = _hflm(model, tokenizer, batch_size)
     t0 = time.perf_counter()
     try:
         results = lm_eval.simple_evaluate(
@@ -428,6 +509,8 @@ def run_lm_eval(
             torch_random_seed=seed,
             fewshot_random_seed=seed,
         )
+    except EvalTaskError:
+        raise
     except (KeyError, ValueError, FileNotFoundError, ConnectionError) as e:
         raise EvalTaskError(f"lm-eval could not run {list(tasks)}: {type(e).__name__}: {e}") from e
     if results is None:  # non-zero rank of a distributed run

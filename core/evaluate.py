@@ -1,7 +1,10 @@
 """Perplexity over non-overlapping windows of a text (each window scored independently).
 
 A model that produces NaN/inf (a damaged checkpoint, an fp16 overflow) raises
-:class:`~llmpress.errors.EvalTaskError` instead of returning a NaN or infinite perplexity.
+:class:`~llmpress.errors.EvalTaskError` instead of returning a NaN or infinite perplexity, and
+windows longer than the model's positions raise :class:`~llmpress.errors.ModelError` (past them a
+model gives a finite but wrong perplexity). Text files get the checks calibration files get
+(UTF-8, not binary, not empty).
 """
 
 from __future__ import annotations
@@ -15,8 +18,35 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmpress.errors import EvalTaskError, ModelError
+from llmpress.calibration import read_documents
+from llmpress.errors import CalibrationError, EvalTaskError, ModelError
 from llmpress.eval_harness import NON_FINITE_HINT
+from llmpress.loading import max_positions
+
+
+def read_text(path: str | Path) -> str:
+    """The text of an evaluation file: a ``.txt`` whole, a ``.jsonl`` its ``text`` fields joined by
+    blank lines.
+
+    :raises CalibrationError: no such file, not UTF-8 (a binary file), or no text in it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        problem = "is not a file" if path.exists() else "does not exist"
+        raise CalibrationError(f"evaluation file {path} {problem}")
+    return "\n\n".join(read_documents(str(path), what="evaluation"))
+
+
+def check_seqlen(model_config: Any, seqlen: int, option: str = "seqlen") -> None:
+    """Raise :class:`ModelError` when windows of ``seqlen`` tokens exceed the model's positions
+    (or are shorter than 2 tokens: nothing to predict). ``option`` names the setting in the message."""
+    if seqlen < 2:
+        raise ModelError(f"{option} {seqlen}: a window needs at least 2 tokens (one predicts the next)")
+    limit = max_positions(model_config)
+    if limit is not None and seqlen > limit:
+        raise ModelError(
+            f"{option} {seqlen} exceeds the model's {limit} positions; use {option} {limit} or less"
+        )
 
 
 def text_windows(tokenizer: Any, text: str, seqlen: int, max_tokens: int | None = None) -> torch.Tensor:
@@ -26,7 +56,11 @@ def text_windows(tokenizer: Any, text: str, seqlen: int, max_tokens: int | None 
         ids = ids[:max_tokens]
     n = len(ids) // seqlen
     if n == 0:
-        raise ValueError(f"text has {len(ids)} tokens, fewer than one window of {seqlen}")
+        cut = f" (cut to max_tokens {max_tokens})" if max_tokens is not None else ""
+        raise CalibrationError(
+            f"the evaluation text has {len(ids)} tokens{cut}, fewer than one window of {seqlen}; "
+            "give more text or a smaller seqlen (--seqlen)"
+        )
     return torch.tensor(ids[: n * seqlen], dtype=torch.long).view(n, seqlen)
 
 
@@ -41,6 +75,9 @@ def perplexity_of_windows(
     """exp(mean NLL) over all next-token predictions of every window; logits in fp32."""
     if not getattr(model.config, "is_decoder", False) and not _is_causal(model):
         raise ModelError(f"perplexity needs a causal LM; {type(model).__name__} is not one")
+    check_seqlen(model.config, windows.shape[1])
+    if batch_size < 1:
+        raise ModelError(f"batch_size must be at least 1, got {batch_size}")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     nll, count = 0.0, 0
     for i, x in enumerate(tqdm(windows.split(batch_size), desc="perplexity", disable=not progress)):
@@ -95,8 +132,13 @@ def perplexity(
     device: str | torch.device | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Perplexity of ``model`` on a text (or a text file path) in windows of ``seqlen``."""
+    """Perplexity of ``model`` on a text (or a text file path) in windows of ``seqlen``.
+
+    :raises ModelError: ``seqlen`` exceeds the model's positions (checked before any work).
+    :raises CalibrationError: a file that is missing, binary or empty, or text shorter than a window.
+    """
+    check_seqlen(model.config, seqlen)
     if isinstance(text, Path) or (isinstance(text, str) and len(text) < 4096 and Path(text).is_file()):
-        text = Path(text).read_text(encoding="utf-8")
+        text = read_text(text)
     windows = text_windows(tokenizer, str(text), seqlen, max_tokens)
     return perplexity_of_windows(model, windows, batch_size, device, progress)

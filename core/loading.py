@@ -73,14 +73,9 @@ def load_model(
     """
     import transformers
 
-    src = str(name_or_path)
-    try:
-        config = transformers.AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot read a model config from {src!r}: {e}") from e
+    src = model_source(name_or_path)
+    config = load_config(src, trust_remote_code=trust_remote_code)
     cls = auto_class_for(config)
-    if Path(src).is_dir():
-        check_shard_index(Path(src))
     log.info("loading %s with %s", src, cls.__name__)
     if max_memory is not None:
         model = cls.from_pretrained(
@@ -102,6 +97,67 @@ def load_model(
         log.warning("no tokenizer loaded from %s (%s)", src, e)
         tok = None
     return model, tok
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` is shaped like a Hub model id (``gpt2``, ``org/model``), not a local path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name or name.startswith((".", "/", "~")) or "\\" in name:
+        return False
+    if "/" in name and Path(name.split("/", 1)[0]).is_dir():  # models/llama beside a models/ folder
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def model_source(name_or_path: str | Path) -> str:
+    """``name_or_path`` as ``from_pretrained`` takes it: an existing local folder (``~`` expanded),
+    or a Hub id.
+
+    :raises ModelError: a local path (see :func:`is_hub_id`) that is not a folder.
+    """
+    src = str(name_or_path)
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise ModelError(f"{src} is a file, not a model folder; give the folder that holds its config.json")
+    if not is_hub_id(src):
+        raise ModelError(
+            f"no such folder: {src} ({path.absolute()} does not exist); check the path "
+            "(a model is a local folder or a Hub id such as org/model)"
+        )
+    return src
+
+
+def load_config(name_or_path: str | Path, trust_remote_code: bool = False) -> Any:
+    """The transformers config of a local model folder or Hub id.
+
+    :raises ModelError: no such folder, a folder without ``config.json``, or a Hub id that
+        cannot be fetched (one line: the path or connection to check).
+    :raises CheckpointError: a local folder's shard index is broken (:func:`check_shard_index`).
+    """
+    import transformers
+
+    src = model_source(name_or_path)
+    if Path(src).is_dir():
+        if not (Path(src) / "config.json").is_file():
+            raise ModelError(f"{src} holds no config.json: it is not a Hugging Face model folder")
+        check_shard_index(Path(src))
+    try:
+        return transformers.AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".") + "."
+        if Path(src).is_dir():
+            raise ModelError(f"cannot read the model config in {src}: {first}") from e
+        raise ModelError(
+            f"no such folder: {src} ({Path(src).absolute()}), and as a Hub model id it cannot be loaded: {first} "
+            "Check the path, or the Hub id and your connection (HF_HUB_OFFLINE=1 uses cached models only)"
+        ) from e
 
 
 def stored_dtype(name_or_path: str | Path, trust_remote_code: bool = False) -> torch.dtype | None:

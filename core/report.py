@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 from typing import Any
+
+
+def stored_base(base_model: str | None) -> str | None:
+    """``base_model`` as the report stores it: a local folder as an absolute path (so that
+    ``llmpress eval --baseline`` finds it from any folder), a Hub id as it is."""
+    if base_model and Path(base_model).expanduser().is_dir():
+        return os.path.abspath(Path(base_model).expanduser())
+    return base_model
 
 
 @dataclasses.dataclass
@@ -69,7 +79,7 @@ class CompressionReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "base_model": self.base_model,
+            "base_model": stored_base(self.base_model),
             "recipe": self.recipe,
             "overall_sparsity": round(self.overall_sparsity, 6),
             **({"average_bits": round(self.average_bits, 6)} if self.average_bits is not None else {}),
