@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from llmpress.errors import AllocationError
 from llmpress.level_sets import LevelSet
 from llmpress.method_hooks import MethodHooks
 from llmpress.modules import get_weight
+from llmpress.output import atomic_file, atomic_write
 from llmpress.quant.packing import pack_bitmask, unpack_bitmask
 from llmpress.results import LayerResult, QuantState
 from llmpress.stats import LayerStats
@@ -159,8 +159,8 @@ class LevelDatabase:
         if self.path.exists() and any(self.path.iterdir()):
             raise AllocationError(f"level database folder {self.path} is not empty and has no {MANIFEST}")
         self.path.mkdir(parents=True, exist_ok=True)
-        man.write_text(
-            json.dumps({"version": DB_VERSION, "fingerprint": self.fp, "units": self.units}, indent=1)
+        atomic_write(
+            man, json.dumps({"version": DB_VERSION, "fingerprint": self.fp, "units": self.units}, indent=1)
         )
 
     def _file(self, i: int) -> Path:
@@ -196,9 +196,8 @@ class LevelDatabase:
             meta.append(m)
         if sq_norms is not None:
             tensors["sq_norms"] = sq_norms.detach().cpu().float()
-        tmp = self._file(i).with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"levels": json.dumps(meta), "unit": self.units[i]})
-        os.replace(tmp, self._file(i))
+        with atomic_file(self._file(i)) as tmp:  # the user's umask, not safetensors' 0600
+            save_file(tensors, str(tmp), metadata={"levels": json.dumps(meta), "unit": self.units[i]})
 
     def _handle(self, i: int) -> Any:
         f = self._files.get(i)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import random
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 from llmpress import distributed, hookimpl
 from llmpress.allocation import AllocationConfig, AllocationProblem, AllocationResult, moves_from
 from llmpress.errors import AllocationError, RecipeError
+from llmpress.output import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +100,7 @@ def _load(path: Path, key: str) -> dict[str, Any] | None:
 
 
 def _save(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(state))
 
 
 def evolve(problem: AllocationProblem, config: EvoPressConfig) -> AllocationResult:
