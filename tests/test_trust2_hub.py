@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import shutil
 import stat
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import constants
+from huggingface_hub import constants, hf_hub_download
 from localhub import LocalHubServer
 from models import calib_ids, tiny_llama
 
@@ -97,6 +98,24 @@ def test_xet_token_404_is_one_request_named_with_the_fix(
     assert "the Hub answered 404 Not Found for " in msg and "/xet-write-token" in msg, msg
     assert "HF_HUB_DISABLE_XET=1" in msg and "dropped" not in msg
     assert _requests(local_hub, "/xet-write-token") == 1
+
+
+def test_push_through_xet_to_the_local_hub(
+    local_hub: LocalHubServer, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without HF_HUB_DISABLE_XET, huggingface_hub uploads through Xet: the local Hub answers the
+    token request and the CAS upload, and serves the files back byte for byte."""
+    pytest.importorskip("hf_xet")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    (folder / "noise.bin").write_bytes(random.Random(0).randbytes(200_000))  # stored uncompressed
+    push(folder, "local-user/via-xet")
+    save_eval(folder, [EvalRecord(task="tiny", metric="acc", value=0.5)])
+    info = push(folder, "local-user/via-xet")  # again: the client deduplicates against what it sent
+    assert _requests(local_hub, "/xet-write-token/") == 2 and _requests(local_hub, "/v1/shards") == 2
+    assert _requests(local_hub, "/info/lfs/objects/batch") == 0  # not through Git LFS
+    for name in ("model.safetensors", "noise.bin", "tokenizer.json", "llmpress_eval.json", "README.md"):
+        path = hf_hub_download("local-user/via-xet", name, revision=info.oid, cache_dir=tmp_path / "dl")
+        assert Path(path).read_bytes() == (folder / name).read_bytes(), name
 
 
 def test_server_errors_are_still_retried(local_hub: LocalHubServer, folder: Path) -> None:
