@@ -72,6 +72,8 @@ def _chain(err: BaseException) -> Iterator[BaseException]:
 #: how ``hf_xet`` (reqwest) words an HTTP answer in the ``ConnectionError`` it raises:
 #: "... HTTP status client error (404 NOT FOUND), domain: http://host/api/..."
 _XET_HTTP = re.compile(r"HTTP status (?:client|server) error \((\d{3})[^)]*\)(?:, (?:domain|url): (\S+))?")
+#: the Hub's endpoint that hands out Xet (CAS) tokens
+_XET_TOKEN = re.compile(r"/xet-(?:read|write)-token(?:/|$)")
 
 
 def _own_status(err: BaseException) -> int | None:
@@ -157,10 +159,11 @@ def _explain(
     elif status == 404:
         url = _url(err) or endpoint
         msg = f"{what}: the Hub answered 404 Not Found for {url}{detail}. "
-        if "/xet-" in url:
+        if _XET_TOKEN.search(url):
             msg += (
-                "The server has no Xet storage endpoint (a local or self-hosted Hub): set HF_HUB_DISABLE_XET=1 "
-                "so that huggingface_hub uploads through Git LFS instead."
+                "The server gives no Xet upload token for this repo: it has no Xet storage (a self-hosted or "
+                "older Hub) or the revision does not exist. Set HF_HUB_DISABLE_XET=1 so that huggingface_hub "
+                "uploads through Git LFS instead."
             )
         else:
             msg += f"Check that {repo_id!r} exists at {endpoint} and that the token can see it."

@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     server = LocalHubServer(args.root, host=args.host, port=args.port).start()
     print(server.url, flush=True)
     logging.getLogger("localhub").info(
-        "point clients at it with HF_ENDPOINT=%s; they write as 'local-user' (Xet or Git LFS uploads)", server.url
+        "point clients at it with HF_ENDPOINT=%s; they write as 'local-user' (Xet or Git LFS uploads)",
+        server.url,
     )
     signal.signal(signal.SIGTERM, _interrupt)
     try:

@@ -203,15 +203,22 @@ class XetStorage:
     """Xet tokens and xorbs of the local Hub; rebuilt files go to the Hub's blob store."""
 
     def __init__(self, root: Path):
-        self.root = root / "xorbs"
-        self.root.mkdir(parents=True, exist_ok=True)
-        id_file = root / "xet-storage-id"
-        if not id_file.is_file():
-            id_file.write_text(secrets.token_hex(8))
-        #: part of the CAS URL, unique to this storage
-        self.id = id_file.read_text().strip()
+        self.root = root / "xet"  # created on first use: <root>/xet/{id, xorbs/<hash>}
+        self._id: str | None = None
         self._tokens: dict[str, tuple[str, bool, float]] = {}  # token -> (repo id, write, expiry)
         self._lock = threading.Lock()
+
+    @property
+    def id(self) -> str:
+        """Part of the CAS URL, unique to this storage (kept in ``xet/id``)."""
+        if self._id is None:
+            id_file = self.root / "id"
+            with self._lock:
+                if not id_file.is_file():
+                    self.root.mkdir(parents=True, exist_ok=True)
+                    id_file.write_text(secrets.token_hex(8))
+                self._id = id_file.read_text().strip()
+        return self._id
 
     def issue_token(self, repo_id: str, write: bool, cas_url: str) -> dict[str, object]:
         """A fresh CAS token for ``repo_id``, as the Hub's ``xet-{read,write}-token`` answer."""
@@ -236,7 +243,7 @@ class XetStorage:
     def _xorb_path(self, xorb_hash: str) -> Path:
         if len(xorb_hash) != _HASH_HEX or any(c not in "0123456789abcdef" for c in xorb_hash):
             raise HubError(400, f"Malformed xorb hash '{xorb_hash}'")
-        return self.root / xorb_hash
+        return self.root / "xorbs" / xorb_hash
 
     def put_xorb(self, xorb_hash: str, data: bytes) -> bool:
         """Store a serialized xorb (its chunks must decode); False if it was there already."""
@@ -245,6 +252,7 @@ class XetStorage:
             return False
         if not xorb_chunks(data):
             raise HubError(400, f"Xorb {xorb_hash} holds no chunk")
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{xorb_hash}.{secrets.token_hex(4)}")
         tmp.write_bytes(data)
         tmp.replace(path)
@@ -261,7 +269,9 @@ class XetStorage:
                 cache[xorb] = xorb_chunks(path.read_bytes())
             chunks = cache[xorb]
             if not 0 <= start < end <= len(chunks):
-                raise HubError(400, f"Shard references chunks [{start}, {end}) of xorb {xorb} ({len(chunks)})")
+                raise HubError(
+                    400, f"Shard references chunks [{start}, {end}) of xorb {xorb} ({len(chunks)})"
+                )
             segment = b"".join(chunks[start:end])
             if len(segment) != nbytes:
                 raise HubError(400, f"Shard segment of xorb {xorb} is {len(segment)} bytes, not {nbytes}")
