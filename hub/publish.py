@@ -172,8 +172,8 @@ def _explain(
             f"{what}: server error HTTP {status} from {endpoint} after {attempts} attempt(s){detail}. {rerun}"
         )
     elif status is not None:
-        url = _url(err)
-        msg = f"{what}: the Hub rejected the request (HTTP {status}{f' for {url}' if url else ''}){detail}."
+        at = _url(err)
+        msg = f"{what}: the Hub rejected the request (HTTP {status}{f' for {at}' if at else ''}){detail}."
     else:
         msg = f"{what}: {type(err).__name__}: {err}"
     return PublishError(msg)
