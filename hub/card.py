@@ -41,6 +41,7 @@ from llmpress.eval_harness import EvalRecord
 from llmpress.hub.allocation import allocation_context
 from llmpress.hub.errors import CardTemplateError
 from llmpress.hub.folder import CARD_FILE, PLOT_FILE, FolderInfo, SizeStats, hub_size, local_size, read_folder
+from llmpress.output import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ def _resolve_base(base_model: str | None, info: FolderInfo) -> tuple[str | None,
     card's text only, by its folder name (the full path says nothing to readers).
     """
     report = info.report or {}
+    gone = None  # the name of a local folder that is not here any more
     for cand in (base_model, report.get("base_model"), report.get("model"), info.config.get("_name_or_path")):
         if not cand:
             continue
@@ -140,11 +142,12 @@ def _resolve_base(base_model: str | None, info: FolderInfo) -> tuple[str | None,
             return cand, None, cand
         if known is not None:
             return known, None, known
-        if path.is_absolute() or cand.startswith((".", "~")):  # a local folder that is gone
+        if path.is_absolute() or cand.startswith((".", "~")):
             log.info("base model folder %s is not here; the card names it without its size or license", cand)
-            return None, None, path.name
+            gone = gone or path.name
+            continue
         log.warning("base model %r is neither a local folder nor a valid Hub id; ignoring it", cand)
-    return None, None, None
+    return None, None, gone
 
 
 def _local_label(name: str | None) -> str:
@@ -642,6 +645,4 @@ def build_card(folder: str | Path, *, template: str | Path = "default", **kwargs
 
 def write_card(folder: str | Path, card: Any) -> Path:
     """Write ``card`` (a ``ModelCard`` or text) as ``folder/README.md``, atomically."""
-    from llmpress.output import atomic_write
-
     return atomic_write(Path(folder) / CARD_FILE, card if isinstance(card, str) else str(card))

@@ -164,9 +164,13 @@ def test_base_model_of_a_cache_snapshot_is_its_hub_id(folder: Path, tmp_path: Pa
     assert _front_matter(card)["base_model"] == "Qwen/Qwen2.5-0.5B"
 
 
-def test_base_model_of_a_local_folder_is_named_in_the_text_only(folder: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("exists", [True, False])
+def test_base_model_of_a_local_folder_is_named_in_the_text_only(
+    folder: Path, tmp_path: Path, exists: bool
+) -> None:
     base = tmp_path / "my-dense-llama"
-    base.mkdir()
+    if exists:
+        base.mkdir()
     card = str(build_card(_with_base(folder, str(base))))
     assert "base_model" not in _front_matter(card)  # the Hub's base_model must be a repo id
     assert "`my-dense-llama` (a local model folder)" in card
