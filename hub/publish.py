@@ -356,7 +356,9 @@ def push(
     :param revision: branch to commit to (created from main if missing).
     :param template: card template: ``"default"``, ``"short"`` or a Jinja file path.
     :param card: a ready ``ModelCard`` or Markdown text to publish instead of rendering one.
-    :param base_model: Hub id of the dense model, for the card (metadata, size, license).
+    :param base_model: Hub id of the dense model, for the card (metadata, size, license); a local
+        folder gives its size and license, and ``base_model`` metadata only when it is a snapshot
+        of the Hugging Face cache (the metadata must be a repo id).
     :param retries: attempts per request on transient errors; ``backoff`` is the first wait (s).
     :returns: the ``huggingface_hub.CommitInfo`` of the commit (``.repo_url``, ``.oid``).
     :raises PublishError: with the cause (authentication, repo name, server, network) and the fix;
