@@ -354,7 +354,7 @@ def write_demo_card(folder: Path, base: Path) -> Path:
     """Render the model card of ``folder`` into it (``base``: the dense model's folder)."""
     from llmpress.hub.card import build_card, write_card
 
-    card = build_card(folder, base_model=str(base), repo_id=f"llmpress-demo/{folder.name}")
+    card = build_card(folder, base_model=str(base))  # not published: the card shows the local path
     return write_card(folder, card)
 
 

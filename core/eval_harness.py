@@ -22,14 +22,13 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from llmpress.errors import EvalTaskError, LlmpressError
+from llmpress.output import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -177,14 +176,7 @@ def save_eval(folder: str | Path, records: Sequence[EvalRecord]) -> Path:
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "results": [r.to_dict() for r in merged.values()],
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{EVAL_FILE}.", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, json.dumps(data, indent=2, allow_nan=False))
     log.info("saved %d evaluation result(s) to %s", len(records), path)
     return path
 
@@ -217,11 +209,7 @@ def save_baseline(
     check_finite(records, f"refusing to save the base model's results to {Path(folder) / BASELINE_FILE}")
     path = Path(folder) / BASELINE_FILE
     data = {"base": base, "settings": settings, "results": [r.to_dict() for r in records]}
-    fd, tmp = tempfile.mkstemp(prefix=f".{BASELINE_FILE}.", dir=folder)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, allow_nan=False)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, json.dumps(data, indent=2, allow_nan=False))
 
 
 def tokenizer_difference(tokenizer: Any, base: Any) -> str | None:

@@ -4,7 +4,9 @@
 takes an inter-process lock on it (so of two runs on the same folder exactly one proceeds,
 the other fails at once), refuses an existing folder unless ``overwrite``, and removes the
 temporary folders that killed runs left beside it. :func:`atomic_directory` writes into a
-temporary sibling folder and renames it into place only when everything was written.
+temporary sibling folder and renames it into place only when everything was written;
+:func:`atomic_file` and :func:`atomic_write` do the same for one file. Every file they leave
+has the user's umask (``0o666 & ~umask``), not the ``0600`` of temporary files.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,25 +90,81 @@ def claim_output(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]
         lock.release()
 
 
-def _umask() -> int:
-    old = os.umask(0)
-    os.umask(old)
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS allows (Linux's
+    ``/proc/self/status``); elsewhere set and restored at once under a lock."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        old = os.umask(0o077)  # restrictive while it is unknown, in case another thread creates a file
+        os.umask(old)
     return old
+
+
+def file_mode() -> int:
+    """The mode of a new regular file under the user's umask (``0o644`` under ``022``)."""
+    return 0o666 & ~current_umask()
+
+
+def apply_umask(*paths: str | Path) -> None:
+    """Give files the user's umask: the writers of temporary files (``mkstemp``, safetensors'
+    ``save_file``) create them ``0600`` whatever the umask."""
+    mode = file_mode()
+    for p in paths:
+        os.chmod(p, mode)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; once the caller has written it, it gets the
+    user's umask and replaces ``path`` in one rename. On any error it is removed and ``path``
+    is left as it was."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        apply_umask(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: str | Path, data: str | bytes, encoding: str = "utf-8") -> Path:
+    """Write ``data`` (text or bytes) to ``path`` atomically, with the user's umask; returns ``path``."""
+    with atomic_file(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding=encoding)
+    return Path(path)
 
 
 @contextlib.contextmanager
 def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``out_dir``; on success it replaces ``out_dir``.
 
-    On any error the temporary folder is removed and ``out_dir`` is left as it was. Folders
-    get the user's umask (not ``mkdtemp``'s 0700).
+    On any error the temporary folder is removed and ``out_dir`` is left as it was. The folder
+    and every file in it get the user's umask (not ``mkdtemp``'s 0700 or safetensors' 0600).
     """
     with claim_output(out_dir, overwrite) as out:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
         try:
             yield tmp
+            # every file with the user's umask, whoever wrote it (safetensors writes 0600)
+            apply_umask(*(p for p in tmp.rglob("*") if p.is_file() and not p.is_symlink()))
             if out.exists():
                 old = out.with_name(f".{out.name}.old-{os.getpid()}")
                 os.replace(out, old)
@@ -116,18 +175,3 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary (hidden) path beside ``path``; on success it replaces ``path``, so
-    readers see the old file or the whole new one, never a half-written one; on any error it
-    is removed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

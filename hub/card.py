@@ -13,7 +13,9 @@ string). A template starts with the metadata block::
     ---
 
 and may use these variables (a user template can also ``{% extends "default.md.j2" %}``):
-``model_name``, ``repo_id``, ``base_model`` (Hub id or None), ``base_label``, ``summary``,
+``model_name``, ``repo_id`` (None for a folder not published), ``model_path`` (what
+``from_pretrained`` loads: the Hub id, or the folder's absolute path), ``base_model`` (Hub id or
+None: only a repo id is valid ``base_model`` metadata), ``base_label``, ``summary``,
 ``stages`` (list of ``{method, description, options}``), ``recipe_yaml``, ``size`` (a
 :class:`SizeSummary`), ``size_rows`` (``{label, before, after}``), ``sparsity``, ``modules``
 (``{name, shape, methods, sparsity, bits, loss}``), ``has_loss`` (any module reports a
@@ -26,9 +28,8 @@ value, stderr, samples, notes, baseline, recovery}``), ``has_baseline``, ``tags`
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-import os
-import tempfile
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +41,7 @@ from llmpress.eval_harness import EvalRecord
 from llmpress.hub.allocation import allocation_context
 from llmpress.hub.errors import CardTemplateError
 from llmpress.hub.folder import CARD_FILE, PLOT_FILE, FolderInfo, SizeStats, hub_size, local_size, read_folder
+from llmpress.output import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -109,19 +111,48 @@ def _is_hub_id(name: str) -> bool:
     return True
 
 
-def _resolve_base(base_model: str | None, info: FolderInfo) -> tuple[str | None, Path | None]:
-    """(Hub id, local folder) of the base model from the argument, the report or config.json."""
+def _cached_hub_id(path: Path) -> str | None:
+    """The Hub id of a folder of the Hugging Face cache (``.../models--org--name/snapshots/<rev>``)."""
+    for part in reversed(path.parts):
+        if part.startswith("models--"):
+            repo_id = part.removeprefix("models--").replace("--", "/")
+            return repo_id if _is_hub_id(repo_id) else None
+    return None
+
+
+def _resolve_base(base_model: str | None, info: FolderInfo) -> tuple[str | None, Path | None, str | None]:
+    """(Hub id, local folder, name for the text) of the base model, from the argument, the report
+    or config.json.
+
+    The Hub's ``base_model`` metadata must be a repo id, so a local folder gives one only when its
+    id is known (a snapshot of the Hugging Face cache); any other local folder is named in the
+    card's text only, by its folder name (the full path says nothing to readers).
+    """
     report = info.report or {}
+    gone = None  # the name of a local folder that is not here any more
     for cand in (base_model, report.get("base_model"), report.get("model"), info.config.get("_name_or_path")):
         if not cand:
             continue
         cand = str(cand)
-        if Path(cand).expanduser().is_dir():
-            return None, Path(cand).expanduser()
+        path = Path(cand).expanduser()
+        known = _cached_hub_id(path)
+        if path.is_dir():
+            return known, path, known or path.name
         if _is_hub_id(cand):
-            return cand, None
+            return cand, None, cand
+        if known is not None:
+            return known, None, known
+        if path.is_absolute() or cand.startswith((".", "~")):
+            log.info("base model folder %s is not here; the card names it without its size or license", cand)
+            gone = gone or path.name
+            continue
         log.warning("base model %r is neither a local folder nor a valid Hub id; ignoring it", cand)
-    return None, None
+    return None, None, gone
+
+
+def _local_label(name: str | None) -> str:
+    """How the summary names a base model that has no Hub id."""
+    return f"`{name}` (a local model folder)" if name else "a dense model"
 
 
 def _offline() -> bool:
@@ -238,23 +269,24 @@ def _auto_class(folder: Path) -> str:
 
 
 def usage_snippet(repo_id: str, auto_class: str, *, packed: bool, tokenizer: bool) -> str:
-    """Python code that loads ``repo_id`` and runs it (works when pasted); ``packed`` adds the
-    ``import llmpress`` that llmpress's packed format needs."""
+    """Python code that loads ``repo_id`` (a Hub id or a local folder) and runs it (works when
+    pasted); ``packed`` adds the ``import llmpress`` that llmpress's packed format needs."""
     lines = ["import llmpress  # registers llmpress's packed format with transformers"] if packed else []
     lines.append(f"from transformers import {auto_class}" + (", AutoTokenizer" if tokenizer else ""))
-    lines += ["", f'model = {auto_class}.from_pretrained("{repo_id}")']
+    where = json.dumps(repo_id)  # a quoted Python string, also for a path with quotes or backslashes
+    lines += ["", f"model = {auto_class}.from_pretrained({where})"]
     if not tokenizer:
         lines += ["import torch", "", "print(model(torch.tensor([[1, 2, 3]])).logits.shape)"]
     elif auto_class == "AutoModelForCausalLM":
         lines += [
-            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+            f"tokenizer = AutoTokenizer.from_pretrained({where})",
             'inputs = tokenizer("The quick brown fox", return_tensors="pt")',
             "outputs = model.generate(**inputs, max_new_tokens=20, do_sample=False)",
             "print(tokenizer.decode(outputs[0], skip_special_tokens=True))",
         ]
     else:
         lines += [
-            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+            f"tokenizer = AutoTokenizer.from_pretrained({where})",
             'inputs = tokenizer("The quick brown fox", return_tensors="pt")',
             "print(model(**inputs).logits.shape)",
         ]
@@ -351,7 +383,8 @@ def build_card_context(
     """Metadata and template variables of ``folder``'s card.
 
     :param repo_id: where the model is (or will be) published; used in the title and the usage
-        snippet (default: the folder name).
+        snippet. ``None``: not published; the snippet loads the local folder (by its absolute path)
+        and the title is the folder name.
     :param base_model: Hub id (or local folder) of the dense model; default: the report's or
         config.json's record of it. A Hub id goes into ``base_model`` metadata; its license
         and size are read from the Hub through ``api`` (an ``HfApi``) when possible.
@@ -362,10 +395,10 @@ def build_card_context(
 
     info = read_folder(folder)
     path = info.path
-    repo = repo_id or path.resolve().name
-    model_name = repo.split("/")[-1]
-    hub_id, local = _resolve_base(base_model, info)
-    base_label = hub_id or (local.name if local is not None else "a dense model")
+    model_path = repo_id or str(path.resolve())  # what from_pretrained loads
+    model_name = repo_id.split("/")[-1] if repo_id else path.resolve().name
+    hub_id, local, base_name = _resolve_base(base_model, info)
+    base_label = base_name or "a dense model"
     size = _size_summary(info, hub_id, local, api)
     mods = info.modules()
     report = info.report or {}
@@ -399,7 +432,7 @@ def build_card_context(
 
     sparsity = float(report.get("overall_sparsity", 0.0))
     summary = (
-        f"This is {f'[{hub_id}](https://huggingface.co/{hub_id})' if hub_id else base_label} compressed with "
+        f"This is {f'[{hub_id}](https://huggingface.co/{hub_id})' if hub_id else _local_label(base_name)} compressed with "
         f"llmpress: {'; then '.join(_describe_stage(s) for s in stages) or 'no compression stage'}. "
         f"The recipe compressed {len(mods)} linear layers of the repeated blocks (embeddings and the output head stay "
         f"dense); their measured sparsity is {100 * sparsity:.1f} %. The checkpoint takes "
@@ -448,7 +481,8 @@ def build_card_context(
     calib = report.get("calibration") or {}
     variables: dict[str, Any] = {
         "model_name": model_name,
-        "repo_id": repo,
+        "repo_id": repo_id,
+        "model_path": model_path,
         "base_model": hub_id,
         "base_label": base_label,
         "summary": summary,
@@ -509,7 +543,7 @@ def build_card_context(
             "versions": report.get("versions") or {},
         },
         "usage": usage_snippet(
-            repo,
+            model_path,
             auto_class,
             packed=info.packed,
             tokenizer=any((path / f).is_file() for f in _TOKENIZER_FILES),
@@ -611,14 +645,4 @@ def build_card(folder: str | Path, *, template: str | Path = "default", **kwargs
 
 def write_card(folder: str | Path, card: Any) -> Path:
     """Write ``card`` (a ``ModelCard`` or text) as ``folder/README.md``, atomically."""
-    folder = Path(folder)
-    text = card if isinstance(card, str) else str(card)
-    fd, tmp = tempfile.mkstemp(prefix=".README.", suffix=".md", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, folder / CARD_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return folder / CARD_FILE
+    return atomic_write(Path(folder) / CARD_FILE, card if isinstance(card, str) else str(card))

@@ -22,7 +22,9 @@ def add_push_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default=None, help="branch to commit to (created if missing)")
     p.add_argument("--template", default="default", help="card template: default, short or a .j2 file")
     p.add_argument(
-        "--base-model", default=None, help="Hub id of the dense model (card metadata, size, license)"
+        "--base-model",
+        default=None,
+        help="Hub id of the dense model (card metadata, size, license); a local folder is named in the text only",
     )
     p.add_argument("--license", default=None, help="license id (default: the base model's)")
     p.add_argument("--commit-message", default=None)

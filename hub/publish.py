@@ -5,7 +5,8 @@ the repo if needed, and uploads every file in a single ``HfApi.create_commit``. 
 atomic: on any failure nothing new is visible in the repo, and re-running the same push
 completes it (LFS files already uploaded are skipped). Transient failures (HTTP 429/5xx, dropped
 connections, also when ``huggingface_hub`` wraps them in another exception) are retried with a
-bounded exponential backoff. Before anything is sent, a folder without weights and a card whose
+bounded exponential backoff; a client error (HTTP 4xx but 429) is not retried and is named as the
+answer it is, also when ``hf_xet`` reports it inside a ``ConnectionError``. Before anything is sent, a folder without weights and a card whose
 ``model-index`` holds NaN/inf are refused. Tokens are passed to ``HfApi`` only: never logged,
 never written to disk.
 
@@ -68,9 +69,29 @@ def _chain(err: BaseException) -> Iterator[BaseException]:
         todo += [c for c in (e.__cause__, None if e.__suppress_context__ else e.__context__) if c is not None]
 
 
+#: how ``hf_xet`` (reqwest) words an HTTP answer in the ``ConnectionError`` it raises:
+#: "... HTTP status client error (404 NOT FOUND), domain: http://host/api/..."
+_XET_HTTP = re.compile(r"HTTP status (?:client|server) error \((\d{3})[^)]*\)(?:, (?:domain|url): (\S+))?")
+#: the Hub's endpoint that hands out Xet (CAS) tokens
+_XET_TOKEN = re.compile(r"/xet-(?:read|write)-token(?:/|$)")
+
+
 def _own_status(err: BaseException) -> int | None:
     response = getattr(err, "response", None)
-    return getattr(response, "status_code", None)
+    status = getattr(response, "status_code", None)
+    if status is None and (match := _XET_HTTP.search(str(err))):
+        return int(match.group(1))
+    return status if isinstance(status, int) else None
+
+
+def _url(err: BaseException) -> str | None:
+    """The URL of the request that ``err`` answered, when known."""
+    root = _root_cause(err) or err
+    if (match := _XET_HTTP.search(str(root))) and match.group(2):
+        return match.group(2).rstrip(".,;")
+    response = getattr(root, "response", None)
+    url = getattr(response, "url", None) or getattr(getattr(response, "request", None), "url", None)
+    return str(url) if url else None
 
 
 def _is_own_transport(err: BaseException) -> bool:
@@ -136,13 +157,23 @@ def _explain(
     elif status == 403:
         msg = f"{what}: the token may not write to {repo_id!r} (HTTP 403){detail}. Use a token of its owner or organization."
     elif status == 404:
-        msg = f"{what}: {repo_id!r} not found at {endpoint} (HTTP 404){detail}, or the token cannot see it."
+        url = _url(err) or endpoint
+        msg = f"{what}: the Hub answered 404 Not Found for {url}{detail}. "
+        if _XET_TOKEN.search(url):
+            msg += (
+                "The server gives no Xet upload token for this repo: it has no Xet storage (a self-hosted or "
+                "older Hub) or the revision does not exist. Set HF_HUB_DISABLE_XET=1 so that huggingface_hub "
+                "uploads through Git LFS instead."
+            )
+        else:
+            msg += f"Check that {repo_id!r} exists at {endpoint} and that the token can see it."
     elif status is not None and (status == 429 or status >= 500):
         msg = (
             f"{what}: server error HTTP {status} from {endpoint} after {attempts} attempt(s){detail}. {rerun}"
         )
     elif status is not None:
-        msg = f"{what}: the Hub rejected the request (HTTP {status}){detail}."
+        at = _url(err)
+        msg = f"{what}: the Hub rejected the request (HTTP {status}{f' for {at}' if at else ''}){detail}."
     else:
         msg = f"{what}: {type(err).__name__}: {err}"
     return PublishError(msg)
@@ -325,7 +356,9 @@ def push(
     :param revision: branch to commit to (created from main if missing).
     :param template: card template: ``"default"``, ``"short"`` or a Jinja file path.
     :param card: a ready ``ModelCard`` or Markdown text to publish instead of rendering one.
-    :param base_model: Hub id of the dense model, for the card (metadata, size, license).
+    :param base_model: Hub id of the dense model, for the card (metadata, size, license); a local
+        folder gives its size and license, and ``base_model`` metadata only when it is a snapshot
+        of the Hugging Face cache (the metadata must be a repo id).
     :param retries: attempts per request on transient errors; ``backoff`` is the first wait (s).
     :returns: the ``huggingface_hub.CommitInfo`` of the commit (``.repo_url``, ``.oid``).
     :raises PublishError: with the cause (authentication, repo name, server, network) and the fix;

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from llmpress import distributed, hookimpl
 from llmpress.allocation import AllocationConfig, AllocationProblem, AllocationResult, moves_from
 from llmpress.errors import AllocationError, RecipeError
-from llmpress.output import atomic_file
+from llmpress.output import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +164,7 @@ def _load(path: Path, key: str, problem: AllocationProblem) -> dict[str, Any] | 
 
 
 def _save(path: Path, state: dict[str, Any]) -> None:
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(state))
+    atomic_write(path, json.dumps(state))
 
 
 def evolve(problem: AllocationProblem, config: EvoPressConfig) -> AllocationResult:

@@ -2,6 +2,7 @@
 
 * :mod:`localhub.server`: :class:`LocalHubServer` (werkzeug) and its injected failures;
 * :mod:`localhub.routes`: the Hub API subset that publishing and pulling use;
+* :mod:`localhub.xet`: Xet storage (tokens, xorbs, shards), which ``hf_xet`` uploads through;
 * :mod:`localhub.store`, :mod:`localhub.objects`: repos, commits and blobs on disk;
 * :mod:`localhub.plugin`: the pytest plugin (``local_hub`` fixture, ``HF_ENDPOINT``);
 * ``python -m localhub --root DIR``: serve one from the command line.

@@ -1,6 +1,11 @@
 """Serve a local Hub until interrupted; prints its URL (``--port 0`` picks a free port).
 
 PYTHONPATH=tests python -m localhub --root /tmp/hub --port 8080
+HF_ENDPOINT=http://127.0.0.1:8080 llmpress push out local-user/model
+
+Clients reach it through ``HF_ENDPOINT`` (set before ``huggingface_hub`` is imported); anyone is
+``local-user``. Uploads work through Xet (``hf_xet`` installed, the default) and through Git LFS
+(``HF_HUB_DISABLE_XET=1``).
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     server = LocalHubServer(args.root, host=args.host, port=args.port).start()
     print(server.url, flush=True)
+    logging.getLogger("localhub").info(
+        "point clients at it with HF_ENDPOINT=%s; they write as 'local-user' (Xet or Git LFS uploads)",
+        server.url,
+    )
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         threading.Event().wait()

@@ -4,6 +4,9 @@
 ``pytest_configure`` runs before any test module imports ``huggingface_hub``: it starts a
 :class:`~localhub.server.LocalHubServer` and exports ``HF_ENDPOINT`` (its URL),
 ``HF_HUB_DISABLE_XET=1`` and ``HF_HOME`` (a temporary folder: no real cache or token is used).
+The local Hub also speaks Xet (:mod:`localhub.xet`); the tests upload through Git LFS by
+default because the failure-injection tests target its endpoints, and a test that sets
+``huggingface_hub.constants.HF_HUB_DISABLE_XET = False`` uploads through Xet.
 ``huggingface_hub`` and ``transformers`` read them when imported; nothing is patched.
 Subprocesses inherit them.
 

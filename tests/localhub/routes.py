@@ -1,8 +1,9 @@
 """The Hub HTTP API subset that publishing and pulling use, as werkzeug routes over a :class:`LocalStore`.
 
-Creating repos and branches, ``preupload``, ndjson commits with LFS (batch, upload, verify),
-listing (repo info, tree, paths-info, commits), ``resolve`` downloads (with ``Range``), ``whoami``
-and card metadata validation. Anything else is a 404 in the Hub's error shape.
+Creating repos and branches, ``preupload``, ndjson commits with LFS (batch, upload, verify) or
+Xet (token, xorbs, shards: :mod:`localhub.xet`), listing (repo info, tree, paths-info, commits),
+``resolve`` downloads (with ``Range``), ``whoami`` and card metadata validation. Anything else is
+a 404 in the Hub's error shape.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .objects import (
     validate_repo_part,
 )
 from .store import LocalStore, is_sha256
+from .xet import CAS_PREFIX, XetStorage, parse_shard_files
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,25 @@ URLS = Map(
         Rule("/__lfs__/upload/<ticket>", methods=["PUT"], endpoint="lfs_upload"),
         Rule("/__lfs__/verify", methods=["POST"], endpoint="lfs_verify"),
         Rule("/<namespace>/<name>/resolve/<revision>/<path:filename>", methods=["GET"], endpoint="resolve"),
+        Rule(
+            f"{_API}/xet-write-token/<path:revision>",
+            methods=["GET"],
+            endpoint="xet_token",
+            defaults={"write": True},
+        ),
+        Rule(
+            f"{_API}/xet-read-token/<path:revision>",
+            methods=["GET"],
+            endpoint="xet_token",
+            defaults={"write": False},
+        ),
+        Rule(f"{CAS_PREFIX}/<cas_id>/v1/chunks/<prefix>/<chunk>", methods=["GET"], endpoint="xet_chunk"),
+        Rule(f"{CAS_PREFIX}/<cas_id>/v1/xorbs/<prefix>/<xorb>", methods=["POST"], endpoint="xet_xorb"),
+        Rule(f"{CAS_PREFIX}/<cas_id>/v1/shards", methods=["POST"], endpoint="xet_shard"),
+        # newer hf_xet tries these first and falls back on a 404; its telemetry goes to the Hub
+        Rule(f"{CAS_PREFIX}/<cas_id>/v1/xorb-grants/<path:rest>", methods=["POST"], endpoint="not_offered"),
+        Rule(f"{CAS_PREFIX}/<cas_id>/v2/shards", methods=["POST"], endpoint="not_offered"),
+        Rule("/v1/telemetry", methods=["POST"], endpoint="not_offered"),
     ],
     strict_slashes=False,
     merge_slashes=False,
@@ -137,6 +158,7 @@ class HubRoutes:
         self.enforce = enforce_permissions
         self._tickets: dict[str, tuple[str, int]] = {}
         self._tickets_lock = threading.Lock()
+        self.xet = XetStorage(store.root)
 
     def dispatch(self, request: Request) -> Response:
         """Answer ``request``; raises :class:`HubError` or werkzeug's ``HTTPException`` for errors."""
@@ -413,6 +435,43 @@ class HubRoutes:
         if not is_sha256(oid) or not self.store.blobs.has(str(oid), size):
             raise HubError(404, f"LFS object {oid} not found")
         return json_response({"success": True}, headers={"Content-Type": LFS_JSON})
+
+    # -------------------------------------------------------------------- Xet
+    def xet_token(self, request: Request, ref: RepoRef, revision: str, write: bool) -> Response:
+        """A CAS token (body, and the ``X-Xet-*`` headers of a ``resolve`` answer) for ``ref``."""
+        if write:
+            self._writer(request, ref)
+        else:
+            self._readable(request, ref)
+        self.store.resolve(ref, revision)  # 404 for a revision that does not exist
+        cas_url = f"{request.host_url.rstrip('/')}{CAS_PREFIX}/{self.xet.id}"
+        answer = self.xet.issue_token(ref.repo_id, write, cas_url)
+        headers = {
+            "X-Xet-Cas-Url": str(answer["casUrl"]),
+            "X-Xet-Access-Token": str(answer["accessToken"]),
+            "X-Xet-Token-Expiration": str(answer["exp"]),
+        }
+        return json_response(answer, headers=headers)
+
+    def xet_chunk(self, request: Request, cas_id: str, prefix: str, chunk: str) -> Response:
+        self.xet.check_token(cas_id, request.headers.get("Authorization"), write=False)
+        raise HubError(404, "Chunk not tracked by global deduplication")
+
+    def xet_xorb(self, request: Request, cas_id: str, prefix: str, xorb: str) -> Response:
+        self.xet.check_token(cas_id, request.headers.get("Authorization"), write=True)
+        return json_response({"was_inserted": self.xet.put_xorb(xorb, request.get_data())})
+
+    def not_offered(self, request: Request, **_: str) -> Response:
+        raise HubError(404, f"{request.path} is not offered by the local Hub")
+
+    def xet_shard(self, request: Request, cas_id: str) -> Response:
+        """Rebuild each file of the shard from its xorbs into the blob store (checked by sha256)."""
+        self.xet.check_token(cas_id, request.headers.get("Authorization"), write=True)
+        files = parse_shard_files(request.get_data())
+        for f in files:
+            sha256 = self.store.blobs.put_bytes(self.xet.rebuild(f))
+            logger.debug("xet file %s stored as blob %s", f.file_hash[:12], sha256[:12])
+        return json_response({"result": 1})
 
     # --------------------------------------------------------------- download
     def resolve(self, request: Request, ref: RepoRef, revision: str, filename: str) -> Response:

@@ -6,6 +6,7 @@ Layout under ``root``::
     <type>s/<namespace>/<name>/repo.json     repo metadata (id, type, private, createdAt)
     <type>s/<namespace>/<name>/refs.json     {"branches": {"main": <commit id>}, "tags": {}}
     <type>s/<namespace>/<name>/commits.jsonl one JSON commit per line, each a full snapshot of the tree
+    xet/id, xet/xorbs/<hash>                 Xet storage (:mod:`localhub.xet`), once a client uses it
 
 Every commit stores the complete ``path -> file entry`` mapping, so resolving a revision never
 replays history. File paths only live inside JSON documents, and namespaces and names are
