@@ -193,7 +193,7 @@ def _evaluate(
         raise LlmpressError(
             f"{model_path} has no tokenizer; {'perplexity' if a.text else 'evaluation'} needs one"
         )
-    out: dict[str, Any] = {"dtype": dtype_name(model.dtype)}
+    out: dict[str, Any] = {"dtype": dtype_name(next(model.parameters()).dtype)}
     records = []
     if a.text is not None:
         res = perplexity(

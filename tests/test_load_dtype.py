@@ -73,11 +73,22 @@ class Case:
 
 
 CASES = {
-    "uniform-widths": Case(tiny_qwen2, [{"method": "magnitude_structured", "ratio": 0.3}], (BF16,), frozenset()),
-    "flap-global": Case(tiny_qwen2, [{"method": "flap", "ratio": 0.35}], (F16, BF16, F32), frozenset({"dense"})),
+    "uniform-widths": Case(
+        tiny_qwen2, [{"method": "magnitude_structured", "ratio": 0.3}], (BF16,), frozenset()
+    ),
+    "flap-global": Case(
+        tiny_qwen2, [{"method": "flap", "ratio": 0.35}], (F16, BF16, F32), frozenset({"dense"})
+    ),
     "evopress-widths": Case(
         tiny_llama,
-        [{"method": "minitron", "ratio": 0.3, "structures": ["neurons"], "allocation": {**EVO, "sparsity_step": 0.1}}],
+        [
+            {
+                "method": "minitron",
+                "ratio": 0.3,
+                "structures": ["neurons"],
+                "allocation": {**EVO, "sparsity_step": 0.1},
+            }
+        ],
         (F32,),
         frozenset({"dense"}),
     ),
@@ -100,7 +111,9 @@ CASES = {
         (BF16,),
         frozenset({"int-2:4"}),
     ),
-    "fp8": Case(tiny_qwen2, [{"method": "fp8", "activations": "static"}], (F32,), frozenset({"fp8"}), w8a8=True),
+    "fp8": Case(
+        tiny_qwen2, [{"method": "fp8", "activations": "static"}], (F32,), frozenset({"fp8"}), w8a8=True
+    ),
     "int8-w8a8": Case(
         tiny_qwen2,
         [{"method": "rtn", "bits": 8, "group_size": -1, "symmetric": True, "activations": "int8"}],
@@ -140,7 +153,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Built]:
             case = CASES[name]
             model, report = llmpress.compress(case.factory(), {"stages": case.stages}, CALIB, progress=False)
             base = tmp_path_factory.mktemp(name)
-            folders = {dt: save_result(model, base / _name(dt), report=report, dtype=dt) for dt in case.sources}
+            folders = {
+                dt: save_result(model, base / _name(dt), report=report, dtype=dt) for dt in case.sources
+            }
             # what the saved layers compute (W8A8 quantizes inputs at run time), in fp32
             ref = logits(to_runtime(copy.deepcopy(model), dtype=F32))
             cache[name] = Built(folders, ref)
@@ -172,7 +187,7 @@ def test_every_method_loads_in_the_requested_dtype(
     packed = {n: m for n, m in model.named_modules() if isinstance(m, LlmpressLinear)}
     assert bool(packed) == bool(case.formats & {"int", "int-2:4", "fp8"})
     for n, m in packed.items():  # packed tensors as stored, bit for bit
-        for suffix, (shape, dtype) in m.fmt.tensor_shapes().items():
+        for suffix, (_, dtype) in m.fmt.tensor_shapes().items():
             assert m.get_buffer(suffix).dtype == dtype, f"{n}.{suffix}"
     if case.experts:
         assert any(".experts." in n for n in packed)
@@ -228,7 +243,16 @@ def test_llmpress_eval_scores_a_flap_checkpoint_stored_in_fp16(
     flap_fp16_dir: tuple[Path, float], capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     folder, in_memory = flap_fp16_dir
-    args = ["eval", str(folder), "--text", str(DATA_DIR / "eval.txt"), "--seqlen", "32", "--json", "--no-save"]
+    args = [
+        "eval",
+        str(folder),
+        "--text",
+        str(DATA_DIR / "eval.txt"),
+        "--seqlen",
+        "32",
+        "--json",
+        "--no-save",
+    ]
     with caplog.at_level(logging.INFO, logger="llmpress"):
         assert main(args) == 0  # --dtype auto: fp32 on the CPU
     res = json.loads(capsys.readouterr().out)
@@ -257,10 +281,15 @@ def test_llmpress_compress_compresses_a_flap_checkpoint_further(
 
 
 @pytest.mark.parametrize(
-    "dtype,device,want", [("auto", "cpu", F32), (None, "cpu", F32), ("bfloat16", "cpu", BF16), (F16, "cpu", F16)]
+    "dtype,device,want",
+    [("auto", "cpu", F32), (None, "cpu", F32), ("bfloat16", "cpu", BF16), (F16, "cpu", F16)],
 )
 def test_load_model_chooses_and_logs_one_dtype(
-    flap_fp16_dir: tuple[Path, float], dtype: Any, device: str, want: torch.dtype, caplog: pytest.LogCaptureFixture
+    flap_fp16_dir: tuple[Path, float],
+    dtype: Any,
+    device: str,
+    want: torch.dtype,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     folder, _ = flap_fp16_dir
     with caplog.at_level(logging.INFO, logger="llmpress"):
@@ -271,6 +300,8 @@ def test_load_model_chooses_and_logs_one_dtype(
 
 
 @pytest.mark.parametrize("dtype", ["int8", "float33", "cuda"])
-def test_load_model_refuses_a_dtype_it_cannot_compute_in(flap_fp16_dir: tuple[Path, float], dtype: str) -> None:
+def test_load_model_refuses_a_dtype_it_cannot_compute_in(
+    flap_fp16_dir: tuple[Path, float], dtype: str
+) -> None:
     with pytest.raises(ModelError, match="unknown dtype"):
         load_model(flap_fp16_dir[0], dtype=dtype)
