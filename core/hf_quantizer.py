@@ -132,14 +132,14 @@ class LlmpressHfQuantizer(HfQuantizer):
 
     requires_calibration = True
     #: the model's dtype for this load (set by transformers through update_dtype)
-    dtype: torch.dtype | None = None
+    compute_dtype: torch.dtype | None = None
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         return None
 
     def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """Record the dtype ``from_pretrained`` resolved; llmpress keeps it."""
-        self.dtype = dtype
+        self.compute_dtype = dtype
         return dtype
 
     update_torch_dtype = update_dtype  # its name before transformers 5
@@ -151,7 +151,7 @@ class LlmpressHfQuantizer(HfQuantizer):
         assert isinstance(cfg, LlmpressConfig)
         self._unfuse_experts(model, cfg.schema.experts or {})
         # the model is built under its dtype (transformers sets the default dtype meanwhile)
-        dtype = self.dtype or torch.get_default_dtype()
+        dtype = self.compute_dtype or torch.get_default_dtype()
         log.debug("llmpress: rebuilding %d modules in %s", len(cfg.module_formats()), dtype)
         known = dict(model.named_modules())
         for name, fmt in cfg.module_formats().items():
