@@ -52,7 +52,7 @@ def load_dtype(dtype: str | torch.dtype | None, device: str, config: Any = None)
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        if torch.device(device).type == "cpu":
+        if str(device).split(":")[0] == "cpu":
             return torch.float32
         return _config_dtype(config) or "auto"
     dt = getattr(torch, str(dtype).removeprefix("torch."), None)
