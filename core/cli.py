@@ -205,14 +205,14 @@ def _evaluate(
     """Perplexity on ``--text`` and the lm-eval ``tasks`` of one model: ``(numbers, records)``."""
     from llmpress.eval_harness import parse_limit, perplexity_record, run_lm_eval
     from llmpress.evaluate import perplexity
-    from llmpress.loading import load_model
+    from llmpress.loading import dtype_name, load_model
 
     model, tok = load_model(model_path, dtype=a.dtype, device=a.device)
     if tok is None:
         raise LlmpressError(
             f"{model_path} has no tokenizer; {'perplexity' if a.text else 'evaluation'} needs one"
         )
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"dtype": dtype_name(next(model.parameters()).dtype)}
     records = []
     if a.text is not None:
         res = perplexity(
@@ -539,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-tokens", type=int, default=None)
     e.add_argument("--device", default="cpu")
-    e.add_argument("--dtype", default="auto")
+    e.add_argument("--dtype", default="auto", help="compute dtype (auto: fp32 on CPU, stored dtype on GPU)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument(
         "--baseline",

@@ -252,14 +252,13 @@ def demo_model(
     on_step: Callable[[int, float], None] | None = None,
 ) -> Any:
     """The trained demo model: from ``cache_dir/demo-<hash>`` if there, else trained (and cached)."""
-    from transformers import AutoModelForCausalLM
-
+    from llmpress.loading import load_model
     from llmpress.save import atomic_directory
 
     path = None if cache_dir is None else Path(cache_dir) / f"demo-{cfg.cache_key(text)}"
     if path is not None and (path / "config.json").is_file():
         log.info("demo model from the cache %s", path)
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        return load_model(path, dtype=torch.float32, tokenizer=False)[0]
     model = train_demo_model(text, cfg, on_step)
     if path is not None:
         try:
@@ -280,13 +279,12 @@ def folder_mb(folder: Path) -> float:
 
 @torch.no_grad()
 def reload_check(model: Any, folder: Path, probe: torch.Tensor) -> str:
-    """Load ``folder`` with plain ``from_pretrained`` and compare its logits on ``probe``
-    with ``model``'s: ``"identical"`` or the largest absolute difference."""
-    from transformers import AutoModelForCausalLM
+    """Load ``folder`` (``from_pretrained`` through :func:`llmpress.load_model`) in ``model``'s
+    dtype and compare its logits on ``probe`` with ``model``'s: ``"identical"`` or the largest
+    absolute difference."""
+    from llmpress.loading import load_model
 
-    import llmpress  # noqa: F401 - registers the packed format with transformers
-
-    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").eval()
+    loaded, _ = load_model(folder, dtype=model.dtype, tokenizer=False)
     a = model(input_ids=probe).logits.float()
     b = loaded(input_ids=probe).logits.float()
     return "identical" if torch.equal(a, b) else f"{(a - b).abs().max().item():.1e}"

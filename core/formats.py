@@ -29,6 +29,9 @@ run time; a static scheme stores its calibrated ``name.input_scale`` fp32 [1].
 
 A dequantized weight is ``scale[g] * (code - zero[g])`` with ``g = input // group_size``;
 pruned weights hold the zero point's code, i.e. exactly 0. ``name.bias`` is unchanged.
+Loaded in another dtype than stored (``from_pretrained(dtype=...)``), packed tensors keep their
+stored dtypes (the kernels compute in the input's dtype); ``dense`` weights and all biases
+take the requested dtype, like the rest of the model.
 Packed tensors are stored under ``weight`` on purpose: without llmpress, transformers
 refuses the shapes instead of silently loading random weights.
 """
@@ -145,15 +148,18 @@ class FormatSpec:
     ``tensors(fmt)`` names the stored tensors (suffix -> shape, dtype); ``pack(fmt, weight,
     result)`` makes them from a layer's weight [out, in] and its committed result;
     ``unpack(fmt, tensors, dtype)`` rebuilds the dense weight; ``runtime(fmt, bias, device)``
-    makes the module that computes with the stored tensors. ``packed``: the runtime is an
-    :class:`llmpress.runtime.LlmpressLinear`, run by a kernel chosen at load.
+    ``runtime(fmt, bias, device, dtype)`` makes the module that computes with the stored
+    tensors in the compute dtype ``dtype`` (the model's; ``None``: the storage dtype): packed
+    tensors keep their stored dtypes (loaded bit for bit), while plain weights and biases
+    follow ``dtype``. ``packed``: the runtime is an :class:`llmpress.runtime.LlmpressLinear`,
+    run by a kernel chosen at load.
     """
 
     name: str
     tensors: Callable[[ModuleFormat], Shapes]
     pack: Callable[[ModuleFormat, torch.Tensor, LayerResult | None], dict[str, torch.Tensor]]
     unpack: Callable[[ModuleFormat, dict[str, torch.Tensor], torch.dtype], torch.Tensor] | None
-    runtime: Callable[[ModuleFormat, bool, torch.device | None], nn.Module]
+    runtime: Callable[[ModuleFormat, bool, torch.device | None, torch.dtype | None], nn.Module]
     packed: bool = True
 
 
@@ -357,20 +363,27 @@ def _dense_pack(
     return {"weight": weight.to(fmt.torch_dtype).contiguous()}
 
 
-def _dense_runtime(fmt: ModuleFormat, bias: bool, device: torch.device | None) -> nn.Module:
-    return nn.Linear(fmt.in_features, fmt.out_features, bias=bias, device=device, dtype=fmt.torch_dtype)
+def _dense_runtime(
+    fmt: ModuleFormat, bias: bool, device: torch.device | None, dtype: torch.dtype | None
+) -> nn.Module:
+    dtype = dtype or fmt.torch_dtype
+    return nn.Linear(fmt.in_features, fmt.out_features, bias=bias, device=device, dtype=dtype)
 
 
-def _dropped_runtime(fmt: ModuleFormat, bias: bool, device: torch.device | None) -> nn.Module:
+def _dropped_runtime(
+    fmt: ModuleFormat, bias: bool, device: torch.device | None, dtype: torch.dtype | None
+) -> nn.Module:
     from llmpress.blocks import DroppedModule
 
     return DroppedModule(fmt.kind or "mlp")
 
 
-def _packed_runtime(fmt: ModuleFormat, bias: bool, device: torch.device | None) -> nn.Module:
+def _packed_runtime(
+    fmt: ModuleFormat, bias: bool, device: torch.device | None, dtype: torch.dtype | None
+) -> nn.Module:
     from llmpress.runtime import LlmpressLinear
 
-    return LlmpressLinear(fmt, bias=bias, device=device)
+    return LlmpressLinear(fmt, bias=bias, device=device, dtype=dtype)
 
 
 for _spec in (

@@ -124,12 +124,25 @@ def _tied_names(model: Any) -> set[str]:
 
 
 class LlmpressHfQuantizer(HfQuantizer):
-    """Loads llmpress checkpoints (pre-quantized only)."""
+    """Loads llmpress checkpoints (pre-quantized only).
+
+    The modules it rebuilds compute in the dtype ``from_pretrained`` resolved (``dtype=``,
+    ``"auto"`` or the default), which transformers passes to :meth:`update_dtype`.
+    """
 
     requires_calibration = True
+    #: the model's dtype for this load (set by transformers through update_dtype)
+    compute_dtype: torch.dtype | None = None
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         return None
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """Record the dtype ``from_pretrained`` resolved; llmpress keeps it."""
+        self.compute_dtype = dtype
+        return dtype
+
+    update_torch_dtype = update_dtype  # its name before transformers 5
 
     def _process_model_before_weight_loading(
         self, model: Any, checkpoint_files: list[str] | None = None, **kwargs: Any
@@ -137,6 +150,9 @@ class LlmpressHfQuantizer(HfQuantizer):
         cfg = self.quantization_config
         assert isinstance(cfg, LlmpressConfig)
         self._unfuse_experts(model, cfg.schema.experts or {})
+        # the model is built under its dtype (transformers sets the default dtype meanwhile)
+        dtype = self.compute_dtype or torch.get_default_dtype()
+        log.debug("llmpress: rebuilding %d modules in %s", len(cfg.module_formats()), dtype)
         known = dict(model.named_modules())
         for name, fmt in cfg.module_formats().items():
             if name not in known:
@@ -155,7 +171,7 @@ class LlmpressHfQuantizer(HfQuantizer):
                     )
             dev = w.device if isinstance(w, torch.Tensor) else None
             bias = isinstance(getattr(old, "bias", None), torch.Tensor) if fmt.bias is None else fmt.bias
-            replace_module(model, name, fmt.spec.runtime(fmt, bias, dev))
+            replace_module(model, name, fmt.spec.runtime(fmt, bias, dev, dtype))
         for name, attrs in (cfg.schema.attributes or {}).items():  # head counts of pruned attention
             if name not in known:
                 raise CheckpointError(

@@ -45,16 +45,25 @@ def auto_class_for(config: Any) -> Any:
     raise ModelError(f"no transformers Auto class loads architecture {archs}; llmpress supports Hub models")
 
 
-def _dtype(dtype: str | torch.dtype | None, device: str) -> Any:
+def load_dtype(dtype: str | torch.dtype | None, device: str, config: Any = None) -> torch.dtype | str:
+    """The dtype :func:`load_model` loads in: ``dtype`` as given (a ``torch.dtype`` or its name);
+    ``None`` or ``"auto"``: float32 on the CPU (half-precision math is slow and lossy there),
+    else the dtype ``config`` says the checkpoint is stored in (``"auto"`` if it does not say)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        # CPU math in half precision is slow and lossy: compute in fp32 there
-        return torch.float32 if device == "cpu" else "auto"
-    try:
-        return getattr(torch, str(dtype))
-    except AttributeError:
-        raise ModelError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16") from None
+        if str(device).split(":")[0] == "cpu":
+            return torch.float32
+        return _config_dtype(config) or "auto"
+    dt = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise ModelError(f"unknown dtype {dtype!r}; use float32, float16, bfloat16 or auto")
+    return dt
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """``float16`` for ``torch.float16`` (strings as they are)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def load_model(
@@ -65,22 +74,29 @@ def load_model(
     trust_remote_code: bool = False,
     max_memory: dict[Any, int] | None = None,
     offload_folder: str | None = None,
+    tokenizer: bool = True,
 ) -> tuple[nn.Module, Any]:
     """Load ``(model, tokenizer)`` from a local folder or Hub id; tokenizer may be ``None``.
 
+    The one way llmpress loads a model (``eval``, ``compress``, ``pull``, the demo): every
+    floating parameter, those of modules llmpress rebuilds included, is in the dtype chosen by
+    :func:`load_dtype` (logged; ``model.dtype`` afterwards).
+
     ``max_memory`` (``{gpu index or "cpu": bytes}``): dispatch with accelerate
     (``device_map="auto"``) under those budgets; what fits nowhere goes to ``offload_folder``.
+    ``tokenizer=False``: the model only (``None`` for the tokenizer).
     """
     import transformers
 
     src = model_source(name_or_path)
     config = load_config(src, trust_remote_code=trust_remote_code)
     cls = auto_class_for(config)
-    log.info("loading %s with %s", src, cls.__name__)
+    dt = load_dtype(dtype, device, config)
+    log.info("loading %s in %s with %s", src, dtype_name(dt), cls.__name__)
     if max_memory is not None:
         model = cls.from_pretrained(
             src,
-            dtype=_dtype(dtype, device),
+            dtype=dt,
             trust_remote_code=trust_remote_code,
             device_map="auto",
             max_memory=max_memory,
@@ -88,9 +104,13 @@ def load_model(
         )
         log.info("device map: %s", sorted(set(getattr(model, "hf_device_map", {}).values()), key=str))
     else:
-        model = cls.from_pretrained(src, dtype=_dtype(dtype, device), trust_remote_code=trust_remote_code)
+        model = cls.from_pretrained(src, dtype=dt, trust_remote_code=trust_remote_code)
         model.to(device)
     model.eval()
+    if not isinstance(dt, torch.dtype):
+        log.info("loaded %s in %s (the checkpoint's dtype)", src, dtype_name(model.dtype))
+    if not tokenizer:
+        return model, None
     try:
         tok = transformers.AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as e:
@@ -168,6 +188,10 @@ def stored_dtype(name_or_path: str | Path, trust_remote_code: bool = False) -> t
         cfg = transformers.AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         return None
+    return _config_dtype(cfg)
+
+
+def _config_dtype(cfg: Any) -> torch.dtype | None:
     dt = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
     if isinstance(dt, str):
         dt = getattr(torch, dt, None)

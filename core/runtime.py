@@ -19,20 +19,29 @@ from llmpress.quant.activations import fake_quantize
 
 
 class LlmpressLinear(nn.Module):
-    """A linear layer stored in one of llmpress's packed formats (see :mod:`llmpress.formats`)."""
+    """A linear layer stored in one of llmpress's packed formats (see :mod:`llmpress.formats`).
+
+    The packed tensors are buffers in their stored dtypes; the bias (a parameter) is in
+    ``dtype``, the model's compute dtype (default: the storage dtype).
+    """
 
     def __init__(
-        self, fmt: ModuleFormat, bias: bool = False, device: torch.device | str | None = None
+        self,
+        fmt: ModuleFormat,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.fmt = fmt
         self.in_features = fmt.in_features
         self.out_features = fmt.out_features
-        for suffix, (shape, dtype) in fmt.tensor_shapes().items():
-            self.register_buffer(suffix, torch.zeros(shape, dtype=dtype, device=device))
+        for suffix, (shape, stored) in fmt.tensor_shapes().items():
+            self.register_buffer(suffix, torch.zeros(shape, dtype=stored, device=device))
         if bias:
             self.bias = nn.Parameter(
-                torch.zeros(fmt.out_features, dtype=fmt.torch_dtype, device=device), requires_grad=False
+                torch.zeros(fmt.out_features, dtype=dtype or fmt.torch_dtype, device=device),
+                requires_grad=False,
             )
         else:
             self.register_parameter("bias", None)

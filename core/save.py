@@ -157,6 +157,8 @@ def export_units(
         owner, _, leaf = key.rpartition(".")
         if leaf == "weight" and owner in packed:
             units.append(_packed_unit(mods, owner, packed[owner], state.layers.get(owner)))
+        elif isinstance(mods.get(owner), LlmpressLinear) and leaf != "bias":  # packed: as stored
+            units.append(_tensor_unit(mods, key, t, None))
         else:
             units.append(_tensor_unit(mods, key, t, dtype))
     return units, modules
@@ -232,7 +234,7 @@ def to_runtime(model: nn.Module, sparse: str = "auto", dtype: torch.dtype = torc
             continue
         bias = getattr(old, "bias", None)
         dev = get_weight(old).device if is_linear(old) else None
-        new = fmt.spec.runtime(fmt, isinstance(bias, torch.Tensor), dev)
+        new = fmt.spec.runtime(fmt, isinstance(bias, torch.Tensor), dev, dtype)
         new.load_state_dict({k[len(name) + 1 :]: v for k, v in sd.items() if k.startswith(name + ".")})
         replace_module(model, name, new)
     cast_saved_tensors(model, dtype)
