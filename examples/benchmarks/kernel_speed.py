@@ -1,7 +1,7 @@
 """Weight-only int4/int8 kernels against the dense matmul, per layer shape and row count.
 
-    python examples/benchmarks/kernels.py                 # CUDA: triton-int vs fp16 cuBLAS
-    python examples/benchmarks/kernels.py --device cpu    # CPU: cpu-int vs fp32 and bf16
+    python examples/benchmarks/kernel_speed.py                 # CUDA: triton-int vs fp16 cuBLAS
+    python examples/benchmarks/kernel_speed.py --device cpu    # CPU: cpu-int vs fp32 and bf16
 
 For each shape (out x in) and row count it prints the dense time (fp16 and bf16 on a GPU,
 fp32 and bf16 on a CPU), ours (the kernel the runtime picks for a packed layer, int4 with
