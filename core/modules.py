@@ -102,11 +102,11 @@ def select_targets(
         names = [n for n in all_linear if any(r.search(n) for r in regs)]
         for p, r in zip(patterns, regs):
             if not any(r.search(n) for n in all_linear):
-                routers = sorted(n for n in router_names(model) if r.search(n))
-                if routers:
+                hit = sorted(n for n in router_names(model) if r.search(n))
+                if hit:
                     raise RecipeError(
-                        f"{stage_name}: target {p!r} matches only mixture-of-experts routers ({routers[:3]}, "
-                        f"{type(model.get_submodule(routers[0])).__name__}), which are not linear layers: "
+                        f"{stage_name}: target {p!r} matches only mixture-of-experts routers ({hit[:3]}, "
+                        f"{type(model.get_submodule(hit[0])).__name__}), which are not linear layers: "
                         f"llmpress does not compress routers (they choose the experts); target the experts "
                         f"instead, e.g. '.*experts.*'"
                     )

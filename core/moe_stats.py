@@ -27,7 +27,7 @@ from torch import nn
 
 from llmpress import distributed
 from llmpress.capture import BlockActivations
-from llmpress.modules import in_out_features, is_linear
+from llmpress.modules import get_weight, in_out_features, is_linear
 from llmpress.moe_model import moe_blocks
 from llmpress.stats import LayerStats, StatsCollector
 
@@ -178,7 +178,7 @@ def _fill_empty(
         for r in rels:
             if r in col.stats:
                 continue
-            w = mods[r].weight
+            w = get_weight(mods[r])
             n_in = in_out_features(mods[r])[0]
             st = shared.setdefault(n_in, LayerStats(n_in, w.device, col.needs))
             col.stats[r] = st

@@ -11,6 +11,7 @@ from llmpress import hookimpl
 from llmpress.blocks import BlockContext, ScaleChannels
 from llmpress.config import MethodConfig
 from llmpress.errors import ModelError, RecipeError
+from llmpress.modules import get_weight
 from llmpress.quant.smoothing import smooth_scales, smoothing_pairs
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def llmpress_change_block(block: BlockContext, config: SmoothQuantConfig) -> lis
         )
     changes = []
     for src, consumers in pairs:
-        weights = [block.linear(c).weight for c in consumers]
+        weights = [get_weight(block.linear(c)) for c in consumers]
         s = smooth_scales(block.stats[consumers[0]].absmax, weights, float(config.alpha))
         changes.append(ScaleChannels(src, consumers, s))
         log.debug("%s.%s: smoothing %s, max s %.3g", block.name, src, consumers, float(s.max()))
