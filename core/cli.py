@@ -37,6 +37,19 @@ def check_device(device: str) -> None:
         raise LlmpressError(f"--device {device}: unsupported device type {dev.type!r}")
 
 
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer ``--tokenizer NAME`` names (a folder or Hub id), or :class:`LlmpressError`."""
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, TypeError) as e:
+        raise LlmpressError(
+            f"--tokenizer {name}: no tokenizer could be loaded ({e}); give a folder with tokenizer files "
+            f"(tokenizer.json or tokenizer_config.json) or a Hub id"
+        ) from None
+
+
 def _compress(a: argparse.Namespace) -> int:
     from llmpress import distributed
     from llmpress.output import check_output_path, claim_output
@@ -123,7 +136,9 @@ def _compress_into(a: argparse.Namespace, recipe: Any, out: Path | None) -> int:
     from llmpress.save import save_result
 
     saved_dtype = stored_dtype(a.model)  # read before loading: loading in fp32 overwrites config.dtype
+    own_tok = None if a.tokenizer is None else load_tokenizer(a.tokenizer)  # a bad name fails before loading
     model, tok, offload_activations, offload_stats = _load_for_compress(a)
+    tok = own_tok or tok
     if a.format == "compressed-tensors":  # MoE expert projections: refused before any work
         from llmpress.compressed_tensors import check_model_exportable
         from llmpress.plugin_manager import get_plugin_manager
@@ -189,9 +204,11 @@ def _evaluate(
     from llmpress.loading import load_model
 
     model, tok = load_model(model_path, dtype=a.dtype, device=a.device)
+    tok = load_tokenizer(a.tokenizer) if a.tokenizer else tok
     if tok is None:
         raise LlmpressError(
-            f"{model_path} has no tokenizer; {'perplexity' if a.text else 'evaluation'} needs one"
+            f"{model_path} has no tokenizer; {'perplexity' if a.text else 'evaluation'} needs one: "
+            f"pass --tokenizer PATH_OR_ID"
         )
     out: dict[str, Any] = {}
     records = []
@@ -317,6 +334,9 @@ def _demo(a: argparse.Namespace) -> int:
     return 0
 
 
+TOKENIZER_HELP = "tokenizer folder or Hub id (default: the model's own; for a model saved without one)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmpress", description="Compress Hugging Face models with plugins.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -336,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recipe", required=True, help="YAML or JSON recipe file")
     c.add_argument("--calib", help="calibration text (.txt, .jsonl, dataset folder or Hub dataset id)")
     c.add_argument("--out", required=True, help="output folder (written atomically)")
+    c.add_argument("--tokenizer", default=None, metavar="PATH_OR_ID", help=TOKENIZER_HELP)
     c.add_argument("--nsamples", type=int, default=128)
     c.add_argument("--seqlen", type=int, default=2048)
     c.add_argument("--seed", type=int, default=0)
@@ -390,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", default=None, help="documents per task (a fraction if < 1)")
     e.add_argument("--include-path", action="append", default=None, help="folder of local lm-eval task YAMLs")
     e.add_argument("--no-save", action="store_true", help="do not record results in DIR/llmpress_eval.json")
+    e.add_argument("--tokenizer", default=None, metavar="PATH_OR_ID", help=TOKENIZER_HELP)
     e.add_argument("--seqlen", type=int, default=256)
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-tokens", type=int, default=None)

@@ -43,13 +43,25 @@ log = logging.getLogger(__name__)
 EVAL_TASK = "llmpress-source-heldout"
 
 
-class ByteTokenizer:
-    """Bytes as tokens (vocabulary 256): enough for a demo, no files needed."""
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte, the alphabet of a byte-level BPE."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
-    eos_token_id = None
 
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
-        return {"input_ids": list(text.encode("utf-8"))}
+def byte_tokenizer() -> Any:
+    """Bytes as tokens (vocabulary 256, token id = byte value) as a Hugging Face fast tokenizer:
+    saved with every demo folder, so ``llmpress compress``, ``llmpress eval --text`` and
+    ``AutoTokenizer.from_pretrained`` work on them. A BPE with no merges over the byte alphabet."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = _byte_chars()
+    tok = Tokenizer(models.BPE(vocab={c: b for b, c in chars.items()}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,8 +318,10 @@ def run_case(
     windows: torch.Tensor,
     out: Path,
     cfg: DemoConfig,
+    tokenizer: Any,
 ) -> DemoRow:
-    """Compress a copy of ``dense`` with ``case``, evaluate, save, reload and compare."""
+    """Compress a copy of ``dense`` with ``case``, evaluate, save (with ``tokenizer``), reload
+    and compare."""
     from llmpress.evaluate import perplexity_of_windows
     from llmpress.pipeline import compress
     from llmpress.results import compression_state
@@ -320,10 +334,10 @@ def run_case(
     ppl = perplexity_of_windows(model, windows)
     folder = out / case.folder
     if compression_state(model).quantized:  # packed, fp16: loads after `import llmpress`
-        save_result(model, folder, report=report, overwrite=True)
+        save_result(model, folder, report=report, tokenizer=tokenizer, overwrite=True)
         to_runtime(model)  # exactly what loading the folder gives
     else:  # an ordinary fp32 checkpoint: the in-memory model is what loading gives
-        save_result(model, folder, report=report, dtype=torch.float32, overwrite=True)
+        save_result(model, folder, report=report, tokenizer=tokenizer, dtype=torch.float32, overwrite=True)
     _record_perplexity(folder, ppl, cfg)
     return DemoRow(
         name=case.name,
@@ -338,13 +352,13 @@ def run_case(
     )
 
 
-def dense_row(dense: Any, windows: torch.Tensor, out: Path, cfg: DemoConfig) -> DemoRow:
+def dense_row(dense: Any, windows: torch.Tensor, out: Path, cfg: DemoConfig, tokenizer: Any) -> DemoRow:
     """The uncompressed model, saved and reloaded like the others."""
     from llmpress.evaluate import perplexity_of_windows
     from llmpress.save import save_compressed
 
     ppl = perplexity_of_windows(dense, windows)
-    folder = save_compressed(dense, out / "dense-llama", overwrite=True)
+    folder = save_compressed(dense, out / "dense-llama", tokenizer=tokenizer, overwrite=True)
     _record_perplexity(folder, ppl, cfg)
     reload = reload_check(dense, folder, windows[:2])
     return DemoRow("dense", "-", None, 0.0, ppl["perplexity"], folder_mb(folder), reload, 0.0, folder)
@@ -436,7 +450,7 @@ def run_demo(
     cases = demo_cases(cfg.group_size)
     text = demo_corpus()
     train, held = split_corpus(text)
-    tok = ByteTokenizer()
+    tok = byte_tokenizer()
     with torch_threads(threads), quiet():
         torch.manual_seed(cfg.seed)
         bar = tqdm(total=cfg.steps + len(cases) + 2, desc="training", unit="step", disable=not progress)
@@ -452,11 +466,11 @@ def run_demo(
         calib = build_calibration(tok, [train], nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed)
         windows = text_windows(tok, held, cfg.seqlen, max_tokens=cfg.eval_tokens)
         bar.set_description("dense")
-        rows = [dense_row(dense, windows, base, cfg)]
+        rows = [dense_row(dense, windows, base, cfg, tok)]
         bar.update(1)
         for case in cases:
             bar.set_description(f"{case.name} {case.pattern}" + (f" {case.bits}-bit" if case.bits else ""))
-            rows.append(run_case(case, dense, calib, windows, base, cfg))
+            rows.append(run_case(case, dense, calib, windows, base, cfg, tok))
             bar.update(1)
         bar.set_description("model card")
         card = write_demo_card(rows[-1].folder, rows[0].folder)
