@@ -69,7 +69,9 @@ def test_compress_with_tokenizer_option_saves_it_with_the_result(
     assert saved(text)["input_ids"] == tokenizer(text)["input_ids"]
 
 
-def test_eval_without_a_tokenizer_names_the_cli_option(bare: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_without_a_tokenizer_names_the_cli_option(
+    bare: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["eval", str(bare), "--text", str(EVAL), "--seqlen", "32", "--no-save"]) == 2
     assert "--tokenizer PATH_OR_ID" in _error(capsys.readouterr().err)
 
