@@ -326,11 +326,15 @@ def _plugins(a: argparse.Namespace) -> int:
 
 
 def _demo(a: argparse.Namespace) -> int:
-    from llmpress.demo import format_table, run_demo
+    from llmpress.demo import format_legend, format_orderings, format_table, run_demo
 
     result = run_demo(a.out, steps=a.steps, cache=not a.no_cache, threads=a.threads or None)
     print(format_table(result.rows))
-    print(f"\nresults:    {result.out}\nmodel card: {result.card}")
+    print(f"\n{format_legend(result)}\n\n{format_orderings(result.rows)}")
+    kept = (
+        "" if a.out else " (a new temporary folder, kept: delete it when done, or choose one with --out DIR)"
+    )
+    print(f"\nresults:    {result.out}{kept}\nmodel card: {result.card}")
     return 0
 
 
@@ -440,7 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=_plugins)
 
     d = sub.add_parser("demo", help="train a small model, compress it every way, evaluate, save and reload")
-    d.add_argument("--out", default=None, help="keep the results here (default: a new temporary folder)")
+    d.add_argument(
+        "--out", default=None, help="write the results here (default: a new temporary folder, kept)"
+    )
     d.add_argument("--steps", type=int, default=None, help="training steps of the demo model")
     d.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     d.add_argument("--no-cache", action="store_true", help="train the demo model even if it is cached")
