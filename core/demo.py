@@ -13,9 +13,11 @@ warm-up and a cosine decay (:class:`DemoConfig`). Even so, a model this small (2
 of billions of parameters - and Wanda's gain over magnitude rests on them: here the two are a
 near tie that the CPU's instruction set decides (it changes the trained model). The demo
 therefore checks (:func:`orderings`) the orderings the papers predict for any model, each
-with a clear gap: SparseGPT beats magnitude, and Wanda at 2:4; 2:4 costs more than 50 %
-unstructured; GPTQ beats RTN at 3 bits; 2:4 on top of 4-bit costs more than 4-bit alone.
-Magnitude compares weights per output row, the group Wanda uses.
+with a clear gap: SparseGPT beats magnitude, and Wanda at 2:4; 2:4 costs magnitude and
+Wanda more than 50 % unstructured; GPTQ beats RTN at 3 bits; 2:4 on top of 4-bit costs more
+than 4-bit alone. (SparseGPT's weight update leaves this model little to lose between 50 %
+and 2:4, so how little is not checked either.) Magnitude compares weights per output row,
+the group Wanda uses.
 """
 
 from __future__ import annotations
@@ -563,14 +565,16 @@ def orderings(rows: list[DemoRow]) -> list[Ordering]:
     ) -> Ordering:
         return Ordering(claim, ppl[better], ppl[worse], ppl["dense", "-", None])
 
-    names = {"magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
     return [
         *(
             check(f"SparseGPT < magnitude at {p}", ("sparsegpt", p, None), ("magnitude", p, None))
             for p in ("50%", "2:4")
         ),
         check("SparseGPT < Wanda at 2:4", ("sparsegpt", "2:4", None), ("wanda", "2:4", None)),
-        *(check(f"{n} 50% < {n} 2:4", (m, "50%", None), (m, "2:4", None)) for m, n in names.items()),
+        *(
+            check(f"{n} 50% < {n} 2:4", (m, "50%", None), (m, "2:4", None))
+            for m, n in (("magnitude", "magnitude"), ("wanda", "Wanda"))
+        ),
         check("GPTQ < RTN at 3-bit", ("gptq", "-", 3), ("rtn", "-", 3)),
         check("GPTQ 4-bit < SparseGPT 2:4 + GPTQ 4-bit", ("gptq", "-", 4), ("sparsegpt+gptq", "2:4", 4)),
     ]
