@@ -15,9 +15,8 @@ near tie that the CPU's instruction set decides (it changes the trained model). 
 therefore checks (:func:`orderings`) the orderings the papers predict for any model, each
 with a clear gap: SparseGPT beats magnitude, and Wanda at 2:4; 2:4 costs magnitude and
 Wanda more than 50 % unstructured; GPTQ beats RTN at 3 bits; 2:4 on top of 4-bit costs more
-than 4-bit alone. (SparseGPT's weight update leaves this model little to lose between 50 %
-and 2:4, so how little is not checked either.) Magnitude compares weights per output row,
-the group Wanda uses.
+than 4-bit alone. (With SparseGPT's weight update, 2:4 costs this model only a little more than
+50 %: too little to check.) Magnitude compares weights per output row, the group Wanda uses.
 """
 
 from __future__ import annotations
@@ -587,11 +586,10 @@ def format_orderings(rows: list[DemoRow]) -> str:
     for c in orderings(rows):
         lines.append(
             f"  {'holds' if c.holds else 'FAILS'}  {c.claim:<40} {c.better:.3f} vs {c.worse:.3f}, "
-            f"increase {c.ratio:.0%} of the other's"
+            f"increase {max(c.ratio, 0.0):.0%} of the other's"
         )
+    lines.append("  Wanda against magnitude is not checked: Wanda's gain needs outlier features (a few input")
     lines.append(
-        "  Wanda against magnitude is not predicted here: Wanda's gain needs outlier features (a few "
-        "input channels far"
+        "  channels far larger than the rest), which models of billions of parameters have and this one lacks"
     )
-    lines.append("  larger than the rest), which appear in models of billions of parameters, not in this one")
     return "\n".join(lines)
