@@ -517,8 +517,9 @@ def format_legend(result: DemoResult) -> str:
             "bits        32: the fp32 weights as trained; 4 and 3: integers in groups of "
             f"{cfg.group_size} with fp16 scales",
             "sparsity    zero weights in the compressed layers (attention and MLP projections)",
-            f"perplexity  per byte on {result.eval_windows} windows of {cfg.seqlen} bytes of held-out "
-            "text (the last 10 % of the corpus, never trained on); lower is better",
+            f"perplexity  per byte on {result.eval_windows} windows of {cfg.seqlen} bytes of held-out text "
+            "(lower is better): the last",
+            "            10 % of the corpus, never trained on",
             "weights MB  the .safetensors files; pruned models are saved as ordinary fp32 checkpoints "
             "with their zeros,",
             "            so they are as large as dense (`llmpress compress --sparse-format bitmask` packs them)",
