@@ -138,7 +138,7 @@ def _compress_into(a: argparse.Namespace, recipe: Any, out: Path | None) -> int:
     saved_dtype = stored_dtype(a.model)  # read before loading: loading in fp32 overwrites config.dtype
     own_tok = None if a.tokenizer is None else load_tokenizer(a.tokenizer)  # a bad name fails before loading
     model, tok, offload_activations, offload_stats = _load_for_compress(a)
-    tok = own_tok or tok
+    tok = own_tok if own_tok is not None else tok
     if a.format == "compressed-tensors":  # MoE expert projections: refused before any work
         from llmpress.compressed_tensors import check_model_exportable
         from llmpress.plugin_manager import get_plugin_manager
