@@ -41,6 +41,19 @@ def check_device(device: str) -> None:
         raise LlmpressError(f"--device {device}: unsupported device type {dev.type!r}")
 
 
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer ``--tokenizer NAME`` names (a folder or Hub id), or :class:`LlmpressError`."""
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, TypeError) as e:
+        raise LlmpressError(
+            f"--tokenizer {name}: no tokenizer could be loaded ({e}); give a folder with tokenizer files "
+            f"(tokenizer.json or tokenizer_config.json) or a Hub id"
+        ) from None
+
+
 def _compress(a: argparse.Namespace) -> int:
     from llmpress import distributed
     from llmpress.output import check_output_path, claim_output
@@ -127,7 +140,9 @@ def _compress_into(a: argparse.Namespace, recipe: Any, out: Path | None) -> int:
     from llmpress.save import save_result
 
     saved_dtype = stored_dtype(a.model)  # read before loading: loading in fp32 overwrites config.dtype
+    own_tok = None if a.tokenizer is None else load_tokenizer(a.tokenizer)  # a bad name fails before loading
     model, tok, offload_activations, offload_stats = _load_for_compress(a)
+    tok = own_tok if own_tok is not None else tok
     if a.format == "compressed-tensors":  # MoE expert projections: refused before any work
         from llmpress.compressed_tensors import check_model_exportable
         from llmpress.plugin_manager import get_plugin_manager
@@ -208,9 +223,11 @@ def _evaluate(
     from llmpress.loading import dtype_name, load_model
 
     model, tok = load_model(model_path, dtype=a.dtype, device=a.device)
+    tok = load_tokenizer(a.tokenizer) if a.tokenizer else tok
     if tok is None:
         raise LlmpressError(
-            f"{model_path} has no tokenizer; {'perplexity' if a.text else 'evaluation'} needs one"
+            f"{model_path} has no tokenizer; {'perplexity' if a.text else 'evaluation'} needs one: "
+            f"pass --tokenizer PATH_OR_ID"
         )
     out: dict[str, Any] = {"dtype": dtype_name(next(model.parameters()).dtype)}
     records = []
@@ -424,11 +441,15 @@ def _plugins(a: argparse.Namespace) -> int:
 
 
 def _demo(a: argparse.Namespace) -> int:
-    from llmpress.demo import format_table, run_demo
+    from llmpress.demo import format_legend, format_orderings, format_table, run_demo
 
     result = run_demo(a.out, steps=a.steps, cache=not a.no_cache, threads=a.threads or None)
     print(format_table(result.rows))
-    print(f"\nresults:    {result.out}\nmodel card: {result.card}")
+    print(f"\n{format_legend(result)}\n\n{format_orderings(result.rows)}")
+    kept = (
+        "" if a.out else " (a new temporary folder, kept: delete it when done, or choose one with --out DIR)"
+    )
+    print(f"\nresults:    {result.out}{kept}\nmodel card: {result.card}")
     return 0
 
 
@@ -448,6 +469,9 @@ class _DefaultsFormatter(argparse.HelpFormatter):
         ):
             text += " (default: %(default)s)"
         return text
+
+
+TOKENIZER_HELP = "tokenizer folder or Hub id (default: the model's own; for a model saved without one)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -473,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
         "data-free methods run (magnitude, rtn, fp8)",
     )
     c.add_argument("--out", required=True, help="output folder (written atomically)")
+    c.add_argument("--tokenizer", default=None, metavar="PATH_OR_ID", help=TOKENIZER_HELP)
     c.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
     c.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sequence")
     c.add_argument("--seed", type=int, default=0, help="seed that draws the calibration sequences")
@@ -535,6 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", default=None, help="documents per task (a fraction if < 1)")
     e.add_argument("--include-path", action="append", default=None, help="folder of local lm-eval task YAMLs")
     e.add_argument("--no-save", action="store_true", help="do not record results in DIR/llmpress_eval.json")
+    e.add_argument("--tokenizer", default=None, metavar="PATH_OR_ID", help=TOKENIZER_HELP)
     e.add_argument("--seqlen", type=int, default=256)
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-tokens", type=int, default=None)
@@ -568,7 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=_plugins)
 
     d = sub.add_parser("demo", help="train a small model, compress it every way, evaluate, save and reload")
-    d.add_argument("--out", default=None, help="keep the results here (default: a new temporary folder)")
+    d.add_argument(
+        "--out", default=None, help="write the results here (default: a new temporary folder, kept)"
+    )
     d.add_argument("--steps", type=int, default=None, help="training steps of the demo model")
     d.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     d.add_argument("--no-cache", action="store_true", help="train the demo model even if it is cached")

@@ -448,7 +448,10 @@ def compress(
                 f"strings or token ids"
             )
         if not isinstance(calibration, torch.Tensor) and tokenizer is None:
-            raise CalibrationError("calibration text needs a tokenizer (pass tokenizer=...)")
+            raise CalibrationError(
+                "calibration text needs a tokenizer: pass tokenizer=... (command line: --tokenizer PATH_OR_ID, "
+                "for a model saved without one)"
+            )
         ids = build_calibration(tokenizer, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed)
         calib_info = {"nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "seed": seed}
         if isinstance(calibration, (str,)) or hasattr(calibration, "__fspath__"):
