@@ -196,7 +196,6 @@ def _compress_into(a: argparse.Namespace, recipe: Any, out: Path | None) -> int:
 def compress_summary(report: CompressionReport, recipe: Recipe, out: Path) -> str:
     """The line ``compress`` prints: the measures that apply to the recipe (sparsity when a
     stage prunes, block parameters removed, bits per weight when quantized), size on disk, time."""
-    from llmpress.demo import folder_mb
     from llmpress.plugin_manager import get_plugin_manager
 
     stages = recipe.resolve(get_plugin_manager())
@@ -208,7 +207,7 @@ def compress_summary(report: CompressionReport, recipe: Recipe, out: Path) -> st
         parts.append(f"block parameters removed {removed:.4f}")
     if report.average_bits is not None:
         parts.append(f"{report.average_bits:.2f} bits per weight")
-    mb = folder_mb(out)
+    mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
     parts.append(f"{mb / 1e3:.2f} GB on disk" if mb >= 1e3 else f"{mb:.2f} MB on disk")
     parts.append(f"{report.wall_time_s:.1f}s")
     return f"compressed {len(report.modules)} layers to {out} ({', '.join(parts)})"
