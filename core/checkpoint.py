@@ -9,7 +9,9 @@ Loading an llmpress checkpoint checks, before any weight is read into the model:
 2. Every tensor of every file against the model being built: each tensor the model needs is
    present once, with its exact shape and, for packed layers, its exact dtype; no tensor is
    unexpected.
-3. Checksums: ``sha256`` of each tensor (dtype, shape and bytes) and of the model config,
+3. The values of the small tensors each format constrains (scales finite and positive, zero
+   points on the grid; :attr:`llmpress.formats.FormatSpec.values`), at every load.
+4. Checksums: ``sha256`` of each tensor (dtype, shape and bytes) and of the model config,
    recorded at save time, so that even two same-size tensors whose offsets were swapped, or
    an edited ``config.json``, are caught. ``LLMPRESS_VERIFY_CHECKSUMS=0`` skips this (for
    very large checkpoints), ``=1`` forces it; by default it runs up to
@@ -25,7 +27,9 @@ import hashlib
 import json
 import logging
 import math
+import mmap
 import os
+import struct
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -43,7 +47,7 @@ from pydantic import (
 from safetensors import SafetensorError, safe_open
 
 from llmpress.errors import CheckpointError
-from llmpress.formats import FORMAT_VERSION, FORMATS, ModuleFormat
+from llmpress.formats import FORMAT_VERSION, FORMATS, ModuleFormat, Values
 from llmpress.quant.grid import grid_problem
 
 log = logging.getLogger(__name__)
@@ -51,6 +55,10 @@ log = logging.getLogger(__name__)
 VERIFY_ENV = "LLMPRESS_VERIFY_CHECKSUMS"
 #: checksums are verified by default up to this much tensor data (bytes)
 AUTO_VERIFY_BYTES = 4 << 30
+#: digests :func:`tensor_checksum` can record (``checksum_algorithm``; absent: ``sha256``, what
+#: llmpress recorded before the field existed). ``xxh3_128`` is not cryptographic: checksums catch
+#: damaged, truncated or edited files, not an attacker who can also rewrite ``config.json``.
+CHECKSUM_ALGORITHMS = ("sha256", "blake2b", "xxh3_128", "blake3")
 #: config.json keys that do not change what the model computes (left out of its checksum)
 _VOLATILE_CONFIG_KEYS = frozenset(
     {"quantization_config", "transformers_version", "dtype", "torch_dtype", "_name_or_path", "use_cache"}
@@ -220,12 +228,37 @@ def _describe(err: Any) -> str:
 # ------------------------------------------------------------------------------ tensors
 
 
-def tensor_checksum(t: torch.Tensor) -> str:
-    """``sha256`` of a tensor's dtype, shape and bytes (hex)."""
-    h = hashlib.sha256(f"{str(t.dtype).removeprefix('torch.')}:{list(t.shape)}:".encode())
-    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
-    h.update(data.numpy().tobytes() if data.numel() else b"")
-    return h.hexdigest()
+def _hasher(algorithm: str) -> Any:
+    """A new hash object of ``algorithm`` (one of :data:`CHECKSUM_ALGORITHMS`)."""
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    if algorithm == "blake2b":
+        return hashlib.blake2b(digest_size=32)
+    if algorithm == "xxh3_128":
+        import xxhash
+
+        return xxhash.xxh3_128()
+    if algorithm == "blake3":
+        import blake3
+
+        return blake3.blake3(max_threads=blake3.blake3.AUTO)
+    raise CheckpointError(
+        f"unknown checksum_algorithm {algorithm!r}; this llmpress reads {list(CHECKSUM_ALGORITHMS)}"
+    )
+
+
+def _digest(algorithm: str, dtype: str, shape: list[int], data: Any) -> str:
+    h = _hasher(algorithm)
+    h.update(f"{dtype}:{shape}:".encode())
+    h.update(data)
+    return str(h.hexdigest())
+
+
+def tensor_checksum(t: torch.Tensor, algorithm: str = "sha256") -> str:
+    """Digest of a tensor's dtype, shape and bytes (hex); ``algorithm`` from
+    :data:`CHECKSUM_ALGORITHMS`."""
+    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    return _digest(algorithm, str(t.dtype).removeprefix("torch."), list(t.shape), memoryview(data))
 
 
 def config_checksum(config: dict[str, Any]) -> str:
@@ -234,13 +267,29 @@ def config_checksum(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def file_checksums(files: Iterable[str | Path]) -> dict[str, str]:
-    """Checksums of every tensor in ``files``."""
+def file_checksums(files: Iterable[str | Path], algorithm: str = "sha256") -> dict[str, str]:
+    """Checksums of every tensor in ``files``: :func:`tensor_checksum` of each, computed over
+    the mapped file's bytes (no copy; the files must be valid safetensors)."""
     out: dict[str, str] = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():  # noqa: SIM118 - safe_open objects are not iterable
-                out[k] = tensor_checksum(st.get_tensor(k))
+        with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            (n,) = struct.unpack("<Q", mm[:8])
+            header = json.loads(mm[8 : 8 + n])
+            view = memoryview(mm)
+            try:
+                for k, e in header.items():
+                    if k == "__metadata__":
+                        continue
+                    begin, end = (8 + n + int(x) for x in e["data_offsets"])
+                    dtype = _DTYPES.get(e["dtype"])
+                    if dtype is None:  # a dtype llmpress does not store: as torch names it
+                        with safe_open(str(f), framework="pt") as st:
+                            out[k] = tensor_checksum(st.get_tensor(k), algorithm)
+                        continue
+                    shape = [int(d) for d in e["shape"]]
+                    out[k] = _digest(algorithm, str(dtype).removeprefix("torch."), shape, view[begin:end])
+            finally:
+                view.release()
     return out
 
 
@@ -313,6 +362,34 @@ def check_tensors(
             f"{f}: unexpected tensor(s) {unexpected[:5]} that this model and its quantization_config do not "
             f"describe; the checkpoint does not match config.json: re-download it or save it again"
         )
+
+
+def check_values(
+    formats: dict[str, ModuleFormat],
+    found: dict[str, tuple[str, torch.dtype | None, tuple[int, ...]]],
+) -> None:
+    """The values of the small tensors each module's format constrains (scales, input scales,
+    zero points: :attr:`llmpress.formats.FormatSpec.values`), on every load whatever the
+    checkpoint's size: a NaN, 0 or negative scale would load and give NaN or silently wrong
+    outputs when checksums are not verified. Call after :func:`check_tensors`."""
+    wanted: dict[str, dict[str, Values]] = {}  # file -> tensor -> rule
+    for name, fmt in formats.items():
+        for suffix, rule in fmt.spec.values(fmt).items():
+            key = f"{name}.{suffix}"
+            if key in found:
+                wanted.setdefault(found[key][0], {})[key] = rule
+    for f, rules in wanted.items():
+        try:
+            with safe_open(f, framework="pt") as st:
+                problems = ((key, rule.problem(st.get_tensor(key))) for key, rule in rules.items())
+                key, problem = next(((k, p) for k, p in problems if p), ("", None))
+        except (SafetensorError, OSError) as e:
+            raise unreadable(f, e) from None
+        if problem:
+            raise CheckpointError(
+                f"{f}: tensor {key!r} {problem}; the file was damaged or edited: re-download the "
+                f"checkpoint or save it again"
+            )
 
 
 def verify_checksums(

@@ -27,6 +27,9 @@ run time; a static scheme stores its calibrated ``name.input_scale`` fp32 [1].
              model's config builds (structured pruning with per-layer widths)
 ``dropped``  no tensors: a sub-block (attention or MLP) that adds nothing to the residual stream
 
+Value rules (:attr:`FormatSpec.values`, checked at every load whatever the checkpoint's size):
+scales and input scales are finite and positive; zero points are at most ``2**bits - 1``.
+
 A dequantized weight is ``scale[g] * (code - zero[g])`` with ``g = input // group_size``;
 pruned weights hold the zero point's code, i.e. exactly 0. ``name.bias`` is unchanged.
 Packed tensors are stored under ``weight`` on purpose: without llmpress, transformers
@@ -139,6 +142,47 @@ class ModuleFormat:
 
 
 @dataclasses.dataclass(frozen=True)
+class Values:
+    """What the values of a small stored tensor (a scale, a zero point) must be.
+
+    ``positive``: finite and > 0 (a NaN, 0 or negative scale gives NaN or silently wrong
+    outputs); ``at_most``: integers in ``[0, at_most]`` (zero points on the grid).
+    """
+
+    positive: bool = False
+    at_most: int | None = None
+
+    def problem(self, t: torch.Tensor) -> str | None:
+        """What is wrong with ``t``'s values (the first bad one and where), or ``None``."""
+        x = t.detach().reshape(-1)
+        if self.positive:
+            bad = ~(torch.isfinite(x.float()) & (x > 0))
+            rule = "finite and positive"
+        elif self.at_most is not None:
+            bad = x.to(torch.int64) > self.at_most
+            rule = f"at most {self.at_most}"
+        else:
+            return None
+        if not bool(bad.any()):
+            return None
+        first = i = int(bad.nonzero()[0, 0])
+        where = []
+        for d in reversed(t.shape):  # the flat index as [row, column, ...]
+            i, c = divmod(i, int(d)) if d else (i, 0)
+            where.insert(0, c)
+        n = int(bad.sum())
+        return f"holds {x[first].item()} at {where} ({n} bad value{'s' * (n > 1)}); its values must be {rule}"
+
+
+#: a scale: finite and positive
+SCALE = Values(positive=True)
+
+
+def _no_values(fmt: ModuleFormat) -> dict[str, Values]:
+    return {}
+
+
+@dataclasses.dataclass(frozen=True)
 class FormatSpec:
     """One storage format of the registry, used both when saving and when loading.
 
@@ -146,7 +190,8 @@ class FormatSpec:
     result)`` makes them from a layer's weight [out, in] and its committed result;
     ``unpack(fmt, tensors, dtype)`` rebuilds the dense weight; ``runtime(fmt, bias, device)``
     makes the module that computes with the stored tensors. ``packed``: the runtime is an
-    :class:`llmpress.runtime.LlmpressLinear`, run by a kernel chosen at load.
+    :class:`llmpress.runtime.LlmpressLinear`, run by a kernel chosen at load. ``values(fmt)``:
+    suffix -> :class:`Values` of the small tensors whose values are checked at every load.
     """
 
     name: str
@@ -155,6 +200,7 @@ class FormatSpec:
     unpack: Callable[[ModuleFormat, dict[str, torch.Tensor], torch.dtype], torch.Tensor] | None
     runtime: Callable[[ModuleFormat, bool, torch.device | None], nn.Module]
     packed: bool = True
+    values: Callable[[ModuleFormat], dict[str, Values]] = _no_values
 
 
 FORMATS: dict[str, FormatSpec] = {}
@@ -187,6 +233,18 @@ def _int_tensors(fmt: ModuleFormat) -> Shapes:
     if fmt.format == "int-2:4":
         out["weight_meta"] = _meta_shape(fmt)
     return out | _input_scale_shape(fmt)
+
+
+def _int_values(fmt: ModuleFormat) -> dict[str, Values]:
+    assert fmt.bits is not None
+    out = {"weight_scale": SCALE}
+    if not fmt.symmetric:
+        out["weight_zero"] = Values(at_most=2**fmt.bits - 1)
+    return out | _input_scale_values(fmt)
+
+
+def _input_scale_values(fmt: ModuleFormat) -> dict[str, Values]:
+    return {"input_scale": SCALE} if is_static(fmt.activations) else {}
 
 
 def _input_scale_shape(fmt: ModuleFormat) -> Shapes:
@@ -331,6 +389,10 @@ def _fp8_tensors(fmt: ModuleFormat) -> Shapes:
     } | _input_scale_shape(fmt)
 
 
+def _fp8_values(fmt: ModuleFormat) -> dict[str, Values]:
+    return {"weight_scale": SCALE} | _input_scale_values(fmt)
+
+
 def _fp8_pack(fmt: ModuleFormat, weight: torch.Tensor, result: LayerResult | None) -> dict[str, torch.Tensor]:
     quant = None if result is None else result.quant
     if quant is None or quant.kind != "fp8":
@@ -374,11 +436,11 @@ def _packed_runtime(fmt: ModuleFormat, bias: bool, device: torch.device | None) 
 
 
 for _spec in (
-    FormatSpec("int", _int_tensors, _int_pack, _int_unpack, _packed_runtime),
-    FormatSpec("int-2:4", _int_tensors, _int_pack, _int_unpack, _packed_runtime),
+    FormatSpec("int", _int_tensors, _int_pack, _int_unpack, _packed_runtime, values=_int_values),
+    FormatSpec("int-2:4", _int_tensors, _int_pack, _int_unpack, _packed_runtime, values=_int_values),
     FormatSpec("2:4", _24_tensors, _24_pack, _24_unpack, _packed_runtime),
     FormatSpec("bitmask", _bitmask_tensors, _bitmask_pack, _bitmask_unpack, _packed_runtime),
-    FormatSpec("fp8", _fp8_tensors, _fp8_pack, _fp8_unpack, _packed_runtime),
+    FormatSpec("fp8", _fp8_tensors, _fp8_pack, _fp8_unpack, _packed_runtime, values=_fp8_values),
     FormatSpec("dense", _dense_tensors, _dense_pack, None, _dense_runtime, packed=False),
     FormatSpec("dropped", lambda f: {}, lambda f, w, r: {}, None, _dropped_runtime, packed=False),
 ):

@@ -23,6 +23,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from llmpress.checkpoint import (
     VERIFY_ENV,
     check_tensors,
+    check_values,
     config_checksum,
     module_formats,
     read_headers,
@@ -227,6 +228,7 @@ class LlmpressHfQuantizer(HfQuantizer):
             expected[k] = (tuple(t.shape), t.dtype if exact else None)
         found = read_headers(files)
         check_tensors(expected, found, optional=_tied_names(model))
+        check_values(cfg.module_formats(), found)
         if cfg.checksums is not None:
             verify_checksums(files, cfg.checksums, found)
         saved_config = Path(files[0]).parent / "config.json"
