@@ -11,11 +11,13 @@ Loading an llmpress checkpoint checks, before any weight is read into the model:
    unexpected.
 3. The values of the small tensors each format constrains (scales finite and positive, zero
    points on the grid; :attr:`llmpress.formats.FormatSpec.values`), at every load.
-4. Checksums: ``sha256`` of each tensor (dtype, shape and bytes) and of the model config,
-   recorded at save time, so that even two same-size tensors whose offsets were swapped, or
-   an edited ``config.json``, are caught. ``LLMPRESS_VERIFY_CHECKSUMS=0`` skips this (for
-   very large checkpoints), ``=1`` forces it; by default it runs up to
-   :data:`AUTO_VERIFY_BYTES` of tensor data.
+4. Checksums: a digest of each tensor (dtype, shape and bytes; ``checksum_algorithm``,
+   :data:`DEFAULT_CHECKSUM` when saved by this llmpress, ``sha256`` in older checkpoints) and
+   the ``sha256`` of the model config, recorded at save time, so that even two same-size
+   tensors whose offsets were swapped, or an edited ``config.json``, are caught.
+   ``LLMPRESS_VERIFY_CHECKSUMS=0`` skips this, ``=1`` forces it; by default it always runs,
+   except for ``sha256`` checksums (older checkpoints) above :data:`AUTO_VERIFY_BYTES` of
+   tensor data (sha256 costs more than the load; see ``examples/benchmarks/checksum_speed.py``).
 
 Every failure is a :class:`llmpress.errors.CheckpointError` naming the file, tensor or field
 and the fix.
@@ -32,7 +34,7 @@ import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from pydantic import (
@@ -53,12 +55,17 @@ from llmpress.quant.grid import grid_problem
 log = logging.getLogger(__name__)
 
 VERIFY_ENV = "LLMPRESS_VERIFY_CHECKSUMS"
-#: checksums are verified by default up to this much tensor data (bytes)
+#: ``sha256`` checksums (checkpoints saved before ``checksum_algorithm``) are verified by default
+#: up to this much tensor data (bytes); faster algorithms always are
 AUTO_VERIFY_BYTES = 4 << 30
 #: digests :func:`tensor_checksum` can record (``checksum_algorithm``; absent: ``sha256``, what
 #: llmpress recorded before the field existed). ``xxh3_128`` is not cryptographic: checksums catch
 #: damaged, truncated or edited files, not an attacker who can also rewrite ``config.json``.
-CHECKSUM_ALGORITHMS = ("sha256", "blake2b", "xxh3_128", "blake3")
+ChecksumAlgorithm = Literal["sha256", "blake3", "xxh3_128"]
+CHECKSUM_ALGORITHMS: tuple[str, ...] = get_args(ChecksumAlgorithm)
+#: what :func:`record_checksums` records: fast enough to verify every load (a few % of reading
+#: the files), and cryptographic
+DEFAULT_CHECKSUM = "blake3"
 #: config.json keys that do not change what the model computes (left out of its checksum)
 _VOLATILE_CONFIG_KEYS = frozenset(
     {"quantization_config", "transformers_version", "dtype", "torch_dtype", "_name_or_path", "use_cache"}
@@ -171,8 +178,10 @@ class QuantizationConfigSchema(BaseModel):
     recipe: dict[str, Any] = Field(default_factory=dict)
     modules: dict[str, ModuleEntry]
     kv_cache: KVCacheEntry | None = None
-    #: tensor name -> sha256 of its dtype, shape and bytes
+    #: tensor name -> digest of its dtype, shape and bytes (:func:`tensor_checksum`)
     checksums: dict[str, str] | None = None
+    #: the algorithm of ``checksums``; absent in checkpoints saved before it was recorded
+    checksum_algorithm: ChecksumAlgorithm = "sha256"
     #: sha256 of the model config (see :func:`config_checksum`)
     config_checksum: str | None = None
     #: per-module head counts of structurally pruned attention modules, set at load
@@ -232,16 +241,19 @@ def _hasher(algorithm: str) -> Any:
     """A new hash object of ``algorithm`` (one of :data:`CHECKSUM_ALGORITHMS`)."""
     if algorithm == "sha256":
         return hashlib.sha256()
-    if algorithm == "blake2b":
-        return hashlib.blake2b(digest_size=32)
-    if algorithm == "xxh3_128":
-        import xxhash
+    try:
+        if algorithm == "blake3":
+            import blake3
 
-        return xxhash.xxh3_128()
-    if algorithm == "blake3":
-        import blake3
+            return blake3.blake3(max_threads=blake3.blake3.AUTO)
+        if algorithm == "xxh3_128":
+            import xxhash
 
-        return blake3.blake3(max_threads=blake3.blake3.AUTO)
+            return xxhash.xxh3_128()
+    except ImportError as e:
+        raise CheckpointError(
+            f"checksum_algorithm {algorithm!r} needs the {e.name} package: pip install {e.name}"
+        ) from None
     raise CheckpointError(
         f"unknown checksum_algorithm {algorithm!r}; this llmpress reads {list(CHECKSUM_ALGORITHMS)}"
     )
@@ -258,7 +270,7 @@ def tensor_checksum(t: torch.Tensor, algorithm: str = "sha256") -> str:
     """Digest of a tensor's dtype, shape and bytes (hex); ``algorithm`` from
     :data:`CHECKSUM_ALGORITHMS`."""
     data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-    return _digest(algorithm, str(t.dtype).removeprefix("torch."), list(t.shape), memoryview(data))
+    return _digest(algorithm, str(t.dtype).removeprefix("torch."), list(t.shape), data)
 
 
 def config_checksum(config: dict[str, Any]) -> str:
@@ -392,20 +404,30 @@ def check_values(
             )
 
 
+def record_checksums(quantization_config: dict[str, Any], files: Iterable[str | Path]) -> None:
+    """Record the checksums of every tensor of ``files`` (and their algorithm) in
+    ``quantization_config``, for :func:`verify_checksums` at load."""
+    quantization_config["checksum_algorithm"] = DEFAULT_CHECKSUM
+    quantization_config["checksums"] = file_checksums(files, DEFAULT_CHECKSUM)
+
+
 def verify_checksums(
     files: list[str],
     recorded: dict[str, str],
     found: dict[str, tuple[str, torch.dtype | None, tuple[int, ...]]],
+    algorithm: str = "sha256",
 ) -> bool:
     """Compare each tensor's checksum with the recorded one; returns False when skipped."""
     mode = os.environ.get(VERIFY_ENV, "").strip()
     total = sum(Path(f).stat().st_size for f in files)
-    if mode == "0" or (mode != "1" and total > AUTO_VERIFY_BYTES):
+    too_big = algorithm == "sha256" and total > AUTO_VERIFY_BYTES
+    if mode == "0" or (mode != "1" and too_big):
         log.warning(
-            "checksums of %.1f GB of tensors not verified (%s=%s); set %s=1 to verify them",
+            "checksums of %.1f GB of tensors not verified (%s=%s%s); set %s=1 to verify them",
             total / 1e9,
             VERIFY_ENV,
             mode or "auto",
+            ", sha256 over 4 GiB: re-save the checkpoint to record faster checksums" if mode != "0" else "",
             VERIFY_ENV,
         )
         return False
@@ -415,7 +437,7 @@ def verify_checksums(
             f"{found[missing[0]][0]}: tensor(s) {missing[:5]} have no recorded checksum; the checkpoint was "
             f"changed after llmpress saved it: re-download it or save it again"
         )
-    for name, digest in file_checksums(files).items():
+    for name, digest in file_checksums(files, algorithm).items():
         if recorded.get(name) != digest:
             raise CheckpointError(
                 f"{found[name][0]}: tensor {name!r} does not match its recorded checksum (its bytes, dtype, "

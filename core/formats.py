@@ -59,8 +59,9 @@ from llmpress.quant.packing import (
 from llmpress.results import LayerResult, QuantState
 
 #: 2: the value dtype is stored as ``storage_dtype`` (version 1 said ``dtype``, a key transformers
-#: rewrites in nested config dicts); version 1 checkpoints still load
-FORMAT_VERSION = 2
+#: rewrites in nested config dicts); 3: ``checksum_algorithm`` (absent: sha256), which an older
+#: llmpress cannot verify. Older versions still load.
+FORMAT_VERSION = 3
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 Shapes = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -166,7 +167,7 @@ class Values:
         if not bool(bad.any()):
             return None
         first = i = int(bad.nonzero()[0, 0])
-        where = []
+        where: list[int] = []
         for d in reversed(t.shape):  # the flat index as [row, column, ...]
             i, c = divmod(i, int(d)) if d else (i, 0)
             where.insert(0, c)

@@ -66,6 +66,7 @@ class LlmpressConfig(QuantizationConfigMixin):
         self.recipe = recipe if recipe is not None else {}
         self.note = kwargs.pop("note", NOTE)
         self.checksums = kwargs.pop("checksums", None)
+        self.checksum_algorithm = kwargs.pop("checksum_algorithm", None)
         self.config_checksum = kwargs.pop("config_checksum", None)
         self.kv_cache = kwargs.pop("kv_cache", None)
         self.attributes = kwargs.pop("attributes", None)
@@ -93,6 +94,8 @@ class LlmpressConfig(QuantizationConfigMixin):
             d["kv_cache"] = self.kv_cache
         if self.checksums is not None:
             d["checksums"] = self.checksums
+        if self.checksum_algorithm is not None:
+            d["checksum_algorithm"] = self.checksum_algorithm
         if self.config_checksum is not None:
             d["config_checksum"] = self.config_checksum
         if self.attributes is not None:
@@ -230,7 +233,7 @@ class LlmpressHfQuantizer(HfQuantizer):
         check_tensors(expected, found, optional=_tied_names(model))
         check_values(cfg.module_formats(), found)
         if cfg.checksums is not None:
-            verify_checksums(files, cfg.checksums, found)
+            verify_checksums(files, cfg.checksums, found, cfg.schema.checksum_algorithm)
         saved_config = Path(files[0]).parent / "config.json"
         if cfg.config_checksum is not None and saved_config.is_file():
             try:

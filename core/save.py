@@ -308,7 +308,7 @@ def _finish_config(folder: Path, dtype: torch.dtype | None, checksums: bool) -> 
     """Fix up the saved ``config.json``: the stored ``dtype`` (save_pretrained records the
     in-memory one) and, for llmpress checkpoints, the checksums of every tensor and of the
     model config, verified at load (:mod:`llmpress.checkpoint`)."""
-    from llmpress.checkpoint import config_checksum, file_checksums
+    from llmpress.checkpoint import config_checksum, record_checksums
 
     cfg_file = folder / "config.json"
     saved = json.loads(cfg_file.read_text())
@@ -316,7 +316,7 @@ def _finish_config(folder: Path, dtype: torch.dtype | None, checksums: bool) -> 
         saved["dtype"] = str(dtype).replace("torch.", "")
     if checksums:
         q = saved["quantization_config"]
-        q["checksums"] = file_checksums(sorted(folder.glob("*.safetensors")))
+        record_checksums(q, sorted(folder.glob("*.safetensors")))
         q["config_checksum"] = config_checksum(saved)
     cfg_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 

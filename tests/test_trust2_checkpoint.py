@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import llmpress
-from llmpress.checkpoint import file_checksums, tensor_checksum
+from llmpress.checkpoint import DEFAULT_CHECKSUM, file_checksums, tensor_checksum
 from llmpress.cli import main
 from llmpress.errors import CheckpointError
 from llmpress.loading import check_shard_index
@@ -109,6 +109,79 @@ def test_file_checksums_match_tensor_checksums_for_every_algorithm(tmp_path: Pat
     for algo in CHECKSUM_ALGORITHMS:
         want = {k: tensor_checksum(v, algo) for k, v in tensors.items()}
         assert file_checksums([tmp_path / "m.safetensors"], algo) == want, algo
+
+
+def _edit_config(folder: Path, fn) -> None:  # noqa: ANN001
+    f = folder / "config.json"
+    cfg = json.loads(f.read_text())
+    fn(cfg["quantization_config"])
+    f.write_text(json.dumps(cfg))
+
+
+def _flip_a_code(folder: Path) -> None:
+    f = folder / "model.safetensors"
+    tensors = load_file(str(f))
+    tensors[f"{UP}.weight"] = tensors[f"{UP}.weight"] ^ 1  # one bit of the packed codes
+    save_file(tensors, str(f), metadata={"format": "pt"})
+
+
+def test_new_checkpoints_verify_fast_checksums_whatever_their_size(
+    saved: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: checksums were skipped above 4 GiB, so a flipped bit loaded silently."""
+    import llmpress.checkpoint
+
+    folder = _copy(saved, "int4-asym", tmp_path)
+    q = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert q["checksum_algorithm"] == DEFAULT_CHECKSUM != "sha256"
+    monkeypatch.setattr(llmpress.checkpoint, "AUTO_VERIFY_BYTES", 0)  # every checkpoint is "large"
+    AutoModelForCausalLM.from_pretrained(folder)
+    _flip_a_code(folder)
+    with pytest.raises(CheckpointError, match=rf"'{UP}\.weight' does not match its recorded checksum"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def _as_sha256_checkpoint(folder: Path) -> None:
+    """What llmpress saved before ``checksum_algorithm``: sha256 digests, no algorithm field."""
+
+    def to_sha256(q: dict) -> None:
+        del q["checksum_algorithm"]
+        q["checksums"] = file_checksums([folder / "model.safetensors"], "sha256")
+        q["format_version"] = 2
+
+    _edit_config(folder, to_sha256)
+
+
+def test_sha256_checkpoints_still_verify(saved: dict[str, Path], tmp_path: Path) -> None:
+    folder = _copy(saved, "int4-asym", tmp_path)
+    _as_sha256_checkpoint(folder)
+    AutoModelForCausalLM.from_pretrained(folder)
+    _flip_a_code(folder)
+    with pytest.raises(CheckpointError, match="does not match its recorded checksum"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_large_sha256_checkpoints_skip_checksums_as_before(
+    saved: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import llmpress.checkpoint
+
+    folder = _copy(saved, "int4-asym", tmp_path)
+    _as_sha256_checkpoint(folder)
+    _flip_a_code(folder)
+    monkeypatch.setattr(llmpress.checkpoint, "AUTO_VERIFY_BYTES", 0)
+    AutoModelForCausalLM.from_pretrained(folder)  # sha256 over the limit: skipped, with a warning
+    assert "not verified" in caplog.text and "re-save" in caplog.text
+    monkeypatch.setenv("LLMPRESS_VERIFY_CHECKSUMS", "1")
+    with pytest.raises(CheckpointError, match="does not match its recorded checksum"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_unknown_checksum_algorithm_is_refused(saved: dict[str, Path], tmp_path: Path) -> None:
+    folder = _copy(saved, "int4-asym", tmp_path)
+    _edit_config(folder, lambda q: q.__setitem__("checksum_algorithm", "md5"))
+    with pytest.raises(CheckpointError, match="checksum_algorithm"):
+        AutoModelForCausalLM.from_pretrained(folder)
 
 
 # ------------------------------------------------------------------ item 11: shard index paths

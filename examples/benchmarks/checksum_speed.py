@@ -3,6 +3,7 @@
     python examples/benchmarks/checksum_speed.py                  # ~13 GiB fp16 in ~5 GiB shards
     python examples/benchmarks/checksum_speed.py --size-gib 4     # smaller, same shapes
     python examples/benchmarks/checksum_speed.py --dir /mnt/nvme  # where the temp folder goes
+    python examples/benchmarks/checksum_speed.py --load --size-gib 3  # from_pretrained, verified or not
 
 Builds a synthetic checkpoint of Llama-7B-shaped fp16 tensors (4096x4096 attention and
 4096x11008 MLP matrices, random bytes) in a temp folder (deleted afterwards, unless
@@ -23,6 +24,11 @@ reads the bytes twice (the checksum pass, then transformers), but the second rea
 the page cache: its cost is ``<algo> cold + read warm`` against ``read cold``. The ``added``
 column is that overhead as a share of ``read`` of the same state: an upper bound of what
 verification adds to a real ``from_pretrained``, which also builds the model and copies weights.
+
+``--load`` times that instead: a Llama-7B-shaped llmpress ``fp8`` checkpoint (random codes,
+unit scales; ``--size-gib`` of fp8 weights, as many layers as fit), loaded with
+``from_pretrained`` without checksums and with each algorithm's checksums verified (the files
+in the page cache, the fastest of ``--repeat`` loads).
 """
 
 from __future__ import annotations
@@ -32,16 +38,20 @@ import json
 import os
 import shutil
 import struct
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from _common import print_table
-from safetensors import safe_open
+# this folder's kernels.py would shadow the `kernels` package that transformers imports
+sys.path.append(sys.path.pop(0))
 
-from llmpress.checkpoint import CHECKSUM_ALGORITHMS, file_checksums
+import torch  # noqa: E402
+from _common import print_table  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+from llmpress.checkpoint import CHECKSUM_ALGORITHMS, VERIFY_ENV, config_checksum, file_checksums  # noqa: E402
 
 GIB = 1 << 30
 #: one Llama-7B decoder layer's matrices (q, k, v, o, gate, up, down)
@@ -85,6 +95,108 @@ def write_checkpoint(folder: Path, size_gib: float, shard_gib: float, seed: int 
                 out.write(t.numpy().tobytes())
         files.append(f)
     return files
+
+
+def write_fp8_checkpoint(folder: Path, size_gib: float, shard_gib: float) -> Path:
+    """An llmpress checkpoint of a Llama-7B-shaped model whose block linears are ``fp8`` (random
+    codes, unit scales), with as many layers as ``size_gib`` of fp8 weights hold; its checksums
+    are recorded per algorithm in ``checksums-<algorithm>.json`` (see :func:`use_checksums`)."""
+    from transformers import LlamaConfig
+
+    from llmpress.formats import ModuleFormat
+
+    per_layer = sum(o * i for o, i in LAYER)
+    layers = max(1, int(size_gib * GIB // per_layer))
+    cfg = LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=32000, dtype="bfloat16", architectures=["LlamaForCausalLM"],
+    )
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # the order of LAYER
+    g = torch.Generator().manual_seed(0)
+    codes = {s: torch.randint(0, 0x7E, s, generator=g, dtype=torch.uint8) for s in set(LAYER)}
+    tensors: list[tuple[str, Callable[[], torch.Tensor]]] = [
+        ("model.embed_tokens.weight", lambda: torch.randn(32000, 4096, generator=g).bfloat16()),
+        ("model.norm.weight", lambda: torch.ones(4096, dtype=torch.bfloat16)),
+        ("lm_head.weight", lambda: torch.randn(32000, 4096, generator=g).bfloat16()),
+    ]
+    modules = {}
+    for layer in range(layers):
+        p = f"model.layers.{layer}"
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            tensors.append((f"{p}.{norm}.weight", lambda: torch.ones(4096, dtype=torch.bfloat16)))
+        for j, (n, (o, i)) in enumerate(zip(names, LAYER)):
+            modules[f"{p}.{n}"] = ModuleFormat("fp8", i, o, dtype="bfloat16").to_dict()
+            c = codes[(o, i)]
+            tensors.append((f"{p}.{n}.weight", lambda c=c, k=layer * 7 + j: (c ^ (k % 64)).view(torch.float8_e4m3fn)))
+            tensors.append((f"{p}.{n}.weight_scale", lambda o=o: torch.ones(o, 1)))
+    files, shard, size, index = [], {}, 0, {}
+
+    def flush() -> None:
+        from safetensors.torch import save_file
+
+        f = folder / f"model-{len(files) + 1:05d}.safetensors"
+        save_file(shard, str(f), metadata={"format": "pt"})
+        index.update({k: f.name for k in shard})
+        files.append(f)
+
+    for name, make in tensors:
+        t = make()
+        if shard and size + t.nbytes > shard_gib * GIB:
+            flush()
+            shard, size = {}, 0
+        shard[name] = t
+        size += t.nbytes
+    flush()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    config = cfg.to_dict()
+    config["quantization_config"] = {"quant_method": "llmpress", "format_version": 3, "modules": modules}
+    config["quantization_config"]["config_checksum"] = config_checksum(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def use_checksums(folder: Path, algorithm: str | None) -> None:
+    """Record ``algorithm``'s checksums in the checkpoint's config (``None``: none)."""
+    cfg_file = folder / "config.json"
+    config = json.loads(cfg_file.read_text())
+    q = config["quantization_config"]
+    q.pop("checksums", None)
+    q.pop("checksum_algorithm", None)
+    if algorithm is not None:
+        q["checksum_algorithm"] = algorithm
+        q["checksums"] = file_checksums(sorted(folder.glob("*.safetensors")), algorithm)
+    cfg_file.write_text(json.dumps(config))
+
+
+def time_loads(folder: Path, algos: list[str], repeat: int) -> list[dict]:
+    """``from_pretrained`` without checksums, then verifying each algorithm's."""
+    import gc
+
+    from transformers import AutoModelForCausalLM
+
+    import llmpress  # noqa: F401 - registers the quantizer
+
+    files = sorted(folder.glob("*.safetensors"))
+    gib = sum(f.stat().st_size for f in files) / GIB
+    rows, base = [], None
+    AutoModelForCausalLM.from_pretrained(folder)  # warm-up: imports, first-call costs
+    for algo in [None, *algos]:
+        use_checksums(folder, algo)
+        os.environ[VERIFY_ENV] = "0" if algo is None else "1"
+
+        def load() -> None:
+            model = AutoModelForCausalLM.from_pretrained(folder)
+            del model
+            gc.collect()
+
+        read_all(files)  # every page cached
+        s = timed(load, lambda: None, repeat)
+        base = s if base is None else base
+        rows.append({"what": f"from_pretrained, {algo or 'no'} checksums", "state": "warm", "s": s,
+                     "gbs": gib / s, "added": None if algo is None else 100 * (s - base) / base})
+    os.environ.pop(VERIFY_ENV, None)
+    return rows
 
 
 def drop_cache(files: list[Path]) -> bool:
@@ -161,10 +273,21 @@ def main() -> None:
     ap.add_argument("--no-cold", action="store_true", help="skip the runs that drop the page cache")
     ap.add_argument("--old", action="store_true", help="also time the pre-2.x sha256 code path")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint folder")
+    ap.add_argument("--load", action="store_true", help="time from_pretrained of an fp8 llmpress checkpoint")
     a = ap.parse_args()
     algos = [x for x in a.algorithms.split(",") if x]
     folder = Path(tempfile.mkdtemp(prefix="llmpress-cksum-", dir=a.dir))
+    columns = [("what", "what", ""), ("state", "page cache", ""), ("s", "seconds", ".2f"),
+               ("gbs", "GiB/s", ".2f"), ("added", "added (%)", ".0f")]
     try:
+        if a.load:
+            t0 = time.perf_counter()
+            write_fp8_checkpoint(folder, a.size_gib, a.shard_gib)
+            gib = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / GIB
+            print(f"llmpress fp8 checkpoint, {gib:.2f} GiB in {folder} (written in {time.perf_counter() - t0:.0f} s); "
+                  f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}; fastest of {a.repeat} loads")
+            print_table(time_loads(folder, algos, a.repeat), columns)
+            return
         t0 = time.perf_counter()
         files = write_checkpoint(folder, a.size_gib, a.shard_gib)
         gib = sum(f.stat().st_size for f in files) / GIB
@@ -211,11 +334,7 @@ def main() -> None:
         for r in rows:
             if r["state"] == "cold" and r["what"] != "read" and not r["what"].startswith("read+"):
                 r["added"] = 100 * (r["s"] + base["warm"] - base["cold"]) / base["cold"]
-        print_table(
-            rows,
-            [("what", "what", ""), ("state", "page cache", ""), ("s", "seconds", ".2f"),
-             ("gbs", "GiB/s", ".2f"), ("added", "added to read (%)", ".0f")],
-        )
+        print_table(rows, columns)
     finally:
         if a.keep:
             print(f"kept {folder}")
