@@ -169,7 +169,7 @@ class Values:
         first = i = int(bad.nonzero()[0, 0])
         where: list[int] = []
         for d in reversed(t.shape):  # the flat index as [row, column, ...]
-            i, c = divmod(i, int(d)) if d else (i, 0)
+            i, c = divmod(i, int(d))
             where.insert(0, c)
         n = int(bad.sum())
         return f"holds {x[first].item()} at {where} ({n} bad value{'s' * (n > 1)}); its values must be {rule}"

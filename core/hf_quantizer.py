@@ -33,6 +33,7 @@ from llmpress.checkpoint import (
 )
 from llmpress.errors import CheckpointError
 from llmpress.formats import FORMAT_VERSION, ModuleFormat
+from llmpress.loading import check_shard_index
 from llmpress.results import compression_state
 from llmpress.runtime import replace_module, select_kernels
 from llmpress.versions import package_version
@@ -229,6 +230,7 @@ class LlmpressHfQuantizer(HfQuantizer):
             owner = k.rpartition(".")[0]
             exact = owner in packed and not k.endswith(".bias")
             expected[k] = (tuple(t.shape), t.dtype if exact else None)
+        check_shard_index(Path(files[0]).parent)  # transformers refuses '..' and absolute, not links out
         found = read_headers(files)
         check_tensors(expected, found, optional=_tied_names(model))
         check_values(cfg.module_formats(), found)

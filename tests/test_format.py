@@ -33,7 +33,14 @@ from transformers import AutoModelForCausalLM
 import llmpress
 from llmpress.cli import main
 from llmpress.errors import CheckpointError
-from llmpress.formats import FORMAT_VERSION, PACKED_FORMATS, ModuleFormat, choose_format, pack_module, unpack_module
+from llmpress.formats import (
+    FORMAT_VERSION,
+    PACKED_FORMATS,
+    ModuleFormat,
+    choose_format,
+    pack_module,
+    unpack_module,
+)
 from llmpress.quant.activations import fp8_weight
 from llmpress.quant.grid import dequantize_weight
 from llmpress.results import LayerResult, QuantState

@@ -248,6 +248,22 @@ def test_shard_names_outside_the_folder_are_refused(sharded: Path, tmp_path: Pat
     assert repr(target) in str(ei.value)
 
 
+def test_from_pretrained_refuses_a_shard_linked_out_of_the_folder(tmp_path: Path) -> None:
+    """transformers refuses '..' and absolute names itself, but follows links."""
+    import llmpress.shards
+
+    model, rep = llmpress.compress(tiny_llama(), {"method": "rtn", "bits": 4, "group_size": 32}, None, progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(llmpress.shards, "MAX_SHARD_BYTES", 20_000)
+        folder = save_quantized(model, tmp_path / "q", report=rep)
+    last = _last_shard(folder)
+    (tmp_path / "elsewhere").mkdir()
+    shutil.move(folder / last, tmp_path / "elsewhere" / last)
+    os.symlink(tmp_path / "elsewhere" / last, folder / last)
+    with pytest.raises(CheckpointError, match=rf"'{last}' is a link that leads out of the checkpoint folder"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
 def test_hub_cache_symlinks_into_blobs_are_allowed(sharded: Path, tmp_path: Path) -> None:
     """huggingface_hub stores snapshots/<rev>/<file> as links to ../../blobs/<hash>."""
     repo = tmp_path / "models--user--m"
