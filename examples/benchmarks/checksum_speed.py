@@ -16,7 +16,8 @@ Builds a synthetic checkpoint of Llama-7B-shaped fp16 tensors (4096x4096 attenti
   :data:`llmpress.checkpoint.CHECKSUM_ALGORITHMS` (``sha256`` is what checkpoints recorded
   before ``checksum_algorithm`` existed);
 * ``read+<algo>``: the one-pass variant, each tensor hashed right after it is read;
-* ``sha256-copy``: the pre-2.x code path (``get_tensor`` then ``numpy().tobytes()``, two copies).
+* ``sha256-copy`` (``--old``): how llmpress hashed before ``checksum_algorithm`` (``get_tensor``,
+  then ``numpy().tobytes()``: two copies of every tensor).
 
 Each is timed with the files in the page cache (``warm``) and, where the OS allows dropping a
 file's pages (``posix_fadvise(DONTNEED)``, Linux), read from the disk (``cold``). A verified load
@@ -24,6 +25,8 @@ reads the bytes twice (the checksum pass, then transformers), but the second rea
 the page cache: its cost is ``<algo> cold + read warm`` against ``read cold``. The ``added``
 column is that overhead as a share of ``read`` of the same state: an upper bound of what
 verification adds to a real ``from_pretrained``, which also builds the model and copies weights.
+On a virtual machine whose disk the host caches, ``cold`` reads come from the host's memory at
+a speed that varies from run to run: trust the ``warm`` rows there.
 
 ``--load`` times that instead: a Llama-7B-shaped llmpress ``fp8`` checkpoint (random codes,
 unit scales; ``--size-gib`` of fp8 weights, as many layers as fit), loaded with
@@ -246,7 +249,7 @@ def read_and_hash(files: list[Path], algorithm: str) -> int:
 
 
 def old_sha256(files: list[Path]) -> None:
-    """The pre-``checksum_algorithm`` code: get_tensor, then numpy().tobytes() (two copies)."""
+    """How llmpress hashed before ``checksum_algorithm``: get_tensor, then numpy().tobytes()."""
     import hashlib
 
     for f in files:
@@ -279,7 +282,7 @@ def main() -> None:
     )
     ap.add_argument("--repeat", type=int, default=3, help="runs of each measurement (the fastest counts)")
     ap.add_argument("--no-cold", action="store_true", help="skip the runs that drop the page cache")
-    ap.add_argument("--old", action="store_true", help="also time the pre-2.x sha256 code path")
+    ap.add_argument("--old", action="store_true", help="also time the previous sha256 code path")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint folder")
     ap.add_argument("--load", action="store_true", help="time from_pretrained of an fp8 llmpress checkpoint")
     a = ap.parse_args()
