@@ -476,10 +476,20 @@ def _is_24(keep: torch.Tensor) -> bool:
 
 
 def pack_module(
-    fmt: ModuleFormat, weight: torch.Tensor, result: LayerResult | None = None
+    fmt: ModuleFormat, weight: torch.Tensor, result: LayerResult | None = None, name: str = "a layer"
 ) -> dict[str, torch.Tensor]:
-    """Tensors to store for a layer: its weight [out, in] and its committed result."""
-    return fmt.spec.pack(fmt, weight, result)
+    """Tensors to store for a layer: its weight [out, in] and its committed result. Their
+    values pass the format's rules (:attr:`FormatSpec.values`): what is saved loads."""
+    tensors = fmt.spec.pack(fmt, weight, result)
+    for suffix, rule in fmt.spec.values(fmt).items():
+        problem = rule.problem(tensors[suffix]) if suffix in tensors else None
+        if problem:
+            raise CheckpointError(
+                f"cannot save {name}: its {suffix} (stored as {tensors[suffix].dtype}) {problem}; the "
+                f"compression gave a grid this format cannot store: check the calibration data, save the "
+                f"scales as float32 or bfloat16, or leave the layer out with 'ignore'"
+            )
+    return tensors
 
 
 def unpack_module(

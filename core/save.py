@@ -181,7 +181,7 @@ def _packed_unit(
         if w.device.type == "meta":  # offloaded: the compressed weight in its storage
             w = _stored(mods, f"{name}.weight")
             w = w.t() if _is_conv1d(mod) else w  # stored as the module holds it
-        return {f"{name}.{suffix}": t for suffix, t in pack_module(fmt, w.detach().float(), res).items()}
+        return {f"{name}.{suffix}": t for suffix, t in pack_module(fmt, w.detach().float(), res, name).items()}
 
     return unit
 

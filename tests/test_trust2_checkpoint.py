@@ -91,6 +91,21 @@ def test_good_checkpoints_still_load_without_checksums(
         assert torch.isfinite(model(input_ids=calib_ids(1, 8, seed=3)).logits).all()
 
 
+@pytest.mark.parametrize(("scale", "dtype"), [(0.0, "float32"), (float("nan"), "float32"), (1e-9, "float16")])
+def test_a_scale_the_format_cannot_store_is_refused_at_save(scale: float, dtype: str) -> None:
+    """What is saved loads: a 0 / NaN scale, or one that underflows float16, is refused when packing."""
+    from llmpress.formats import ModuleFormat, pack_module
+    from llmpress.results import LayerResult, QuantState
+
+    codes = torch.full((4, 64), 8, dtype=torch.uint8)
+    scales = torch.full((4, 2), 0.01)
+    scales[2, 1] = scale
+    quant = QuantState(codes, scales, torch.full_like(scales, 8.0), bits=4, group_size=32, symmetric=True)
+    fmt = ModuleFormat("int", 64, 4, bits=4, group_size=32, symmetric=True, dtype=dtype)
+    with pytest.raises(CheckpointError, match=r"cannot save layer\.x: its weight_scale .* at \[2, 1\]"):
+        pack_module(fmt, torch.zeros(4, 64), LayerResult(quant=quant), "layer.x")
+
+
 # ------------------------------------------------------------------ checksum algorithms
 
 
