@@ -157,7 +157,7 @@ class Values:
         """What is wrong with ``t``'s values (the first bad one and where), or ``None``."""
         x = t.detach().reshape(-1)
         if self.positive:
-            bad = ~(torch.isfinite(x.float()) & (x > 0))
+            bad = ~(x > 0) | torch.isinf(x)  # NaN > 0 is False
             rule = "finite and positive"
         elif self.at_most is not None:
             bad = x.to(torch.int64) > self.at_most
