@@ -64,8 +64,8 @@ AUTO_VERIFY_BYTES = 4 << 30
 ChecksumAlgorithm = Literal["sha256", "blake3", "xxh3_128"]
 CHECKSUM_ALGORITHMS: tuple[str, ...] = get_args(ChecksumAlgorithm)
 #: what :func:`record_checksums` records: cryptographic and fast enough to verify at every load
-#: (2 CPUs, files cached: 8.7 GiB/s against 1.3 for sha256; 7 % of a 3.3 GiB fp8 from_pretrained,
-#: sha256 26 %; ``examples/benchmarks/checksum_speed.py``)
+#: (2 CPUs, files cached: 7-9 GiB/s against 1.1-1.3 for sha256; 7 % of a 3.3 GiB fp8
+#: from_pretrained, sha256 26 %; ``examples/benchmarks/checksum_speed.py``)
 DEFAULT_CHECKSUM = "blake3"
 #: config.json keys that do not change what the model computes (left out of its checksum)
 _VOLATILE_CONFIG_KEYS = frozenset(
