@@ -9,11 +9,15 @@ Loading an llmpress checkpoint checks, before any weight is read into the model:
 2. Every tensor of every file against the model being built: each tensor the model needs is
    present once, with its exact shape and, for packed layers, its exact dtype; no tensor is
    unexpected.
-3. Checksums: ``sha256`` of each tensor (dtype, shape and bytes) and of the model config,
-   recorded at save time, so that even two same-size tensors whose offsets were swapped, or
-   an edited ``config.json``, are caught. ``LLMPRESS_VERIFY_CHECKSUMS=0`` skips this (for
-   very large checkpoints), ``=1`` forces it; by default it runs up to
-   :data:`AUTO_VERIFY_BYTES` of tensor data.
+3. The values of the small tensors each format constrains (scales finite and positive, zero
+   points on the grid; :attr:`llmpress.formats.FormatSpec.values`), at every load.
+4. Checksums: a digest of each tensor (dtype, shape and bytes; ``checksum_algorithm``,
+   :data:`DEFAULT_CHECKSUM` when saved by this llmpress, ``sha256`` in older checkpoints) and
+   the ``sha256`` of the model config, recorded at save time, so that even two same-size
+   tensors whose offsets were swapped, or an edited ``config.json``, are caught.
+   ``LLMPRESS_VERIFY_CHECKSUMS=0`` skips this, ``=1`` forces it; by default it always runs,
+   except for ``sha256`` checksums (older checkpoints) above :data:`AUTO_VERIFY_BYTES` of
+   tensor data (sha256 costs more than the load; see ``examples/benchmarks/checksum_speed.py``).
 
 Every failure is a :class:`llmpress.errors.CheckpointError` naming the file, tensor or field
 and the fix.
@@ -25,10 +29,12 @@ import hashlib
 import json
 import logging
 import math
+import mmap
 import os
+import struct
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from pydantic import (
@@ -43,14 +49,24 @@ from pydantic import (
 from safetensors import SafetensorError, safe_open
 
 from llmpress.errors import CheckpointError
-from llmpress.formats import FORMAT_VERSION, FORMATS, ModuleFormat
+from llmpress.formats import FORMAT_VERSION, FORMATS, ModuleFormat, Values
 from llmpress.quant.grid import grid_problem
 
 log = logging.getLogger(__name__)
 
 VERIFY_ENV = "LLMPRESS_VERIFY_CHECKSUMS"
-#: checksums are verified by default up to this much tensor data (bytes)
+#: ``sha256`` checksums (checkpoints saved before ``checksum_algorithm``) are verified by default
+#: up to this much tensor data (bytes); faster algorithms always are
 AUTO_VERIFY_BYTES = 4 << 30
+#: digests :func:`tensor_checksum` can record (``checksum_algorithm``; absent: ``sha256``, what
+#: llmpress recorded before the field existed). ``xxh3_128`` is not cryptographic: checksums catch
+#: damaged, truncated or edited files, not an attacker who can also rewrite ``config.json``.
+ChecksumAlgorithm = Literal["sha256", "blake3", "xxh3_128"]
+CHECKSUM_ALGORITHMS: tuple[str, ...] = get_args(ChecksumAlgorithm)
+#: what :func:`record_checksums` records: cryptographic and fast enough to verify at every load
+#: (2 CPUs, files cached: 7-9 GiB/s against 1.1-1.3 for sha256; 7 % of a 3.3 GiB fp8
+#: from_pretrained, sha256 26 %; ``examples/benchmarks/checksum_speed.py``)
+DEFAULT_CHECKSUM = "blake3"
 #: config.json keys that do not change what the model computes (left out of its checksum)
 _VOLATILE_CONFIG_KEYS = frozenset(
     {"quantization_config", "transformers_version", "dtype", "torch_dtype", "_name_or_path", "use_cache"}
@@ -163,8 +179,10 @@ class QuantizationConfigSchema(BaseModel):
     recipe: dict[str, Any] = Field(default_factory=dict)
     modules: dict[str, ModuleEntry]
     kv_cache: KVCacheEntry | None = None
-    #: tensor name -> sha256 of its dtype, shape and bytes
+    #: tensor name -> digest of its dtype, shape and bytes (:func:`tensor_checksum`)
     checksums: dict[str, str] | None = None
+    #: the algorithm of ``checksums``; absent in checkpoints saved before it was recorded
+    checksum_algorithm: ChecksumAlgorithm = "sha256"
     #: sha256 of the model config (see :func:`config_checksum`)
     config_checksum: str | None = None
     #: per-module head counts of structurally pruned attention modules, set at load
@@ -220,12 +238,40 @@ def _describe(err: Any) -> str:
 # ------------------------------------------------------------------------------ tensors
 
 
-def tensor_checksum(t: torch.Tensor) -> str:
-    """``sha256`` of a tensor's dtype, shape and bytes (hex)."""
-    h = hashlib.sha256(f"{str(t.dtype).removeprefix('torch.')}:{list(t.shape)}:".encode())
-    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
-    h.update(data.numpy().tobytes() if data.numel() else b"")
-    return h.hexdigest()
+def _hasher(algorithm: str) -> Any:
+    """A new hash object of ``algorithm`` (one of :data:`CHECKSUM_ALGORITHMS`)."""
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    try:
+        if algorithm == "blake3":
+            import blake3
+
+            return blake3.blake3(max_threads=blake3.blake3.AUTO)
+        if algorithm == "xxh3_128":
+            import xxhash
+
+            return xxhash.xxh3_128()
+    except ImportError as e:
+        raise CheckpointError(
+            f"checksum_algorithm {algorithm!r} needs the {e.name} package: pip install {e.name}"
+        ) from None
+    raise CheckpointError(
+        f"unknown checksum_algorithm {algorithm!r}; this llmpress reads {list(CHECKSUM_ALGORITHMS)}"
+    )
+
+
+def _digest(algorithm: str, dtype: str, shape: list[int], data: Any) -> str:
+    h = _hasher(algorithm)
+    h.update(f"{dtype}:{shape}:".encode())
+    h.update(data)
+    return str(h.hexdigest())
+
+
+def tensor_checksum(t: torch.Tensor, algorithm: str = "sha256") -> str:
+    """Digest of a tensor's dtype, shape and bytes (hex); ``algorithm`` from
+    :data:`CHECKSUM_ALGORITHMS`."""
+    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    return _digest(algorithm, str(t.dtype).removeprefix("torch."), list(t.shape), data)
 
 
 def file_checksum(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -243,13 +289,29 @@ def config_checksum(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def file_checksums(files: Iterable[str | Path]) -> dict[str, str]:
-    """Checksums of every tensor in ``files``."""
+def file_checksums(files: Iterable[str | Path], algorithm: str = "sha256") -> dict[str, str]:
+    """Checksums of every tensor in ``files``: :func:`tensor_checksum` of each, computed over
+    the mapped file's bytes (no copy; the files must be valid safetensors)."""
     out: dict[str, str] = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():  # noqa: SIM118 - safe_open objects are not iterable
-                out[k] = tensor_checksum(st.get_tensor(k))
+        with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            (n,) = struct.unpack("<Q", mm[:8])
+            header = json.loads(mm[8 : 8 + n])
+            view = memoryview(mm)
+            try:
+                for k, e in header.items():
+                    if k == "__metadata__":
+                        continue
+                    begin, end = (8 + n + int(x) for x in e["data_offsets"])
+                    dtype = _DTYPES.get(e["dtype"])
+                    if dtype is None:  # a dtype llmpress does not store: as torch names it
+                        with safe_open(str(f), framework="pt") as st:
+                            out[k] = tensor_checksum(st.get_tensor(k), algorithm)
+                        continue
+                    shape = [int(d) for d in e["shape"]]
+                    out[k] = _digest(algorithm, str(dtype).removeprefix("torch."), shape, view[begin:end])
+            finally:
+                view.release()
     return out
 
 
@@ -324,20 +386,58 @@ def check_tensors(
         )
 
 
+def check_values(
+    formats: dict[str, ModuleFormat],
+    found: dict[str, tuple[str, torch.dtype | None, tuple[int, ...]]],
+) -> None:
+    """The values of the small tensors each module's format constrains (scales, input scales,
+    zero points: :attr:`llmpress.formats.FormatSpec.values`), on every load whatever the
+    checkpoint's size: a NaN, 0 or negative scale would load and give NaN or silently wrong
+    outputs when checksums are not verified. Call after :func:`check_tensors`."""
+    wanted: dict[str, dict[str, Values]] = {}  # file -> tensor -> rule
+    for name, fmt in formats.items():
+        for suffix, rule in fmt.spec.values(fmt).items():
+            key = f"{name}.{suffix}"
+            if key in found:
+                wanted.setdefault(found[key][0], {})[key] = rule
+    for f, rules in wanted.items():
+        try:
+            with safe_open(f, framework="pt") as st:
+                problems = ((key, rule.problem(st.get_tensor(key))) for key, rule in rules.items())
+                key, problem = next(((k, p) for k, p in problems if p), ("", None))
+        except (SafetensorError, OSError) as e:
+            raise unreadable(f, e) from None
+        if problem:
+            raise CheckpointError(
+                f"{f}: tensor {key!r} {problem}; the file was damaged or edited: re-download the "
+                f"checkpoint or save it again"
+            )
+
+
+def record_checksums(quantization_config: dict[str, Any], files: Iterable[str | Path]) -> None:
+    """Record the checksums of every tensor of ``files`` (and their algorithm) in
+    ``quantization_config``, for :func:`verify_checksums` at load."""
+    quantization_config["checksum_algorithm"] = DEFAULT_CHECKSUM
+    quantization_config["checksums"] = file_checksums(files, DEFAULT_CHECKSUM)
+
+
 def verify_checksums(
     files: list[str],
     recorded: dict[str, str],
     found: dict[str, tuple[str, torch.dtype | None, tuple[int, ...]]],
+    algorithm: str = "sha256",
 ) -> bool:
     """Compare each tensor's checksum with the recorded one; returns False when skipped."""
     mode = os.environ.get(VERIFY_ENV, "").strip()
     total = sum(Path(f).stat().st_size for f in files)
-    if mode == "0" or (mode != "1" and total > AUTO_VERIFY_BYTES):
+    too_big = algorithm == "sha256" and total > AUTO_VERIFY_BYTES
+    if mode == "0" or (mode != "1" and too_big):
         log.warning(
-            "checksums of %.1f GB of tensors not verified (%s=%s); set %s=1 to verify them",
+            "checksums of %.1f GB of tensors not verified (%s=%s%s); set %s=1 to verify them",
             total / 1e9,
             VERIFY_ENV,
             mode or "auto",
+            ", sha256 over 4 GiB: re-save the checkpoint to record faster checksums" if mode != "0" else "",
             VERIFY_ENV,
         )
         return False
@@ -347,7 +447,7 @@ def verify_checksums(
             f"{found[missing[0]][0]}: tensor(s) {missing[:5]} have no recorded checksum; the checkpoint was "
             f"changed after llmpress saved it: re-download it or save it again"
         )
-    for name, digest in file_checksums(files).items():
+    for name, digest in file_checksums(files, algorithm).items():
         if recorded.get(name) != digest:
             raise CheckpointError(
                 f"{found[name][0]}: tensor {name!r} does not match its recorded checksum (its bytes, dtype, "

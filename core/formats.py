@@ -27,6 +27,9 @@ run time; a static scheme stores its calibrated ``name.input_scale`` fp32 [1].
              model's config builds (structured pruning with per-layer widths)
 ``dropped``  no tensors: a sub-block (attention or MLP) that adds nothing to the residual stream
 
+Value rules (:attr:`FormatSpec.values`, checked at every load whatever the checkpoint's size):
+scales and input scales are finite and positive; zero points are at most ``2**bits - 1``.
+
 A dequantized weight is ``scale[g] * (code - zero[g])`` with ``g = input // group_size``;
 pruned weights hold the zero point's code, i.e. exactly 0. ``name.bias`` is unchanged.
 Loaded in another dtype than stored (``from_pretrained(dtype=...)``), packed tensors keep their
@@ -59,8 +62,9 @@ from llmpress.quant.packing import (
 from llmpress.results import LayerResult, QuantState
 
 #: 2: the value dtype is stored as ``storage_dtype`` (version 1 said ``dtype``, a key transformers
-#: rewrites in nested config dicts); version 1 checkpoints still load
-FORMAT_VERSION = 2
+#: rewrites in nested config dicts); 3: ``checksum_algorithm`` (absent: sha256), which an older
+#: llmpress cannot verify. Older versions still load.
+FORMAT_VERSION = 3
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 Shapes = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -142,6 +146,47 @@ class ModuleFormat:
 
 
 @dataclasses.dataclass(frozen=True)
+class Values:
+    """What the values of a small stored tensor (a scale, a zero point) must be.
+
+    ``positive``: finite and > 0 (a NaN, 0 or negative scale gives NaN or silently wrong
+    outputs); ``at_most``: integers in ``[0, at_most]`` (zero points on the grid).
+    """
+
+    positive: bool = False
+    at_most: int | None = None
+
+    def problem(self, t: torch.Tensor) -> str | None:
+        """What is wrong with ``t``'s values (the first bad one and where), or ``None``."""
+        x = t.detach().reshape(-1)
+        if self.positive:
+            bad = ~(x > 0) | torch.isinf(x)  # NaN > 0 is False
+            rule = "finite and positive"
+        elif self.at_most is not None:
+            bad = x.to(torch.int64) > self.at_most
+            rule = f"at most {self.at_most}"
+        else:
+            return None
+        if not bool(bad.any()):
+            return None
+        first = i = int(bad.nonzero()[0, 0])
+        where: list[int] = []
+        for d in reversed(t.shape):  # the flat index as [row, column, ...]
+            i, c = divmod(i, int(d))
+            where.insert(0, c)
+        n = int(bad.sum())
+        return f"holds {x[first].item()} at {where} ({n} bad value{'s' * (n > 1)}); its values must be {rule}"
+
+
+#: a scale: finite and positive
+SCALE = Values(positive=True)
+
+
+def _no_values(fmt: ModuleFormat) -> dict[str, Values]:
+    return {}
+
+
+@dataclasses.dataclass(frozen=True)
 class FormatSpec:
     """One storage format of the registry, used both when saving and when loading.
 
@@ -152,7 +197,8 @@ class FormatSpec:
     tensors in the compute dtype ``dtype`` (the model's; ``None``: the storage dtype): packed
     tensors keep their stored dtypes (loaded bit for bit), while plain weights and biases
     follow ``dtype``. ``packed``: the runtime is an :class:`llmpress.runtime.LlmpressLinear`,
-    run by a kernel chosen at load.
+    run by a kernel chosen at load. ``values(fmt)``: suffix -> :class:`Values` of the small
+    tensors whose values are checked at every load.
     """
 
     name: str
@@ -161,6 +207,7 @@ class FormatSpec:
     unpack: Callable[[ModuleFormat, dict[str, torch.Tensor], torch.dtype], torch.Tensor] | None
     runtime: Callable[[ModuleFormat, bool, torch.device | None, torch.dtype | None], nn.Module]
     packed: bool = True
+    values: Callable[[ModuleFormat], dict[str, Values]] = _no_values
 
 
 FORMATS: dict[str, FormatSpec] = {}
@@ -193,6 +240,18 @@ def _int_tensors(fmt: ModuleFormat) -> Shapes:
     if fmt.format == "int-2:4":
         out["weight_meta"] = _meta_shape(fmt)
     return out | _input_scale_shape(fmt)
+
+
+def _int_values(fmt: ModuleFormat) -> dict[str, Values]:
+    assert fmt.bits is not None
+    out = {"weight_scale": SCALE}
+    if not fmt.symmetric:
+        out["weight_zero"] = Values(at_most=2**fmt.bits - 1)
+    return out | _input_scale_values(fmt)
+
+
+def _input_scale_values(fmt: ModuleFormat) -> dict[str, Values]:
+    return {"input_scale": SCALE} if is_static(fmt.activations) else {}
 
 
 def _input_scale_shape(fmt: ModuleFormat) -> Shapes:
@@ -337,6 +396,10 @@ def _fp8_tensors(fmt: ModuleFormat) -> Shapes:
     } | _input_scale_shape(fmt)
 
 
+def _fp8_values(fmt: ModuleFormat) -> dict[str, Values]:
+    return {"weight_scale": SCALE} | _input_scale_values(fmt)
+
+
 def _fp8_pack(fmt: ModuleFormat, weight: torch.Tensor, result: LayerResult | None) -> dict[str, torch.Tensor]:
     quant = None if result is None else result.quant
     if quant is None or quant.kind != "fp8":
@@ -387,11 +450,11 @@ def _packed_runtime(
 
 
 for _spec in (
-    FormatSpec("int", _int_tensors, _int_pack, _int_unpack, _packed_runtime),
-    FormatSpec("int-2:4", _int_tensors, _int_pack, _int_unpack, _packed_runtime),
+    FormatSpec("int", _int_tensors, _int_pack, _int_unpack, _packed_runtime, values=_int_values),
+    FormatSpec("int-2:4", _int_tensors, _int_pack, _int_unpack, _packed_runtime, values=_int_values),
     FormatSpec("2:4", _24_tensors, _24_pack, _24_unpack, _packed_runtime),
     FormatSpec("bitmask", _bitmask_tensors, _bitmask_pack, _bitmask_unpack, _packed_runtime),
-    FormatSpec("fp8", _fp8_tensors, _fp8_pack, _fp8_unpack, _packed_runtime),
+    FormatSpec("fp8", _fp8_tensors, _fp8_pack, _fp8_unpack, _packed_runtime, values=_fp8_values),
     FormatSpec("dense", _dense_tensors, _dense_pack, None, _dense_runtime, packed=False),
     FormatSpec("dropped", lambda f: {}, lambda f, w, r: {}, None, _dropped_runtime, packed=False),
 ):
@@ -426,10 +489,20 @@ def _is_24(keep: torch.Tensor) -> bool:
 
 
 def pack_module(
-    fmt: ModuleFormat, weight: torch.Tensor, result: LayerResult | None = None
+    fmt: ModuleFormat, weight: torch.Tensor, result: LayerResult | None = None, name: str = "a layer"
 ) -> dict[str, torch.Tensor]:
-    """Tensors to store for a layer: its weight [out, in] and its committed result."""
-    return fmt.spec.pack(fmt, weight, result)
+    """Tensors to store for a layer: its weight [out, in] and its committed result. Their
+    values pass the format's rules (:attr:`FormatSpec.values`): what is saved loads."""
+    tensors = fmt.spec.pack(fmt, weight, result)
+    for suffix, rule in fmt.spec.values(fmt).items():
+        problem = rule.problem(tensors[suffix]) if suffix in tensors else None
+        if problem:
+            raise CheckpointError(
+                f"cannot save {name}: its {suffix} (stored as {tensors[suffix].dtype}) {problem}; the "
+                f"compression gave a grid this format cannot store: check the calibration data, save the "
+                f"scales as float32 or bfloat16, or leave the layer out with 'ignore'"
+            )
+    return tensors
 
 
 def unpack_module(

@@ -23,6 +23,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from llmpress.checkpoint import (
     VERIFY_ENV,
     check_tensors,
+    check_values,
     config_checksum,
     module_formats,
     read_headers,
@@ -32,6 +33,7 @@ from llmpress.checkpoint import (
 )
 from llmpress.errors import CheckpointError
 from llmpress.formats import FORMAT_VERSION, ModuleFormat
+from llmpress.loading import check_shard_index
 from llmpress.results import compression_state
 from llmpress.runtime import replace_module, select_kernels
 from llmpress.versions import package_version
@@ -65,6 +67,7 @@ class LlmpressConfig(QuantizationConfigMixin):
         self.recipe = recipe if recipe is not None else {}
         self.note = kwargs.pop("note", NOTE)
         self.checksums = kwargs.pop("checksums", None)
+        self.checksum_algorithm = kwargs.pop("checksum_algorithm", None)
         self.config_checksum = kwargs.pop("config_checksum", None)
         self.kv_cache = kwargs.pop("kv_cache", None)
         self.attributes = kwargs.pop("attributes", None)
@@ -92,6 +95,8 @@ class LlmpressConfig(QuantizationConfigMixin):
             d["kv_cache"] = self.kv_cache
         if self.checksums is not None:
             d["checksums"] = self.checksums
+        if self.checksum_algorithm is not None:
+            d["checksum_algorithm"] = self.checksum_algorithm
         if self.config_checksum is not None:
             d["config_checksum"] = self.config_checksum
         if self.attributes is not None:
@@ -241,10 +246,12 @@ class LlmpressHfQuantizer(HfQuantizer):
             owner = k.rpartition(".")[0]
             exact = owner in packed and not k.endswith(".bias")
             expected[k] = (tuple(t.shape), t.dtype if exact else None)
+        check_shard_index(Path(files[0]).parent)  # transformers refuses '..' and absolute, not links out
         found = read_headers(files)
         check_tensors(expected, found, optional=_tied_names(model))
+        check_values(cfg.module_formats(), found)
         if cfg.checksums is not None:
-            verify_checksums(files, cfg.checksums, found)
+            verify_checksums(files, cfg.checksums, found, cfg.schema.checksum_algorithm)
         saved_config = Path(files[0]).parent / "config.json"
         if cfg.config_checksum is not None and saved_config.is_file():
             try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
@@ -208,8 +208,9 @@ def max_positions(config: Any) -> int | None:
 
 
 def check_shard_index(folder: Path) -> None:
-    """Raise :class:`CheckpointError` if a sharded checkpoint's index is not valid JSON, maps
-    tensors to files that are not there, or is not a mapping of tensor names to shards."""
+    """Raise :class:`CheckpointError` if a sharded checkpoint's index is not valid JSON, is not
+    a mapping of tensor names to shards, names a shard outside ``folder`` (an absolute path,
+    ``..``, or a link that leads out of it) or a shard that is not there."""
     for index in sorted(folder.glob("*.safetensors.index.json")):
         try:
             data = json.loads(index.read_text(encoding="utf-8"))
@@ -220,8 +221,32 @@ def check_shard_index(folder: Path) -> None:
             raise CheckpointError(
                 f"{index} has no 'weight_map' of tensor names to shard files; re-download it"
             )
+        for tensor, shard in sorted(wmap.items(), key=lambda kv: kv[1]):
+            _check_inside(folder, index, tensor, shard)
         missing = sorted({v for v in wmap.values() if not (folder / v).is_file()})
         if missing:
             raise CheckpointError(
                 f"{index} names shard file(s) {missing[:3]} that are not in {folder}; re-download it"
             )
+
+
+def _check_inside(folder: Path, index: Path, tensor: str, shard: str) -> None:
+    """The index entry ``tensor -> shard`` names a file inside ``folder``. A link out of it is
+    allowed only into the Hugging Face cache's ``blobs`` folder of the same repository
+    (``snapshots/<revision>/<file> -> ../../blobs/<hash>``, the layout huggingface_hub writes)."""
+    forms = (PurePosixPath(shard), PureWindowsPath(shard))  # a Windows name is refused here too
+    problem = None
+    if any(f.anchor for f in forms):
+        problem = "is an absolute path"
+    elif any(".." in f.parts for f in forms):
+        problem = "leads out of the checkpoint folder ('..')"
+    else:
+        real, root = (folder / shard).resolve(), folder.resolve()
+        blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
+        if not real.is_relative_to(root) and not (blobs is not None and real.is_relative_to(blobs)):
+            problem = f"is a link that leads out of the checkpoint folder (to {real})"
+    if problem:
+        raise CheckpointError(
+            f"{index}: the entry {tensor!r} -> {shard!r} {problem}; a shard index may only name files in "
+            f"{folder}: re-download the checkpoint, or fix the weight_map"
+        )

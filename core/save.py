@@ -183,7 +183,7 @@ def _packed_unit(
         if w.device.type == "meta":  # offloaded: the compressed weight in its storage
             w = _stored(mods, f"{name}.weight")
             w = w.t() if _is_conv1d(mod) else w  # stored as the module holds it
-        return {f"{name}.{suffix}": t for suffix, t in pack_module(fmt, w.detach().float(), res).items()}
+        return {f"{name}.{suffix}": t for suffix, t in pack_module(fmt, w.detach().float(), res, name).items()}
 
     return unit
 
@@ -310,7 +310,7 @@ def _finish_config(folder: Path, dtype: torch.dtype | None, checksums: bool) -> 
     """Fix up the saved ``config.json``: the stored ``dtype`` (save_pretrained records the
     in-memory one) and, for llmpress checkpoints, the checksums of every tensor and of the
     model config, verified at load (:mod:`llmpress.checkpoint`)."""
-    from llmpress.checkpoint import config_checksum, file_checksums
+    from llmpress.checkpoint import config_checksum, record_checksums
 
     cfg_file = folder / "config.json"
     saved = json.loads(cfg_file.read_text())
@@ -318,7 +318,7 @@ def _finish_config(folder: Path, dtype: torch.dtype | None, checksums: bool) -> 
         saved["dtype"] = str(dtype).replace("torch.", "")
     if checksums:
         q = saved["quantization_config"]
-        q["checksums"] = file_checksums(sorted(folder.glob("*.safetensors")))
+        record_checksums(q, sorted(folder.glob("*.safetensors")))
         q["config_checksum"] = config_checksum(saved)
     cfg_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 

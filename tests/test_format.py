@@ -33,7 +33,14 @@ from transformers import AutoModelForCausalLM
 import llmpress
 from llmpress.cli import main
 from llmpress.errors import CheckpointError
-from llmpress.formats import PACKED_FORMATS, ModuleFormat, choose_format, pack_module, unpack_module
+from llmpress.formats import (
+    FORMAT_VERSION,
+    PACKED_FORMATS,
+    ModuleFormat,
+    choose_format,
+    pack_module,
+    unpack_module,
+)
 from llmpress.quant.activations import fp8_weight
 from llmpress.quant.grid import dequantize_weight
 from llmpress.results import LayerResult, QuantState
@@ -325,7 +332,7 @@ def test_saved_folder_contents(saved_formats: dict) -> None:
     names = {p.name for p in d.iterdir()}
     assert {"config.json", "model.safetensors", "llmpress_report.json", "llmpress_recipe.json"} <= names
     cfg = json.loads((d / "config.json").read_text())["quantization_config"]
-    assert cfg["quant_method"] == "llmpress" and cfg["format_version"] == 2
+    assert cfg["quant_method"] == "llmpress" and cfg["format_version"] == FORMAT_VERSION
     assert [{k: s.get(k) for k in ("method", "bits", "group_size")} for s in cfg["recipe"]["stages"]] == [
         {"method": "rtn", "bits": 4, "group_size": 32}
     ]
