@@ -192,7 +192,7 @@ class FormatSpec:
 
     ``tensors(fmt)`` names the stored tensors (suffix -> shape, dtype); ``pack(fmt, weight,
     result)`` makes them from a layer's weight [out, in] and its committed result;
-    ``unpack(fmt, tensors, dtype)`` rebuilds the dense weight; ``runtime(fmt, bias, device)``
+    ``unpack(fmt, tensors, dtype)`` rebuilds the dense weight;
     ``runtime(fmt, bias, device, dtype)`` makes the module that computes with the stored
     tensors in the compute dtype ``dtype`` (the model's; ``None``: the storage dtype): packed
     tensors keep their stored dtypes (loaded bit for bit), while plain weights and biases

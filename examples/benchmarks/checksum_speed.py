@@ -41,20 +41,16 @@ import json
 import os
 import shutil
 import struct
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-# this folder's kernels.py would shadow the `kernels` package that transformers imports
-sys.path.append(sys.path.pop(0))
+import torch
+from _common import print_table
+from safetensors import safe_open
 
-import torch  # noqa: E402
-from _common import print_table  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-
-from llmpress.checkpoint import CHECKSUM_ALGORITHMS, VERIFY_ENV, config_checksum, file_checksums  # noqa: E402
+from llmpress.checkpoint import CHECKSUM_ALGORITHMS, VERIFY_ENV, config_checksum, file_checksums
 
 GIB = 1 << 30
 #: one Llama-7B decoder layer's matrices (q, k, v, o, gate, up, down)
