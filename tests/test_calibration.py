@@ -176,11 +176,13 @@ def test_documents_joined_by_eos(tokenizer) -> None:
 
 
 def test_tokenizer_without_eos() -> None:
-    from llmpress.demo import ByteTokenizer
+    from llmpress.demo import byte_tokenizer
 
-    stream = tokenize_documents(ByteTokenizer(), ["ab", "c"])
+    tok = byte_tokenizer()
+    assert tok.eos_token_id is None
+    stream = tokenize_documents(tok, ["ab", "c"])
     assert stream.tolist() == [97, 98, 99]
-    ids = build_calibration(ByteTokenizer(), CALIB_TXT, nsamples=4, seqlen=64, seed=0)
+    ids = build_calibration(tok, CALIB_TXT, nsamples=4, seqlen=64, seed=0)
     assert ids.shape == (4, 64) and int(ids.max()) < 256
 
 
