@@ -100,15 +100,10 @@ def _fmt_bytes(n: float) -> str:
 
 
 def _is_hub_id(name: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    """A Hub id that is not also an existing local path."""
+    from llmpress.loading import is_hub_id
 
-    if not name or name.startswith((".", "/", "~")) or Path(name).exists():
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
+    return not Path(name).exists() and is_hub_id(name)
 
 
 def _cached_hub_id(path: Path) -> str | None:
