@@ -52,67 +52,17 @@ def hash_to_hex(raw: bytes) -> str:
 # ------------------------------------------------------------------------ chunk decoding
 
 
-def _lz4_block(src: bytes | memoryview, out: bytearray) -> None:
-    """Decode one LZ4 block into ``out`` (matches may reach into what ``out`` holds already)."""
-    i, n = 0, len(src)
-    while i < n:
-        token = src[i]
-        i += 1
-        length = token >> 4
-        if length == 15:
-            while True:
-                b = src[i]
-                i += 1
-                length += b
-                if b != 255:
-                    break
-        out += src[i : i + length]
-        i += length
-        if i >= n:  # the last sequence has literals only
-            break
-        offset = src[i] | (src[i + 1] << 8)
-        i += 2
-        if offset == 0 or offset > len(out):
-            raise HubError(400, "Invalid LZ4 data in xorb chunk")
-        length = token & 15
-        if length == 15:
-            while True:
-                b = src[i]
-                i += 1
-                length += b
-                if b != 255:
-                    break
-        length += 4
-        start = len(out) - offset
-        while length > 0:  # an overlapping match repeats the last `offset` bytes
-            piece = out[start : start + min(length, offset)]
-            out += piece
-            start += len(piece)
-            length -= len(piece)
+def lz4_decompress(data: bytes, raw_size: int) -> bytes:
+    """Decompress an LZ4 frame (``04 22 4D 18`` ...) or a raw block of ``raw_size`` bytes."""
+    import lz4.block
+    import lz4.frame
 
-
-def lz4_decompress(data: bytes) -> bytes:
-    """Decompress LZ4 data: a frame (``04 22 4D 18`` ...) or a raw block."""
-    out = bytearray()
-    if not data.startswith(_LZ4_FRAME_MAGIC):
-        _lz4_block(data, out)
-        return bytes(out)
-    flags = data[4]
-    i = 6 + (8 if flags & 0x08 else 0) + (4 if flags & 0x01 else 0) + 1  # FLG BD [size] [dict] HC
-    block_checksum = bool(flags & 0x10)
-    while True:
-        (size,) = struct.unpack_from("<I", data, i)
-        i += 4
-        if size == 0:
-            break
-        raw, size = bool(size & 0x80000000), size & 0x7FFFFFFF
-        block = memoryview(data)[i : i + size]
-        if raw:
-            out += block
-        else:
-            _lz4_block(block, out)
-        i += size + (4 if block_checksum else 0)
-    return bytes(out)
+    try:
+        if data.startswith(_LZ4_FRAME_MAGIC):
+            return bytes(lz4.frame.decompress(data))
+        return bytes(lz4.block.decompress(data, uncompressed_size=raw_size))
+    except (RuntimeError, ValueError) as e:
+        raise HubError(400, f"Invalid LZ4 data in xorb chunk ({e})") from None
 
 
 def _ungroup4(data: bytes) -> bytes:
@@ -142,9 +92,9 @@ def xorb_chunks(data: bytes) -> list[bytes]:
         if scheme == 0:
             chunk = body
         elif scheme == 1:
-            chunk = lz4_decompress(body)
+            chunk = lz4_decompress(body, raw_size)
         elif scheme == 2:
-            chunk = _ungroup4(lz4_decompress(body))
+            chunk = _ungroup4(lz4_decompress(body, raw_size))
         else:
             raise HubError(400, f"Unknown xorb chunk compression scheme {scheme}")
         if len(chunk) != raw_size:
