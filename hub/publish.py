@@ -23,11 +23,12 @@ import math
 import re
 import shutil
 import tempfile
-import time
 import types
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from llmpress.hub.errors import PublishError
 
@@ -195,19 +196,32 @@ def _with_retries(
     :class:`PublishError`; anything else propagates as is.
     """
     attempts = max(1, retries)
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except Exception as e:
-            if _root_cause(e) is None:
-                raise
-            if not _transient(e) or attempt == attempts:
-                raise PublishError(_scrub(str(_explain(e, what, endpoint, repo_id, attempt)), token)) from e
-            wait = backoff * 2 ** (attempt - 1)
-            reason = f"HTTP {_status(e)}" if _status(e) is not None else type(_root_cause(e)).__name__
-            log.warning("%s failed (%s); retry %d/%d in %.1fs", what, reason, attempt, attempts - 1, wait)
-            time.sleep(wait)
-    raise AssertionError("unreachable")
+
+    def announce(state: RetryCallState) -> None:
+        e = state.outcome.exception() if state.outcome is not None else None
+        if e is None:
+            return
+        status = _status(e)
+        reason = f"HTTP {status}" if status is not None else type(_root_cause(e)).__name__
+        wait = state.next_action.sleep if state.next_action is not None else 0.0
+        log.warning(
+            "%s failed (%s); retry %d/%d in %.1fs", what, reason, state.attempt_number, attempts - 1, wait
+        )
+
+    retrying = Retrying(
+        retry=retry_if_exception(lambda e: _root_cause(e) is not None and _transient(e)),
+        stop=stop_after_attempt(attempts),
+        wait=wait_exponential(multiplier=backoff, exp_base=2, min=backoff),  # backoff, 2x, 4x ...
+        before_sleep=announce,
+        reraise=True,
+    )
+    try:
+        return retrying(fn)
+    except Exception as e:
+        if _root_cause(e) is None:
+            raise
+        tried = retrying.statistics.get("attempt_number", 1)
+        raise PublishError(_scrub(str(_explain(e, what, endpoint, repo_id, tried)), token)) from e
 
 
 # -------------------------------------------------------------------------------- push
