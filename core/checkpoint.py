@@ -25,6 +25,7 @@ and the fix.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -71,20 +72,77 @@ DEFAULT_CHECKSUM = "blake3"
 _VOLATILE_CONFIG_KEYS = frozenset(
     {"quantization_config", "transformers_version", "dtype", "torch_dtype", "_name_or_path", "use_cache"}
 )
-_DTYPES = {
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "I16": torch.int16,
-    "I32": torch.int32,
-    "I64": torch.int64,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+#: every safetensors dtype code: (bits per element, the torch dtype llmpress reads it as, or
+#: ``None`` for codes it never stores). The one table for headers, sizes and checksums.
+SAFETENSORS_DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
+    "F64": (64, torch.float64),
+    "I64": (64, torch.int64),
+    "U64": (64, None),
+    "C64": (64, None),
+    "F32": (32, torch.float32),
+    "I32": (32, torch.int32),
+    "U32": (32, None),
+    "F16": (16, torch.float16),
+    "BF16": (16, torch.bfloat16),
+    "I16": (16, torch.int16),
+    "U16": (16, None),
+    "F8_E4M3": (8, torch.float8_e4m3fn),
+    "F8_E5M2": (8, torch.float8_e5m2),
+    "F8_E8M0": (8, None),
+    "F8_E4M3FNUZ": (8, None),
+    "F8_E5M2FNUZ": (8, None),
+    "I8": (8, torch.int8),
+    "U8": (8, torch.uint8),
+    "BOOL": (8, torch.bool),
+    "F6_E2M3": (6, None),
+    "F6_E3M2": (6, None),
+    "F4": (4, None),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorHeader:
+    """One tensor of a safetensors file, from its header (no data read)."""
+
+    file: str
+    name: str
+    dtype: str  # the safetensors code, e.g. "F16"
+    shape: tuple[int, ...]
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        """The torch dtype llmpress reads it as (``None``: a code llmpress never stores)."""
+        return SAFETENSORS_DTYPES.get(self.dtype, (0, None))[1]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its data (sub-byte codes are packed)."""
+        return math.ceil(self.numel * dtype_bits(self.dtype) / 8)
+
+
+def dtype_bits(code: str) -> int:
+    """Bits per element of a safetensors dtype code; an unknown code is a :class:`CheckpointError`."""
+    if code not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"safetensors dtype {code!r} is unknown to llmpress; upgrade llmpress")
+    return SAFETENSORS_DTYPES[code][0]
+
+
+def read_header(path: str | Path) -> dict[str, TensorHeader]:
+    """Tensor name -> :class:`TensorHeader` of one safetensors file, through ``safe_open``
+    (which checks the header against the file); an unreadable file is a :class:`CheckpointError`."""
+    out: dict[str, TensorHeader] = {}
+    try:
+        with safe_open(str(path), framework="pt") as st:
+            for k in st.keys():  # noqa: SIM118
+                s = st.get_slice(k)
+                out[k] = TensorHeader(str(path), k, s.get_dtype(), tuple(int(d) for d in s.get_shape()))
+    except (SafetensorError, OSError) as e:
+        raise unreadable(path, e) from None
+    return out
 
 
 class ModuleEntry(BaseModel):
@@ -303,7 +361,7 @@ def file_checksums(files: Iterable[str | Path], algorithm: str = "sha256") -> di
                     if k == "__metadata__":
                         continue
                     begin, end = (8 + n + int(x) for x in e["data_offsets"])
-                    dtype = _DTYPES.get(e["dtype"])
+                    dtype = SAFETENSORS_DTYPES.get(e["dtype"], (0, None))[1]
                     if dtype is None:  # a dtype llmpress does not store: as torch names it
                         with safe_open(str(f), framework="pt") as st:
                             out[k] = tensor_checksum(st.get_tensor(k), algorithm)
@@ -331,17 +389,10 @@ def read_headers(files: Iterable[str | Path]) -> dict[str, tuple[str, torch.dtyp
     """Tensor name -> (file, dtype, shape) over every file; a tensor stored twice is an error."""
     out: dict[str, tuple[str, torch.dtype | None, tuple[int, ...]]] = {}
     for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as st:
-                for k in st.keys():  # noqa: SIM118
-                    s = st.get_slice(k)
-                    if k in out:
-                        raise CheckpointError(
-                            f"tensor {k!r} is stored twice: in {out[k][0]} and {f}; re-save it"
-                        )
-                    out[k] = (str(f), _DTYPES.get(s.get_dtype()), tuple(int(d) for d in s.get_shape()))
-        except (SafetensorError, OSError) as e:
-            raise unreadable(f, e) from None
+        for k, h in read_header(f).items():
+            if k in out:
+                raise CheckpointError(f"tensor {k!r} is stored twice: in {out[k][0]} and {f}; re-save it")
+            out[k] = (h.file, h.torch_dtype, h.shape)
     return out
 
 

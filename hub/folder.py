@@ -13,12 +13,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from llmpress.checkpoint import SAFETENSORS_DTYPES, TensorHeader, read_header
 from llmpress.eval_harness import EVAL_FILE
 
 log = logging.getLogger(__name__)
@@ -35,63 +35,7 @@ _DTYPE_BITS = {
     "float8_e4m3fn": 8,
     "float8_e5m2": 8,
 }
-#: bits per element of each safetensors dtype (sub-byte types are packed)
-_SAFETENSORS_BITS = {
-    "F64": 64,
-    "I64": 64,
-    "U64": 64,
-    "C64": 64,
-    "F32": 32,
-    "I32": 32,
-    "U32": 32,
-    "F16": 16,
-    "BF16": 16,
-    "I16": 16,
-    "U16": 16,
-    "F8_E4M3": 8,
-    "F8_E5M2": 8,
-    "F8_E8M0": 8,
-    "F8_E4M3FNUZ": 8,
-    "F8_E5M2FNUZ": 8,
-    "I8": 8,
-    "U8": 8,
-    "BOOL": 8,
-    "F6_E2M3": 6,
-    "F6_E3M2": 6,
-    "F4": 4,
-}
 _BLOCK_INDEX = re.compile(r"\.(\d+)\.")
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
-    """One tensor of a safetensors file, from its header."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
-    """Tensor name -> :class:`TensorInfo` from a safetensors file's header (no tensor is loaded)."""
-    from safetensors import safe_open
-
-    out = {}
-    with safe_open(str(path), framework="pt") as f:
-        names = f.keys()
-        for name in names:
-            view = f.get_slice(name)
-            dtype, shape = view.get_dtype(), tuple(int(d) for d in view.get_shape())
-            bits = _SAFETENSORS_BITS.get(dtype)
-            if bits is None:
-                raise ValueError(f"{path}: tensor {name!r} has a dtype unknown to llmpress ({dtype})")
-            out[name] = TensorInfo(name, dtype, shape, math.ceil(math.prod(shape) * bits / 8))
-    return out
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -157,7 +101,7 @@ class FolderInfo:
     config: dict[str, Any]
     report: dict[str, Any] | None
     evaluation: dict[str, Any] | None
-    tensors: dict[str, TensorInfo]
+    tensors: dict[str, TensorHeader]
     file_bytes: int
 
     @property
@@ -249,7 +193,7 @@ class FolderInfo:
         return SizeStats(params=params, nbytes=self.file_bytes, measured=bool(self.tensors), data_bytes=data)
 
 
-def _owned(tensors: dict[str, TensorInfo], module: str) -> list[TensorInfo]:
+def _owned(tensors: dict[str, TensorHeader], module: str) -> list[TensorHeader]:
     prefix = module + "."
     return [t for n, t in tensors.items() if n.startswith(prefix) and "." not in n[len(prefix) :]]
 
@@ -273,10 +217,10 @@ def read_folder(folder: str | Path) -> FolderInfo:
     config = _read_json(path / "config.json")
     if config is None:
         raise CheckpointError(f"{path} is not a saved model folder: no readable config.json")
-    tensors: dict[str, TensorInfo] = {}
+    tensors: dict[str, TensorHeader] = {}
     files = weight_files(path)
     for f in files:
-        tensors.update(read_safetensors_header(f))
+        tensors.update(read_header(f))
     if not files:
         log.warning("%s has no *.safetensors files; sizes are estimated", path)
     return FolderInfo(
@@ -294,7 +238,7 @@ def local_size(folder: str | Path) -> SizeStats | None:
     files = weight_files(Path(folder))
     if not files:
         return None
-    tensors = [t for f in files for t in read_safetensors_header(f).values()]
+    tensors = [t for f in files for t in read_header(f).values()]
     return SizeStats(
         params=sum(t.numel for t in tensors),
         nbytes=sum(f.stat().st_size for f in files),
@@ -308,7 +252,9 @@ def hub_size(repo_id: str, api: Any) -> SizeStats | None:
         meta = api.get_safetensors_metadata(repo_id)
         counts = [fm.parameter_count for fm in meta.files_metadata.values()]
         params = sum(n for c in counts for n in c.values())
-        data = sum(n * _SAFETENSORS_BITS.get(dtype, 16) // 8 for c in counts for dtype, n in c.items())
+        data = sum(
+            n * SAFETENSORS_DTYPES.get(dtype, (16, None))[0] // 8 for c in counts for dtype, n in c.items()
+        )
         info = api.model_info(repo_id, files_metadata=True)
         nbytes = sum(s.size or 0 for s in info.siblings or [] if s.rfilename.endswith(".safetensors"))
     except Exception as e:  # any failure (offline, no safetensors, no access) -> estimate instead
