@@ -8,6 +8,7 @@ what the model's config builds (structured pruning) and dropped sub-blocks are r
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Callable
@@ -42,10 +43,10 @@ REPORT_FILE = "llmpress_report.json"
 RECIPE_FILE = "llmpress_recipe.json"
 
 
-def _config_shapes(model: nn.Module) -> dict[str, tuple[int, int]] | None:
-    """``[out, in]`` of every linear layer as the model's config builds it (on the meta
-    device, no memory), or ``None`` if the model cannot be rebuilt from its config."""
-    config = getattr(model, "config", None)
+def _config_shapes(model: nn.Module, config: Any = None) -> dict[str, tuple[int, int]] | None:
+    """``[out, in]`` of every linear layer as ``config`` (default: the model's) builds it (on
+    the meta device, no memory), or ``None`` if the model cannot be rebuilt from it."""
+    config = config if config is not None else getattr(model, "config", None)
     if config is None:
         return None
     try:
@@ -84,16 +85,19 @@ def export_units(
     sparse: str = "auto",
     dtype: torch.dtype | None = torch.float16,
     dedupe_tied: bool = True,
+    config: Any = None,
 ) -> tuple[list[Callable[[], dict[str, torch.Tensor]]], dict[str, dict[str, Any]]]:
     """What :func:`export_state_dict` returns, lazily: callables each building the tensors
     of one state-dict entry or one packed layer (offloaded weights read from their storage),
-    in state-dict order, so that a writer holds one shard at a time. Tied tensors appear once."""
+    in state-dict order, so that a writer holds one shard at a time. Tied tensors appear once.
+    ``config``: the config the checkpoint is saved with (default: the model's); a layer whose
+    shape differs from what it builds gets a ``dense`` entry."""
     state = compression_state(model)
     # fused MoE experts with packed per-expert results: stored unfused (temporary per-expert copies)
     with_result = {n for n, r in state.layers.items() if choose_format(r.quant, r.mask, sparse) is not None}
     views = expert_views(model, with_result)
     dtype_name = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
-    shapes = _config_shapes(model)  # resized layers, also of a loaded model that has no results
+    shapes = _config_shapes(model, config)  # resized layers, also of a loaded model without results
     mods = dict(model.named_modules())
     modules: dict[str, dict[str, Any]] = {}
     packed: dict[str, ModuleFormat] = {}  # layer name -> its format (the weight key is replaced)
@@ -183,7 +187,9 @@ def _packed_unit(
         if w.device.type == "meta":  # offloaded: the compressed weight in its storage
             w = _stored(mods, f"{name}.weight")
             w = w.t() if _is_conv1d(mod) else w  # stored as the module holds it
-        return {f"{name}.{suffix}": t for suffix, t in pack_module(fmt, w.detach().float(), res, name).items()}
+        return {
+            f"{name}.{suffix}": t for suffix, t in pack_module(fmt, w.detach().float(), res, name).items()
+        }
 
     return unit
 
@@ -262,38 +268,33 @@ def save_compressed(
     from llmpress.hf_quantizer import LlmpressConfig
     from llmpress.structured_export import export_plan
 
-    config = model.config
-    old = dict(config.__dict__)
     plan = export_plan(model)  # structured pruning: a smaller standard config, or per-layer shapes
+    config = copy.deepcopy(model.config)  # what is saved; the caller's config is never touched
+    config.__dict__.update(plan.config)
     with atomic_directory(out_dir, overwrite) as tmp:
-        try:
-            config.__dict__.update(plan.config)
-            units, modules = export_units(model, sparse, dtype)
-            units.append(lambda: plan.zero_tensors(dtype))
-            config.dtype = dtype if dtype is not None else getattr(model, "dtype", None)
-            config.architectures = [type(model).__name__]
-            kv = compression_state(model).kv_cache
-            experts = stored_unfused(model, modules)  # MoE experts stored unfused, unfused again at load
-            if modules or plan.attributes or kv:
-                recipe = report.recipe if report is not None else {}
-                config.quantization_config = LlmpressConfig(
-                    modules=modules,
-                    recipe=recipe,
-                    attributes=plan.attributes or None,
-                    kv_cache=kv,
-                    experts=experts or None,
-                )
-            # an llmpress checkpoint keeps the model's own tensor names (what the quantizer checks at
-            # load); transformers would otherwise rename some (Mixtral: mlp -> block_sparse_moe)
-            llmpress_ckpt = bool(modules or plan.attributes or kv)
-            config.save_pretrained(tmp)
-            if getattr(model, "generation_config", None) is not None and model.can_generate():
-                model.generation_config.save_pretrained(tmp)
-            convert = None if llmpress_ckpt else reverse_conversion(model)
-            write_shards(tmp, units, convert=convert)  # streamed: one shard in memory
-        finally:  # the caller's config as it was
-            config.__dict__.clear()
-            config.__dict__.update(old)
+        units, modules = export_units(model, sparse, dtype, config=config)
+        units.append(lambda: plan.zero_tensors(dtype))
+        config.dtype = dtype if dtype is not None else getattr(model, "dtype", None)
+        config.architectures = [type(model).__name__]
+        kv = compression_state(model).kv_cache
+        experts = stored_unfused(model, modules)  # MoE experts stored unfused, unfused again at load
+        if modules or plan.attributes or kv:
+            recipe = report.recipe if report is not None else {}
+            config.quantization_config = LlmpressConfig(
+                modules=modules,
+                recipe=recipe,
+                attributes=plan.attributes or None,
+                kv_cache=kv,
+                experts=experts or None,
+            )
+        # an llmpress checkpoint keeps the model's own tensor names (what the quantizer checks at
+        # load); transformers would otherwise rename some (Mixtral: mlp -> block_sparse_moe)
+        llmpress_ckpt = bool(modules or plan.attributes or kv)
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(tmp)
+        convert = None if llmpress_ckpt else reverse_conversion(model)
+        write_shards(tmp, units, convert=convert)  # streamed: one shard in memory
         _finish_config(tmp, dtype, checksums=bool(modules or plan.attributes or kv))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

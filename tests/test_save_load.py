@@ -205,3 +205,35 @@ def test_atomic_directory_nested_parent_and_extra(tmp_path: Path) -> None:
         raise ValueError("inside")
     assert not (tmp_path / "c").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+@pytest.mark.parametrize(
+    "stages",
+    [
+        [{"method": "magnitude_structured", "ratio": 0.3}],  # a smaller standard config is saved
+        [{"method": "rtn", "bits": 4, "group_size": 32}],  # a quantization_config is saved
+    ],
+    ids=["structured", "quantized"],
+)
+def test_saving_never_touches_the_callers_config(
+    stages: list[dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The saved config is a copy: another reader of ``model.config`` during a save (a thread, an
+    exception half way) never sees the smaller widths or the quantization_config."""
+    import llmpress.save
+
+    model, report = llmpress.compress(tiny_llama(), {"stages": stages}, calib_ids(4, 16), progress=False)
+    config = model.config
+    before = config.to_dict()
+    seen = []
+    real = llmpress.save.write_shards
+
+    def spy(*args: object, **kwargs: object) -> None:
+        seen.append(model.config.to_dict())
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(llmpress.save, "write_shards", spy)
+    folder = save_compressed(model, tmp_path / "out", report=report)
+    assert seen == [before] and model.config is config and config.to_dict() == before
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved != {k: v for k, v in before.items() if k in saved}  # the saved one did change
