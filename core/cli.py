@@ -135,7 +135,8 @@ def _compress_into(a: argparse.Namespace, recipe: Any, out: Path | None) -> int:
     import torch
 
     from llmpress import distributed
-    from llmpress.loading import max_positions, stored_dtype
+    from llmpress.evaluate import check_seqlen
+    from llmpress.loading import stored_dtype
     from llmpress.pipeline import compress
     from llmpress.save import save_result
 
@@ -148,11 +149,8 @@ def _compress_into(a: argparse.Namespace, recipe: Any, out: Path | None) -> int:
         from llmpress.plugin_manager import get_plugin_manager
 
         check_model_exportable(model, recipe.resolve(get_plugin_manager()))
-    limit = max_positions(model.config)
-    if a.calib is not None and limit is not None and a.seqlen > limit:
-        raise LlmpressError(
-            f"--seqlen {a.seqlen} exceeds the model's {limit} positions; use --seqlen {limit} or less"
-        )
+    if a.calib is not None:
+        check_seqlen(model.config, a.seqlen, "--seqlen")
     model, report = compress(
         model,
         recipe,
