@@ -9,6 +9,7 @@ Public API::
 
 from __future__ import annotations
 
+from llmpress import _moved
 from llmpress.hookspecs import hookimpl, hookspec
 
 __version__ = "0.1.0"
@@ -17,13 +18,14 @@ __version__ = "0.1.0"
 def _register_with_transformers() -> None:
     # `import llmpress` makes `from_pretrained` load llmpress checkpoints (quant_method "llmpress")
     try:
-        from llmpress.hf_quantizer import register
+        from llmpress.format.hf_quantizer import register
     except ImportError:  # pragma: no cover - transformers missing or too old
         return
     register()
 
 
 _register_with_transformers()
+_moved.install()  # documented pre-v3 paths such as llmpress.loading still import
 
 __all__ = [
     "hookimpl",
@@ -46,15 +48,15 @@ __all__ = [
 
 def __getattr__(name: str):  # noqa: ANN202 - lazy public API, no heavy imports at import time
     if name == "compress":
-        from llmpress.pipeline import compress
+        from llmpress.pipeline.compress import compress
 
         return compress
     if name in ("Recipe", "Stage"):
-        from llmpress import recipe
+        from llmpress.recipe import recipes as recipe
 
         return getattr(recipe, name)
     if name in ("MethodConfig", "PruningConfig"):
-        from llmpress import config
+        from llmpress.recipe import config
 
         return getattr(config, name)
     if name == "get_plugin_manager":
@@ -62,15 +64,15 @@ def __getattr__(name: str):  # noqa: ANN202 - lazy public API, no heavy imports 
 
         return get_plugin_manager
     if name == "perplexity":
-        from llmpress.evaluate import perplexity
+        from llmpress.cli.evaluate import perplexity
 
         return perplexity
     if name in ("save_compressed", "save_quantized", "save_result", "to_runtime"):
-        from llmpress import save
+        from llmpress.format import save
 
         return getattr(save, name)
     if name == "load_model":
-        from llmpress.loading import load_model
+        from llmpress.format.loading import load_model
 
         return load_model
     raise AttributeError(f"module 'llmpress' has no attribute {name!r}")

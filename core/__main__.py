@@ -1,5 +1,5 @@
 import sys
 
-from llmpress.cli import main
+from llmpress.cli.main import main
 
 sys.exit(main())

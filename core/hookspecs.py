@@ -17,7 +17,7 @@ the model::
     keep   = llmpress_select_mask(scores=score, target, config)  # if score is not None
     result = llmpress_update_weights(module, mask=keep, stats, config)
 
-and then commits ``result`` (a :class:`llmpress.results.LayerResult`). For a
+and then commits ``result`` (a :class:`llmpress.model.results.LayerResult`). For a
 ``scope = "block"`` method it calls ``llmpress_change_block`` once per block and applies the
 returned change. When a compressed model is loaded, ``llmpress_export_kernel`` offers the
 kernels that can run each stored layer. A stage with an ``allocation:`` section asks
@@ -35,14 +35,14 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from llmpress.allocation import AllocationProblem, AllocationResult
-    from llmpress.blocks import BlockChange, BlockContext
-    from llmpress.config import MethodConfig
-    from llmpress.formats import ModuleFormat
+    from llmpress.allocation.problem import AllocationProblem, AllocationResult
+    from llmpress.engine.stats import LayerStats
+    from llmpress.format.formats import ModuleFormat
     from llmpress.kernels.registry import Kernel
-    from llmpress.results import LayerResult
-    from llmpress.stats import LayerStats
-    from llmpress.targets import SparsityTarget
+    from llmpress.math.targets import SparsityTarget
+    from llmpress.model.results import LayerResult
+    from llmpress.recipe.config import MethodConfig
+    from llmpress.structure.blocks import BlockChange, BlockContext
 
 PROJECT = "llmpress"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -56,7 +56,7 @@ def llmpress_register_methods(register: Callable[..., None]) -> None:
     Called once when the plugin manager is built. Call ``register(config_cls)`` (or
     ``register(name, config_cls)``) for each method: the name, ``config_cls.method``, is
     what a recipe's ``method:`` key says; ``config_cls`` is a frozen
-    :class:`llmpress.config.MethodConfig` subclass whose fields are the method's options and
+    :class:`llmpress.recipe.config.MethodConfig` subclass whose fields are the method's options and
     whose class variables declare what the engine needs (statistics, scope, citation).
     The config class is the dispatch key: this plugin's per-method hooks receive only its
     configs. Registering a name twice (from any plugin) is an error. Not ``firstresult``;
@@ -71,7 +71,7 @@ def llmpress_score_importance(
     """Score the importance of ``module``'s weights; higher means more important.
 
     :param module: the target layer (``nn.Linear`` or GPT-2 ``Conv1D``); read its weight
-        as ``[out_features, in_features]`` with :func:`llmpress.modules.get_weight`.
+        as ``[out_features, in_features]`` with :func:`llmpress.model.modules.get_weight`.
     :param stats: the statistics of the layer's input that ``config.stats`` asked for, or
         ``None`` when the stage needs no calibration data (``config.needs_calibration``).
     :param config: the stage's method config (always one of this plugin's methods).
@@ -116,7 +116,7 @@ def llmpress_update_weights(
         earlier stages (weights they pruned must stay zero), or ``None``.
     :param stats: the statistics ``config.stats`` asked for (``None`` without calibration).
     :param config: the stage's method config.
-    :returns: a :class:`llmpress.results.LayerResult`: the new weight (or ``None`` to keep
+    :returns: a :class:`llmpress.model.results.LayerResult`: the new weight (or ``None`` to keep
         it), the keep mask, the quantization state, the reconstruction loss; or ``None`` to
         leave it to the next plugin. The built-in ``masking`` plugin answers last when a
         mask is given (a result that only carries the mask).
@@ -137,10 +137,10 @@ def llmpress_change_block(
         its name relative to the block.
     :param config: the stage's method config.
     :returns: one change or a sequence of changes for the core to apply
-        (:mod:`llmpress.blocks`): :class:`~llmpress.blocks.PruneChannels` (heads or neurons
-        removed across coupled modules; shapes change), :class:`~llmpress.blocks.ScaleChannels`
+        (:mod:`llmpress.structure.blocks`): :class:`~llmpress.structure.blocks.PruneChannels` (heads or neurons
+        removed across coupled modules; shapes change), :class:`~llmpress.structure.blocks.ScaleChannels`
         (scales moved from a norm or linear into the following linears), or
-        :class:`~llmpress.blocks.DropSubBlocks`; ``None`` or an empty sequence to leave the
+        :class:`~llmpress.structure.blocks.DropSubBlocks`; ``None`` or an empty sequence to leave the
         block as it is. The block must not be modified by the hook.
 
     ``firstresult``.
@@ -167,13 +167,13 @@ def llmpress_score_block(block: BlockContext, config: MethodConfig) -> Any:
 def llmpress_search_allocation(problem: AllocationProblem, config: MethodConfig) -> AllocationResult | None:
     """Choose a compression level for every unit of a stage under its global budget.
 
-    :param problem: the typed :class:`llmpress.allocation.AllocationProblem`: the units
+    :param problem: the typed :class:`llmpress.allocation.problem.AllocationProblem`: the units
         (layers, blocks or sub-blocks), each unit's level values and integer costs, the uniform
         start, the exact budget, and ``fitness(levels, tokens)`` (KL divergence to the dense
         model, lower is better), which stitches a candidate from the level database.
     :param config: the stage's ``allocation:`` config (an
-        :class:`llmpress.allocation.AllocationConfig` of this plugin's own method).
-    :returns: an :class:`llmpress.allocation.AllocationResult`: one level index per unit whose
+        :class:`llmpress.allocation.problem.AllocationConfig` of this plugin's own method).
+    :returns: an :class:`llmpress.allocation.problem.AllocationResult`: one level index per unit whose
         costs sum to exactly the budget (the core checks it), plus the fitness curve and the
         number of fitness evaluations; or ``None`` to leave it to the next plugin.
 

@@ -17,12 +17,12 @@ from torch import nn
 from llmpress.errors import ModelError
 
 if TYPE_CHECKING:
-    from llmpress.allocation import AllocationProblem, AllocationResult
-    from llmpress.blocks import BlockChange, BlockContext
-    from llmpress.config import MethodConfig
-    from llmpress.results import LayerResult
-    from llmpress.stats import LayerStats
-    from llmpress.targets import SparsityTarget
+    from llmpress.allocation.problem import AllocationProblem, AllocationResult
+    from llmpress.engine.stats import LayerStats
+    from llmpress.math.targets import SparsityTarget
+    from llmpress.model.results import LayerResult
+    from llmpress.recipe.config import MethodConfig
+    from llmpress.structure.blocks import BlockChange, BlockContext
 
 _METHOD_HOOKS = (
     "llmpress_score_importance",
@@ -65,7 +65,7 @@ class MethodHooks:
         self, module: nn.Module, mask: torch.Tensor | None, stats: LayerStats | None, config: MethodConfig
     ) -> LayerResult | None:
         """The layer's result, or ``None`` when no plugin has one (nothing to do)."""
-        from llmpress.results import LayerResult
+        from llmpress.model.results import LayerResult
 
         out = self._call["llmpress_update_weights"](module=module, mask=mask, stats=stats, config=config)
         if out is not None and not isinstance(out, LayerResult):
@@ -78,7 +78,7 @@ class MethodHooks:
 
     def change_block(self, block: BlockContext, config: MethodConfig) -> list[BlockChange]:
         """The changes the method makes to one block (possibly none)."""
-        from llmpress.blocks import BLOCK_CHANGES
+        from llmpress.structure.blocks import BLOCK_CHANGES
 
         out = self._call["llmpress_change_block"](block=block, config=config)
         if out is None:
@@ -86,12 +86,12 @@ class MethodHooks:
         changes = [out] if isinstance(out, BLOCK_CHANGES) else list(out)
         for c in changes:
             if not isinstance(c, BLOCK_CHANGES):
-                raise self._bad("llmpress_change_block", "a block change (llmpress.blocks)", c)
+                raise self._bad("llmpress_change_block", "a block change (llmpress.structure.blocks)", c)
         return changes
 
     def search(self, problem: AllocationProblem, config: MethodConfig) -> AllocationResult:
         """The allocation chosen by the method's ``llmpress_search_allocation``."""
-        from llmpress.allocation import AllocationResult
+        from llmpress.allocation.problem import AllocationResult
 
         out = self._call["llmpress_search_allocation"](problem=problem, config=config)
         if not isinstance(out, AllocationResult):

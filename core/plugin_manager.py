@@ -19,10 +19,10 @@ from typing import Any
 import pluggy
 
 from llmpress import hookspecs
-from llmpress.config import MethodConfig
+from llmpress.engine.stats import check_statistics
 from llmpress.errors import RecipeError
 from llmpress.method_hooks import MethodHooks
-from llmpress.stats import check_statistics
+from llmpress.recipe.config import MethodConfig
 
 log = logging.getLogger(__name__)
 

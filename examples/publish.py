@@ -23,7 +23,7 @@ from typing import Any
 
 import llmpress
 import llmpress.hub
-from llmpress.eval_harness import evaluate
+from llmpress.cli.eval_harness import evaluate
 
 
 def byte_tokenizer() -> Any:
@@ -52,7 +52,7 @@ def byte_tokenizer() -> Any:
 
 def demo_model(steps: int, workdir: Path) -> tuple[Any, Any, list[str], Path]:
     """(model, tokenizer, calibration texts, held-out text file) of the built-in small model."""
-    from llmpress.demo import DemoConfig, demo_corpus, train_demo_model
+    from llmpress.cli.demo import DemoConfig, demo_corpus, train_demo_model
 
     text = demo_corpus()
     split = int(len(text) * 0.9)

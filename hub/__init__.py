@@ -8,7 +8,7 @@ Public API (imported lazily; importing ``llmpress.hub`` loads nothing heavy)::
     url = llmpress.hub.push("out", "me/tiny-wanda").repo_url  # folder + README.md card, one commit
     model, tok = llmpress.hub.pull("me/tiny-wanda")
 
-Evaluation lives in core (:mod:`llmpress.eval_harness`); ``evaluate``, ``run_lm_eval``,
+Evaluation lives in core (:mod:`llmpress.cli.eval_harness`); ``evaluate``, ``run_lm_eval``,
 ``load_eval``, ``save_eval``, ``EvalRecord`` and ``EvalTaskError`` are re-exported here.
 """
 
@@ -44,11 +44,11 @@ _HOME = {
     "render_card": "llmpress.hub.card",
     "write_card": "llmpress.hub.card",
     "method_citations": "llmpress.hub.card",
-    "evaluate": "llmpress.eval_harness",
-    "run_lm_eval": "llmpress.eval_harness",
-    "load_eval": "llmpress.eval_harness",
-    "save_eval": "llmpress.eval_harness",
-    "EvalRecord": "llmpress.eval_harness",
+    "evaluate": "llmpress.cli.eval_harness",
+    "run_lm_eval": "llmpress.cli.eval_harness",
+    "load_eval": "llmpress.cli.eval_harness",
+    "save_eval": "llmpress.cli.eval_harness",
+    "EvalRecord": "llmpress.cli.eval_harness",
     "PublishError": "llmpress.hub.errors",
     "CardTemplateError": "llmpress.hub.errors",
     "EvalTaskError": "llmpress.errors",

@@ -37,11 +37,11 @@ from typing import Any
 
 import yaml
 
-from llmpress.eval_harness import EvalRecord
+from llmpress.cli.eval_harness import EvalRecord
+from llmpress.format.output import atomic_write
 from llmpress.hub.allocation import allocation_context
 from llmpress.hub.errors import CardTemplateError
 from llmpress.hub.folder import CARD_FILE, PLOT_FILE, FolderInfo, SizeStats, hub_size, local_size, read_folder
-from llmpress.output import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def _fmt_bytes(n: float) -> str:
 
 def _is_hub_id(name: str) -> bool:
     """A Hub id that is not also an existing local path."""
-    from llmpress.loading import is_hub_id
+    from llmpress.format.loading import is_hub_id
 
     return not Path(name).exists() and is_hub_id(name)
 
@@ -197,8 +197,14 @@ def _describe_stage(stage: dict[str, Any]) -> str:
         pattern = stage.get("pattern") or "unstructured"
         text = f"{name} pruning to {100 * float(stage['sparsity']):.0f} % {pattern} sparsity"
     elif method == "fp8":
-        scales = "one scale per tensor" if stage.get("weights") == "tensor" else "one scale per output channel"
-        how = "with one calibrated scale per layer (static)" if acts == "static" else "per token at run time (dynamic)"
+        scales = (
+            "one scale per tensor" if stage.get("weights") == "tensor" else "one scale per output channel"
+        )
+        how = (
+            "with one calibrated scale per layer (static)"
+            if acts == "static"
+            else "per token at run time (dynamic)"
+        )
         text = f"FP8 (E4M3) weights with {scales}; activations quantized to FP8 {how}"
     elif method == "smoothquant":
         text = (
@@ -210,7 +216,11 @@ def _describe_stage(stage: dict[str, Any]) -> str:
         group = "per output channel" if gs == -1 else f"group size {gs}" if gs else "default groups"
         text = f"{name} quantization to {stage['bits']} bits ({group})"
         if acts:
-            how = "with one calibrated scale per layer (static)" if acts == "int8-static" else "per token at run time (dynamic)"
+            how = (
+                "with one calibrated scale per layer (static)"
+                if acts == "int8-static"
+                else "per token at run time (dynamic)"
+            )
             text += f"; activations quantized to INT8 {how}"
     else:
         text = f"{name}"
@@ -255,7 +265,7 @@ def _auto_class(folder: Path) -> str:
     try:
         import transformers
 
-        from llmpress.loading import auto_class_for
+        from llmpress.format.loading import auto_class_for
 
         return auto_class_for(transformers.AutoConfig.from_pretrained(folder)).__name__
     except Exception as e:  # unknown architecture: the snippet falls back to the causal LM class
@@ -292,7 +302,7 @@ def _eval_results(records: Sequence[EvalRecord], task_type: str, model_name: str
     """``model-index`` entries of ``records``; a NaN/infinite value raises :class:`PublishError`."""
     from huggingface_hub import EvalResult
 
-    from llmpress.eval_harness import non_finite
+    from llmpress.cli.eval_harness import non_finite
     from llmpress.hub.errors import PublishError
 
     bad = non_finite(records)
@@ -406,7 +416,9 @@ def build_card_context(
         EvalRecord.from_dict(r) for r in (info.evaluation or {}).get("results", []) if isinstance(r, dict)
     ]
     searched = ((info.report or {}).get("allocation") or {}).get("searched_with") or {}
-    methods = [str(s.get("method")) for s in stages] + ([str(searched["method"])] if "method" in searched else [])
+    methods = [str(s.get("method")) for s in stages] + (
+        [str(searched["method"])] if "method" in searched else []
+    )
     citations, missing = method_citations(methods, pm)
 
     plot = None
@@ -444,8 +456,8 @@ def build_card_context(
     if any(s.get("activations") or s.get("method") == "fp8" for s in stages):
         summary += (
             " Weight-and-activation 8-bit formats suit high-throughput serving on recent GPUs, where FP8 is "
-            "practically lossless and tuned INT8 within a few percent (Kurtic et al., 2024, \"Give Me BF16 or "
-            "Give Me Death\"); for single-stream serving, 4-bit weight-only formats decode faster."
+            'practically lossless and tuned INT8 within a few percent (Kurtic et al., 2024, "Give Me BF16 or '
+            'Give Me Death"); for single-stream serving, 4-bit weight-only formats decode faster.'
         )
     if info.packed:
         summary += (
@@ -522,7 +534,9 @@ def build_card_context(
         "widths": widths,
         "widths_plot": widths_plot_file,
         "hidden_width": (
-            " to ".join(str(w) for w in structure["hidden"]) if len(structure.get("hidden") or []) == 2 else None
+            " to ".join(str(w) for w in structure["hidden"])
+            if len(structure.get("hidden") or []) == 2
+            else None
         ),
         "structure_removed": (
             f"{100 * float(structure['removed_fraction']):.1f} %" if "removed_fraction" in structure else None

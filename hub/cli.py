@@ -1,4 +1,4 @@
-"""Handler of ``llmpress push`` (wired into :mod:`llmpress.cli`).
+"""Handler of ``llmpress push`` (wired into :mod:`llmpress.cli.main`).
 
 Only argparse at import time; the Hub client, Jinja and matplotlib load when the command runs.
 """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from llmpress.errors import EvalTaskError, LlmpressError
 
-# EvalTaskError belongs to core's evaluation (llmpress.eval_harness); re-exported for hub users.
+# EvalTaskError belongs to core's evaluation (llmpress.cli.eval_harness); re-exported for hub users.
 __all__ = ["CardTemplateError", "EvalTaskError", "PublishError"]
 
 

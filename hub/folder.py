@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from llmpress.checkpoint import SAFETENSORS_DTYPES, TensorHeader, read_header
-from llmpress.eval_harness import EVAL_FILE
+from llmpress.cli.eval_harness import EVAL_FILE
+from llmpress.format.checkpoint import SAFETENSORS_DTYPES, TensorHeader, read_header
 
 log = logging.getLogger(__name__)
 

@@ -463,7 +463,7 @@ def pull(
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError
 
-    from llmpress.loading import load_model
+    from llmpress.format.loading import load_model
 
     _validate_repo_id(repo_id)
     try:
@@ -498,7 +498,7 @@ def attach_card(
     saved ``source`` folder, or ``report``/``tokenizer``) and publishes through :func:`push`:
     one commit with the llmpress card. Returns ``model``.
     """
-    from llmpress.save import RECIPE_FILE, REPORT_FILE
+    from llmpress.format.save import RECIPE_FILE, REPORT_FILE
 
     src = Path(source) if source is not None else None
     if src is not None and not (src / "config.json").is_file():

@@ -1,11 +1,11 @@
 """``drop_blocks``: remove whole blocks (or attention/MLP sub-blocks) chosen by the stage's
 ``allocation:`` (shortgpt by default, sleb, evopress). The core does the work
-(:mod:`llmpress.dropping`); this plugin registers the method."""
+(:mod:`llmpress.structure.dropping`); this plugin registers the method."""
 
 from __future__ import annotations
 
 from llmpress import hookimpl
-from llmpress.allocation import DropBlocksConfig
+from llmpress.allocation.problem import DropBlocksConfig
 
 
 @hookimpl

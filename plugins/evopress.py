@@ -22,10 +22,11 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
-from llmpress import distributed, hookimpl
-from llmpress.allocation import AllocationConfig, AllocationProblem, AllocationResult, moves_from
+from llmpress import hookimpl
+from llmpress.allocation.problem import AllocationConfig, AllocationProblem, AllocationResult, moves_from
+from llmpress.engine import distributed
 from llmpress.errors import AllocationError, RecipeError
-from llmpress.output import atomic_write
+from llmpress.format.output import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import dataclasses
 from typing import ClassVar
 
 from llmpress import hookimpl
-from llmpress.allocation import AllocationConfig, AllocationProblem, AllocationResult
+from llmpress.allocation.problem import AllocationConfig, AllocationProblem, AllocationResult
 from llmpress.errors import RecipeError
 
 

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from llmpress import hookimpl
-from llmpress.formats import ModuleFormat
+from llmpress.format.formats import ModuleFormat
+from llmpress.format.runtime import LlmpressLinear
 from llmpress.kernels.registry import Kernel
-from llmpress.runtime import LlmpressLinear
 
 #: below this many rows the dense weight is used (semi-structured kernels need large tiles)
 MIN_ROWS = 64

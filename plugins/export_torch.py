@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from llmpress import hookimpl
-from llmpress.formats import ModuleFormat
+from llmpress.format.formats import ModuleFormat
+from llmpress.format.runtime import LlmpressLinear
 from llmpress.kernels.registry import Kernel
-from llmpress.runtime import LlmpressLinear
 
 logger = logging.getLogger(__name__)
 

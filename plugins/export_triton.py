@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 
 from llmpress import hookimpl
-from llmpress.formats import ModuleFormat, int_codes
+from llmpress.format.formats import ModuleFormat, int_codes
+from llmpress.format.runtime import LlmpressLinear
 from llmpress.kernels import triton_int
 from llmpress.kernels.registry import Kernel
-from llmpress.runtime import LlmpressLinear
 
 
 def kernel_bits(bits: int) -> int:

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from llmpress import hookimpl
-from llmpress.formats import ModuleFormat, int_codes
+from llmpress.format.formats import ModuleFormat, int_codes
+from llmpress.format.runtime import LlmpressLinear
 from llmpress.kernels.registry import Kernel
 from llmpress.quant.activations import quantize
-from llmpress.runtime import LlmpressLinear
 
 
 def _input_scale(module: LlmpressLinear) -> torch.Tensor | None:

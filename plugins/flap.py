@@ -12,10 +12,11 @@ import dataclasses
 from typing import Any, ClassVar
 
 from llmpress import hookimpl
-from llmpress.blocks import BlockContext
 from llmpress.errors import ModelError
-from llmpress.modules import get_weight
-from llmpress.structured import (
+from llmpress.model.modules import get_weight
+from llmpress.model.structures import BlockStructures
+from llmpress.structure.blocks import BlockContext
+from llmpress.structure.structured import (
     StructuredConfig,
     StructureScores,
     hidden_readers,
@@ -23,7 +24,6 @@ from llmpress.structured import (
     score_block,
     wants_hidden,
 )
-from llmpress.structures import BlockStructures
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from llmpress import hookimpl
-from llmpress.config import MethodConfig
+from llmpress.engine.stats import LayerStats
 from llmpress.errors import RecipeError
-from llmpress.modules import get_weight
+from llmpress.model.modules import get_weight
+from llmpress.model.results import LayerResult, QuantState
 from llmpress.quant.activations import fp8_weight
-from llmpress.results import LayerResult, QuantState
-from llmpress.stats import LayerStats
+from llmpress.recipe.config import MethodConfig
 
 
 @dataclasses.dataclass(frozen=True)

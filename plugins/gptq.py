@@ -18,14 +18,14 @@ import torch
 from torch import nn
 
 from llmpress import hookimpl
-from llmpress.config import OBSConfig, QuantConfig
+from llmpress.engine.stats import LayerStats
 from llmpress.kernels.gptq_block import HAVE_TRITON, gptq_block_triton
-from llmpress.linalg import cached_inverse_cholesky
-from llmpress.modules import get_weight
-from llmpress.obs import obs_loss, obs_sweep
+from llmpress.math.linalg import cached_inverse_cholesky
+from llmpress.math.obs import obs_loss, obs_sweep
+from llmpress.model.modules import get_weight
+from llmpress.model.results import LayerResult, QuantState
 from llmpress.quant.grid import QuantSpec, compute_qparams, group_qparams
-from llmpress.results import LayerResult, QuantState
-from llmpress.stats import LayerStats
+from llmpress.recipe.config import OBSConfig, QuantConfig
 
 
 @dataclasses.dataclass(frozen=True)

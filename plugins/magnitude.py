@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from llmpress import hookimpl
-from llmpress.config import PruningConfig
+from llmpress.engine.stats import LayerStats
 from llmpress.errors import RecipeError
-from llmpress.modules import get_weight
-from llmpress.stats import LayerStats
-from llmpress.targets import SparsityTarget
+from llmpress.math.targets import SparsityTarget
+from llmpress.model.modules import get_weight
+from llmpress.recipe.config import PruningConfig
 
 
 @dataclasses.dataclass(frozen=True)

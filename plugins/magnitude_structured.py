@@ -9,9 +9,11 @@ from typing import Any, ClassVar
 import torch
 
 from llmpress import hookimpl
-from llmpress.blocks import BlockContext
-from llmpress.modules import get_weight
-from llmpress.structured import (
+from llmpress.math.structured_math import group_sum
+from llmpress.model.modules import get_weight
+from llmpress.model.structures import BlockStructures
+from llmpress.structure.blocks import BlockContext
+from llmpress.structure.structured import (
     StructuredConfig,
     StructureScores,
     hidden_importance,
@@ -19,8 +21,6 @@ from llmpress.structured import (
     score_block,
     wants_hidden,
 )
-from llmpress.structured_math import group_sum
-from llmpress.structures import BlockStructures
 
 
 @dataclasses.dataclass(frozen=True)

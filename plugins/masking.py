@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from llmpress import hookimpl
-from llmpress.config import MethodConfig
-from llmpress.masks import select_mask
-from llmpress.results import LayerResult
-from llmpress.stats import LayerStats
-from llmpress.targets import SparsityTarget
+from llmpress.engine.stats import LayerStats
+from llmpress.math.masks import select_mask
+from llmpress.math.targets import SparsityTarget
+from llmpress.model.results import LayerResult
+from llmpress.recipe.config import MethodConfig
 
 
 @hookimpl(trylast=True)

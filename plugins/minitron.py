@@ -11,11 +11,17 @@ import dataclasses
 from typing import Any, ClassVar
 
 from llmpress import hookimpl
-from llmpress.blocks import BlockContext
 from llmpress.errors import ModelError
-from llmpress.structured import StructuredConfig, StructureScores, prune_block, score_block, wants_hidden
-from llmpress.structured_math import group_sum
-from llmpress.structures import BlockStructures
+from llmpress.math.structured_math import group_sum
+from llmpress.model.structures import BlockStructures
+from llmpress.structure.blocks import BlockContext
+from llmpress.structure.structured import (
+    StructuredConfig,
+    StructureScores,
+    prune_block,
+    score_block,
+    wants_hidden,
+)
 
 
 @dataclasses.dataclass(frozen=True)

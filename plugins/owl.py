@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 
 from llmpress import hookimpl
-from llmpress.allocation import AllocationConfig, AllocationProblem, AllocationResult
+from llmpress.allocation.problem import AllocationConfig, AllocationProblem, AllocationResult
 from llmpress.errors import AllocationError, RecipeError
 
 

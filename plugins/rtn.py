@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from llmpress import hookimpl
-from llmpress.config import QuantConfig
-from llmpress.modules import get_weight
+from llmpress.engine.stats import LayerStats
+from llmpress.model.modules import get_weight
+from llmpress.model.results import LayerResult, QuantState
 from llmpress.quant.grid import quantize_weight
-from llmpress.results import LayerResult, QuantState
-from llmpress.stats import LayerStats
+from llmpress.recipe.config import QuantConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from llmpress import hookimpl
-from llmpress.allocation import AllocationConfig, AllocationProblem, AllocationResult
+from llmpress.allocation.problem import AllocationConfig, AllocationProblem, AllocationResult
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import ClassVar
 from tqdm.auto import tqdm
 
 from llmpress import hookimpl
-from llmpress.allocation import AllocationConfig, AllocationProblem, AllocationResult
+from llmpress.allocation.problem import AllocationConfig, AllocationProblem, AllocationResult
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,11 +8,11 @@ import logging
 from typing import ClassVar
 
 from llmpress import hookimpl
-from llmpress.blocks import BlockContext, ScaleChannels
-from llmpress.config import MethodConfig
 from llmpress.errors import ModelError, RecipeError
-from llmpress.modules import get_weight
+from llmpress.model.modules import get_weight
 from llmpress.quant.smoothing import smooth_scales, smoothing_pairs
+from llmpress.recipe.config import MethodConfig
+from llmpress.structure.blocks import BlockContext, ScaleChannels
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from llmpress import hookimpl
-from llmpress.config import OBSConfig, PruningConfig
-from llmpress.linalg import cached_inverse_cholesky
-from llmpress.modules import get_weight
-from llmpress.obs import obs_sweep
-from llmpress.results import LayerResult
-from llmpress.stats import LayerStats
+from llmpress.engine.stats import LayerStats
+from llmpress.math.linalg import cached_inverse_cholesky
+from llmpress.math.obs import obs_sweep
+from llmpress.model.modules import get_weight
+from llmpress.model.results import LayerResult
+from llmpress.recipe.config import OBSConfig, PruningConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,7 @@ def sparsegpt_prune(
     blocksize: int = 128,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Prune ``weight`` [out, in] given ``U``, the upper Cholesky factor of the damped inverse
-    input Hessian (:func:`llmpress.linalg.inverse_cholesky_upper`); returns ``(W', keep, loss)``
+    input Hessian (:func:`llmpress.math.linalg.inverse_cholesky_upper`); returns ``(W', keep, loss)``
     with the reference code's loss ``sum(w^2 / U_jj^2) / 2`` over pruned weights.
 
     Unstructured: exactly ``round(sparsity * out * in)`` weights are pruned (each block

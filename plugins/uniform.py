@@ -6,7 +6,7 @@ import dataclasses
 from typing import ClassVar
 
 from llmpress import hookimpl
-from llmpress.allocation import AllocationConfig, AllocationProblem, AllocationResult
+from llmpress.allocation.problem import AllocationConfig, AllocationProblem, AllocationResult
 
 
 @dataclasses.dataclass(frozen=True)

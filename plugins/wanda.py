@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from llmpress import hookimpl
-from llmpress.config import PruningConfig
-from llmpress.modules import get_weight
-from llmpress.stats import LayerStats
+from llmpress.engine.stats import LayerStats
+from llmpress.model.modules import get_weight
+from llmpress.recipe.config import PruningConfig
 
 
 @dataclasses.dataclass(frozen=True)

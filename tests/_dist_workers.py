@@ -36,8 +36,8 @@ def worker(
 
 def stats(rank: int, x: torch.Tensor, out: Path) -> None:
     """Each rank accumulates its rows of ``x``; the reduced statistics go to ``out`` (rank 0)."""
-    from llmpress import distributed
-    from llmpress.stats import LayerStats
+    from llmpress.engine import distributed
+    from llmpress.engine.stats import LayerStats
 
     needs = {"hessian", "mean_var", "absmax", "token_norms"}
     s = LayerStats(x.shape[-1], torch.device("cpu"), needs)

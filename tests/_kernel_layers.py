@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from llmpress.formats import ModuleFormat, pack_module
-from llmpress.results import LayerResult, QuantState
-from llmpress.runtime import LlmpressLinear
+from llmpress.format.formats import ModuleFormat, pack_module
+from llmpress.format.runtime import LlmpressLinear
+from llmpress.model.results import LayerResult, QuantState
 
 
 def int_layer(

@@ -151,6 +151,6 @@ def save_model_dir(path: Path, model: nn.Module, tokenizer: Any) -> Path:
 
 def quantized(model: nn.Module) -> dict:
     """The committed quantization state of each quantized layer of ``model``."""
-    from llmpress.results import compression_state
+    from llmpress.model.results import compression_state
 
     return compression_state(model).quantized

@@ -14,17 +14,17 @@ from models import DATA_DIR, calib_ids, tiny_llama, weight_of
 from transformers import AutoModelForCausalLM
 
 import llmpress
-from llmpress.allocation import AllocationProblem, moves_from
-from llmpress.cli import main
+from llmpress.allocation.level_sets import bit_levels, drop_levels, sparsity_levels
+from llmpress.allocation.problem import AllocationProblem, moves_from
+from llmpress.cli.main import main
+from llmpress.engine.stats import StatsCollector
 from llmpress.errors import AllocationError, RecipeError
-from llmpress.level_sets import bit_levels, drop_levels, sparsity_levels
-from llmpress.linalg import inverse_cholesky_upper
+from llmpress.format.save import save_result, to_runtime
+from llmpress.math.linalg import inverse_cholesky_upper
 from llmpress.plugins.evopress import EvoPressConfig, evolve, mutate
 from llmpress.plugins.gptq import GPTQConfig, gptq_quantize
 from llmpress.plugins.owl import nearest_levels, outlier_ratio, owl_sparsities
 from llmpress.plugins.sparsegpt import sparsegpt_prune
-from llmpress.save import save_result, to_runtime
-from llmpress.stats import StatsCollector
 
 IDS = calib_ids(4, 32)
 FAST = {"sparsity_step": 0.1, "sparsity_span": 0.2}

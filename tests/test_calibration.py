@@ -10,7 +10,7 @@ import torch
 from models import DATA_DIR, calib_ids, tiny_llama
 
 import llmpress
-from llmpress.calibration import build_calibration, read_documents, sample_windows, tokenize_documents
+from llmpress.engine.calibration import build_calibration, read_documents, sample_windows, tokenize_documents
 from llmpress.errors import CalibrationError
 
 CALIB_TXT = DATA_DIR / "calib.txt"
@@ -176,7 +176,7 @@ def test_documents_joined_by_eos(tokenizer) -> None:
 
 
 def test_tokenizer_without_eos() -> None:
-    from llmpress.demo import byte_tokenizer
+    from llmpress.cli.demo import byte_tokenizer
 
     tok = byte_tokenizer()
     assert tok.eos_token_id is None

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 import llmpress
 from llmpress.errors import LlmpressError
-from llmpress.save import save_quantized
+from llmpress.format.save import save_quantized
 
 PROBE = calib_ids(1, 12, seed=3)
 N_CASES = 200

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 import transformers
 from models import DATA_DIR, LLAMA, is_nm_sparse, save_model_dir, tiny_bert, tiny_llama, weight_of
 
-from llmpress.cli import main
-from llmpress.save import REPORT_FILE
+from llmpress.cli.main import main
+from llmpress.format.save import REPORT_FILE
 
 CALIB = DATA_DIR / "calib.txt"
 EVAL = DATA_DIR / "eval.txt"
@@ -312,7 +312,7 @@ def test_eval_baseline_recovery_is_cached_and_carded(
     assert res["recovery"][key] == pytest.approx(100 * base / res["perplexity"], rel=1e-6)
     assert (out / "llmpress_eval_baseline.json").is_file()
     # the second run reuses the cached base results: the base model is not loaded again
-    import llmpress.loading as loading
+    import llmpress.format.loading as loading
 
     real = loading.load_model
     loaded = []

@@ -11,7 +11,7 @@ import pytest
 import transformers
 from models import DATA_DIR, tiny_llama
 
-from llmpress.cli import main
+from llmpress.cli.main import main
 
 CALIB = DATA_DIR / "calib.txt"
 EVAL = DATA_DIR / "eval.txt"

@@ -24,13 +24,13 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import llmpress
-from llmpress.cli import main
-from llmpress.compressed_tensors import compressed_tensors_config, save_compressed_tensors
+from llmpress.cli.main import main
 from llmpress.errors import LlmpressError
-from llmpress.loading import load_model
+from llmpress.format.compressed_tensors import compressed_tensors_config, save_compressed_tensors
+from llmpress.format.loading import load_model
+from llmpress.format.runtime import select_kernels
+from llmpress.format.save import save_quantized, save_result
 from llmpress.quant.packing import unpack_int32
-from llmpress.runtime import select_kernels
-from llmpress.save import save_quantized, save_result
 
 pytest.importorskip("compressed_tensors")
 

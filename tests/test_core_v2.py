@@ -15,17 +15,17 @@ from transformers import AutoModelForCausalLM
 
 import llmpress
 from llmpress import hookimpl
-from llmpress.blocks import ChannelGroup, DroppedModule, DropSubBlocks, PruneChannels, ScaleChannels
-from llmpress.cli import main
-from llmpress.config import MethodConfig, PruningConfig
-from llmpress.gradients import collect_gradients
-from llmpress.linalg import inverse_cholesky_upper
+from llmpress.cli.main import main
+from llmpress.engine.gradients import collect_gradients
+from llmpress.engine.stats import LayerStats, StatsCollector
+from llmpress.format.save import save_compressed
+from llmpress.math.linalg import inverse_cholesky_upper
+from llmpress.model.results import compression_state
 from llmpress.plugin_manager import get_plugin_manager, make_plugin_manager
 from llmpress.plugins.gptq import GPTQConfig, gptq_quantize
 from llmpress.plugins.sparsegpt import sparsegpt_prune
-from llmpress.results import compression_state
-from llmpress.save import save_compressed
-from llmpress.stats import LayerStats, StatsCollector
+from llmpress.recipe.config import MethodConfig, PruningConfig
+from llmpress.structure.blocks import ChannelGroup, DroppedModule, DropSubBlocks, PruneChannels, ScaleChannels
 
 PROBE = calib_ids(2, 16, seed=7)
 
@@ -307,7 +307,7 @@ def test_a_gradient_based_method_gets_each_layers_own_gradient() -> None:
     )
     w0 = weight_of(tiny_llama().model.layers[0].self_attn.k_proj)
     score = (w0 * grads["model.layers.0.self_attn.k_proj"]).abs()
-    expect = llmpress.masks.select_mask(score, TaylorConfig(sparsity=0.5).sparsity_target())
+    expect = llmpress.math.masks.select_mask(score, TaylorConfig(sparsity=0.5).sparsity_target())
     assert torch.equal(weight_of(model.model.layers[0].self_attn.k_proj) != 0, expect)
     assert abs(report.overall_sparsity - 0.5) < 1e-9
 
@@ -321,7 +321,7 @@ def test_statistics_reduce_across_processes_with_their_merge_rule(tmp_path: Path
     script = textwrap.dedent(
         f"""
         import sys, torch, torch.distributed as dist
-        from llmpress.stats import LayerStats
+        from llmpress.engine.stats import LayerStats
         rank = int(sys.argv[1])
         dist.init_process_group("gloo", init_method="file://{tmp_path}/pg", rank=rank, world_size=2)
         g = torch.Generator().manual_seed(0)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmpress import demo
-from llmpress.cli import main
-from llmpress.demo import DemoConfig, DemoResult, demo_cases, format_table, orderings, run_demo
+from llmpress.cli import demo
+from llmpress.cli.demo import DemoConfig, DemoResult, demo_cases, format_table, orderings, run_demo
+from llmpress.cli.main import main
 
 #: a demo small enough for a test: the same steps, a smaller model, fewer tokens
 SMALL = DemoConfig(hidden_size=64, intermediate_size=128, steps=20, nsamples=8, eval_tokens=2048)

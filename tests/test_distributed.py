@@ -18,7 +18,7 @@ from _dist_workers import worker
 from models import DATA_DIR, tiny_llama
 
 import llmpress
-from llmpress.stats import LayerStats
+from llmpress.engine.stats import LayerStats
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed gloo is unavailable"
@@ -89,7 +89,7 @@ def test_torchrun_cli_two_processes(tiny_model_dir: Path, tmp_path: Path) -> Non
     weights match a 1-process run; the report and the model card record the 2 processes."""
     from safetensors.torch import load_file
 
-    from llmpress.cli import main
+    from llmpress.cli.main import main
     from llmpress.hub.card import build_card
 
     recipe = tmp_path / "r.yaml"
@@ -153,8 +153,8 @@ def test_offloaded_model_compresses_like_in_memory(
     from accelerate import cpu_offload, disk_offload
     from safetensors.torch import load_file
 
-    from llmpress.offload import module_tensors
-    from llmpress.save import save_compressed
+    from llmpress.format.save import save_compressed
+    from llmpress.model.offload import module_tensors
 
     ref = _in_memory()
     model = tiny_llama(seed=0)
@@ -171,7 +171,7 @@ def test_offloaded_model_compresses_like_in_memory(
         assert torch.equal(got[k], v), k
     with torch.no_grad():
         torch.testing.assert_close(model(_ids(2)).logits, ref(_ids(2)).logits)
-    monkeypatch.setattr("llmpress.shards.MAX_SHARD_BYTES", 20_000)  # several shards and an index
+    monkeypatch.setattr("llmpress.format.shards.MAX_SHARD_BYTES", 20_000)  # several shards and an index
     save_compressed(model, tmp_path / "a", dtype=torch.float16)
     save_compressed(ref, tmp_path / "b", dtype=torch.float16)
     index = json.loads((tmp_path / "a" / "model.safetensors.index.json").read_text())
@@ -183,7 +183,7 @@ def test_offloaded_model_compresses_like_in_memory(
 
 
 def test_solves_spread_by_cost() -> None:
-    from llmpress.distributed import assign
+    from llmpress.engine.distributed import assign
 
     assert assign([4.0, 1.0, 1.0, 1.0, 1.0], 2) == [0, 1, 1, 1, 1]
     assert assign([1.0, 1.0, 1.0], 1) == [0, 0, 0]
@@ -192,7 +192,7 @@ def test_solves_spread_by_cost() -> None:
 def test_max_gpu_memory_user_errors(
     tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from llmpress.cli import main
+    from llmpress.cli.main import main
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("stages:\n  - method: magnitude\n    sparsity: 0.5\n", encoding="utf-8")
@@ -207,7 +207,7 @@ def test_max_gpu_memory_user_errors(
 def test_memory_plan_of_an_8b_model() -> None:
     from transformers import LlamaConfig
 
-    from llmpress.budget import parse_memory, plan_memory
+    from llmpress.cli.budget import parse_memory, plan_memory
     from llmpress.errors import LlmpressError
 
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, vocab_size=128256)
@@ -251,7 +251,7 @@ def test_offloaded_statistics_of_every_expert() -> None:
 def test_a_many_expert_model_plans_its_statistics_on_the_cpu() -> None:
     from transformers import LlamaConfig, MixtralConfig
 
-    from llmpress.budget import parse_memory, plan_memory
+    from llmpress.cli.budget import parse_memory, plan_memory
 
     moe = MixtralConfig(hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_hidden_layers=32)
     plan = plan_memory(moe, parse_memory("16GiB"), nsamples=128, seqlen=2048, param_bytes=2)

@@ -13,9 +13,9 @@ import transformers
 from models import DATA_DIR, calib_ids, save_model_dir, tiny_llama
 
 import llmpress
-from llmpress.cli import main
+from llmpress.cli.eval_harness import EVAL_FILE, EvalRecord, load_eval, run_lm_eval, save_eval
+from llmpress.cli.main import main
 from llmpress.errors import EvalTaskError
-from llmpress.eval_harness import EVAL_FILE, EvalRecord, load_eval, run_lm_eval, save_eval
 from llmpress.hub import build_card
 
 pytest.importorskip("lm_eval")
@@ -152,13 +152,13 @@ def test_evaluation_lives_in_core_and_hub_reexports_it() -> None:
     import subprocess
     import sys
 
-    import llmpress.eval_harness as harness
+    import llmpress.cli.eval_harness as harness
     import llmpress.hub
 
     assert llmpress.hub.EvalTaskError is EvalTaskError and llmpress.hub.EvalRecord is harness.EvalRecord
     assert (llmpress.hub.evaluate, llmpress.hub.load_eval) == (harness.evaluate, harness.load_eval)
     code = (
-        "import sys, llmpress, llmpress.cli, llmpress.eval_harness\n"
+        "import sys, llmpress, llmpress.cli.main, llmpress.cli.eval_harness\n"
         "assert not [m for m in sys.modules if m.startswith('llmpress.hub')], sorted(sys.modules)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

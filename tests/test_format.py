@@ -31,9 +31,9 @@ from models import is_nm_sparse
 from transformers import AutoModelForCausalLM
 
 import llmpress
-from llmpress.cli import main
+from llmpress.cli.main import main
 from llmpress.errors import CheckpointError
-from llmpress.formats import (
+from llmpress.format.formats import (
     FORMAT_VERSION,
     PACKED_FORMATS,
     ModuleFormat,
@@ -41,11 +41,11 @@ from llmpress.formats import (
     pack_module,
     unpack_module,
 )
+from llmpress.format.runtime import LlmpressLinear
+from llmpress.format.save import save_compressed, save_quantized, to_runtime
+from llmpress.model.results import LayerResult, QuantState
 from llmpress.quant.activations import fp8_weight
 from llmpress.quant.grid import dequantize_weight
-from llmpress.results import LayerResult, QuantState
-from llmpress.runtime import LlmpressLinear
-from llmpress.save import save_compressed, save_quantized, to_runtime
 
 # ------------------------------------------------------------------------------ pack / unpack
 
@@ -106,7 +106,13 @@ def test_pack_unpack_module_roundtrip(case: dict) -> None:
     elif kind == "fp8":
         w8, scale = fp8_weight(torch.randn(o, i, generator=g))
         quant = QuantState(
-            w8.view(torch.uint8), scale, torch.zeros_like(scale), bits=8, group_size=-1, symmetric=True, kind="fp8"
+            w8.view(torch.uint8),
+            scale,
+            torch.zeros_like(scale),
+            bits=8,
+            group_size=-1,
+            symmetric=True,
+            kind="fp8",
         )
         weight = quant.dequantize()
         fmt = ModuleFormat(kind, i, o, dtype=dt)

@@ -18,7 +18,7 @@ SCRIPT = textwrap.dedent(
     """
     import torch
     from llmpress.kernels.gptq_block import gptq_block_torch, gptq_block_triton
-    from llmpress.linalg import inverse_cholesky_upper
+    from llmpress.math.linalg import inverse_cholesky_upper
     from llmpress.plugins.gptq import GPTQConfig, gptq_quantize
     torch.manual_seed(0)
     # one block: identical codes and errors

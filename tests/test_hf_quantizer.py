@@ -19,11 +19,11 @@ from transformers.quantizers import auto as hf_auto
 
 import llmpress
 from llmpress.errors import CheckpointError
-from llmpress.formats import FORMAT_VERSION
-from llmpress.hf_quantizer import LlmpressConfig, LlmpressHfQuantizer, register, verify_safetensors
+from llmpress.format.formats import FORMAT_VERSION
+from llmpress.format.hf_quantizer import LlmpressConfig, LlmpressHfQuantizer, register, verify_safetensors
+from llmpress.format.runtime import LlmpressLinear, select_kernels
+from llmpress.format.save import save_quantized, to_runtime
 from llmpress.kernels import cpu_int
-from llmpress.runtime import LlmpressLinear, select_kernels
-from llmpress.save import save_quantized, to_runtime
 
 Q_PROJ = "model.layers.0.self_attn.q_proj"
 

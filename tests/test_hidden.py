@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM
 
 import llmpress
 from llmpress.errors import ModelError
-from llmpress.hidden import PruneHidden, hidden_coupling, prune_hidden
-from llmpress.modules import find_blocks
-from llmpress.save import save_compressed
+from llmpress.format.save import save_compressed
+from llmpress.model.modules import find_blocks
+from llmpress.structure.hidden import PruneHidden, hidden_coupling, prune_hidden
 
 PROBE = calib_ids(2, 16, seed=7)
 METHODS = ["magnitude_structured", "flap", "minitron", "llm_pruner"]
@@ -169,7 +169,7 @@ def test_hidden_then_gptq_keeps_group_multiples_and_reloads(tmp_path: Path) -> N
     assert model.config.hidden_size % 8 == 0 and model.config.hidden_size < 32
     llmpress.save_result(model, tmp_path / "m", report=report)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
-    expect = _logits(llmpress.save.to_runtime(model))
+    expect = _logits(llmpress.format.save.to_runtime(model))
     assert torch.allclose(_logits(loaded).float(), expect.float(), atol=1e-3)
 
 

@@ -21,12 +21,12 @@ from localhub import LocalHubServer
 from models import DATA_DIR, calib_ids, tiny_llama
 
 import llmpress
-from llmpress.cli import main
-from llmpress.eval_harness import EvalRecord, evaluate, load_eval, save_eval
+from llmpress.cli.eval_harness import EvalRecord, evaluate, load_eval, save_eval
+from llmpress.cli.main import main
+from llmpress.format.save import save_result, to_runtime
 from llmpress.hub import CardTemplateError, PublishError, attach_card, build_card, pull, push
 from llmpress.hub.folder import PLOT_FILE, read_folder
 from llmpress.plugin_manager import get_plugin_manager
-from llmpress.save import save_result, to_runtime
 
 EVAL = DATA_DIR / "eval.txt"
 RECIPE = {"stages": [{"method": "wanda", "sparsity": 0.5}]}

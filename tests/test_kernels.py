@@ -10,10 +10,10 @@ import pytest
 import torch
 from _kernel_layers import int_layer
 
-from llmpress.formats import ModuleFormat
+from llmpress.format.formats import ModuleFormat
+from llmpress.format.runtime import LlmpressLinear
 from llmpress.kernels import cpu_int
 from llmpress.kernels.registry import choose_kernel, offered_kernels
-from llmpress.runtime import LlmpressLinear
 
 CPU = torch.device("cpu")
 needs_cpu_kernels = pytest.mark.skipif(not cpu_int.available(), reason="torch has no CPU int kernels")
@@ -118,7 +118,9 @@ def test_dense_kernel_decodes_once(monkeypatch: pytest.MonkeyPatch) -> None:
     module.set_kernel("dense")
     calls = []
     real = LlmpressLinear.dequantized_weight
-    monkeypatch.setattr(LlmpressLinear, "dequantized_weight", lambda self, d=None: calls.append(d) or real(self, d))
+    monkeypatch.setattr(
+        LlmpressLinear, "dequantized_weight", lambda self, d=None: calls.append(d) or real(self, d)
+    )
     for _ in range(3):
         module(torch.randn(1, 64, dtype=torch.float16))
     assert calls == []  # decoded at load in the stored dtype

@@ -30,11 +30,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import llmpress
-from llmpress.cli import main
+from llmpress.cli.main import main
 from llmpress.errors import ModelError
-from llmpress.loading import load_model
-from llmpress.runtime import LlmpressLinear
-from llmpress.save import save_compressed, save_result, to_runtime
+from llmpress.format.loading import load_model
+from llmpress.format.runtime import LlmpressLinear
+from llmpress.format.save import save_compressed, save_result, to_runtime
 
 PROBE = calib_ids(2, 16, seed=7)
 CALIB = calib_ids(4, 16)
@@ -226,7 +226,7 @@ def test_a_loaded_packed_model_saved_in_another_dtype_keeps_its_packed_tensors(
 def flap_fp16_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> tuple[Path, float]:
     """The issue's case: FLAP with global widths, saved in fp16 with a tokenizer; and the
     in-memory model's perplexity on the eval text (fp32, windows of 32)."""
-    from llmpress.evaluate import perplexity
+    from llmpress.cli.evaluate import perplexity
 
     model, report = llmpress.compress(
         tiny_llama(vocab=256), {"stages": [{"method": "flap", "ratio": 0.35}]}, CALIB, progress=False

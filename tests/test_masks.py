@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 from models import is_nm_sparse
 
 from llmpress.errors import ModelError, RecipeError
-from llmpress.masks import check_nm_divides, nm_mask, select_mask, unstructured_mask
+from llmpress.math.masks import check_nm_divides, nm_mask, select_mask, unstructured_mask
+from llmpress.math.targets import SparsityTarget, parse_pattern
 from llmpress.plugins import masking
 from llmpress.plugins.wanda import WandaConfig
-from llmpress.targets import SparsityTarget, parse_pattern
 
 SETTINGS = settings(max_examples=40, deadline=None, database=None)
 

@@ -16,10 +16,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import llmpress
-from llmpress import moe_stats
+from llmpress.engine import moe_stats
 from llmpress.errors import LlmpressError, RecipeError
-from llmpress.modules import select_targets
-from llmpress.moe import (
+from llmpress.format.runtime import LlmpressLinear
+from llmpress.format.save import save_compressed, save_quantized, to_runtime
+from llmpress.model.modules import select_targets
+from llmpress.model.moe import (
     ExpertsLayout,
     UnfusedExperts,
     detect_layout,
@@ -27,11 +29,9 @@ from llmpress.moe import (
     refuse_experts,
     unfuse_experts,
 )
-from llmpress.moe_model import unfuse_model, unfused_experts
-from llmpress.recipe import Recipe
-from llmpress.results import compression_state
-from llmpress.runtime import LlmpressLinear
-from llmpress.save import save_compressed, save_quantized, to_runtime
+from llmpress.model.moe_model import unfuse_model, unfused_experts
+from llmpress.model.results import compression_state
+from llmpress.recipe.recipes import Recipe
 
 PROBE = calib_ids(2, 16, seed=7)
 CALIB = calib_ids(8, 32)
@@ -142,7 +142,7 @@ def test_a_layout_with_other_semantics_stays_fused(caplog: pytest.LogCaptureFixt
     holder.experts = _OddExperts()
     with pytest.raises(ModelError, match="do not reproduce its forward"):
         unfuse_experts(holder.experts)
-    with caplog.at_level(logging.WARNING, logger="llmpress.moe_model"):
+    with caplog.at_level(logging.WARNING, logger="llmpress.model.moe_model"):
         assert unfuse_model(holder) == []
     assert isinstance(holder.experts, _OddExperts) and "stay fused" in caplog.text
 
@@ -279,7 +279,7 @@ def test_already_unfused_experts_just_work() -> None:
 
 
 def test_compressed_tensors_refuses_experts(tmp_path: Path) -> None:
-    from llmpress.compressed_tensors import save_compressed_tensors
+    from llmpress.format.compressed_tensors import save_compressed_tensors
 
     model, report = llmpress.compress(tiny_mixtral(), {**GPTQ, "symmetric": True}, CALIB, progress=False)
     with pytest.raises(LlmpressError, match=r"mixture-of-experts expert projections.*--format llmpress"):
@@ -326,7 +326,7 @@ def test_expert_without_tokens_gets_all_token_statistics(
     monkeypatch.setattr(moe_stats, "_all_token_stats", spy)
     model = _starved_mixtral()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with caplog.at_level(logging.INFO, logger="llmpress.moe_stats"):
+    with caplog.at_level(logging.INFO, logger="llmpress.engine.moe_stats"):
         model, report = llmpress.compress(
             model, {"stages": [stage], "moe_min_tokens": 1}, CALIB, progress=False
         )
@@ -401,7 +401,7 @@ def _cli_args(model_dir: Path, recipe: Path, out: Path, *extra: str) -> list[str
 
 
 def test_cli_compresses_and_saves_an_moe_model(mixtral_dir: Path, tmp_path: Path) -> None:
-    from llmpress.cli import main
+    from llmpress.cli.main import main
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("stages:\n  - method: gptq\n    bits: 4\n    group_size: 32\nmoe_min_tokens: 32\n")
@@ -417,7 +417,7 @@ def test_cli_compresses_and_saves_an_moe_model(mixtral_dir: Path, tmp_path: Path
 def test_cli_refuses_compressed_tensors_experts_before_work(
     mixtral_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from llmpress.cli import main
+    from llmpress.cli.main import main
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("stages:\n  - method: gptq\n    bits: 4\n    group_size: 32\n    symmetric: true\n")

@@ -17,9 +17,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import llmpress
-from llmpress.moe_model import unfused_experts
-from llmpress.save import save_compressed
-from llmpress.structured_math import Units, allocate_uniform
+from llmpress.format.save import save_compressed
+from llmpress.math.structured_math import Units, allocate_uniform
+from llmpress.model.moe_model import unfused_experts
 
 PROBE = calib_ids(2, 16, seed=7)
 CALIB = calib_ids(8, 32)
@@ -120,7 +120,7 @@ def test_cli_prunes_every_expert(mixtral_dir: Path, tmp_path: Path, method: str,
     (before: only ``experts.3`` at 0.1, and 0.2 refused as one expert's share of the block)."""
     from models import DATA_DIR
 
-    from llmpress.cli import main
+    from llmpress.cli.main import main
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"stages:\n  - method: {method}\n    ratio: {ratio}\n    structures: [neurons]\n")

@@ -18,14 +18,14 @@ from _quant_models import (
 )
 from transformers import AutoModelForCausalLM
 
-from llmpress.runtime import LlmpressLinear
-from llmpress.save import to_runtime
+from llmpress.format.runtime import LlmpressLinear
+from llmpress.format.save import to_runtime
 
 pytest.importorskip("optimum")
 
 from optimum.quantization_base import OptimumQuantizer  # noqa: E402
 
-from llmpress.optimum import LlmpressQuantizer  # noqa: E402 - needs optimum
+from llmpress.cli.optimum import LlmpressQuantizer  # noqa: E402 - needs optimum
 
 RECIPE = {"stages": [{"method": "gptq", "bits": 4, "group_size": 32}]}
 

@@ -22,12 +22,12 @@ from models import LLAMA, calib_ids, is_nm_sparse, snapshot, tiny_llama, weight_
 
 import llmpress
 from llmpress import hookimpl
-from llmpress.cli import main
-from llmpress.config import PruningConfig
+from llmpress.cli.main import main
 from llmpress.errors import RecipeError
 from llmpress.plugin_manager import DISABLE_ENV, ENTRY_POINT_GROUP, make_plugin_manager
 from llmpress.plugins.wanda import WandaConfig
-from llmpress.recipe import Recipe
+from llmpress.recipe.config import PruningConfig
+from llmpress.recipe.recipes import Recipe
 
 BUILTIN_PLUGINS = {"masking", "magnitude", "wanda", "sparsegpt"}
 BUILTIN_METHODS = {"magnitude", "wanda", "sparsegpt"}

@@ -11,12 +11,12 @@ from models import ARCHS, LLAMA, Arch, calib_ids, is_nm_sparse, snapshot, tiny_l
 from torch import nn
 
 import llmpress
-from llmpress.masks import nm_mask, unstructured_mask
+from llmpress.engine.stats import LayerStats
+from llmpress.math.masks import nm_mask, unstructured_mask
+from llmpress.model.results import LayerResult
 from llmpress.plugin_manager import make_plugin_manager
 from llmpress.plugins.sparsegpt import SparseGPTConfig
 from llmpress.plugins.wanda import wanda_scores
-from llmpress.results import LayerResult
-from llmpress.stats import LayerStats
 
 METHODS = [
     ("magnitude", {}),  # one threshold per layer (the default)

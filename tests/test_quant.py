@@ -11,13 +11,13 @@ from transformers import AutoModelForCausalLM
 
 import llmpress
 from llmpress.errors import ModelError, RecipeError
-from llmpress.linalg import inverse_cholesky_upper
+from llmpress.format.runtime import LlmpressLinear
+from llmpress.format.save import save_quantized, to_runtime
+from llmpress.math.linalg import inverse_cholesky_upper
+from llmpress.model.results import QuantState
 from llmpress.plugins.gptq import GPTQConfig, gptq_quantize
 from llmpress.plugins.rtn import RTNConfig, rtn_quantize
 from llmpress.quant.grid import dequantize_weight
-from llmpress.results import QuantState
-from llmpress.runtime import LlmpressLinear
-from llmpress.save import save_quantized, to_runtime
 
 OUT, IN, N = 64, 256, 1024
 
@@ -176,12 +176,12 @@ def test_group_size_not_dividing_in_features_names_the_module(
 ) -> None:
     """group_size 48 on in_features 64: ModelError naming the first such module, raised before
     calibration data is even built and before any weight changes."""
-    import llmpress.pipeline
+    import llmpress.pipeline.compress
 
     def boom(*a: object, **k: object) -> None:
         raise AssertionError("calibration was built before the shape check")
 
-    monkeypatch.setattr(llmpress.pipeline, "build_calibration", boom)
+    monkeypatch.setattr(llmpress.pipeline.compress, "build_calibration", boom)
     model = tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     recipe = {"stages": [{"method": method, "bits": 4, "group_size": 48}]}

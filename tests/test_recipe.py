@@ -11,14 +11,14 @@ from models import LLAMA, assert_same_state, calib_ids, is_nm_sparse, snapshot, 
 from torch import nn
 
 import llmpress
-import llmpress.pipeline
-from llmpress.config import MethodConfig, PruningConfig
+import llmpress.pipeline.compress
 from llmpress.errors import CalibrationError, ModelError, RecipeError
 from llmpress.plugin_manager import make_plugin_manager
 from llmpress.plugins.magnitude import MagnitudeConfig
 from llmpress.plugins.sparsegpt import SparseGPTConfig
 from llmpress.plugins.wanda import WandaConfig
-from llmpress.recipe import Recipe, Stage, as_recipe
+from llmpress.recipe.config import MethodConfig, PruningConfig
+from llmpress.recipe.recipes import Recipe, Stage, as_recipe
 
 ISSUE_RECIPE = """\
 stages:
@@ -270,7 +270,7 @@ def test_bad_stage_fails_before_any_work(stage: dict, message: str, monkeypatch:
     def no_calibration(*a: object, **k: object) -> None:
         raise AssertionError("calibration was built before the recipe was validated")
 
-    monkeypatch.setattr(llmpress.pipeline, "build_calibration", no_calibration, raising=False)
+    monkeypatch.setattr(llmpress.pipeline.compress, "build_calibration", no_calibration, raising=False)
     pm = make_plugin_manager(extra_plugins=[NoWork()])
     model = tiny_llama()
     before = snapshot(model)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import llmpress
-from llmpress.calibration import build_calibration
-from llmpress.evaluate import perplexity_of_windows
+from llmpress.cli.evaluate import perplexity_of_windows
+from llmpress.engine.calibration import build_calibration
 
 REF = Path(__file__).resolve().parents[1].parent / "shared" / "ref-lm"
 MODEL = REF / "pycoder-19m"

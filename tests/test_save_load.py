@@ -14,8 +14,8 @@ from models import BERT, GPT2, LLAMA, OPT, PHI, QWEN2, Arch, calib_ids, tiny_lla
 from transformers import AutoConfig
 
 import llmpress
-from llmpress.loading import auto_class_for, load_model
-from llmpress.save import RECIPE_FILE, REPORT_FILE, atomic_directory, save_compressed
+from llmpress.format.loading import auto_class_for, load_model
+from llmpress.format.save import RECIPE_FILE, REPORT_FILE, atomic_directory, save_compressed
 
 SAVE_ARCHS = [LLAMA, QWEN2, OPT, GPT2, BERT, PHI]
 PROBE = calib_ids(2, 16, seed=7)
@@ -150,7 +150,7 @@ def test_failed_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         Path(path, "model.safetensors").write_bytes(b"partial")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("llmpress.save.write_shards", broken_save)  # the shard writer fails midway
+    monkeypatch.setattr("llmpress.format.save.write_shards", broken_save)  # the shard writer fails midway
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="disk full"):
         save_compressed(model, out)
@@ -168,7 +168,7 @@ def test_failed_overwrite_keeps_the_old_folder(tmp_path: Path, monkeypatch: pyte
         Path(path, "config.json").write_text("{}")
         raise OSError("boom")
 
-    monkeypatch.setattr("llmpress.save.write_shards", broken_save)
+    monkeypatch.setattr("llmpress.format.save.write_shards", broken_save)
     with pytest.raises(OSError, match="boom"):
         save_compressed(model, out, overwrite=True)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
@@ -220,19 +220,19 @@ def test_saving_never_touches_the_callers_config(
 ) -> None:
     """The saved config is a copy: another reader of ``model.config`` during a save (a thread, an
     exception half way) never sees the smaller widths or the quantization_config."""
-    import llmpress.save
+    import llmpress.format.save
 
     model, report = llmpress.compress(tiny_llama(), {"stages": stages}, calib_ids(4, 16), progress=False)
     config = model.config
     before = config.to_dict()
     seen = []
-    real = llmpress.save.write_shards
+    real = llmpress.format.save.write_shards
 
     def spy(*args: object, **kwargs: object) -> None:
         seen.append(model.config.to_dict())
         real(*args, **kwargs)
 
-    monkeypatch.setattr(llmpress.save, "write_shards", spy)
+    monkeypatch.setattr(llmpress.format.save, "write_shards", spy)
     folder = save_compressed(model, tmp_path / "out", report=report)
     assert seen == [before] and model.config is config and config.to_dict() == before
     saved = json.loads((folder / "config.json").read_text())

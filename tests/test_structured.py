@@ -12,14 +12,14 @@ from models import DATA_DIR, calib_ids, run_without_llmpress, tiny_llama, tiny_m
 from transformers import AutoModelForCausalLM
 
 import llmpress
-from llmpress.cli import main
+from llmpress.cli.main import main
 from llmpress.errors import ModelError, RecipeError
-from llmpress.modules import find_blocks
+from llmpress.format.save import save_compressed
+from llmpress.math.structured_math import compensation_bias, reconstruct
+from llmpress.model.modules import find_blocks
+from llmpress.model.results import compression_state
+from llmpress.model.structures import discover
 from llmpress.plugins.flap import FlapConfig
-from llmpress.results import compression_state
-from llmpress.save import save_compressed
-from llmpress.structured_math import compensation_bias, reconstruct
-from llmpress.structures import discover
 
 PROBE = calib_ids(2, 16, seed=7)
 FACTORIES = {"llama": tiny_llama, "qwen2": tiny_qwen2, "mistral": tiny_mistral, "opt": tiny_opt}
@@ -261,7 +261,7 @@ def test_structured_then_gptq_saves_packed_and_reloads(tmp_path: Path) -> None:
         == model.model.layers[0].mlp.down_proj.weight.shape[1]
     )
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
-    expect = _logits(llmpress.save.to_runtime(model))
+    expect = _logits(llmpress.format.save.to_runtime(model))
     assert torch.allclose(_logits(loaded).float(), expect.float(), atol=1e-3)
     gen = loaded.generate(PROBE[:1, :4], max_new_tokens=4, do_sample=False, use_cache=True)
     assert gen.shape == (1, 8)

@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import llmpress
-from llmpress.cli import main
+from llmpress.cli.main import main
 from llmpress.errors import CheckpointError
-from llmpress.output import atomic_directory
-from llmpress.save import save_quantized
+from llmpress.format.output import atomic_directory
+from llmpress.format.save import save_quantized
 
 PROBE = calib_ids(1, 12, seed=5)
 UP = "model.layers.0.mlp.up_proj"
@@ -282,9 +282,11 @@ def test_compressed_tensors_with_an_asymmetric_recipe_fails_before_work(
     capsys,
     monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
 ) -> None:
-    import llmpress.loading
+    import llmpress.format.loading
 
-    monkeypatch.setattr(llmpress.loading, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(
+        llmpress.format.loading, "load_model", lambda *a, **k: pytest.fail("loaded the model")
+    )
     recipe = _recipe(tmp_path, "stages:\n  - method: rtn\n    bits: 4\n    group_size: 32\n")
     assert (
         main(_compress_args(tiny_model_dir, recipe, tmp_path / "out", "--format", "compressed-tensors")) == 2
@@ -295,9 +297,11 @@ def test_compressed_tensors_with_an_asymmetric_recipe_fails_before_work(
 def test_out_below_a_regular_file_fails_before_work(
     tmp_path: Path, tiny_model_dir: Path, capsys, monkeypatch
 ) -> None:  # noqa: ANN001
-    import llmpress.loading
+    import llmpress.format.loading
 
-    monkeypatch.setattr(llmpress.loading, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(
+        llmpress.format.loading, "load_model", lambda *a, **k: pytest.fail("loaded the model")
+    )
     (tmp_path / "file").write_text("x")
     assert main(_compress_args(tiny_model_dir, _recipe(tmp_path), tmp_path / "file" / "out")) == 2
     assert "is a file, not a folder" in _one_error_line(capsys)

@@ -16,11 +16,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import llmpress
-from llmpress.checkpoint import DEFAULT_CHECKSUM, file_checksums, tensor_checksum
-from llmpress.cli import main
+from llmpress.cli.main import main
 from llmpress.errors import CheckpointError
-from llmpress.loading import check_shard_index
-from llmpress.save import save_quantized
+from llmpress.format.checkpoint import DEFAULT_CHECKSUM, file_checksums, tensor_checksum
+from llmpress.format.loading import check_shard_index
+from llmpress.format.save import save_quantized
 
 UP = "model.layers.0.mlp.up_proj"
 RECIPES = {
@@ -60,7 +60,12 @@ def _set_value(folder: Path, key: str, value: float) -> None:
     [("fp8-static", "input_scale"), ("fp8-static", "weight_scale"), ("int4-asym", "weight_scale")],
 )
 def test_bad_scale_is_refused_without_checksums(
-    saved: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ckpt: str, suffix: str, value: float
+    saved: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    ckpt: str,
+    suffix: str,
+    value: float,
 ) -> None:
     folder = _copy(saved, ckpt, tmp_path)
     _set_value(folder, f"{UP}.{suffix}", value)
@@ -94,8 +99,8 @@ def test_good_checkpoints_still_load_without_checksums(
 @pytest.mark.parametrize(("scale", "dtype"), [(0.0, "float32"), (float("nan"), "float32"), (1e-9, "float16")])
 def test_a_scale_the_format_cannot_store_is_refused_at_save(scale: float, dtype: str) -> None:
     """What is saved loads: a 0 / NaN scale, or one that underflows float16, is refused when packing."""
-    from llmpress.formats import ModuleFormat, pack_module
-    from llmpress.results import LayerResult, QuantState
+    from llmpress.format.formats import ModuleFormat, pack_module
+    from llmpress.model.results import LayerResult, QuantState
 
     codes = torch.full((4, 64), 8, dtype=torch.uint8)
     scales = torch.full((4, 2), 0.01)
@@ -111,7 +116,7 @@ def test_a_scale_the_format_cannot_store_is_refused_at_save(scale: float, dtype:
 
 def test_file_checksums_match_tensor_checksums_for_every_algorithm(tmp_path: Path) -> None:
     """The mapped-file digests equal the in-memory ones (what save and older llmpress recorded)."""
-    from llmpress.checkpoint import CHECKSUM_ALGORITHMS
+    from llmpress.format.checkpoint import CHECKSUM_ALGORITHMS
 
     tensors = {
         "a": torch.randn(3, 5).half(),
@@ -144,12 +149,12 @@ def test_new_checkpoints_verify_fast_checksums_whatever_their_size(
     saved: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Before: checksums were skipped above 4 GiB, so a flipped bit loaded silently."""
-    import llmpress.checkpoint
+    import llmpress.format.checkpoint
 
     folder = _copy(saved, "int4-asym", tmp_path)
     q = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert q["checksum_algorithm"] == DEFAULT_CHECKSUM != "sha256"
-    monkeypatch.setattr(llmpress.checkpoint, "AUTO_VERIFY_BYTES", 0)  # every checkpoint is "large"
+    monkeypatch.setattr(llmpress.format.checkpoint, "AUTO_VERIFY_BYTES", 0)  # every checkpoint is "large"
     AutoModelForCausalLM.from_pretrained(folder)
     _flip_a_code(folder)
     with pytest.raises(CheckpointError, match=rf"'{UP}\.weight' does not match its recorded checksum"):
@@ -179,12 +184,12 @@ def test_sha256_checkpoints_still_verify(saved: dict[str, Path], tmp_path: Path)
 def test_large_sha256_checkpoints_skip_checksums_as_before(
     saved: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import llmpress.checkpoint
+    import llmpress.format.checkpoint
 
     folder = _copy(saved, "int4-asym", tmp_path)
     _as_sha256_checkpoint(folder)
     _flip_a_code(folder)
-    monkeypatch.setattr(llmpress.checkpoint, "AUTO_VERIFY_BYTES", 0)
+    monkeypatch.setattr(llmpress.format.checkpoint, "AUTO_VERIFY_BYTES", 0)
     AutoModelForCausalLM.from_pretrained(folder)  # sha256 over the limit: skipped, with a warning
     assert "not verified" in caplog.text and "re-save" in caplog.text
     monkeypatch.setenv("LLMPRESS_VERIFY_CHECKSUMS", "1")
@@ -204,7 +209,9 @@ def test_unknown_checksum_algorithm_is_refused(saved: dict[str, Path], tmp_path:
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model, _ = llmpress.compress(tiny_llama(), {"method": "rtn", "bits": 4, "group_size": 32}, None, progress=False)
+    model, _ = llmpress.compress(
+        tiny_llama(), {"method": "rtn", "bits": 4, "group_size": 32}, None, progress=False
+    )
     folder = tmp_path_factory.mktemp("t2s") / "m"
     model.save_pretrained(folder, max_shard_size="20KB")
     return folder
@@ -265,11 +272,13 @@ def test_shard_names_outside_the_folder_are_refused(sharded: Path, tmp_path: Pat
 
 def test_from_pretrained_refuses_a_shard_linked_out_of_the_folder(tmp_path: Path) -> None:
     """transformers refuses '..' and absolute names itself, but follows links."""
-    import llmpress.shards
+    import llmpress.format.shards
 
-    model, rep = llmpress.compress(tiny_llama(), {"method": "rtn", "bits": 4, "group_size": 32}, None, progress=False)
+    model, rep = llmpress.compress(
+        tiny_llama(), {"method": "rtn", "bits": 4, "group_size": 32}, None, progress=False
+    )
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(llmpress.shards, "MAX_SHARD_BYTES", 20_000)
+        mp.setattr(llmpress.format.shards, "MAX_SHARD_BYTES", 20_000)
         folder = save_quantized(model, tmp_path / "q", report=rep)
     last = _last_shard(folder)
     (tmp_path / "elsewhere").mkdir()

@@ -15,13 +15,13 @@ import torch
 import transformers
 from models import DATA_DIR, save_model_dir, tiny_llama, tiny_mistral, train_tokenizer
 
-import llmpress.loading
-from llmpress.cli import main
+import llmpress.format.loading
+from llmpress.cli.eval_harness import EVAL_FILE
+from llmpress.cli.evaluate import perplexity, perplexity_of_windows
+from llmpress.cli.main import main
 from llmpress.errors import CalibrationError, EvalTaskError, ModelError
-from llmpress.eval_harness import EVAL_FILE
-from llmpress.evaluate import perplexity, perplexity_of_windows
-from llmpress.loading import load_model
-from llmpress.save import REPORT_FILE
+from llmpress.format.loading import load_model
+from llmpress.format.save import REPORT_FILE
 
 EVAL = DATA_DIR / "eval.txt"
 CALIB = DATA_DIR / "calib.txt"
@@ -40,8 +40,10 @@ def _error_line(err: str) -> str:
 def loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The paths ``load_model`` is called with (the CLI loads models only through it)."""
     calls: list[str] = []
-    real = llmpress.loading.load_model
-    monkeypatch.setattr(llmpress.loading, "load_model", lambda p, **kw: calls.append(str(p)) or real(p, **kw))
+    real = llmpress.format.loading.load_model
+    monkeypatch.setattr(
+        llmpress.format.loading, "load_model", lambda p, **kw: calls.append(str(p)) or real(p, **kw)
+    )
     return calls
 
 
@@ -259,11 +261,11 @@ def test_lm_eval_runs_with_a_tokenizer_without_special_tokens(
     bare, tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog, capsys
 ) -> None:
     pytest.importorskip("lm_eval")
-    from llmpress.eval_harness import run_lm_eval
+    from llmpress.cli.eval_harness import run_lm_eval
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     model = _bare_llama()
-    with caplog.at_level(logging.WARNING, logger="llmpress.eval_harness"):
+    with caplog.at_level(logging.WARNING, logger="llmpress.cli.eval_harness"):
         got = run_lm_eval(model, bare, ["tiny_mc"], limit=4, include_path=[TASKS], batch_size=4)
     assert "the tokenizer has no BOS or EOS token" in caplog.text and "on token id 0" in caplog.text
     assert "generation tasks are refused" in caplog.text
@@ -283,7 +285,7 @@ def test_lm_eval_generation_without_an_eos_token_is_refused(
     bare, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytest.importorskip("lm_eval")
-    from llmpress.eval_harness import run_lm_eval
+    from llmpress.cli.eval_harness import run_lm_eval
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     rows = [{"question": "Two plus two is", "answer": "four"}, {"question": "The sky is", "answer": "blue"}]

@@ -22,11 +22,11 @@ from localhub import LocalHubServer
 from models import calib_ids, tiny_llama
 
 import llmpress
-from llmpress.eval_harness import EvalRecord, save_eval
+from llmpress.allocation.levels import LevelDatabase
+from llmpress.cli.eval_harness import EvalRecord, save_eval
 from llmpress.hub import PublishError, build_card, push, write_card
 from llmpress.hub.card import build_card_context
-from llmpress.levels import LevelDatabase
-from llmpress.results import LayerResult
+from llmpress.model.results import LayerResult
 
 RECIPE = {"stages": [{"method": "wanda", "sparsity": 0.5}]}
 
@@ -139,7 +139,7 @@ def test_card_of_a_never_pushed_folder_loads_its_local_path(folder: Path) -> Non
 
 
 def test_demo_card_shows_the_local_path(folder: Path, tmp_path: Path) -> None:
-    from llmpress.demo import write_demo_card
+    from llmpress.cli.demo import write_demo_card
 
     card = write_demo_card(folder, tmp_path / "dense-llama").read_text()
     assert "llmpress-demo/" not in card

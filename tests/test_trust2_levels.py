@@ -15,14 +15,14 @@ from models import DATA_DIR, calib_ids, tiny_llama, weight_of
 from safetensors import safe_open
 
 import llmpress
-from llmpress.allocation import AllocationProblem
-from llmpress.checkpoint import VERIFY_ENV
-from llmpress.cli import main
+from llmpress.allocation.level_sets import sparsity_levels
+from llmpress.allocation.levels import LevelDatabase
+from llmpress.allocation.problem import AllocationProblem
+from llmpress.cli.main import main
 from llmpress.errors import AllocationError
-from llmpress.level_sets import sparsity_levels
-from llmpress.levels import LevelDatabase
+from llmpress.format.checkpoint import VERIFY_ENV
+from llmpress.model.results import LayerResult
 from llmpress.plugins.evopress import EvoPressConfig, evolve
-from llmpress.results import LayerResult
 
 IDS = calib_ids(4, 32)
 EVO = {"method": "evopress", "generations": 2, "offspring": 3, "tokens": [64], "survivors": []}
@@ -306,7 +306,7 @@ def test_cli_with_a_half_cut_evopress_checkpoint_restarts_with_a_warning(
 
 
 def test_atomic_file_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
-    from llmpress.output import atomic_file
+    from llmpress.format.output import atomic_file
 
     path = tmp_path / "state.json"
     with atomic_file(path) as tmp:

@@ -10,10 +10,10 @@ import pytest
 from models import DATA_DIR
 
 import llmpress
-from llmpress.cli import main
+from llmpress.cli.main import main
 from llmpress.errors import RecipeError
 from llmpress.plugin_manager import get_plugin_manager
-from llmpress.recipe import MAX_RECIPE_BYTES, MAX_RECIPE_NODES, MAX_STAGES, Recipe
+from llmpress.recipe.recipes import MAX_RECIPE_BYTES, MAX_RECIPE_NODES, MAX_STAGES, Recipe
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 CALIB = DATA_DIR / "calib.txt"
@@ -162,7 +162,7 @@ def test_a_recipe_file_over_the_size_limit_is_refused_before_parsing(
     def never(*args: object, **kwargs: object) -> None:  # pragma: no cover - must not be reached
         raise AssertionError("parsed a file over the limit")
 
-    monkeypatch.setattr("llmpress.recipe.yaml.load", never)
+    monkeypatch.setattr("llmpress.recipe.recipes.yaml.load", never)
     with pytest.raises(RecipeError, match=r"big.yaml is 1.0 MiB; a YAML recipe may be at most 1 MiB"):
         Recipe.load(p)
 
@@ -243,7 +243,7 @@ def test_compress_summary_of_a_pruning_recipe(
 
 
 def test_average_bits_weights_layers_by_size() -> None:
-    from llmpress.report import CompressionReport, ModuleReport
+    from llmpress.model.report import CompressionReport, ModuleReport
 
     r = CompressionReport(
         recipe={},

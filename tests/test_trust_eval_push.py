@@ -21,10 +21,10 @@ from huggingface_hub import HfApi, hf_hub_download
 from localhub import LocalHubServer
 from models import DATA_DIR, save_model_dir, tiny_llama
 
-from llmpress.cli import main
+from llmpress.cli.eval_harness import EVAL_FILE, EvalRecord, _records, evaluate, load_eval, save_eval
+from llmpress.cli.evaluate import perplexity
+from llmpress.cli.main import main
 from llmpress.errors import EvalTaskError, LlmpressError
-from llmpress.eval_harness import EVAL_FILE, EvalRecord, _records, evaluate, load_eval, save_eval
-from llmpress.evaluate import perplexity
 from llmpress.hub import PublishError, build_card, push
 from llmpress.hub.publish import _transient
 

@@ -10,10 +10,10 @@ from _quant_models import calib_ids, logits, tiny_llama, tiny_opt, tiny_qwen2
 from transformers import AutoModelForCausalLM
 
 import llmpress
-from llmpress.compressed_tensors import save_compressed_tensors
 from llmpress.errors import RecipeError
+from llmpress.format.compressed_tensors import save_compressed_tensors
+from llmpress.format.runtime import LlmpressLinear, select_kernels
 from llmpress.quant.activations import FP8_MAX, fake_quantize, fp8_weight, quantize
-from llmpress.runtime import LlmpressLinear, select_kernels
 
 INT8_DYNAMIC = {"method": "rtn", "bits": 8, "group_size": -1, "symmetric": True, "activations": "int8"}
 RECIPES = {
@@ -28,10 +28,14 @@ RECIPES = {
 @pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2, tiny_opt], ids=lambda f: f.__name__)
 def test_smoothing_alone_keeps_the_function(build) -> None:  # noqa: ANN001
     ref = logits(build())
-    model, _ = llmpress.compress(build(), [{"method": "smoothquant", "alpha": 0.8}], calib_ids(), progress=False)
+    model, _ = llmpress.compress(
+        build(), [{"method": "smoothquant", "alpha": 0.8}], calib_ids(), progress=False
+    )
     assert torch.allclose(logits(model), ref, atol=1e-4, rtol=1e-4)
     changed = build()
-    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), changed.state_dict().values()))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(model.state_dict().values(), changed.state_dict().values())
+    )
 
 
 def test_smoothing_moves_outliers_into_weights() -> None:
@@ -51,7 +55,9 @@ def test_per_token_int8_matches_hand_reference() -> None:
     assert torch.equal(s.flatten(), torch.tensor([1.0, 0.04 / 127]))
     assert torch.equal(q[0], torch.tensor([1, -2, 0, 127], dtype=torch.int8))  # round half to even: 0.5 -> 0
     assert torch.equal(q[1], torch.tensor([32, 95, -127, 0], dtype=torch.int8))
-    assert torch.allclose(fake_quantize(x, "int8-dynamic")[1], torch.tensor([32.0, 95, -127, 0]) * (0.04 / 127))
+    assert torch.allclose(
+        fake_quantize(x, "int8-dynamic")[1], torch.tensor([32.0, 95, -127, 0]) * (0.04 / 127)
+    )
     # static: one scale, values beyond the grid saturate
     qs, _ = quantize(x, "int8-static", torch.tensor([0.5]))
     assert torch.equal(qs[0], torch.tensor([2, -4, 1, 127], dtype=torch.int8))
@@ -106,11 +112,15 @@ def test_bad_w8a8_options() -> None:
     with pytest.raises(RecipeError, match="group_size: -1"):
         llmpress.compress(tiny_llama(), [{**INT8_DYNAMIC, "group_size": 32}], calib_ids(), progress=False)
     with pytest.raises(RecipeError, match="activations must be"):
-        llmpress.compress(tiny_llama(), [{**INT8_DYNAMIC, "activations": "int4"}], calib_ids(), progress=False)
+        llmpress.compress(
+            tiny_llama(), [{**INT8_DYNAMIC, "activations": "int4"}], calib_ids(), progress=False
+        )
     with pytest.raises(RecipeError, match="alpha"):
         llmpress.compress(tiny_llama(), [{"method": "smoothquant", "alpha": 2}], calib_ids(), progress=False)
     with pytest.raises(RecipeError, match="fp8: activations"):
-        llmpress.compress(tiny_llama(), [{"method": "fp8", "activations": "token"}], calib_ids(), progress=False)
+        llmpress.compress(
+            tiny_llama(), [{"method": "fp8", "activations": "token"}], calib_ids(), progress=False
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -151,7 +161,7 @@ def _fp8_kv_model(tmp_path: Path):  # noqa: ANN202
 
 
 def test_fp8_kv_cache_scales_saved_and_used(tmp_path: Path) -> None:
-    from llmpress import kv_cache
+    from llmpress.format import kv_cache
 
     model, _ = _fp8_kv_model(tmp_path)
     attns = kv_cache.attention_modules(model)
@@ -177,7 +187,9 @@ def test_fp8_kv_cache_generation_matches_full_forward(tmp_path: Path) -> None:
     _fp8_kv_model(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "kv", dtype=torch.float32)
     ids = calib_ids(1, 12, seed=9)
-    out = loaded.generate(ids, max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    out = loaded.generate(
+        ids, max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True
+    )
     full = loaded(out.sequences).logits[0, ids.shape[1] - 1 : -1]
     step = torch.stack(out.scores, 1)[0]
     assert torch.allclose(step, full, atol=1e-4)  # cached keys/values round exactly like fresh ones
@@ -204,4 +216,6 @@ def test_fp8_kv_cache_exports_to_compressed_tensors(tmp_path: Path) -> None:
 
 def test_bad_kv_cache_option() -> None:
     with pytest.raises(RecipeError, match="kv_cache must be 'fp8'"):
-        llmpress.compress(tiny_llama(), {"stages": [{"method": "fp8"}], "kv_cache": "int4"}, calib_ids(), progress=False)
+        llmpress.compress(
+            tiny_llama(), {"stages": [{"method": "fp8"}], "kv_cache": "int4"}, calib_ids(), progress=False
+        )

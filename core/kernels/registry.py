@@ -2,7 +2,7 @@
 
 Plugins offer kernels through ``llmpress_export_kernel(fmt, device)``. The runtime takes the
 kernel named by the user (``LLMPRESS_KERNEL=name[,name...]``, an order of preference, or
-:func:`llmpress.runtime.select_kernels`), else the offered kernel with the highest
+:func:`llmpress.format.runtime.select_kernels`), else the offered kernel with the highest
 ``priority``. ``prepare`` repacks the stored tensors once into the kernel's layout;
 ``forward`` computes ``x @ W^T`` (without bias).
 """
@@ -19,8 +19,8 @@ import torch
 from llmpress.errors import CheckpointError
 
 if TYPE_CHECKING:
-    from llmpress.formats import ModuleFormat
-    from llmpress.runtime import LlmpressLinear
+    from llmpress.format.formats import ModuleFormat
+    from llmpress.format.runtime import LlmpressLinear
 
 KERNEL_ENV = "LLMPRESS_KERNEL"
 

@@ -33,9 +33,9 @@ def random_int_layer(out_f: int, in_f: int, bits: int, group_size: int, device: 
     """A packed ``int`` runtime layer with random codes and grid (timing does not depend on values)."""
     import torch
 
-    from llmpress.formats import ModuleFormat, pack_module
-    from llmpress.results import LayerResult, QuantState
-    from llmpress.runtime import LlmpressLinear
+    from llmpress.format.formats import ModuleFormat, pack_module
+    from llmpress.format.runtime import LlmpressLinear
+    from llmpress.model.results import LayerResult, QuantState
 
     gs = in_f if group_size == -1 else group_size
     codes = torch.randint(0, 2**bits, (out_f, in_f), dtype=torch.uint8)

@@ -42,8 +42,8 @@ import torch
 from _common import REF_LM, print_table
 
 import llmpress
-from llmpress.evaluate import perplexity_of_windows, text_windows
-from llmpress.loading import load_model
+from llmpress.cli.evaluate import perplexity_of_windows, text_windows
+from llmpress.format.loading import load_model
 
 
 def rows_to_run(a: argparse.Namespace) -> list[tuple[str, str, dict, dict]]:

@@ -12,8 +12,8 @@ Builds a synthetic checkpoint of Llama-7B-shaped fp16 tensors (4096x4096 attenti
 * ``read``: ``safe_open(...).get_tensor(...).clone()`` of every tensor (``get_tensor`` maps the
   file lazily; the copy reads it), what a load does at the least;
 * ``<algo>``: one digest per tensor (dtype, shape, bytes) over the mmapped file, as
-  :func:`llmpress.checkpoint.file_checksums` computes them, for each algorithm of
-  :data:`llmpress.checkpoint.CHECKSUM_ALGORITHMS` (``sha256`` is what checkpoints recorded
+  :func:`llmpress.format.checkpoint.file_checksums` computes them, for each algorithm of
+  :data:`llmpress.format.checkpoint.CHECKSUM_ALGORITHMS` (``sha256`` is what checkpoints recorded
   before ``checksum_algorithm`` existed);
 * ``read+<algo>``: the one-pass variant, each tensor hashed right after it is read;
 * ``sha256-copy`` (``--old``): how llmpress hashed before ``checksum_algorithm`` (``get_tensor``,
@@ -50,7 +50,7 @@ import torch
 from _common import print_table
 from safetensors import safe_open
 
-from llmpress.checkpoint import CHECKSUM_ALGORITHMS, VERIFY_ENV, config_checksum, file_checksums
+from llmpress.format.checkpoint import CHECKSUM_ALGORITHMS, VERIFY_ENV, config_checksum, file_checksums
 
 GIB = 1 << 30
 #: one Llama-7B decoder layer's matrices (q, k, v, o, gate, up, down)
@@ -102,16 +102,29 @@ def write_fp8_checkpoint(folder: Path, size_gib: float, shard_gib: float) -> Pat
     are recorded per algorithm in ``checksums-<algorithm>.json`` (see :func:`use_checksums`)."""
     from transformers import LlamaConfig
 
-    from llmpress.formats import ModuleFormat
+    from llmpress.format.formats import ModuleFormat
 
     per_layer = sum(o * i for o, i in LAYER)
     layers = max(1, int(size_gib * GIB // per_layer))
     cfg = LlamaConfig(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
-        num_key_value_heads=32, vocab_size=32000, dtype="bfloat16", architectures=["LlamaForCausalLM"],
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        dtype="bfloat16",
+        architectures=["LlamaForCausalLM"],
     )
-    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # the order of LAYER
+    names = [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ]  # the order of LAYER
     g = torch.Generator().manual_seed(0)
     codes = {s: torch.randint(0, 0x7E, s, generator=g, dtype=torch.uint8) for s in set(LAYER)}
     tensors: list[tuple[str, Callable[[], torch.Tensor]]] = [
@@ -127,7 +140,9 @@ def write_fp8_checkpoint(folder: Path, size_gib: float, shard_gib: float) -> Pat
         for j, (n, (o, i)) in enumerate(zip(names, LAYER)):
             modules[f"{p}.{n}"] = ModuleFormat("fp8", i, o, dtype="bfloat16").to_dict()
             c = codes[(o, i)]
-            tensors.append((f"{p}.{n}.weight", lambda c=c, k=layer * 7 + j: (c ^ (k % 64)).view(torch.float8_e4m3fn)))
+            tensors.append(
+                (f"{p}.{n}.weight", lambda c=c, k=layer * 7 + j: (c ^ (k % 64)).view(torch.float8_e4m3fn))
+            )
             tensors.append((f"{p}.{n}.weight_scale", lambda o=o: torch.ones(o, 1)))
     files, shard, size, index = [], {}, 0, {}
 
@@ -192,17 +207,33 @@ def time_loads(folder: Path, algos: list[str], repeat: int) -> list[dict]:
             (folder / "config.json").write_text(configs[algo])
             os.environ[VERIFY_ENV] = "0" if algo is None else "1"
             gc.collect()
-            load[algo] = min(load[algo], timed(lambda: AutoModelForCausalLM.from_pretrained(folder), lambda: None, 1))
+            load[algo] = min(
+                load[algo], timed(lambda: AutoModelForCausalLM.from_pretrained(folder), lambda: None, 1)
+            )
     os.environ.pop(VERIFY_ENV, None)
     base = load[None]
     rows = [{"what": "from_pretrained, no checksums", "state": "warm", "s": base, "gbs": gib / base}]
     for algo in algos:
         s = load[algo]
-        rows.append({"what": f"from_pretrained, {algo} verified", "state": "warm", "s": s, "gbs": gib / s,
-                     "added": 100 * (s - base) / base})
+        rows.append(
+            {
+                "what": f"from_pretrained, {algo} verified",
+                "state": "warm",
+                "s": s,
+                "gbs": gib / s,
+                "added": 100 * (s - base) / base,
+            }
+        )
         p = timed(lambda algo=algo: file_checksums(files, algo), lambda: None, repeat)
-        rows.append({"what": "  its checksum pass alone", "state": "warm", "s": p, "gbs": gib / p,
-                     "added": 100 * p / base})
+        rows.append(
+            {
+                "what": "  its checksum pass alone",
+                "state": "warm",
+                "s": p,
+                "gbs": gib / p,
+                "added": 100 * p / base,
+            }
+        )
     return rows
 
 
@@ -232,7 +263,7 @@ def read_all(files: list[Path]) -> int:
 
 def read_and_hash(files: list[Path], algorithm: str) -> int:
     """One pass: each tensor hashed from its freshly read copy."""
-    from llmpress.checkpoint import tensor_checksum
+    from llmpress.format.checkpoint import tensor_checksum
 
     n = 0
     for f in files:
@@ -284,15 +315,22 @@ def main() -> None:
     a = ap.parse_args()
     algos = [x for x in a.algorithms.split(",") if x]
     folder = Path(tempfile.mkdtemp(prefix="llmpress-cksum-", dir=a.dir))
-    columns = [("what", "what", ""), ("state", "page cache", ""), ("s", "seconds", ".2f"),
-               ("gbs", "GiB/s", ".2f"), ("added", "added (%)", ".0f")]
+    columns = [
+        ("what", "what", ""),
+        ("state", "page cache", ""),
+        ("s", "seconds", ".2f"),
+        ("gbs", "GiB/s", ".2f"),
+        ("added", "added (%)", ".0f"),
+    ]
     try:
         if a.load:
             t0 = time.perf_counter()
             write_fp8_checkpoint(folder, a.size_gib, a.shard_gib)
             gib = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / GIB
-            print(f"llmpress fp8 checkpoint, {gib:.2f} GiB in {folder} (written in {time.perf_counter() - t0:.0f} s); "
-                  f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}; fastest of {a.repeat} loads")
+            print(
+                f"llmpress fp8 checkpoint, {gib:.2f} GiB in {folder} (written in {time.perf_counter() - t0:.0f} s); "
+                f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}; fastest of {a.repeat} loads"
+            )
             print_table(time_loads(folder, algos, a.repeat), columns)
             return
         t0 = time.perf_counter()
@@ -306,6 +344,7 @@ def main() -> None:
         rows: list[dict] = []
         base: dict[str, float] = {}
         for state in states:
+
             def run(fn: Callable[[], object], state: str = state) -> float:
                 prepare = (lambda: drop_cache(files)) if state == "cold" else (lambda: None)
                 return timed(fn, prepare, a.repeat)

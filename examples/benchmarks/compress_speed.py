@@ -89,7 +89,7 @@ def place(
     from accelerate import dispatch_model, infer_auto_device_map
     from accelerate.utils import get_max_memory
 
-    from llmpress.budget import plan_memory
+    from llmpress.cli.budget import plan_memory
 
     plan = plan_memory(model.config, budget, nsamples, seqlen, 2, world)
     gpu = torch.device(device).index or 0
@@ -180,7 +180,7 @@ def measure(a: dict[str, Any], method: str, world: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    from llmpress.budget import parse_memory
+    from llmpress.cli.budget import parse_memory
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="8b", help="model shape (small: on CPU)")

@@ -28,16 +28,28 @@ from _common import print_table
 import llmpress
 
 GPU_CONFIG = dict(  # Llama-2-7B
-    hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=32, vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
 )
 CPU_CONFIG = dict(  # TinyLlama-1.1B
-    hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-    num_key_value_heads=4, vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    vocab_size=32000,
 )
 SMALL_CONFIG = dict(  # for a quick check of the script
-    hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, vocab_size=1000,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=1000,
 )
 VARIANTS = {
     "int8": {"method": "rtn", "bits": 8, "group_size": -1, "symmetric": True},
@@ -104,12 +116,22 @@ def main() -> None:
             variants = [v for v in variants if v[0] in a.only.split(",")]
         for label, path, dtype in variants:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=dev).eval()
-            kernels = sorted({m.kernel.name for m in model.modules() if getattr(m, "kernel", None) is not None})
+            kernels = sorted(
+                {m.kernel.name for m in model.modules() if getattr(m, "kernel", None) is not None}
+            )
             size = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**30
             for b in a.batches:
                 with torch.inference_mode():
                     tps = decode_speed(model, b, new_tokens, a.prompt, dev)
-                rows.append({"model": label, "kernels": ",".join(kernels) or "dense", "GiB": size, "batch": b, "tps": tps})
+                rows.append(
+                    {
+                        "model": label,
+                        "kernels": ",".join(kernels) or "dense",
+                        "GiB": size,
+                        "batch": b,
+                        "tps": tps,
+                    }
+                )
                 print(f"{label} batch {b}: {tps:.1f} tokens/s", flush=True)
             del model
             gc.collect()
@@ -117,11 +139,19 @@ def main() -> None:
     for r in rows:
         r["x"] = r["tps"] / base[r["batch"]] if r["batch"] in base else None
     name = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\n{name}; {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}; {new_tokens} new tokens after a {a.prompt}-token prompt")
+    print(
+        f"\n{name}; {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}; {new_tokens} new tokens after a {a.prompt}-token prompt"
+    )
     print_table(
         rows,
-        [("model", "model", ""), ("kernels", "kernels", ""), ("GiB", "GiB", ".2f"), ("batch", "batch", "d"),
-         ("tps", "tokens/s", ".1f"), ("x", f"vs {str(dense_dtypes[0]).removeprefix('torch.')}", ".2f")],
+        [
+            ("model", "model", ""),
+            ("kernels", "kernels", ""),
+            ("GiB", "GiB", ".2f"),
+            ("batch", "batch", "d"),
+            ("tps", "tokens/s", ".1f"),
+            ("x", f"vs {str(dense_dtypes[0]).removeprefix('torch.')}", ".2f"),
+        ],
     )
 
 

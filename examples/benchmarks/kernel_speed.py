@@ -56,13 +56,21 @@ def main() -> None:
     a = p.parse_args()
     dev = a.device
     gpu = dev.startswith("cuda")
-    shapes = [tuple(map(int, s.split("x"))) for s in a.shapes.split(",")] if a.shapes else SHAPES if gpu else CPU_SHAPES
+    shapes = (
+        [tuple(map(int, s.split("x"))) for s in a.shapes.split(",")]
+        if a.shapes
+        else SHAPES
+        if gpu
+        else CPU_SHAPES
+    )
     rows = a.rows or (ROWS if gpu else [1, 4, 16, 64, 256])
     base = torch.float16 if gpu else torch.float32
     time_it = timer(dev, warmup=3, reps=a.reps or (20 if gpu else 5))
     bw = bandwidth(dev)
     name = torch.cuda.get_device_name() if gpu else "CPU"
-    print(f"device: {name}, {torch.get_num_threads()} threads; copy bandwidth {bw / 1e9:.0f} GB/s; torch {torch.__version__}")
+    print(
+        f"device: {name}, {torch.get_num_threads()} threads; copy bandwidth {bw / 1e9:.0f} GB/s; torch {torch.__version__}"
+    )
     table = []
     for n, k in shapes:
         w = torch.randn(n, k, device=dev, dtype=base) * 0.02
@@ -82,7 +90,9 @@ def main() -> None:
             r["x_int4"] = r["dense"] / r["int4"]
             r["x_int8"] = r["dense"] / r["int8"]
             r["x_torch_int4"] = r["dense"] / r["torch_int4"] if r["torch_int4"] else None
-            moved = n * k / 2 + n * (k // a.group_size) * 2 + m * k * x.element_size() + m * n * x.element_size()
+            moved = (
+                n * k / 2 + n * (k // a.group_size) * 2 + m * k * x.element_size() + m * n * x.element_size()
+            )
             r["bw_int4"] = 100 * moved / (r["int4"] / 1e3) / bw
             table.append(r)
         kernels = f"int4: {int4.kernel.name}, int8: {int8.kernel.name}"

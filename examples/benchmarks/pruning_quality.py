@@ -18,8 +18,8 @@ import torch
 from _common import REF_LM, compare_to_reference, print_table
 
 import llmpress
-from llmpress.evaluate import perplexity_of_windows, text_windows
-from llmpress.loading import load_model
+from llmpress.cli.evaluate import perplexity_of_windows, text_windows
+from llmpress.format.loading import load_model
 
 # reference implementations (the papers' code) on this model, 64 x 256 calibration
 REFERENCE = {

@@ -19,8 +19,8 @@ import torch
 from _common import REF_LM, compare_to_reference, print_table
 
 import llmpress
-from llmpress.evaluate import perplexity_of_windows, text_windows
-from llmpress.loading import load_model
+from llmpress.cli.evaluate import perplexity_of_windows, text_windows
+from llmpress.format.loading import load_model
 
 Q4 = {"bits": 4, "group_size": 128}
 Q3 = {"bits": 3, "group_size": 128}

@@ -23,9 +23,9 @@ import torch
 from _common import REF_LM, print_table
 
 import llmpress
-from llmpress.evaluate import perplexity_of_windows, text_windows
-from llmpress.loading import load_model
-from llmpress.modules import find_blocks
+from llmpress.cli.evaluate import perplexity_of_windows, text_windows
+from llmpress.format.loading import load_model
+from llmpress.model.modules import find_blocks
 
 #: a search sized for a CPU: 20 generations of 8 offspring, selection on 256/1024/4096 tokens
 EVOPRESS = {

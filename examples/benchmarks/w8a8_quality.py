@@ -24,9 +24,9 @@ from _common import REF_LM, print_table
 from transformers import AutoModelForCausalLM
 
 import llmpress
-from llmpress.evaluate import perplexity_of_windows, text_windows
-from llmpress.loading import load_model
-from llmpress.runtime import select_kernels
+from llmpress.cli.evaluate import perplexity_of_windows, text_windows
+from llmpress.format.loading import load_model
+from llmpress.format.runtime import select_kernels
 
 INT8 = {"bits": 8, "group_size": -1, "symmetric": True, "activations": "int8"}
 SQ = {"method": "smoothquant", "alpha": 0.5}
@@ -55,9 +55,11 @@ def outlier_ratio(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, float]
     for name, mod in model.named_modules():
         for p in PROBES:
             if name.endswith(p):
+
                 def hook(m, inp, out, p=p):  # noqa: ANN001, ANN202
                     a = inp[0].abs().flatten(0, -2).amax(0)
                     acc[p].append(float(a.max() / a.median()))
+
                 hooks.append(mod.register_forward_hook(hook))
     model(ids)
     for h in hooks:
@@ -92,7 +94,13 @@ def main() -> None:
         model, _ = load_model(a.model, dtype=torch.float32)
         t = time.perf_counter()
         model, report = llmpress.compress(
-            model, {"stages": stages}, a.calib, tokenizer=tok, nsamples=a.nsamples, seqlen=a.seqlen, progress=False
+            model,
+            {"stages": stages},
+            a.calib,
+            tokenizer=tok,
+            nsamples=a.nsamples,
+            seqlen=a.seqlen,
+            progress=False,
         )
         dt = time.perf_counter() - t
         if stages[0] is SQ and not after:
@@ -103,14 +111,23 @@ def main() -> None:
         loaded = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
         select_kernels(loaded, "dense")
         ppl = perplexity_of_windows(loaded, windows, 32)["perplexity"]
-        rows.append({"name": name, "ppl": ppl, "mb": dir_size(d) / 1e6, "delta": 100 * (ppl / base - 1), "time": dt})
+        rows.append(
+            {"name": name, "ppl": ppl, "mb": dir_size(d) / 1e6, "delta": 100 * (ppl / base - 1), "time": dt}
+        )
         print(f"{name}: {ppl:.3f}", flush=True)
         del loaded
-    print(f"\nperplexity on {a.eval} ({windows.shape[0]} windows x 256), calibration {a.nsamples} x {a.seqlen}\n")
+    print(
+        f"\nperplexity on {a.eval} ({windows.shape[0]} windows x 256), calibration {a.nsamples} x {a.seqlen}\n"
+    )
     print_table(
         rows,
-        [("name", "config", ""), ("ppl", "perplexity", ".3f"), ("delta", "vs dense %", "+.2f"),
-         ("mb", "safetensors MB", ".2f"), ("time", "compress s", ".1f")],
+        [
+            ("name", "config", ""),
+            ("ppl", "perplexity", ".3f"),
+            ("delta", "vs dense %", "+.2f"),
+            ("mb", "safetensors MB", ".2f"),
+            ("time", "compress s", ".1f"),
+        ],
     )
     print("\ninput outlier ratio (max over median of per-channel max |x|), mean over blocks\n")
     print_table(

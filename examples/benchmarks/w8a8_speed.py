@@ -25,9 +25,9 @@ import torch
 from _common import print_table, timer
 
 import llmpress
-from llmpress.formats import ModuleFormat, pack_module
-from llmpress.results import LayerResult
-from llmpress.runtime import LlmpressLinear
+from llmpress.format.formats import ModuleFormat, pack_module
+from llmpress.format.runtime import LlmpressLinear
+from llmpress.model.results import LayerResult
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)]
 ROWS = [1, 16, 64, 256, 1024, 4096]
@@ -45,7 +45,13 @@ def packed_layer(weight: torch.Tensor, method: str, device: str) -> LlmpressLine
 
         _, q = rtn_quantize(weight, RTNConfig(bits=8, group_size=-1, symmetric=True, activations="int8"))
         fmt = ModuleFormat(
-            "int", weight.shape[1], weight.shape[0], bits=8, group_size=-1, symmetric=True, activations="int8-dynamic"
+            "int",
+            weight.shape[1],
+            weight.shape[0],
+            bits=8,
+            group_size=-1,
+            symmetric=True,
+            activations="int8-dynamic",
         )
     layer = LlmpressLinear(fmt)
     for k, v in pack_module(fmt, weight, LayerResult(quant=q)).items():
@@ -74,8 +80,15 @@ def layer_table(dev: str, shapes: list, rows: list[int]) -> None:
     dn = "fp16" if gpu else "fp32"
     print_table(
         table,
-        [("shape", "shape", ""), ("rows", "rows", "d"), ("dense", f"{dn} ms", ".3f"), ("fp8", "FP8 W8A8 ms", ".3f"),
-         ("int8", "INT8 W8A8 ms", ".3f"), ("x_fp8", f"FP8 vs {dn}", ".2f"), ("x_int8", f"INT8 vs {dn}", ".2f")],
+        [
+            ("shape", "shape", ""),
+            ("rows", "rows", "d"),
+            ("dense", f"{dn} ms", ".3f"),
+            ("fp8", "FP8 W8A8 ms", ".3f"),
+            ("int8", "INT8 W8A8 ms", ".3f"),
+            ("x_fp8", f"FP8 vs {dn}", ".2f"),
+            ("x_int8", f"INT8 vs {dn}", ".2f"),
+        ],
     )
 
 
@@ -84,13 +97,31 @@ def model_table(dev: str, small: bool, prompt: int, new_tokens: int) -> None:
 
     gpu = dev.startswith("cuda")
     cfg = LlamaConfig(
-        **(dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4, vocab_size=1000)
-           if small else dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                              vocab_size=32000))
+        **(
+            dict(
+                hidden_size=256,
+                intermediate_size=768,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                vocab_size=1000,
+            )
+            if small
+            else dict(
+                hidden_size=4096,
+                intermediate_size=11008,
+                num_hidden_layers=32,
+                num_attention_heads=32,
+                vocab_size=32000,
+            )
+        )
     )
     dtype = torch.float16 if gpu else torch.float32
-    recipes = {"FP8 W8A8": [{"method": "fp8"}],
-               "INT8 W8A8": [{"method": "rtn", "bits": 8, "group_size": -1, "symmetric": True, "activations": "int8"}]}
+    recipes = {
+        "FP8 W8A8": [{"method": "fp8"}],
+        "INT8 W8A8": [
+            {"method": "rtn", "bits": 8, "group_size": -1, "symmetric": True, "activations": "int8"}
+        ],
+    }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
@@ -116,7 +147,9 @@ def model_table(dev: str, small: bool, prompt: int, new_tokens: int) -> None:
                     return time.perf_counter() - t0
 
                 gen(2)
-                decode = new_tokens / (min(gen(new_tokens + 1) for _ in range(2)) - min(gen(1) for _ in range(2)))
+                decode = new_tokens / (
+                    min(gen(new_tokens + 1) for _ in range(2)) - min(gen(1) for _ in range(2))
+                )
             rows.append({"model": name, "prefill": prompt / t_prefill, "decode": decode})
             del model
             gc.collect()
@@ -124,8 +157,13 @@ def model_table(dev: str, small: bool, prompt: int, new_tokens: int) -> None:
         r["x_prefill"], r["x_decode"] = r["prefill"] / rows[0]["prefill"], r["decode"] / rows[0]["decode"]
     print_table(
         rows,
-        [("model", "model", ""), ("prefill", "prefill tok/s", ".0f"), ("x_prefill", "vs dense", ".2f"),
-         ("decode", "decode tok/s", ".1f"), ("x_decode", "vs dense", ".2f")],
+        [
+            ("model", "model", ""),
+            ("prefill", "prefill tok/s", ".0f"),
+            ("x_prefill", "vs dense", ".2f"),
+            ("decode", "decode tok/s", ".1f"),
+            ("x_decode", "vs dense", ".2f"),
+        ],
     )
 
 

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 import llmpress
-from llmpress.config import PruningConfig
 from llmpress.errors import RecipeError
-from llmpress.modules import get_weight
+from llmpress.model.modules import get_weight
+from llmpress.recipe.config import PruningConfig
 
 
 @dataclasses.dataclass(frozen=True)
