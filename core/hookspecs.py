@@ -10,7 +10,7 @@ implementation never checks the config's type. Plugins that register no method (
 built-in ``masking`` defaults, say) are *general*: they are called for every method, after
 the method's own plugin when marked ``trylast``.
 
-For every target layer of a ``scope = "layer"`` method the engine calls, without touching
+For every target layer of a method of the default per-layer kind the engine calls, without touching
 the model::
 
     score  = llmpress_score_importance(module, stats, config)
@@ -18,7 +18,8 @@ the model::
     result = llmpress_update_weights(module, mask=keep, stats, config)
 
 and then commits ``result`` (a :class:`llmpress.model.results.LayerResult`). For a
-``scope = "block"`` method it calls ``llmpress_change_block`` once per block and applies the
+block-level method (a :class:`llmpress.structure.block_stage.BlockMethodConfig`) it calls
+``llmpress_change_block`` once per block and applies the
 returned change. When a compressed model is loaded, ``llmpress_export_kernel`` offers the
 kernels that can run each stored layer. A stage with an ``allocation:`` section asks
 ``llmpress_search_allocation`` for the level of every unit under the stage's budget.
@@ -27,7 +28,7 @@ kernels that can run each stored layer. A stage with an ``allocation:`` section 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from llmpress.math.targets import SparsityTarget
     from llmpress.model.results import LayerResult
     from llmpress.recipe.config import MethodConfig
-    from llmpress.structure.blocks import BlockChange, BlockContext
+    from llmpress.structure.blocks import BlockChange, BlockContext, BlockScore
 
 PROJECT = "llmpress"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -130,7 +131,7 @@ def llmpress_update_weights(
 def llmpress_change_block(
     block: BlockContext, config: MethodConfig
 ) -> BlockChange | Sequence[BlockChange] | None:
-    """Compute a change spanning several modules of one block (``config.scope == "block"``).
+    """Compute a change spanning several modules of one block (a block-level method).
 
     :param block: the block (its module, index, qualified name, the model's config) and
         the statistics ``config.stats`` asked for, for every linear layer of the block by
@@ -148,7 +149,7 @@ def llmpress_change_block(
 
 
 @hookspec(firstresult=True)
-def llmpress_score_block(block: BlockContext, config: MethodConfig) -> Any:
+def llmpress_score_block(block: BlockContext, config: MethodConfig) -> BlockScore | None:
     """Score one block for a decision across blocks (``config.plans_globally()``).
 
     Called in a planning pass over every block of the *unchanged* model (statistics from
@@ -158,7 +159,8 @@ def llmpress_score_block(block: BlockContext, config: MethodConfig) -> Any:
 
     :param block: as for ``llmpress_change_block`` (``block.scores`` is empty here).
     :param config: the stage's method config.
-    :returns: any object the method's ``llmpress_change_block`` understands, or ``None``.
+    :returns: a :class:`llmpress.structure.blocks.BlockScore` (a subclass the method's
+        ``llmpress_change_block`` and ``BlockMethodConfig.decide`` read back), or ``None``.
         The block must not be modified. ``firstresult``.
     """
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from llmpress.math.targets import SparsityTarget
     from llmpress.model.results import LayerResult
     from llmpress.recipe.config import MethodConfig
-    from llmpress.structure.blocks import BlockChange, BlockContext
+    from llmpress.structure.blocks import BlockChange, BlockContext, BlockScore
 
 _METHOD_HOOKS = (
     "llmpress_score_importance",
@@ -72,9 +72,14 @@ class MethodHooks:
             raise self._bad("llmpress_update_weights", "a LayerResult or None", out)
         return out
 
-    def score_block(self, block: BlockContext, config: MethodConfig) -> Any:
+    def score_block(self, block: BlockContext, config: MethodConfig) -> BlockScore | None:
         """The method's scores of one block for a decision across blocks (or ``None``)."""
-        return self._call["llmpress_score_block"](block=block, config=config)
+        from llmpress.structure.blocks import BlockScore
+
+        out = self._call["llmpress_score_block"](block=block, config=config)
+        if out is not None and not isinstance(out, BlockScore):
+            raise self._bad("llmpress_score_block", "a BlockScore (llmpress.structure.blocks) or None", out)
+        return out
 
     def change_block(self, block: BlockContext, config: MethodConfig) -> list[BlockChange]:
         """The changes the method makes to one block (possibly none)."""

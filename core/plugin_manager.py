@@ -127,6 +127,7 @@ class Llmpress:
         through ``llmpress_export_kernel``, by name) and ``general`` (a plugin with none of
         these: the hooks it implements, called for every method). A plugin may be in several."""
         from llmpress.kernels.registry import Kernel
+        from llmpress.recipe.allocation import AllocationConfig
 
         out: dict[str, dict[str, list[str]]] = {
             "stage_methods": {},
@@ -140,7 +141,8 @@ class Llmpress:
                 continue
             for m in sorted(self.methods.values(), key=lambda m: m.name):
                 if m.plugin == name:
-                    kind = "allocation_searches" if m.config_cls.scope == "allocation" else "stage_methods"
+                    search = issubclass(m.config_cls, AllocationConfig)
+                    kind = "allocation_searches" if search else "stage_methods"
                     out[kind].setdefault(name, []).append(m.name)
             if name in exporters:
                 kernels = getattr(plugin, "__dict__", {}).values()

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from llmpress import hookimpl
-from llmpress.allocation.problem import DropBlocksConfig
+from llmpress.recipe.allocation import DropBlocksConfig
 
 
 @hookimpl

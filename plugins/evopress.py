@@ -23,10 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
 from llmpress import hookimpl
-from llmpress.allocation.problem import AllocationConfig, AllocationProblem, AllocationResult, moves_from
+from llmpress.allocation.problem import AllocationProblem, AllocationResult, moves_from
 from llmpress.engine import distributed
 from llmpress.errors import AllocationError, RecipeError
 from llmpress.format.output import atomic_write
+from llmpress.recipe.allocation import AllocationConfig
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,9 @@ class EvoPressConfig(AllocationConfig):
             )
         if len(self.survivors) != len(self.tokens) - 1 or any(s < 1 for s in self.survivors):
             raise RecipeError("allocation 'evopress': survivors needs len(tokens) - 1 numbers >= 1")
+
+    def checkpoint_path(self) -> str | None:
+        return self.checkpoint
 
 
 def mutate(

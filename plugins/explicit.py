@@ -11,8 +11,9 @@ import dataclasses
 from typing import ClassVar
 
 from llmpress import hookimpl
-from llmpress.allocation.problem import AllocationConfig, AllocationProblem, AllocationResult
+from llmpress.allocation.problem import AllocationProblem, AllocationResult
 from llmpress.errors import RecipeError
+from llmpress.recipe.allocation import AllocationConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,9 @@ class ExplicitConfig(AllocationConfig):
         super().validate()
         if not isinstance(self.levels, dict):
             raise RecipeError("allocation 'explicit': 'levels' must map every unit to its level")
+
+    def fixed_levels(self) -> dict[str, float] | None:
+        return dict(self.levels)
 
 
 @hookimpl

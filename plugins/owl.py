@@ -19,8 +19,10 @@ from typing import ClassVar
 import torch
 
 from llmpress import hookimpl
-from llmpress.allocation.problem import AllocationConfig, AllocationProblem, AllocationResult
+from llmpress.allocation.problem import AllocationProblem, AllocationResult
 from llmpress.errors import AllocationError, RecipeError
+from llmpress.recipe.allocation import AllocationConfig
+from llmpress.recipe.config import LevelKind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +30,7 @@ class OWLConfig(AllocationConfig):
     """``M``: outlier threshold (times the mean score); ``lam``: the sparsity spread lambda."""
 
     method: ClassVar[str] = "owl"
-    kinds: ClassVar[tuple[str, ...]] = ("sparsity",)
+    handles: ClassVar[frozenset[LevelKind]] = frozenset({LevelKind.SPARSITY})
     citation: ClassVar[str] = """@inproceedings{yin2024owl,
       title     = {Outlier Weighed Layerwise Sparsity ({OWL}): A Missing Secret Sauce for Pruning {LLMs} to High Sparsity},
       author    = {Yin, Lu and Wu, You and Zhang, Zhenyu and Hsieh, Cheng-Yu and Wang, Yaqing and Jia, Yiling and Li, Gen and Jaiswal, Ajay and Pechenizkiy, Mykola and Liang, Yi and Bendersky, Michael and Wang, Zhangyang and Liu, Shiwei},

@@ -8,7 +8,9 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from llmpress import hookimpl
-from llmpress.allocation.problem import AllocationConfig, AllocationProblem, AllocationResult
+from llmpress.allocation.problem import AllocationProblem, AllocationResult
+from llmpress.recipe.allocation import AllocationConfig
+from llmpress.recipe.config import LevelKind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,7 +18,7 @@ class ShortGPTConfig(AllocationConfig):
     """No options: the influence is measured on the calibration tokens."""
 
     method: ClassVar[str] = "shortgpt"
-    kinds: ClassVar[tuple[str, ...]] = ("blocks",)
+    handles: ClassVar[frozenset[LevelKind]] = frozenset({LevelKind.BLOCKS})
     citation: ClassVar[str] = """@article{men2024shortgpt,
       title   = {{ShortGPT}: Layers in Large Language Models are More Redundant Than You Expect},
       author  = {Men, Xin and Xu, Mingyu and Zhang, Qingyu and Wang, Bingning and Lin, Hongyu and Lu, Yaojie and Han, Xianpei and Chen, Weipeng},

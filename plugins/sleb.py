@@ -9,7 +9,9 @@ from typing import ClassVar
 from tqdm.auto import tqdm
 
 from llmpress import hookimpl
-from llmpress.allocation.problem import AllocationConfig, AllocationProblem, AllocationResult
+from llmpress.allocation.problem import AllocationProblem, AllocationResult
+from llmpress.recipe.allocation import AllocationConfig
+from llmpress.recipe.config import LevelKind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,7 +20,7 @@ class SLEBConfig(AllocationConfig):
     per score (0: all fitness tokens)."""
 
     method: ClassVar[str] = "sleb"
-    kinds: ClassVar[tuple[str, ...]] = ("blocks",)
+    handles: ClassVar[frozenset[LevelKind]] = frozenset({LevelKind.BLOCKS})
     citation: ClassVar[str] = """@inproceedings{song2024sleb,
       title     = {{SLEB}: Streamlining {LLMs} through Redundancy Verification and Elimination of Transformer Blocks},
       author    = {Song, Jiwon and Oh, Kyungseok and Kim, Taesu and Kim, Hyungjun and Kim, Yulhwa and Kim, Jae-Joon},

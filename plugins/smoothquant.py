@@ -11,18 +11,17 @@ from llmpress import hookimpl
 from llmpress.errors import ModelError, RecipeError
 from llmpress.model.modules import get_weight
 from llmpress.quant.smoothing import smooth_scales, smoothing_pairs
-from llmpress.recipe.config import MethodConfig
+from llmpress.structure.block_stage import BlockMethodConfig
 from llmpress.structure.blocks import BlockContext, ScaleChannels
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class SmoothQuantConfig(MethodConfig):
+class SmoothQuantConfig(BlockMethodConfig):
     """``alpha`` in [0, 1]: the share of the activations' range moved into the weights."""
 
     method: ClassVar[str] = "smoothquant"
-    scope: ClassVar[str] = "block"
     stats: ClassVar[frozenset[str]] = frozenset({"absmax"})
     citation: ClassVar[str] = """@inproceedings{xiao2023smoothquant,
       title     = {{SmoothQuant}: Accurate and Efficient Post-Training Quantization for Large Language Models},

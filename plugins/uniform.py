@@ -6,7 +6,9 @@ import dataclasses
 from typing import ClassVar
 
 from llmpress import hookimpl
-from llmpress.allocation.problem import AllocationConfig, AllocationProblem, AllocationResult
+from llmpress.allocation.problem import AllocationProblem, AllocationResult
+from llmpress.recipe.allocation import AllocationConfig
+from llmpress.recipe.config import LevelKind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -14,7 +16,7 @@ class UniformConfig(AllocationConfig):
     """No search: the uniform start (the stage's sparsity or bits on every layer)."""
 
     method: ClassVar[str] = "uniform"
-    kinds: ClassVar[tuple[str, ...]] = ("sparsity", "bits")
+    handles: ClassVar[frozenset[LevelKind]] = frozenset({LevelKind.SPARSITY, LevelKind.BITS})
     #: the level-database framework this baseline / written-back choice belongs to
     citation: ClassVar[str] = """@article{sieberling2024evopress,
       title   = {{EvoPress}: Towards Optimal Dynamic Model Compression via Evolutionary Search},

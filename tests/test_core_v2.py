@@ -24,7 +24,8 @@ from llmpress.model.results import compression_state
 from llmpress.plugin_manager import get_plugin_manager, make_plugin_manager
 from llmpress.plugins.gptq import GPTQConfig, gptq_quantize
 from llmpress.plugins.sparsegpt import sparsegpt_prune
-from llmpress.recipe.config import MethodConfig, PruningConfig
+from llmpress.recipe.config import PruningConfig
+from llmpress.structure.block_stage import BlockMethodConfig
 from llmpress.structure.blocks import ChannelGroup, DroppedModule, DropSubBlocks, PruneChannels, ScaleChannels
 
 PROBE = calib_ids(2, 16, seed=7)
@@ -85,11 +86,10 @@ def test_a_scoring_plugin_from_a_test_file_runs_from_a_yaml_recipe_through_the_c
 
 
 @dataclasses.dataclass(frozen=True)
-class DropNeuronsConfig(MethodConfig):
+class DropNeuronsConfig(BlockMethodConfig):
     """Remove ``i + 1`` MLP neurons from block ``i`` (the smallest gate/up row norms)."""
 
     method: ClassVar[str] = "drop_neurons_test"
-    scope: ClassVar[str] = "block"
     needs_calibration: ClassVar[bool] = False
     stats: ClassVar[frozenset[str]] = frozenset()
 
@@ -141,9 +141,8 @@ def test_block_hook_removes_i_plus_1_neurons_and_the_model_reloads(tmp_path: Pat
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockTransformConfig(MethodConfig):
+class BlockTransformConfig(BlockMethodConfig):
     method: ClassVar[str] = "block_transform_test"
-    scope: ClassVar[str] = "block"
     stats: ClassVar[frozenset[str]] = frozenset({"absmax"})
     drop_mlp_of: int = -1
 

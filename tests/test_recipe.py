@@ -17,6 +17,7 @@ from llmpress.plugin_manager import make_plugin_manager
 from llmpress.plugins.magnitude import MagnitudeConfig
 from llmpress.plugins.sparsegpt import SparseGPTConfig
 from llmpress.plugins.wanda import WandaConfig
+from llmpress.recipe.allocation import AllocationConfig
 from llmpress.recipe.config import MethodConfig, PruningConfig
 from llmpress.recipe.recipes import Recipe, Stage, as_recipe
 
@@ -178,8 +179,8 @@ def test_every_method_config_round_trips_through_json(pm) -> None:
         assert set(d) == {"method", "version", *type(cfg).field_names()}
         back = type(cfg).from_dict(json.loads(json.dumps(d)))
         assert back == cfg and type(back) is type(cfg)
-        if cfg.scope == "allocation":  # an allocation search: under a stage's allocation key
-            stage = _STAGE_OF_KIND[type(cfg).kinds[0]]  # type: ignore[attr-defined]
+        if isinstance(cfg, AllocationConfig):  # an allocation search: under a stage's allocation key
+            stage = _STAGE_OF_KIND[sorted(k.value for k in type(cfg).handles)[0]]
             (st,) = Recipe.from_dict({"stages": [{**stage, "allocation": d}]}).resolve(pm)
             assert st.allocation == cfg
             continue

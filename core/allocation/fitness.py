@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,14 @@ from llmpress.errors import AllocationError
 from llmpress.model.modules import get_weight, set_weight
 
 log = logging.getLogger(__name__)
+
+
+class Stitcher(Protocol):
+    """Puts a candidate's levels into the model (``apply``) and the dense model back (``restore``)."""
+
+    def apply(self, levels: Sequence[int]) -> None: ...
+
+    def restore(self) -> None: ...
 
 
 class WeightStitcher:

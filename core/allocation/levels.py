@@ -36,15 +36,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmpress.allocation.level_sets import LevelSet
-from llmpress.engine.stats import LayerStats
 from llmpress.errors import AllocationError
 from llmpress.format.checkpoint import VERIFY_ENV, file_checksum
 from llmpress.format.output import atomic_file
-from llmpress.method_hooks import MethodHooks
 from llmpress.model.modules import get_weight
 from llmpress.model.results import LayerResult, QuantState
 from llmpress.quant.packing import pack_bitmask, unpack_bitmask
-from llmpress.recipe.config import MethodConfig
 
 log = logging.getLogger(__name__)
 
@@ -82,35 +79,6 @@ def fingerprint(
         "levels": _sha(levels.values),  # the level values only: searches of other budgets share it
         "calibration": _sha(ids.long()),
     }
-
-
-def level_config(config: MethodConfig, kind: str, value: float) -> MethodConfig:
-    """The stage's config at one level (its sparsity or bit width replaced)."""
-    if kind == "sparsity":
-        return dataclasses.replace(config, sparsity=float(value))  # type: ignore[call-arg]
-    return dataclasses.replace(config, bits=int(value))  # type: ignore[call-arg]
-
-
-def compute_result(
-    hooks: MethodHooks, module: nn.Module, stats: LayerStats | None, config: MethodConfig
-) -> LayerResult:
-    """score -> mask -> update for one layer, without committing (as the engine does)."""
-    scores = hooks.score(module, stats, config)
-    mask = None
-    if scores is not None:
-        target = config.sparsity_target()
-        assert target is not None
-        mask = hooks.select_mask(scores, target, config)
-    res = hooks.update(module, mask, stats, config)
-    if res is None:
-        if mask is None:
-            raise AllocationError(f"method {config.method!r} computed no result for a level")
-        res = LayerResult(mask=mask)
-    if res.mask is None and mask is not None:
-        res = dataclasses.replace(res, mask=mask)
-    if res.weight is None and res.mask is not None:
-        res = dataclasses.replace(res, weight=get_weight(module).detach() * res.mask)
-    return res
 
 
 def entry_bytes(numel: int, kind: str, elem: int) -> int:

@@ -14,19 +14,17 @@ recompressed during the search. The variants live in memory next to the model:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
-from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from llmpress.allocation.level_sets import LevelSet
-from llmpress.engine.capture import BlockActivations, outside_blocks_on
+from llmpress.engine.block_pass import BlockPass
+from llmpress.engine.record import RunRecord
+from llmpress.engine.stage import BlockStep, BlockwiseStage, BoundStage
 from llmpress.errors import AllocationError, ModelError, RecipeError
-from llmpress.model.modules import is_linear
-from llmpress.recipe.recipes import ResolvedStage
+from llmpress.model.results import LayerResult
 from llmpress.structure.blocks import BlockContext, apply_block_change
 
 log = logging.getLogger(__name__)
@@ -48,68 +46,82 @@ def _block_params(block: nn.Module) -> int:
     return sum(p.numel() for p in block.parameters())
 
 
+class WidthLevels(BlockwiseStage):
+    """Each block's variants at the width levels, from the dense block's statistics; the
+    block itself is left as it was (its outputs feed the next block)."""
+
+    def __init__(self, stage: BoundStage, record: RunRecord, values: list[float], start: int) -> None:
+        super().__init__(stage, record)
+        self.values, self.start = values, start
+        self.units: list[str] = []
+        #: per block, its variants (level 0: the block itself) and each variant's layer results
+        self.variants: list[list[nn.Module]] = []
+        self.results: list[list[dict[str, LayerResult]]] = []
+
+    def process_block(self, step: BlockStep) -> None:
+        stats = step.statistics(self.stage, step.targets(self.stage))
+        model_config = getattr(step.run.model, "config", None)
+        found: list[nn.Module] = [step.module]
+        results: list[dict[str, LayerResult]] = [{}]
+        for v in self.values[1:]:
+            variant = copy.deepcopy(step.module)
+            ctx = BlockContext(step.index, step.name, variant, model_config, stats)
+            done: dict[str, LayerResult] = {}
+            try:
+                for change in self.stage.hooks.change_block(ctx, self.config.at_level(v)):
+                    done.update(apply_block_change(variant, ctx, change))
+            except ModelError as e:  # this block cannot lose that much: its levels end here
+                log.debug("%s: no level %.3f (%s)", step.name, v, e)
+                break
+            found.append(variant)
+            results.append(done)
+        if len(found) <= self.start:
+            raise AllocationError(
+                f"{step.name}: the stage's ratio {self.values[self.start]} cannot be reached in this block"
+            )
+        self.units.append(step.name)
+        self.variants.append(found)
+        self.results.append(results)
+
+
 @torch.no_grad()
 def build_width_levels(
     model: nn.Module,
-    st: ResolvedStage,
-    pm: Any,
+    stage: BoundStage,
     ids: torch.Tensor,
     values: list[float],
     start: int,
     device: torch.device,
     batch_size: int,
     progress: bool,
-) -> tuple[list[str], LevelSet, list[list[nn.Module]]]:
+    min_tokens: int,
+) -> WidthLevels:
     """Per block: its variants at ``values`` (fewer where a level would remove every head or
-    neuron). Returns ``(block names, level set, variants)``."""
-    from llmpress.engine.gradients import collect_gradients
-    from llmpress.pipeline.compress import _Engine
-
-    cfg = st.config
-    if "hidden" in getattr(cfg, "structures", ()):
+    neuron), built in one block pass over the dense model."""
+    if stage.config.prunes_hidden():
         raise RecipeError(
-            f"{st.name}: the hidden width is one for the whole model; an allocation search over "
+            f"{stage.name}: the hidden width is one for the whole model; an allocation search over "
             f"per-block widths takes heads and neurons only (use allocation: global for hidden)"
         )
-    engine = _Engine(model, [st], pm, device)
-    sizes = {_block_params(b) for b in engine.blocks}
+    record = RunRecord()
+    run = BlockPass(model, device, record, moe_min_tokens=min_tokens)
+    sizes = {_block_params(b) for b in run.blocks}
     if len(sizes) != 1:
         raise AllocationError(
-            f"{st.name}: an allocation over widths needs blocks of equal size, got {sorted(sizes)}"
+            f"{stage.name}: an allocation over widths needs blocks of equal size, got {sorted(sizes)}"
         )
-    acts = BlockActivations(store=device, compute=device)
-    names = engine.grad_targets()
-    if names:
-        engine.grads = collect_gradients(model, ids, names, batch_size, device, progress=progress)
-    with outside_blocks_on(model, engine.prefix, device):
-        acts.capture(model, engine.blocks[0], ids, batch_size, progress=progress)
-    hooks = engine.hooks[0]
-    config = getattr(model, "config", None)
-    units, variants = [], []
-    for i in tqdm(range(len(engine.blocks)), desc="width levels", disable=not progress):
-        block = engine.blocks[i]
-        name = f"{engine.prefix}.{i}"
-        rels = [r for r in engine.plans[0].get(i, []) if is_linear(block.get_submodule(r))]
-        stats, _ = engine._collect(block, {r: block.get_submodule(r) for r in rels}, st, acts, i)
-        found: list[nn.Module] = [block]
-        for v in values[1:]:
-            variant = copy.deepcopy(block)
-            ctx = BlockContext(i, name, variant, config, stats)
-            level_cfg = dataclasses.replace(cfg, ratio=v, allocation="uniform")  # type: ignore[call-arg]
-            try:
-                for change in hooks.change_block(ctx, level_cfg):
-                    apply_block_change(variant, ctx, change)
-            except ModelError as e:  # this block cannot lose that much: its levels end here
-                log.debug("%s: no level %.3f (%s)", name, v, e)
-                break
-            found.append(variant)
-        if len(found) <= start:
-            raise AllocationError(
-                f"{name}: the stage's ratio {values[start]} cannot be reached in this block"
-            )
-        units.append(name)
-        variants.append(found)
-        acts.run(block, keep_outputs=True)
-    costs = [list(range(len(v))) for v in variants]
-    levels = LevelSet([values[: len(v)] for v in variants], costs, [start] * len(units), start * len(units))
-    return units, levels, variants
+    grads = []
+    if "grad" in stage.config.statistics():
+        grads = [f"{run.prefix}.{i}.{r}" for i, rels in stage.targets.items() for r in rels]
+    run.start(ids, batch_size, grad_layers=grads, progress=progress)
+    builder = WidthLevels(stage, record, values, start)
+    run.run([builder], progress=progress, desc="width levels")
+    return builder
+
+
+def width_level_set(builder: WidthLevels) -> LevelSet:
+    """The level set of the built variants (cost = level index; every block starts at ``start``)."""
+    n = len(builder.units)
+    costs = [list(range(len(v))) for v in builder.variants]
+    values = [builder.values[: len(v)] for v in builder.variants]
+    return LevelSet(values, costs, [builder.start] * n, builder.start * n)

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from llmpress.model.results import CompressionState
+
 
 def stored_base(base_model: str | None) -> str | None:
     """``base_model`` as the report stores it: a local folder as an absolute path (so that
@@ -93,3 +95,12 @@ class CompressionReport:
             **({"structure": self.structure} if self.structure else {}),
             **({"allocation": self.allocation} if self.allocation is not None else {}),
         }
+
+
+@dataclasses.dataclass
+class CompressionResult(CompressionReport):
+    """What :func:`llmpress.compress` returns with the model: the report plus ``state``, each
+    layer's committed result (masks, quantization state) and the KV-cache scales, which the
+    savers read. ``state`` is not part of ``to_dict()``."""
+
+    state: CompressionState = dataclasses.field(default_factory=CompressionState)

@@ -10,12 +10,15 @@ search) leave the model unchanged.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from llmpress.model.modules import get_weight, set_weight
+
+if TYPE_CHECKING:
+    from llmpress.recipe.config import QuantConfig
 
 _STATE_ATTR = "_llmpress_state"
 
@@ -44,7 +47,7 @@ class QuantState:
     input_scale: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, config: Any) -> QuantState:
+    def of(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, config: QuantConfig) -> QuantState:
         """From codes/scales/zeros and a :class:`llmpress.recipe.config.QuantConfig`'s grid."""
         return cls(
             codes=codes,
@@ -54,7 +57,7 @@ class QuantState:
             group_size=int(config.group_size),
             symmetric=bool(config.symmetric),
             method=config.method,
-            activations=getattr(config, "activation_scheme", lambda: None)(),
+            activations=config.activation_scheme(),
         )
 
     def dequantize(self) -> torch.Tensor:
@@ -162,13 +165,12 @@ def merge_results(old: LayerResult | None, new: LayerResult) -> LayerResult:
 
 
 @torch.no_grad()
-def commit(model: nn.Module, name: str, module: nn.Module, result: LayerResult) -> LayerResult:
-    """Write ``result`` into ``module`` (qualified ``name`` in ``model``) and record it.
+def commit(state: CompressionState, name: str, module: nn.Module, result: LayerResult) -> LayerResult:
+    """Write ``result`` into ``module`` (qualified ``name``) and record it in ``state``.
 
     The accumulated keep mask is applied to the written weight, so weights pruned by an
     earlier stage stay exactly zero. Returns the merged record.
     """
-    state = compression_state(model, create=True)
     # the record keeps what the weight cannot say; the model holds the weight (no CPU copy of it)
     merged = merge_results(state.layers.get(name), dataclasses.replace(result, weight=None).to("cpu"))
     w = result.weight if result.weight is not None else get_weight(module)

@@ -8,14 +8,35 @@ recipe, ``config.json`` and the model card; ``from_dict()`` reads it back.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Any, ClassVar, TypeVar, get_type_hints
 
+from llmpress.engine.layer_stage import LayerUpdate
+from llmpress.engine.stage import StageExecutor
 from llmpress.errors import ModelError, RecipeError
 from llmpress.math.masks import check_nm_divides
 from llmpress.math.targets import SparsityTarget, parse_pattern
 from llmpress.quant.grid import QuantSpec, check_spec, grid_problem
 
 C = TypeVar("C", bound="MethodConfig")
+
+
+class LevelKind(str, enum.Enum):
+    """What an allocation search distributes over a stage's units."""
+
+    SPARSITY = "sparsity"  # the fraction of each layer's weights pruned
+    BITS = "bits"  # each layer's bit width
+    BLOCKS = "blocks"  # blocks or sub-blocks kept or dropped
+    WIDTHS = "widths"  # the fraction of each block's parameters removed (structured)
+
+
+@dataclasses.dataclass(frozen=True)
+class Allocatable:
+    """How a stage can be allocated: the kind of level and the stage's own budget
+    (its sparsity, bit width, number of blocks dropped or removed fraction)."""
+
+    kind: LevelKind
+    target: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,8 +50,15 @@ class MethodConfig:
       :data:`llmpress.engine.stats.STATISTICS`: ``"hessian"``, ``"sq_norms"``, ``"mean_var"``,
       ``"absmax"``, ``"token_norms"``, ``"grad"``);
     * ``needs_calibration``: whether the method needs calibration data at all;
-    * ``scope``: ``"layer"`` (score -> mask -> update on each target layer) or ``"block"``
-      (one ``llmpress_change_block`` call per block);
+    * ``kind``: the stage kind that runs it (:mod:`llmpress.engine.stage`): by default
+      :class:`llmpress.engine.layer_stage.LayerUpdate` (score -> mask -> update on each
+      target layer); block-level methods name :class:`llmpress.structure.block_stage.BlockChange`;
+      a plugin may bring its own kind;
+    * :meth:`allocatable`: what an ``allocation:`` search can distribute over the stage;
+    * ``default_allocation``: the search used when a stage has no ``allocation:`` section
+      (``None``: the stage runs without one);
+    * ``own_allocations``: values of ``allocation:`` that set the method's own option
+      rather than name a search;
     * :meth:`sparsity_target`: the mask a scoring method must select (``None``: no mask);
     * :meth:`sequential`: compress a block's layers input group by input group.
 
@@ -42,7 +70,9 @@ class MethodConfig:
     version: ClassVar[int] = 1
     stats: ClassVar[frozenset[str]] = frozenset({"sq_norms"})
     needs_calibration: ClassVar[bool] = True
-    scope: ClassVar[str] = "layer"
+    kind: ClassVar[type[StageExecutor]] = LayerUpdate
+    default_allocation: ClassVar[str | None] = None
+    own_allocations: ClassVar[tuple[str, ...]] = ()
     #: BibTeX of the method's paper(s), cited in model cards
     citation: ClassVar[str] = ""
 
@@ -69,15 +99,17 @@ class MethodConfig:
         """Whether these options need calibration data (default: ``needs_calibration``)."""
         return type(self).needs_calibration
 
-    def plans_globally(self) -> bool:
-        """True for a ``scope = "block"`` method that scores every block first
-        (``llmpress_score_block``) and decides across blocks before changing any."""
-        return False
+    def allocatable(self) -> Allocatable | None:
+        """What an allocation search can distribute over this stage (``None``: nothing)."""
+        return None
 
-    def model_changes(self, block_scores: tuple[Any, ...]) -> tuple[Any, ...]:
-        """Whole-model changes (e.g. :class:`llmpress.structure.hidden.PruneHidden`) decided from the
-        planning pass's block scores, applied before the block pass (default: none)."""
-        return ()
+    def at_level(self: C, value: float) -> C:
+        """This config at one level of an allocation (its sparsity, bits or ratio replaced)."""
+        raise NotImplementedError(f"method {self.method!r} has no levels")
+
+    def prunes_hidden(self) -> bool:
+        """True when the stage removes hidden (residual-stream) channels of the whole model."""
+        return False
 
     def check_module(self, name: str, in_features: int, out_features: int) -> None:
         """Check that this config can compress a layer of this shape (before any work);
@@ -173,6 +205,12 @@ class PruningConfig(MethodConfig):
     #: the comparison group of unstructured selection: ``"row"`` or ``"layer"``
     selection_group: ClassVar[str] = "row"
 
+    def allocatable(self) -> Allocatable | None:
+        return Allocatable(LevelKind.SPARSITY, self.sparsity_target().sparsity)
+
+    def at_level(self: C, value: float) -> C:
+        return dataclasses.replace(self, sparsity=float(value))  # type: ignore[call-arg]
+
     def sparsity_target(self) -> SparsityTarget:
         """The :class:`SparsityTarget` this config asks for."""
         nm = parse_pattern(self.pattern)
@@ -214,6 +252,12 @@ class QuantConfig(MethodConfig):
                     f"group_size: -1, symmetric: true; got bits {self.bits}, group_size "
                     f"{self.group_size}, symmetric {self.symmetric}"
                 )
+
+    def allocatable(self) -> Allocatable | None:
+        return Allocatable(LevelKind.BITS, float(self.bits))
+
+    def at_level(self: C, value: float) -> C:
+        return dataclasses.replace(self, bits=int(value))  # type: ignore[call-arg]
 
     def activation_scheme(self) -> str | None:
         """The activation scheme (:data:`llmpress.quant.activations.SCHEMES`) or ``None``."""

@@ -25,8 +25,10 @@ from typing import Any
 import yaml
 
 from llmpress.errors import RecipeError
+from llmpress.method_hooks import MethodHooks
 from llmpress.plugin_manager import Llmpress, get_plugin_manager
-from llmpress.recipe.config import MethodConfig
+from llmpress.recipe.allocation import AllocationConfig, resolve_allocation, split_average
+from llmpress.recipe.config import MethodConfig, QuantConfig
 
 #: the most stages a recipe may have (a real recipe has a handful; each is a pass over the model)
 MAX_STAGES = 64
@@ -160,8 +162,11 @@ class ResolvedStage:
     index: int
     stage: Stage
     config: MethodConfig
-    #: the validated ``allocation:`` config (an :class:`llmpress.allocation.problem.AllocationConfig`)
-    allocation: MethodConfig | None = None
+    #: the validated ``allocation:`` config
+    allocation: AllocationConfig | None = None
+    #: the method's typed hooks, and the allocation search's (set by :meth:`Recipe.resolve`)
+    hooks: MethodHooks | None = None
+    search: MethodHooks | None = None
 
     @property
     def name(self) -> str:
@@ -198,19 +203,18 @@ class Recipe:
             raise RecipeError("the recipe has no stages; add e.g. {method: wanda, sparsity: 0.5}")
         _check_stage_count(len(stages))
         out = []
-        from llmpress.allocation.problem import resolve_allocation, split_average
 
         for i, st in enumerate(stages):
             info = pm.method(st.method)
             if (
                 st.allocation is not None
                 and set(st.allocation) == {"method"}
-                and st.allocation["method"] in getattr(info.config_cls, "own_allocations", ())
+                and st.allocation["method"] in info.config_cls.own_allocations
             ):  # the method's own allocation option (structured: uniform | global), not a search
                 st = dataclasses.replace(
                     st, options={**st.options, "allocation": st.allocation["method"]}, allocation=None
                 )
-            own = getattr(info.config_cls, "own_allocations", ())
+            own = info.config_cls.own_allocations
             if own and st.allocation is not None and str(st.allocation.get("method")) not in pm.methods:
                 raise RecipeError(
                     f"stage {i} ({st.method}): allocation must be one of {list(own)} or a search such as "
@@ -218,12 +222,14 @@ class Recipe:
                 )
             try:
                 options, average = (st.options, None)
-                if "bits" in info.config_cls.field_names():  # bits: 2.5 is a budget under an allocation
+                if issubclass(info.config_cls, QuantConfig):  # bits: 2.5 is a budget under an allocation
                     options, average = split_average(st.options, st.allocation)
                 cfg = info.config_cls.from_dict(options)
             except RecipeError as e:
                 raise RecipeError(f"stage {i} ({st.method}): {e}") from None
-            out.append(ResolvedStage(i, st, cfg, resolve_allocation(pm, i, st.allocation, cfg, average)))
+            alloc = resolve_allocation(pm, i, st.allocation, cfg, average)
+            search = None if alloc is None else pm.hooks_for(alloc)
+            out.append(ResolvedStage(i, st, cfg, alloc, pm.hooks_for(cfg), search))
         return out
 
     @classmethod

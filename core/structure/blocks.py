@@ -14,8 +14,8 @@ applies to the block:
 * :class:`DropSubBlocks`: sub-blocks (``self_attn``, ``mlp``) replaced by a module adding
   nothing to the residual stream.
 
-Applying a change records per-layer results (removed indices) in the model's
-:class:`llmpress.model.results.CompressionState`.
+Applying a change returns per-layer results (removed indices), which the block-change stage
+(:mod:`llmpress.structure.block_stage`) records in the run's state.
 """
 
 from __future__ import annotations
@@ -30,7 +30,18 @@ from llmpress.engine.stats import LayerStats
 from llmpress.errors import ModelError
 from llmpress.model.dropped import DroppedModule
 from llmpress.model.modules import get_weight, in_out_features
-from llmpress.model.results import LayerResult, compression_state
+from llmpress.model.results import LayerResult
+
+
+class BlockScore:
+    """Base of what ``llmpress_score_block`` returns for one block (e.g. a structured
+    method's :class:`llmpress.structure.structured.BlockUnits`): typed, so the engine can
+    check it and the method's ``llmpress_change_block`` reads it back without guessing."""
+
+
+class BlockDecision:
+    """Base of a block method's decision across blocks, made once after the planning pass
+    (``BlockMethodConfig.decide``) and handed to every ``llmpress_change_block`` call."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +58,9 @@ class BlockContext:
     stats: dict[str, LayerStats]
     #: every block's ``llmpress_score_block`` answer from the planning pass, for a method
     #: whose config asks for one (``config.plans_globally()``); empty otherwise
-    scores: tuple[Any, ...] = ()
+    scores: tuple[BlockScore | None, ...] = ()
+    #: the method's decision across blocks (``BlockMethodConfig.decide``), or ``None``
+    decision: BlockDecision | None = None
 
     def linear(self, rel: str) -> nn.Module:
         return self.module.get_submodule(rel)
@@ -213,7 +226,8 @@ def _apply_scale(ctx: BlockContext, change: ScaleChannels) -> None:
 
 
 def apply_block_change(model: nn.Module, ctx: BlockContext, change: BlockChange) -> dict[str, LayerResult]:
-    """Apply ``change`` to the block of ``ctx`` (in ``model``) and record per-layer results."""
+    """Apply ``change`` to the block of ``ctx`` (in ``model``); returns the per-layer results
+    (removed rows and columns, by qualified name) for the caller to record."""
     results: dict[str, LayerResult] = {}
     if isinstance(change, PruneChannels):
         results = _apply_prune(model, ctx, change)
@@ -223,7 +237,4 @@ def apply_block_change(model: nn.Module, ctx: BlockContext, change: BlockChange)
         for rel in change.names:
             sub = ctx.module.get_submodule(rel)
             _replace(ctx.module, rel, DroppedModule(_sub_kind(sub, rel)))
-    state = compression_state(model, create=True)
-    for name, r in results.items():
-        state.layers[name] = r
     return results

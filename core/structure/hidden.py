@@ -31,7 +31,7 @@ from torch import nn
 from llmpress.errors import ModelError
 from llmpress.math.structured_math import reconstruct
 from llmpress.model.modules import find_blocks, get_weight, is_linear
-from llmpress.model.results import LayerResult, compression_state, merge_results
+from llmpress.model.results import LayerResult
 from llmpress.model.structures import discover
 
 log = logging.getLogger(__name__)
@@ -298,8 +298,7 @@ def _rescale_norm(mod: nn.Module, name: str, old: int, new: int) -> None:
 @torch.no_grad()
 def prune_hidden(model: nn.Module, change: PruneHidden) -> dict[str, LayerResult]:
     """Keep ``change.keep`` hidden channels everywhere; set the config's ``hidden_size``.
-    Returns the per-linear results (removed rows or columns), also recorded in the model's
-    compression state."""
+    Returns the per-linear results (removed rows or columns) for the caller to record."""
     coupling = check_hidden_prunable(model)
     old = coupling.size
     keep = change.kept()
@@ -357,8 +356,5 @@ def prune_hidden(model: nn.Module, change: PruneHidden) -> dict[str, LayerResult
     for key in ("head_dim", *_CONFIG_KEYS):
         if hasattr(config, key):
             setattr(model.config, key, getattr(config, key))  # type: ignore[union-attr]
-    state = compression_state(model, create=True)
-    for name, r in results.items():
-        state.layers[name] = merge_results(state.layers.get(name), r)
     log.info("hidden channels %d -> %d", old, new)
     return results

@@ -34,7 +34,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -54,12 +54,15 @@ from llmpress.math.structured_math import (
 )
 from llmpress.model.modules import get_weight
 from llmpress.model.structures import HEAD_ATTRIBUTES, STRUCTURES, BlockStructures, discover, require
-from llmpress.recipe.config import MethodConfig
-from llmpress.structure.blocks import BlockContext, ChannelGroup, PruneChannels
+from llmpress.recipe.config import Allocatable, LevelKind
+from llmpress.structure.block_stage import BlockMethodConfig
+from llmpress.structure.blocks import BlockContext, BlockDecision, BlockScore, ChannelGroup, PruneChannels
 from llmpress.structure.hidden import PruneHidden, block_hidden_cost, hidden_step
 
 log = logging.getLogger(__name__)
 
+
+_C = TypeVar("_C", bound="StructuredConfig")
 
 class _Stats:
     """``config.stats`` per instance (options add statistics); on the class, every one it may ask."""
@@ -76,7 +79,7 @@ class _NeedsCalibration:
 
 
 @dataclasses.dataclass(frozen=True)
-class StructuredConfig(MethodConfig):
+class StructuredConfig(BlockMethodConfig):
     """Options shared by the structured pruning methods.
 
     * ``ratio``: fraction of the blocks' parameters removed, in [0, 1).
@@ -98,7 +101,6 @@ class StructuredConfig(MethodConfig):
       and hidden widths stay multiples of it (e.g. a later GPTQ stage's ``group_size``).
     """
 
-    scope: ClassVar[str] = "block"
     #: values of ``allocation:`` that set this option rather than name a search (EvoPress)
     own_allocations: ClassVar[tuple[str, ...]] = ("uniform", "global")
     #: statistics the importance score itself needs (the config adds what compensation needs)
@@ -151,11 +153,28 @@ class StructuredConfig(MethodConfig):
     def plans_globally(self) -> bool:
         return self.allocation == "global" or "hidden" in self.structures
 
-    def model_changes(self, block_scores: tuple[Any, ...]) -> tuple[Any, ...]:
+    def allocatable(self) -> Allocatable | None:
+        return Allocatable(LevelKind.WIDTHS, float(self.ratio))
+
+    def at_level(self: _C, value: float) -> _C:
+        """This config removing ``value`` of every block uniformly (a width level)."""
+        return dataclasses.replace(self, ratio=float(value), allocation="uniform")  # type: ignore[call-arg]
+
+    def prunes_hidden(self) -> bool:
+        return "hidden" in self.structures
+
+    def decide(self, block_scores: tuple[BlockScore | None, ...]) -> BlockDecision | None:
+        """Per block, how many units of each structure go (global allocation), and the hidden
+        channels removed: decided once from every block's scores."""
+        return _plan(block_scores, self) if self.plans_globally() else None
+
+    def model_changes(
+        self, block_scores: tuple[BlockScore | None, ...], decision: BlockDecision | None
+    ) -> tuple[PruneHidden, ...]:
         """The hidden channels removed (a :class:`llmpress.structure.hidden.PruneHidden`), if any."""
-        if "hidden" not in self.structures:
+        if "hidden" not in self.structures or not isinstance(decision, _Plan):
             return ()
-        change = plan_hidden(block_scores, self)
+        change = plan_hidden(block_scores, decision)
         return () if change is None else (change,)
 
 
@@ -224,7 +243,7 @@ def hidden_importance(structs: BlockStructures, per_weight: Callable[[str], torc
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockUnits:
+class BlockUnits(BlockScore):
     """What the planning pass keeps of one block: its units per structure and its size."""
 
     units: tuple[Units, ...]
@@ -328,7 +347,7 @@ def score_block(ctx: BlockContext, config: StructuredConfig, scorer: Scorer) -> 
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
+class _Plan(BlockDecision):
     """The planning pass's decision: per block its unit counts (``None`` under uniform
     allocation: each block decides in the block pass) and the hidden units removed."""
 
@@ -337,7 +356,6 @@ class _Plan:
     hidden_count: int
 
 
-_PLAN_CACHE: dict[int, tuple[tuple[Any, ...], _Plan]] = {}
 
 
 def _hidden_units(blocks: list[BlockUnits], config: StructuredConfig) -> Units:
@@ -387,11 +405,8 @@ def _allocate_global(units: list[Units], target: float, hidden: Units | None, wi
     return below if err[0] <= err[1] else above
 
 
-def _plan(scores: tuple[Any, ...], config: StructuredConfig) -> _Plan:
-    """The cross-block decision, computed once per planning pass."""
-    hit = _PLAN_CACHE.get(id(scores))
-    if hit is not None and hit[0] is scores:
-        return hit[1]
+def _plan(scores: tuple[BlockScore | None, ...], config: StructuredConfig) -> _Plan:
+    """The cross-block decision (once per planning pass, by :meth:`StructuredConfig.decide`)."""
     blocks: list[BlockUnits] = list(scores)
     if not blocks or not all(isinstance(b, BlockUnits) for b in blocks):
         raise ModelError(f"{config.method}: the planning pass gave no block scores")
@@ -416,14 +431,11 @@ def _plan(scores: tuple[Any, ...], config: StructuredConfig) -> _Plan:
                 n_hidden = round(target / hidden.cost)
             n_hidden = min(n_hidden, len(hidden))
         plan = _Plan(None, hidden, n_hidden)
-    _PLAN_CACHE.clear()
-    _PLAN_CACHE[id(scores)] = (scores, plan)
     return plan
 
 
-def plan_hidden(scores: tuple[Any, ...], config: StructuredConfig) -> Any:
+def plan_hidden(scores: tuple[BlockScore | None, ...], plan: _Plan) -> PruneHidden | None:
     """The :class:`llmpress.structure.hidden.PruneHidden` of the planning pass (``None``: none removed)."""
-    plan = _plan(scores, config)
     if plan.hidden is None or plan.hidden_count == 0:
         return None
     width = int(scores[0].hidden.numel())
@@ -445,8 +457,9 @@ def prune_block(ctx: BlockContext, config: StructuredConfig, scorer: Scorer) -> 
     """``llmpress_change_block`` of a structured method: remove the block's share of units."""
     if config.allocation == "global":
         bu = _planned(ctx)
-        plan = _plan(ctx.scores, config)
-        assert plan.blocks is not None
+        plan = ctx.decision
+        if not isinstance(plan, _Plan) or plan.blocks is None:
+            raise ModelError(f"{ctx.name}: this allocation needs the planning pass's decision")
         counts = plan.blocks[ctx.index]
     else:
         bu = block_units(ctx, config, scorer)

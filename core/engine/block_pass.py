@@ -1,0 +1,148 @@
+"""The block pass (the SparseGPT/GPTQ scheme), shared by every blockwise stage.
+
+Capture the first block's calibration inputs, then for each block: put it on the compute
+device, let each stage process it (statistics -> method hooks -> results -> commit), run the
+changed block so the next block sees its outputs, and put it back. Compression, the level
+database and the structured width levels all run through this one pass; what differs is the
+stage (:class:`llmpress.engine.stage.BlockwiseStage`). Only the current block needs to be on
+the device; accelerate's offload hooks place the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from llmpress.engine import distributed
+from llmpress.engine.capture import BlockActivations, outside_blocks_on
+from llmpress.engine.gradients import collect_gradients
+from llmpress.engine.moe_stats import complete_expert_stats
+from llmpress.engine.stage import BlockStep, BlockwiseStage
+from llmpress.engine.stats import LayerStats, StatsCollector
+from llmpress.model.modules import find_blocks
+from llmpress.model.offload import onload
+
+if TYPE_CHECKING:
+    from llmpress.engine.record import RunRecord
+
+log = logging.getLogger(__name__)
+
+
+class BlockPass:
+    """One sequential pass over a model's blocks with calibration activations."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        record: RunRecord,
+        *,
+        moe_min_tokens: int,
+        offload_stats: bool = False,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.record = record
+        self.prefix, self.blocks = find_blocks(model)
+        self.moe_min_tokens = moe_min_tokens
+        #: statistics accumulate on the CPU (each batch's part computed on the device)
+        self.offload_stats = offload_stats
+        self.acts: BlockActivations | None = None
+        #: the stages of the current pass, in order
+        self.stages: list[BlockwiseStage] = []
+
+    def start(
+        self,
+        ids: torch.Tensor | None,
+        batch_size: int,
+        *,
+        grad_layers: Sequence[str] = (),
+        offload_activations: bool = False,
+        progress: bool = False,
+    ) -> None:
+        """Weight gradients of ``grad_layers`` (if any), then the first block's inputs on ``ids``
+        (this process's share of the calibration sequences; none without data)."""
+        if ids is None:
+            return
+        if grad_layers:
+            grads = collect_gradients(self.model, ids, list(grad_layers), batch_size, self.device, progress=progress)
+            distributed.all_reduce_sum(grads.values())
+            self.record.grads.update(grads)
+        store = torch.device("cpu") if offload_activations else self.device
+        self.acts = BlockActivations(store=store, compute=self.device)
+        with outside_blocks_on(self.model, self.prefix, self.device):
+            self.acts.capture(self.model, self.blocks[0], ids, batch_size, progress=progress)
+        log.info("captured %d calibration batches", len(self.acts.hidden))
+
+    def collect(
+        self, step: BlockStep, mods: dict[str, nn.Module], statistics: frozenset[str], calibrated: bool
+    ) -> tuple[dict[str, LayerStats], StatsCollector | None]:
+        """The ``statistics`` of ``mods``' inputs (names relative to the block), in one pass
+        over the block; summed over ranks; with weight gradients where ``grad`` is asked."""
+        if self.acts is None or not calibrated:
+            return {}, None
+        store = torch.device("cpu") if self.offload_stats else None
+        with StatsCollector(mods, statistics, store) as col:
+            self.acts.run(step.module, keep_outputs=False, on_batch=col.new_batch)
+        info = complete_expert_stats(step.module, mods, col, self.acts, self.moe_min_tokens, step.name)
+        self.record.moe_info.update({f"{step.name}.{r}": v for r, v in info.items()})
+        distributed.reduce_stats(col.stats)  # every rank solves on the sums of all ranks
+        stats = dict(col.stats)
+        if "grad" in statistics:
+            stats = {r: s.with_grad(self.record.grads[f"{step.name}.{r}"]) for r, s in stats.items()}
+        return stats, col
+
+    def plan(self, stages: Sequence[BlockwiseStage], progress: bool) -> None:
+        """The planning pass of the stages that ask for one: every block of the unchanged
+        model on its own activations (a copy: the real pass starts afresh)."""
+        planning = [s for s in stages if s.needs_planning()]
+        if not planning:
+            return
+        real = self.acts
+        if real is not None:
+            self.acts = BlockActivations(store=real.store, compute=real.compute)
+            self.acts.hidden, self.acts.kwargs = [h.clone() for h in real.hidden], real.kwargs
+        try:
+            for i in tqdm(range(len(self.blocks)), desc="scoring blocks", disable=not progress):
+                block = self.blocks[i]
+                with onload(block, self.device, write_back=False):
+                    step = BlockStep(i, f"{self.prefix}.{i}", block, self)
+                    for s in planning:
+                        s.plan_block(step)
+                    if self.acts is not None and i + 1 < len(self.blocks):
+                        self.acts.run(block, keep_outputs=True)
+        finally:
+            self.acts = real
+
+    def run(
+        self,
+        stages: Sequence[BlockwiseStage],
+        *,
+        progress: bool,
+        desc: str = "compressing blocks",
+        last: int | None = None,
+    ) -> None:
+        """Planning pass, whole-model changes, then each block (up to ``last``) through every
+        stage in order, its outputs becoming the next block's inputs."""
+        self.stages = list(stages)
+        self.plan(stages, progress)
+        for s in stages:
+            s.begin(self)
+        end = len(self.blocks) if last is None else last + 1
+        for i in tqdm(range(end), desc=desc, disable=not progress):
+            block = self.blocks[i]
+            with onload(block, self.device):  # back home (or to its offload storage), changed
+                step = BlockStep(i, f"{self.prefix}.{i}", block, self)
+                for s in stages:
+                    s.process_block(step)
+                if self.acts is not None and i + 1 < end:
+                    self.acts.run(block, keep_outputs=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        for s in stages:
+            s.finish(self)
