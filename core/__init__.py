@@ -56,9 +56,9 @@ def __getattr__(name: str):  # noqa: ANN202 - lazy public API, no heavy imports 
 
         return getattr(recipe, name)
     if name in ("MethodConfig", "PruningConfig"):
-        from llmpress.recipe import config
+        from llmpress.recipe import config as configs
 
-        return getattr(config, name)
+        return getattr(configs, name)
     if name == "get_plugin_manager":
         from llmpress.plugin_manager import get_plugin_manager
 

@@ -9,20 +9,22 @@ consumer's bias (added where there was none)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
+
+import torch
 
 from llmpress import hookimpl
 from llmpress.errors import ModelError
 from llmpress.model.modules import get_weight
 from llmpress.model.structures import BlockStructures
-from llmpress.structure.blocks import BlockContext
+from llmpress.structure.blocks import BlockContext, PruneChannels
 from llmpress.structure.structured import (
+    BlockUnits,
     StructuredConfig,
     StructureScores,
     hidden_readers,
     prune_block,
     score_block,
-    wants_hidden,
 )
 
 
@@ -42,7 +44,7 @@ class FlapConfig(StructuredConfig):
     }"""
 
 
-def fluctuation(ctx: BlockContext, consumer: str) -> Any:
+def fluctuation(ctx: BlockContext, consumer: str) -> torch.Tensor:
     """``Var[x_j] * ||W[:, j]||^2`` for every input channel of ``consumer`` [in]."""
     st = ctx.stats.get(consumer)
     if st is None:
@@ -51,7 +53,7 @@ def fluctuation(ctx: BlockContext, consumer: str) -> Any:
     return st.variance.to(w.device) * w.square().sum(0)
 
 
-def flap_scores(ctx: BlockContext, structs: BlockStructures, config: Any) -> StructureScores:
+def flap_scores(ctx: BlockContext, structs: BlockStructures, config: StructuredConfig) -> StructureScores:
     """Neurons: their fluctuation. Heads: per output channel, the fluctuation squared (as the
     authors' code scores attention channels); the core sums or standardizes and averages them
     per head. Hidden channels (not in the paper): their fluctuation into q/k/v and gate/up."""
@@ -61,7 +63,7 @@ def flap_scores(ctx: BlockContext, structs: BlockStructures, config: Any) -> Str
     if structs.heads is not None:
         channels = fluctuation(ctx, structs.heads.o).square()
     hidden = None
-    if wants_hidden(config):  # the channel's fluctuation into every reader of the stream
+    if config.prunes_hidden():  # the channel's fluctuation into every reader of the stream
         hidden = sum(fluctuation(ctx, r) for r in hidden_readers(structs))
     return StructureScores(neurons=neurons, head_channels=channels, hidden=hidden)  # type: ignore[arg-type]
 
@@ -72,10 +74,10 @@ def llmpress_register_methods(register) -> None:  # noqa: ANN001
 
 
 @hookimpl
-def llmpress_score_block(block: BlockContext, config: FlapConfig) -> Any:
+def llmpress_score_block(block: BlockContext, config: FlapConfig) -> BlockUnits:
     return score_block(block, config, flap_scores)
 
 
 @hookimpl
-def llmpress_change_block(block: BlockContext, config: FlapConfig) -> Any:
+def llmpress_change_block(block: BlockContext, config: FlapConfig) -> PruneChannels | None:
     return prune_block(block, config, flap_scores)

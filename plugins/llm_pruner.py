@@ -7,7 +7,7 @@ calibration text come from the core's ``grad`` statistic."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -16,14 +16,14 @@ from llmpress.errors import ModelError
 from llmpress.math.structured_math import group_sum
 from llmpress.model.modules import get_weight
 from llmpress.model.structures import BlockStructures
-from llmpress.structure.blocks import BlockContext
+from llmpress.structure.blocks import BlockContext, PruneChannels
 from llmpress.structure.structured import (
+    BlockUnits,
     StructuredConfig,
     StructureScores,
     hidden_importance,
     prune_block,
     score_block,
-    wants_hidden,
 )
 
 
@@ -54,7 +54,7 @@ def _rows(ctx: BlockContext, names: tuple[str, ...]) -> torch.Tensor:
     return sum(taylor(ctx, n).sum(1) for n in names)  # type: ignore[return-value]
 
 
-def taylor_scores(ctx: BlockContext, structs: BlockStructures, config: Any) -> StructureScores:
+def taylor_scores(ctx: BlockContext, structs: BlockStructures, config: StructuredConfig) -> StructureScores:
     heads = kv = neurons = None
     if structs.neurons:  # per MLP (each expert of a mixture-of-experts block)
         neurons = tuple(_rows(ctx, n.producers) + taylor(ctx, n.consumer).sum(0) for n in structs.neurons)
@@ -62,7 +62,7 @@ def taylor_scores(ctx: BlockContext, structs: BlockStructures, config: Any) -> S
         heads = group_sum(_rows(ctx, h.q) + taylor(ctx, h.o).sum(0), h.head_dim)
         kv = group_sum(_rows(ctx, h.kv), h.head_dim)
     hidden = None
-    if wants_hidden(config):  # the channel's columns and rows in this block
+    if config.prunes_hidden():  # the channel's columns and rows in this block
         hidden = hidden_importance(structs, lambda name: taylor(ctx, name))
     return StructureScores(heads, kv, neurons, hidden=hidden)  # type: ignore[arg-type]
 
@@ -73,10 +73,10 @@ def llmpress_register_methods(register) -> None:  # noqa: ANN001
 
 
 @hookimpl
-def llmpress_score_block(block: BlockContext, config: LLMPrunerConfig) -> Any:
+def llmpress_score_block(block: BlockContext, config: LLMPrunerConfig) -> BlockUnits:
     return score_block(block, config, taylor_scores)
 
 
 @hookimpl
-def llmpress_change_block(block: BlockContext, config: LLMPrunerConfig) -> Any:
+def llmpress_change_block(block: BlockContext, config: LLMPrunerConfig) -> PruneChannels | None:
     return prune_block(block, config, taylor_scores)

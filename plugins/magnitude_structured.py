@@ -4,7 +4,7 @@ weights, no calibration data."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -12,14 +12,14 @@ from llmpress import hookimpl
 from llmpress.math.structured_math import group_sum
 from llmpress.model.modules import get_weight
 from llmpress.model.structures import BlockStructures
-from llmpress.structure.blocks import BlockContext
+from llmpress.structure.blocks import BlockContext, PruneChannels
 from llmpress.structure.structured import (
+    BlockUnits,
     StructuredConfig,
     StructureScores,
     hidden_importance,
     prune_block,
     score_block,
-    wants_hidden,
 )
 
 
@@ -45,7 +45,9 @@ def _cols_sq(ctx: BlockContext, name: str) -> torch.Tensor:
     return get_weight(ctx.linear(name)).detach().float().square().sum(0)  # [in]
 
 
-def magnitude_scores(ctx: BlockContext, structs: BlockStructures, config: Any) -> StructureScores:
+def magnitude_scores(
+    ctx: BlockContext, structs: BlockStructures, config: StructuredConfig
+) -> StructureScores:
     """Neuron ``j``: ``||(W_gate[j], W_up[j], W_down[:, j])||``; a query head: the norm of its
     query rows and output columns; a key/value head: of its key and value rows; a hidden
     channel: of its columns and rows in every block."""
@@ -59,7 +61,7 @@ def magnitude_scores(ctx: BlockContext, structs: BlockStructures, config: Any) -
         heads = group_sum(per_ch, h.head_dim).sqrt()
         kv = group_sum(_rows_sq(ctx, h.kv), h.head_dim).sqrt()
     hidden = None
-    if wants_hidden(config):  # squared norm of the channel's columns and rows in this block
+    if config.prunes_hidden():  # squared norm of the channel's columns and rows in this block
         hidden = hidden_importance(
             structs, lambda name: get_weight(ctx.linear(name)).detach().float().square()
         )
@@ -72,10 +74,10 @@ def llmpress_register_methods(register) -> None:  # noqa: ANN001
 
 
 @hookimpl
-def llmpress_score_block(block: BlockContext, config: MagnitudeStructuredConfig) -> Any:
+def llmpress_score_block(block: BlockContext, config: MagnitudeStructuredConfig) -> BlockUnits:
     return score_block(block, config, magnitude_scores)
 
 
 @hookimpl
-def llmpress_change_block(block: BlockContext, config: MagnitudeStructuredConfig) -> Any:
+def llmpress_change_block(block: BlockContext, config: MagnitudeStructuredConfig) -> PruneChannels | None:
     return prune_block(block, config, magnitude_scores)

@@ -8,19 +8,21 @@ the blocks."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
+
+import torch
 
 from llmpress import hookimpl
 from llmpress.errors import ModelError
 from llmpress.math.structured_math import group_sum
 from llmpress.model.structures import BlockStructures
-from llmpress.structure.blocks import BlockContext
+from llmpress.structure.blocks import BlockContext, PruneChannels
 from llmpress.structure.structured import (
+    BlockUnits,
     StructuredConfig,
     StructureScores,
     prune_block,
     score_block,
-    wants_hidden,
 )
 
 
@@ -40,21 +42,21 @@ class MinitronConfig(StructuredConfig):
     }"""
 
 
-def _mean_sq(ctx: BlockContext, consumer: str) -> Any:
+def _mean_sq(ctx: BlockContext, consumer: str) -> torch.Tensor:
     st = ctx.stats.get(consumer)
     if st is None:
         raise ModelError(f"{ctx.name}.{consumer}: minitron needs calibration statistics of its input")
     return st.sq_norms / max(st.nsamples, 1)  # [in]
 
 
-def minitron_scores(ctx: BlockContext, structs: BlockStructures, config: Any) -> StructureScores:
+def minitron_scores(ctx: BlockContext, structs: BlockStructures, config: StructuredConfig) -> StructureScores:
     heads = neurons = None
     if structs.neurons:  # per MLP (each expert of a mixture-of-experts block)
         neurons = tuple(_mean_sq(ctx, n.consumer).sqrt() for n in structs.neurons)
     if (h := structs.heads) is not None:
         heads = group_sum(_mean_sq(ctx, h.o), h.head_dim).sqrt()
     hidden = None
-    if wants_hidden(config):  # the norms' outputs: what the attention and the MLP read
+    if config.prunes_hidden():  # the norms' outputs: what the attention and the MLP read
         firsts = [
             rels[0]
             for rels in (structs.heads and structs.heads.q, structs.neurons and structs.neurons[0].producers)
@@ -70,10 +72,10 @@ def llmpress_register_methods(register) -> None:  # noqa: ANN001
 
 
 @hookimpl
-def llmpress_score_block(block: BlockContext, config: MinitronConfig) -> Any:
+def llmpress_score_block(block: BlockContext, config: MinitronConfig) -> BlockUnits:
     return score_block(block, config, minitron_scores)
 
 
 @hookimpl
-def llmpress_change_block(block: BlockContext, config: MinitronConfig) -> Any:
+def llmpress_change_block(block: BlockContext, config: MinitronConfig) -> PruneChannels | None:
     return prune_block(block, config, minitron_scores)

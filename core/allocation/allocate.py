@@ -95,7 +95,9 @@ class AllocationSearch(ModelStage):
         numels = [o * i for o, i in shapes]
         target = float(alloc.average if alloc.average is not None else own_target)
         if kind is LevelKind.SPARSITY:
-            levels = sparsity_levels(numels, target, alloc.sparsity_step, alloc.sparsity_span, alloc.max_sparsity)
+            levels = sparsity_levels(
+                numels, target, alloc.sparsity_step, alloc.sparsity_span, alloc.max_sparsity
+            )
         else:
             levels = bit_levels(numels, target, alloc.bits)
         levels = _fixed(alloc, units, levels)
@@ -106,7 +108,16 @@ class AllocationSearch(ModelStage):
         db = LevelDatabase(units, shapes, fp, alloc.database)  # type: ignore[arg-type]
         t0 = time.perf_counter()
         build_database(
-            model, self.stage, kind.value, db, levels, ctx.ids, ctx.device, ctx.batch_size, ctx.progress, ctx.moe_min_tokens
+            model,
+            self.stage,
+            kind.value,
+            db,
+            levels,
+            ctx.ids,
+            ctx.device,
+            ctx.batch_size,
+            ctx.progress,
+            ctx.moe_min_tokens,
         )
         build_s = time.perf_counter() - t0
         fit = Fitness(model, self.fit_ids.to(ctx.device), alloc.metric, ctx.device, ctx.batch_size)
@@ -120,7 +131,15 @@ class AllocationSearch(ModelStage):
             return w.abs() * norms.sqrt().unsqueeze(0)
 
         problem = self._problem(
-            kind.value, units, levels, target, stitcher, fit, fp, groups=unit_blocks(units, prefix), scores=scores
+            kind.value,
+            units,
+            levels,
+            target,
+            stitcher,
+            fit,
+            fp,
+            groups=unit_blocks(units, prefix),
+            scores=scores,
         )
         result, search_s = self._search(problem, stitcher, fit)
         for i, (name, mod) in enumerate(zip(units, mods)):
@@ -178,7 +197,15 @@ class AllocationSearch(ModelStage):
         widths_before = block_widths(model)
         t0 = time.perf_counter()
         built = build_width_levels(
-            model, self.stage, ctx.ids, values, k0, ctx.device, ctx.batch_size, ctx.progress, ctx.moe_min_tokens
+            model,
+            self.stage,
+            ctx.ids,
+            values,
+            k0,
+            ctx.device,
+            ctx.batch_size,
+            ctx.progress,
+            ctx.moe_min_tokens,
         )
         build_s = time.perf_counter() - t0
         units, levels, variants, results = built.units, width_level_set(built), built.variants, built.results
@@ -195,7 +222,9 @@ class AllocationSearch(ModelStage):
             stitcher.current = [-1] * len(units)  # level 0 is the chosen variant, not the block
         stage_d = {k: v for k, v in self.stage.entry.items() if k != "allocation"}
         fp = {"units": units, "stage": stage_d, "values": levels.values, "ids": _ids_sha(ctx.ids)}
-        problem = self._problem("widths", units, levels, ratio, stitcher, fit, fp, groups=list(range(len(units))))
+        problem = self._problem(
+            "widths", units, levels, ratio, stitcher, fit, fp, groups=list(range(len(units)))
+        )
         result, search_s = self._search(problem, stitcher, fit)
         stitcher.apply(result.levels)
         for i, lv in enumerate(result.levels):
@@ -246,7 +275,9 @@ class AllocationSearch(ModelStage):
             **extra,
         )
 
-    def _search(self, problem: AllocationProblem, stitcher: Stitcher, fit: Fitness) -> tuple[AllocationResult, float]:
+    def _search(
+        self, problem: AllocationProblem, stitcher: Stitcher, fit: Fitness
+    ) -> tuple[AllocationResult, float]:
         """Run the search (the model is restored afterwards, whatever happens); checks the budget."""
         t = time.perf_counter()
         assert self.stage.search is not None
@@ -295,7 +326,11 @@ def _checkpoint(alloc: AllocationConfig, problem_fp: str) -> str | None:
 
 
 def _summary(
-    problem: AllocationProblem, alloc: AllocationConfig, result: AllocationResult, search_s: float, build_s: float
+    problem: AllocationProblem,
+    alloc: AllocationConfig,
+    result: AllocationResult,
+    search_s: float,
+    build_s: float,
 ) -> dict[str, Any]:
     values = problem.values(result.levels)
     return {

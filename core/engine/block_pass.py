@@ -70,7 +70,9 @@ class BlockPass:
         if ids is None:
             return
         if grad_layers:
-            grads = collect_gradients(self.model, ids, list(grad_layers), batch_size, self.device, progress=progress)
+            grads = collect_gradients(
+                self.model, ids, list(grad_layers), batch_size, self.device, progress=progress
+            )
             distributed.all_reduce_sum(grads.values())
             self.record.grads.update(grads)
         store = torch.device("cpu") if offload_activations else self.device

@@ -47,7 +47,9 @@ class QuantState:
     input_scale: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, config: QuantConfig) -> QuantState:
+    def of(
+        cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, config: QuantConfig
+    ) -> QuantState:
         """From codes/scales/zeros and a :class:`llmpress.recipe.config.QuantConfig`'s grid."""
         return cls(
             codes=codes,

@@ -57,7 +57,9 @@ def bind(model: nn.Module, plan: Plan) -> list[BoundStage]:
             per_block[int(idx)].append(rel)
         assert rs.hooks is not None
         out.append(
-            BoundStage(rs.index, rs.config, rs.hooks, dict(per_block), rs.stage.to_dict(), rs.allocation, rs.search)
+            BoundStage(
+                rs.index, rs.config, rs.hooks, dict(per_block), rs.stage.to_dict(), rs.allocation, rs.search
+            )
         )
     if any(rs.config.prunes_hidden() for rs in plan.stages):
         from llmpress.structure.hidden import check_hidden_prunable
@@ -104,10 +106,14 @@ def run_plan(
     try:
         for group in _groups([executor(s, record) for s in stages]):
             if isinstance(group, ModelStage):
-                ctx = ModelContext(model, opts.device, ids, bs, opts.progress, record, min_tokens, plan.to_dict())
+                ctx = ModelContext(
+                    model, opts.device, ids, bs, opts.progress, record, min_tokens, plan.to_dict()
+                )
                 group.run(ctx)
                 continue
-            run = BlockPass(model, opts.device, record, moe_min_tokens=min_tokens, offload_stats=opts.offload_stats)
+            run = BlockPass(
+                model, opts.device, record, moe_min_tokens=min_tokens, offload_stats=opts.offload_stats
+            )
             grad_layers = [
                 f"{run.prefix}.{i}.{r}"
                 for s in group
@@ -148,4 +154,3 @@ def _calibrate_kv_cache(
         scales = kv_cache.calibrate(model, ids.split(batch_size))
     kv_cache.enable(model, scales)
     record.state.kv_cache = {"dtype": "float8_e4m3fn", "scales": {n: [k, v] for n, (k, v) in scales.items()}}
-

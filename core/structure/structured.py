@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 
 _C = TypeVar("_C", bound="StructuredConfig")
 
+
 class _Stats:
     """``config.stats`` per instance (options add statistics); on the class, every one it may ask."""
 
@@ -231,10 +232,6 @@ def hidden_writers(structs: BlockStructures) -> tuple[str, ...]:
     return (() if h is None else (h.o,)) + tuple(n.consumer for n in structs.neurons)
 
 
-def wants_hidden(config: Any) -> bool:
-    return "hidden" in getattr(config, "structures", ())
-
-
 def hidden_importance(structs: BlockStructures, per_weight: Callable[[str], torch.Tensor]) -> torch.Tensor:
     """A hidden channel's share in one block of a per-weight importance ([out, in] for a
     layer name): summed over its columns in the readers and its rows in the writers."""
@@ -356,8 +353,6 @@ class _Plan(BlockDecision):
     hidden_count: int
 
 
-
-
 def _hidden_units(blocks: list[BlockUnits], config: StructuredConfig) -> Units:
     """Hidden channels as removal units: block scores summed (standardized under global
     allocation), ``neuron_multiple`` at a time, their cost summed over the blocks."""
@@ -407,9 +402,7 @@ def _allocate_global(units: list[Units], target: float, hidden: Units | None, wi
 
 def _plan(scores: tuple[BlockScore | None, ...], config: StructuredConfig) -> _Plan:
     """The cross-block decision (once per planning pass, by :meth:`StructuredConfig.decide`)."""
-    blocks: list[BlockUnits] = list(scores)
-    if not blocks or not all(isinstance(b, BlockUnits) for b in blocks):
-        raise ModelError(f"{config.method}: the planning pass gave no block scores")
+    blocks = _block_units(scores, config.method)
     target = float(config.ratio) * sum(b.params for b in blocks)
     hidden = _hidden_units(blocks, config) if "hidden" in config.structures else None
     width = 0 if hidden is None else int(blocks[0].hidden.numel())  # type: ignore[union-attr]
@@ -438,19 +431,30 @@ def plan_hidden(scores: tuple[BlockScore | None, ...], plan: _Plan) -> PruneHidd
     """The :class:`llmpress.structure.hidden.PruneHidden` of the planning pass (``None``: none removed)."""
     if plan.hidden is None or plan.hidden_count == 0:
         return None
-    width = int(scores[0].hidden.numel())
+    blocks = _block_units(scores, "structured")
+    assert blocks[0].hidden is not None
+    width = int(blocks[0].hidden.numel())
     gone = torch.tensor(removed_members(plan.hidden, plan.hidden_count), dtype=torch.int64)
     hessians: dict[str, torch.Tensor] = {}
-    for b in scores:
+    for b in blocks:
         hessians.update(b.reader_hessians)
         b.reader_hessians.clear()  # handed over: not kept with the block scores
     return PruneHidden(_complement(width, gone), hessians)
 
 
+def _block_units(scores: tuple[BlockScore | None, ...], method: str) -> list[BlockUnits]:
+    """The planning pass's scores, every block's a :class:`BlockUnits`."""
+    blocks = [b for b in scores if isinstance(b, BlockUnits)]
+    if not blocks or len(blocks) != len(scores):
+        raise ModelError(f"{method}: the planning pass gave no block scores")
+    return blocks
+
+
 def _planned(ctx: BlockContext) -> BlockUnits:
-    if len(ctx.scores) <= ctx.index or not isinstance(ctx.scores[ctx.index], BlockUnits):
+    score = ctx.scores[ctx.index] if len(ctx.scores) > ctx.index else None
+    if not isinstance(score, BlockUnits):
         raise ModelError(f"{ctx.name}: this allocation needs the planning pass's block scores")
-    return ctx.scores[ctx.index]
+    return score
 
 
 def prune_block(ctx: BlockContext, config: StructuredConfig, scorer: Scorer) -> PruneChannels | None:
