@@ -111,6 +111,10 @@ HF_CONFIG_NAMES = frozenset({"model_config", "hf_config", "text_config"})
 HF_CONFIG_SOURCES = ("AutoConfig.from_pretrained", "load_config", "get_text_config", "import_module")
 
 
+def _names_hf_config_class(annotation: str) -> bool:
+    return "PretrainedConfig" in annotation or "PreTrainedConfig" in annotation
+
+
 def _owner_is_model(node: ast.expr) -> bool:
     text = ast.unparse(node)
     return text in ("m", "module", "mod") or "model" in text
@@ -164,14 +168,14 @@ def _hf_names(scope: ast.AST, inherited: set[str]) -> set[str]:
         a = scope.args
         for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs]:
             ann = ast.unparse(arg.annotation) if arg.annotation else ""
-            if "PretrainedConfig" in ann:
+            if _names_hf_config_class(ann):
                 known.add(arg.arg)
     for _ in range(2):  # twice: an alias may be assigned before its source in the text
         for node in _walk_scope(scope):
             if isinstance(node, ast.Assign) and _is_hf_source(node.value, known):
                 known.update(t.id for t in node.targets if isinstance(t, ast.Name))
             elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                if "PretrainedConfig" in ast.unparse(node.annotation) or (
+                if _names_hf_config_class(ast.unparse(node.annotation)) or (
                     node.value is not None and _is_hf_source(node.value, known)
                 ):
                     known.add(node.target.id)
@@ -179,9 +183,12 @@ def _hf_names(scope: ast.AST, inherited: set[str]) -> set[str]:
                 known.add(node.target.id)
             elif isinstance(node, (ast.Import, ast.ImportFrom)):  # a module named ``config``
                 known.update((a.asname or a.name).split(".")[0] for a in node.names)
-            elif isinstance(node, ast.For) and isinstance(node.target, ast.Name):
-                if _is_hf_source(node.iter, known):  # for cfg in (model.config, ...)
-                    known.add(node.target.id)
+            elif (
+                isinstance(node, ast.For)
+                and isinstance(node.target, ast.Name)
+                and _is_hf_source(node.iter, known)  # for cfg in (model.config, ...)
+            ):
+                known.add(node.target.id)
     return known
 
 
