@@ -13,9 +13,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from typing import Any
+from typing import TYPE_CHECKING
 
 from llmpress.errors import LlmpressError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ class MemoryPlan:
 
 
 def plan_memory(
-    config: Any, budget: int, nsamples: int, seqlen: int, param_bytes: int, world: int = 1
+    config: PretrainedConfig, budget: int, nsamples: int, seqlen: int, param_bytes: int, world: int = 1
 ) -> MemoryPlan:
     """Split ``budget`` between resident weights and the compression working set."""
     h = int(getattr(config, "hidden_size", 0) or 0)
