@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from llmpress.errors import ModelError
 from llmpress.math.structured_math import reconstruct
@@ -175,10 +176,10 @@ def _skeleton(model: nn.Module, config: Any) -> nn.Module:
         return type(model)(config)
 
 
-def hidden_config(model: nn.Module, new_size: int) -> Any:
+def hidden_config(model: nn.Module, new_size: int) -> PretrainedConfig:
     """A copy of the model's config describing hidden width ``new_size`` (``head_dim`` made
     explicit so that attention keeps its width)."""
-    config: Any = copy.deepcopy(model.config)
+    config: PretrainedConfig = copy.deepcopy(model.config)
     old = hidden_size(model)
     if not isinstance(getattr(config, "head_dim", None), int):
         dims = {getattr(m, "head_dim", 0) for m in model.modules()} - {0}
@@ -191,13 +192,13 @@ def hidden_config(model: nn.Module, new_size: int) -> Any:
     return config
 
 
-def _config_accepts(config: Any, size: int) -> bool:
-    cfg = copy.deepcopy(config)
+def _config_accepts(config: PretrainedConfig, size: int) -> bool:
+    hf_config: PretrainedConfig = copy.deepcopy(config)
     for key in _CONFIG_KEYS:
-        if getattr(cfg, key, None) == config.hidden_size:
-            setattr(cfg, key, size)
+        if getattr(hf_config, key, None) == config.hidden_size:
+            setattr(hf_config, key, size)
     try:
-        validate = getattr(cfg, "validate", None)
+        validate = getattr(hf_config, "validate", None)
         if callable(validate):
             validate()
     except Exception:  # noqa: BLE001 - the config class refuses this width
@@ -352,9 +353,9 @@ def prune_hidden(model: nn.Module, change: PruneHidden) -> dict[str, LayerResult
         _set_width_attrs(mod, old, new)
     for name in coupling.vectors:
         _rescale_norm(model.get_submodule(name), name, old, new)
-    config = hidden_config(model, new)
+    resized = hidden_config(model, new)
     for key in ("head_dim", *_CONFIG_KEYS):
-        if hasattr(config, key):
-            setattr(model.config, key, getattr(config, key))  # type: ignore[union-attr]
+        if hasattr(resized, key):
+            setattr(model.config, key, getattr(resized, key))  # type: ignore[union-attr]
     log.info("hidden channels %d -> %d", old, new)
     return results
