@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from llmpress.errors import ModelError
+from llmpress.model.results import LayerResult
 
 if TYPE_CHECKING:
     from llmpress.allocation.problem import AllocationProblem, AllocationResult
     from llmpress.engine.stats import LayerStats
     from llmpress.math.targets import SparsityTarget
-    from llmpress.model.results import LayerResult
     from llmpress.recipe.config import MethodConfig
     from llmpress.structure.blocks import BlockChange, BlockContext, BlockScore
 
@@ -65,8 +65,6 @@ class MethodHooks:
         self, module: nn.Module, mask: torch.Tensor | None, stats: LayerStats | None, config: MethodConfig
     ) -> LayerResult | None:
         """The layer's result, or ``None`` when no plugin has one (nothing to do)."""
-        from llmpress.model.results import LayerResult
-
         out = self._call["llmpress_update_weights"](module=module, mask=mask, stats=stats, config=config)
         if out is not None and not isinstance(out, LayerResult):
             raise self._bad("llmpress_update_weights", "a LayerResult or None", out)
@@ -74,31 +72,26 @@ class MethodHooks:
 
     def score_block(self, block: BlockContext, config: MethodConfig) -> BlockScore | None:
         """The method's scores of one block for a decision across blocks (or ``None``)."""
-        from llmpress.structure.blocks import BlockScore
-
         out = self._call["llmpress_score_block"](block=block, config=config)
-        if out is not None and not isinstance(out, BlockScore):
+        if out is not None and not isinstance(out, block.score_type):
             raise self._bad("llmpress_score_block", "a BlockScore (llmpress.structure.blocks) or None", out)
         return out
 
     def change_block(self, block: BlockContext, config: MethodConfig) -> list[BlockChange]:
         """The changes the method makes to one block (possibly none)."""
-        from llmpress.structure.blocks import BLOCK_CHANGES
-
+        kinds = block.change_types
         out = self._call["llmpress_change_block"](block=block, config=config)
         if out is None:
             return []
-        changes = [out] if isinstance(out, BLOCK_CHANGES) else list(out)
+        changes = [out] if isinstance(out, kinds) else list(out)
         for c in changes:
-            if not isinstance(c, BLOCK_CHANGES):
+            if not isinstance(c, kinds):
                 raise self._bad("llmpress_change_block", "a block change (llmpress.structure.blocks)", c)
         return changes
 
     def search(self, problem: AllocationProblem, config: MethodConfig) -> AllocationResult:
         """The allocation chosen by the method's ``llmpress_search_allocation``."""
-        from llmpress.allocation.problem import AllocationResult
-
         out = self._call["llmpress_search_allocation"](problem=problem, config=config)
-        if not isinstance(out, AllocationResult):
+        if not isinstance(out, problem.result_type):
             raise self._bad("llmpress_search_allocation", "an AllocationResult", out)
         return out

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -43,6 +43,8 @@ class AllocationProblem:
     search may use to resume; ``fingerprint``: identifies this problem (a checkpoint of another
     problem is refused).
     """
+
+    result_type: ClassVar[type]
 
     kind: str
     units: list[str]
@@ -122,3 +124,7 @@ def moves_from(problem: AllocationProblem, levels: Sequence[int], up: int) -> li
         if j != up and lv > 0 and problem.costs[j][lv] - problem.costs[j][lv - 1] == delta:
             out.append(j)
     return out
+
+
+#: what ``llmpress_search_allocation`` must return for this problem (checked by the core)
+AllocationProblem.result_type = AllocationResult

@@ -20,13 +20,15 @@ import re
 import reprlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from llmpress.errors import RecipeError
-from llmpress.method_hooks import MethodHooks
 from llmpress.plugin_manager import Llmpress, get_plugin_manager
+
+if TYPE_CHECKING:
+    from llmpress.method_hooks import MethodHooks
 from llmpress.recipe.allocation import AllocationConfig, resolve_allocation, split_average
 from llmpress.recipe.config import MethodConfig, QuantConfig
 

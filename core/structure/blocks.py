@@ -21,7 +21,7 @@ Applying a change returns per-layer results (removed indices), which the block-c
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -61,6 +61,9 @@ class BlockContext:
     scores: tuple[BlockScore | None, ...] = ()
     #: the method's decision across blocks (``BlockMethodConfig.decide``), or ``None``
     decision: BlockDecision | None = None
+    #: what ``llmpress_score_block`` and ``llmpress_change_block`` may return (checked by the core)
+    score_type: ClassVar[type] = BlockScore
+    change_types: ClassVar[tuple[type, ...]] = ()
 
     def linear(self, rel: str) -> nn.Module:
         return self.module.get_submodule(rel)
@@ -108,6 +111,7 @@ class DropSubBlocks:
 
 BlockChange = PruneChannels | ScaleChannels | DropSubBlocks
 BLOCK_CHANGES = (PruneChannels, ScaleChannels, DropSubBlocks)
+BlockContext.change_types = BLOCK_CHANGES
 
 
 def _sub_kind(module: nn.Module, name: str) -> str:
