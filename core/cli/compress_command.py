@@ -11,7 +11,7 @@ from llmpress.errors import LlmpressError
 
 if TYPE_CHECKING:
     from llmpress.model.report import CompressionReport
-    from llmpress.recipe.recipes import Recipe
+    from llmpress.recipe.plan import Plan
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -84,15 +84,15 @@ def run(a: argparse.Namespace) -> int:
     """``llmpress compress``: the recipe and inputs are checked before the model loads."""
     from llmpress.engine import distributed
     from llmpress.format.output import check_output_path, claim_output
-    from llmpress.plugin_manager import get_plugin_manager
+    from llmpress.recipe.plan import make_plan
     from llmpress.recipe.recipes import Recipe
 
-    recipe = Recipe.load(a.recipe)
-    stages = recipe.resolve(get_plugin_manager())  # unknown method / bad option: fail before loading anything
+    # read and resolved once for the whole run: an unknown method or a bad option fails before loading
+    plan = make_plan(Recipe.load(a.recipe))
     if a.format == "compressed-tensors":
         from llmpress.format.compressed_tensors import check_recipe_exportable
 
-        check_recipe_exportable([s.config for s in stages])
+        check_recipe_exportable([s.config for s in plan.stages])
     check_device(a.device)
     if a.max_gpu_memory is not None:
         from llmpress.cli.budget import parse_memory
@@ -109,9 +109,9 @@ def run(a: argparse.Namespace) -> int:
     try:
         if not distributed.is_main():  # only rank 0 writes; the others compress their share and wait
             check_output_path(Path(a.out).resolve(), a.overwrite)
-            return _compress_into(a, recipe, None)
+            return _compress_into(a, plan, None)
         with claim_output(a.out, a.overwrite) as out:  # held until saved: a concurrent run fails at once
-            return _compress_into(a, recipe, out)
+            return _compress_into(a, plan, out)
     finally:
         if started and distributed.is_initialized():
             import torch.distributed as dist
@@ -157,7 +157,7 @@ def _load_for_compress(a: argparse.Namespace) -> tuple[Any, Any, bool, bool]:
     )
 
 
-def _compress_into(a: argparse.Namespace, recipe: Any, out: Path | None) -> int:
+def _compress_into(a: argparse.Namespace, plan: Plan, out: Path | None) -> int:
     """Load, compress and (with ``out``; ``None`` on ranks other than 0) save."""
     import torch
 
@@ -173,14 +173,13 @@ def _compress_into(a: argparse.Namespace, recipe: Any, out: Path | None) -> int:
     tok = own_tok if own_tok is not None else tok
     if a.format == "compressed-tensors":  # MoE expert projections: refused before any work
         from llmpress.format.compressed_tensors import check_model_exportable
-        from llmpress.plugin_manager import get_plugin_manager
 
-        check_model_exportable(model, recipe.resolve(get_plugin_manager()))
+        check_model_exportable(model, list(plan.stages))
     if a.calib is not None:
         check_seqlen(model.config, a.seqlen, "--seqlen")
     model, report = compress(
         model,
-        recipe,
+        plan,
         a.calib,
         tokenizer=tok,
         nsamples=a.nsamples,
@@ -207,7 +206,7 @@ def _compress_into(a: argparse.Namespace, recipe: Any, out: Path | None) -> int:
         sparse_format=a.sparse_format,
     )
     distributed.barrier()
-    print(compress_summary(report, recipe, out))
+    print(compress_summary(report, plan, out))
     if report.allocation is not None:
         al = report.allocation
         print(
@@ -218,14 +217,11 @@ def _compress_into(a: argparse.Namespace, recipe: Any, out: Path | None) -> int:
     return 0
 
 
-def compress_summary(report: CompressionReport, recipe: Recipe, out: Path) -> str:
+def compress_summary(report: CompressionReport, plan: Plan, out: Path) -> str:
     """The line ``compress`` prints: the measures that apply to the recipe (sparsity when a
     stage prunes, block parameters removed, bits per weight when quantized), size on disk, time."""
-    from llmpress.plugin_manager import get_plugin_manager
-
-    stages = recipe.resolve(get_plugin_manager())
     parts = []
-    if any(s.config.sparsity_target() is not None for s in stages):
+    if any(s.config.sparsity_target() is not None for s in plan.stages):
         parts.append(f"overall sparsity {report.overall_sparsity:.4f}")
     removed = report.structure.get("removed_fraction")
     if removed is not None:
