@@ -58,7 +58,7 @@ def llmpress_register_methods(register: Callable[..., None]) -> None:
     ``register(name, config_cls)``) for each method: the name, ``config_cls.method``, is
     what a recipe's ``method:`` key says; ``config_cls`` is a frozen
     :class:`llmpress.recipe.config.MethodConfig` subclass whose fields are the method's options and
-    whose class variables declare what the engine needs (statistics, scope, citation).
+    whose class variables declare what the engine needs (statistics, stage kind, citation).
     The config class is the dispatch key: this plugin's per-method hooks receive only its
     configs. Registering a name twice (from any plugin) is an error. Not ``firstresult``;
     the return value is ignored.

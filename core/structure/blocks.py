@@ -1,6 +1,7 @@
 """Block-level changes: units of work larger than one Linear.
 
-A ``scope = "block"`` method returns, from ``llmpress_change_block``, changes that the core
+A block-level method (:class:`llmpress.structure.block_stage.BlockMethodConfig`) returns, from
+``llmpress_change_block``, changes that the core
 applies to the block:
 
 * :class:`PruneChannels`: channels removed across coupled modules. Each
