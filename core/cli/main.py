@@ -63,7 +63,7 @@ def _compress(a: argparse.Namespace) -> int:
     recipe = Recipe.load(a.recipe)
     stages = recipe.resolve(get_plugin_manager())  # unknown method / bad option: fail before loading anything
     if a.format == "compressed-tensors":
-        from llmpress.format.compressed_tensors import check_recipe_exportable
+        from llmpress.cli.export_checks import check_recipe_exportable
 
         check_recipe_exportable([s.config for s in stages])
     check_device(a.device)
@@ -145,7 +145,7 @@ def _compress_into(a: argparse.Namespace, recipe: Any, out: Path | None) -> int:
     model, tok, offload_activations, offload_stats = _load_for_compress(a)
     tok = own_tok if own_tok is not None else tok
     if a.format == "compressed-tensors":  # MoE expert projections: refused before any work
-        from llmpress.format.compressed_tensors import check_model_exportable
+        from llmpress.cli.export_checks import check_model_exportable
         from llmpress.plugin_manager import get_plugin_manager
 
         check_model_exportable(model, recipe.resolve(get_plugin_manager()))
