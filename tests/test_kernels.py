@@ -79,7 +79,8 @@ def test_cpu_int_large_rows_take_the_dense_path(monkeypatch: pytest.MonkeyPatch)
 
 
 def _fmt(fmt: str, bits: int | None = None, gs: int | None = None) -> ModuleFormat:
-    return ModuleFormat(fmt, 128, 64, bits=bits, group_size=gs, symmetric=True)
+    nnz = 100 if fmt == "bitmask" else None
+    return ModuleFormat(fmt, 128, 64, bits=bits, group_size=gs, symmetric=True, nnz=nnz)
 
 
 @pytest.mark.parametrize(
@@ -142,7 +143,7 @@ def test_a_registered_kernel_is_offered_only_for_its_formats_and_devices() -> No
 def test_the_injected_source_runs_a_layer() -> None:
     pm = make_plugin_manager([_DoublePlugin()])
     dense = int_layer(16, 32, 4, 32, True)
-    fmt = dataclasses.replace(dense.fmt, format="bitmask")
+    fmt = dense.fmt.model_copy(update={"format": "bitmask"})
     assert choose_kernel(fmt, CPU, source=pm.kernels_for) is DOUBLE
     x = torch.randn(3, 32)
     dense.set_kernel("torch", kernels=pm.kernels_for)
