@@ -33,7 +33,7 @@ import logging
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -41,7 +41,19 @@ from llmpress.cli.eval_harness import EvalRecord
 from llmpress.format.output import atomic_write
 from llmpress.hub.allocation import allocation_context
 from llmpress.hub.errors import CardTemplateError
-from llmpress.hub.folder import CARD_FILE, PLOT_FILE, FolderInfo, SizeStats, hub_size, local_size, read_folder
+from llmpress.hub.folder import (
+    CARD_FILE,
+    PLOT_FILE,
+    FolderInfo,
+    ModuleStats,
+    SizeStats,
+    hub_size,
+    local_size,
+    read_folder,
+)
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCardData
 
 log = logging.getLogger(__name__)
 
@@ -374,74 +386,21 @@ def _widths_rows(structure: dict[str, Any], folder: Path | None) -> tuple[list[d
     return rows, plot
 
 
-def build_card_context(
-    folder: str | Path,
-    *,
-    repo_id: str | None = None,
-    base_model: str | None = None,
-    license: str | None = None,
-    tags: Sequence[str] = (),
-    api: Any = None,
-    pm: Any = None,
-    write_plot: bool = True,
-) -> CardContext:
-    """Metadata and template variables of ``folder``'s card.
-
-    :param repo_id: where the model is (or will be) published; used in the title and the usage
-        snippet. ``None``: not published; the snippet loads the local folder (by its absolute path)
-        and the title is the folder name.
-    :param base_model: Hub id (or local folder) of the dense model; default: the report's or
-        config.json's record of it. A Hub id goes into ``base_model`` metadata; its license
-        and size are read from the Hub through ``api`` (an ``HfApi``) when possible.
-    :param license: overrides the license carried from the base model.
-    :param write_plot: draw ``llmpress_allocation.png`` into the folder for the card.
-    """
-    from huggingface_hub import ModelCardData
-
-    info = read_folder(folder)
-    path = info.path
-    model_path = repo_id or str(path.resolve())  # what from_pretrained loads
-    model_name = repo_id.split("/")[-1] if repo_id else path.resolve().name
-    hub_id, local, base_name = _resolve_base(base_model, info)
-    base_label = base_name or "a dense model"
-    size = _size_summary(info, hub_id, local, api)
-    mods = info.modules()
-    report = info.report or {}
-    stages = info.stages
-    quantized = info.quantized
-    auto_class = _auto_class(path)
-    pipeline_tag = _PIPELINE_TAGS.get(auto_class)
-    license = license or _base_license(hub_id, local, api)
-    records = [
-        EvalRecord.from_dict(r) for r in (info.evaluation or {}).get("results", []) if isinstance(r, dict)
-    ]
-    searched = ((info.report or {}).get("allocation") or {}).get("searched_with") or {}
-    methods = [str(s.get("method")) for s in stages] + (
-        [str(searched["method"])] if "method" in searched else []
-    )
-    citations, missing = method_citations(methods, pm)
-
-    plot = None
-    if write_plot and mods:
-        from llmpress.hub.plot import allocation_plot
-
-        try:
-            plot = (
-                PLOT_FILE
-                if allocation_plot(mods, path / PLOT_FILE, show_bits=quantized or info.packed)
-                else None
-            )
-        except OSError as e:
-            log.warning("could not write the allocation plot into %s (%s)", path, e)
-
-    structure = report.get("structure") or {}
-    widths, widths_plot_file = _widths_rows(structure, path if write_plot else None)
-
-    sparsity = float(report.get("overall_sparsity", 0.0))
+def _summary(
+    info: FolderInfo,
+    hub_id: str | None,
+    base_name: str | None,
+    stages: list[dict[str, Any]],
+    n_modules: int,
+    size: SizeSummary,
+    sparsity: float,
+    quantized: bool,
+) -> str:
+    """The card's opening paragraph."""
     summary = (
         f"This is {f'[{hub_id}](https://huggingface.co/{hub_id})' if hub_id else _local_label(base_name)} compressed with "
         f"llmpress: {'; then '.join(_describe_stage(s) for s in stages) or 'no compression stage'}. "
-        f"The recipe compressed {len(mods)} linear layers of the repeated blocks (embeddings and the output head stay "
+        f"The recipe compressed {n_modules} linear layers of the repeated blocks (embeddings and the output head stay "
         f"dense); their measured sparsity is {100 * sparsity:.1f} %. The checkpoint takes "
         f"{_fmt_bytes(size.after.nbytes)} ({size.after.bits_per_param:.2f} bits per parameter) against "
         f"{_fmt_bytes(size.before.nbytes)} ({size.before.bits_per_param:.2f}) for the dense model"
@@ -469,23 +428,191 @@ def build_card_context(
             "gains need sparse kernels or a packed format."
         )
 
+    return summary
+
+
+def _allocation_plot(info: FolderInfo, mods: list[ModuleStats], quantized: bool) -> str | None:
+    """Draw the per-layer allocation plot into the folder; its file name, or ``None``."""
+    from llmpress.hub.plot import allocation_plot
+
+    try:
+        shown = allocation_plot(mods, info.path / PLOT_FILE, show_bits=quantized or info.packed)
+    except OSError as e:
+        log.warning("could not write the allocation plot into %s (%s)", info.path, e)
+        return None
+    return PLOT_FILE if shown else None
+
+
+def _size_rows(size: SizeSummary, sparsity: float) -> list[dict[str, str]]:
+    """The size table: before and after."""
+    return [
+        {
+            "label": "checkpoint size",
+            "before": _fmt_bytes(size.before.nbytes),
+            "after": _fmt_bytes(size.after.nbytes),
+        },
+        {"label": "parameters", "before": f"{size.before.params:,}", "after": f"{size.after.params:,}"},
+        {
+            "label": "bits per parameter (overall)",
+            "before": f"{size.before.bits_per_param:.2f}",
+            "after": f"{size.after.bits_per_param:.2f}",
+        },
+        {
+            "label": "bits per parameter (compressed layers)",
+            "before": f"{size.layer_bits_before:.2f}",
+            "after": f"{size.layer_bits_after:.2f}",
+        },
+        {"label": "sparsity (compressed layers)", "before": "0.0 %", "after": f"{100 * sparsity:.1f} %"},
+    ]
+
+
+def _module_rows(mods: list[ModuleStats]) -> list[dict[str, str]]:
+    """The per-layer table."""
+    return [
+        {
+            "name": m.name,
+            "shape": f"{m.shape[0]}×{m.shape[1]}",
+            "methods": ", ".join(m.methods),
+            "sparsity": f"{100 * m.sparsity:.1f} %",
+            "bits": f"{m.bits_per_param:.2f}" + (f" ({m.nominal_bits}-bit)" if m.nominal_bits else ""),
+            "loss": ", ".join(f"{k} {v:.4g}" for k, v in m.losses) or "-",
+        }
+        for m in mods
+    ]
+
+
+def _evaluation_rows(records: list[EvalRecord]) -> list[dict[str, Any]]:
+    """The evaluation table."""
+    return [
+        {
+            "task": r.task,
+            "metric": r.metric,
+            "value": f"{r.value:.4f}",
+            "stderr": f"{r.stderr:.4f}" if r.stderr is not None else "",
+            "samples": r.samples if r.samples is not None else "",
+            "notes": r.notes or (f"limit {r.limit:g}" if r.limit is not None else ""),
+            "baseline": f"{r.baseline:.4f}" if r.baseline is not None else "",
+            "recovery": f"{r.recovery:.1f} %" if r.recovery is not None else "",
+        }
+        for r in records
+    ]
+
+
+def _compute(report: dict[str, Any]) -> dict[str, Any]:
+    """Where and how long the compression ran, from the report."""
+    return {
+        "device": report.get("device", "unknown"),
+        "world_size": int(report.get("world_size", 1)),
+        "devices": [str(d) for d in report.get("devices") or [report.get("device", "unknown")]],
+        "wall_time": f"{float(report.get('wall_time_s', 0.0)):.1f} s",
+        "versions": report.get("versions") or {},
+    }
+
+
+def _cited_methods(info: FolderInfo) -> list[str]:
+    """The methods the card cites: the recipe's stages and the allocation search's method."""
+    searched = ((info.report or {}).get("allocation") or {}).get("searched_with") or {}
+    return [str(s.get("method")) for s in info.stages] + (
+        [str(searched["method"])] if "method" in searched else []
+    )
+
+
+def _card_data(
+    hub_id: str | None,
+    quantized: bool,
+    license: str | None,
+    tags: list[str],
+    model_name: str,
+    records: list[EvalRecord],
+    pipeline_tag: str | None,
+) -> ModelCardData:
+    """The card's metadata (YAML header)."""
+    from huggingface_hub import ModelCardData
+
     relation: dict[str, Any] = {}
     if hub_id is not None and quantized:
         # The Hub defines base_model_relation in {adapter, merge, quantized, finetune}. Pruned-only
         # models fit none of them (no training, no new weights besides zeros), so it is omitted.
         relation["base_model_relation"] = "quantized"
-    tag_list = _tags(info, tags)
-    data = ModelCardData(
+    return ModelCardData(
         base_model=hub_id,
         library_name=LIBRARY_NAME,
         pipeline_tag=pipeline_tag,
         license=license,
-        tags=tag_list,
+        tags=tags,
         model_name=model_name,
         eval_results=_eval_results(records, pipeline_tag or "text-generation", model_name) or None,
         **relation,
     )
-    calib = report.get("calibration") or {}
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in _TOKENIZER_FILES)
+
+
+def _structure_variables(structure: dict[str, Any], folder: Path | None) -> dict[str, Any]:
+    """Template variables of structured pruning: per-block widths (and their plot, drawn into
+    ``folder`` when given), the hidden width and the removed fraction of block parameters."""
+    widths, widths_plot_file = _widths_rows(structure, folder)
+    return {
+        "widths": widths,
+        "widths_plot": widths_plot_file,
+        "hidden_width": (
+            " to ".join(str(w) for w in structure["hidden"])
+            if len(structure.get("hidden") or []) == 2
+            else None
+        ),
+        "structure_removed": (
+            f"{100 * float(structure['removed_fraction']):.1f} %" if "removed_fraction" in structure else None
+        ),
+    }
+
+
+def build_card_context(
+    folder: str | Path,
+    *,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    license: str | None = None,
+    tags: Sequence[str] = (),
+    api: Any = None,
+    pm: Any = None,
+    write_plot: bool = True,
+) -> CardContext:
+    """Metadata and template variables of ``folder``'s card.
+
+    :param repo_id: where the model is (or will be) published; used in the title and the usage
+        snippet. ``None``: not published; the snippet loads the local folder (by its absolute path)
+        and the title is the folder name.
+    :param base_model: Hub id (or local folder) of the dense model; default: the report's or
+        config.json's record of it. A Hub id goes into ``base_model`` metadata; its license
+        and size are read from the Hub through ``api`` (an ``HfApi``) when possible.
+    :param license: overrides the license carried from the base model.
+    :param write_plot: draw ``llmpress_allocation.png`` into the folder for the card.
+    """
+    info = read_folder(folder)
+    path = info.path
+    model_path = repo_id or str(path.resolve())  # what from_pretrained loads
+    model_name = repo_id.split("/")[-1] if repo_id else path.resolve().name
+    hub_id, local, base_name = _resolve_base(base_model, info)
+    base_label = base_name or "a dense model"
+    size = _size_summary(info, hub_id, local, api)
+    mods = info.modules()
+    report = info.report or {}
+    stages = info.stages
+    quantized = info.quantized
+    auto_class = _auto_class(path)
+    pipeline_tag = _PIPELINE_TAGS.get(auto_class)
+    license = license or _base_license(hub_id, local, api)
+    records = [
+        EvalRecord.from_dict(r) for r in (info.evaluation or {}).get("results", []) if isinstance(r, dict)
+    ]
+    citations, missing = method_citations(_cited_methods(info), pm)
+    plot = _allocation_plot(info, mods, quantized) if write_plot and mods else None
+    sparsity = float(report.get("overall_sparsity", 0.0))
+    summary = _summary(info, hub_id, base_name, stages, len(mods), size, sparsity, quantized)
+    tag_list = _tags(info, tags)
+    data = _card_data(hub_id, quantized, license, tag_list, model_name, records, pipeline_tag)
     variables: dict[str, Any] = {
         "model_name": model_name,
         "repo_id": repo_id,
@@ -498,80 +625,20 @@ def build_card_context(
         ],
         "recipe_yaml": yaml.safe_dump(report.get("recipe") or {}, sort_keys=False).strip(),
         "size": size,
-        "size_rows": [
-            {
-                "label": "checkpoint size",
-                "before": _fmt_bytes(size.before.nbytes),
-                "after": _fmt_bytes(size.after.nbytes),
-            },
-            {"label": "parameters", "before": f"{size.before.params:,}", "after": f"{size.after.params:,}"},
-            {
-                "label": "bits per parameter (overall)",
-                "before": f"{size.before.bits_per_param:.2f}",
-                "after": f"{size.after.bits_per_param:.2f}",
-            },
-            {
-                "label": "bits per parameter (compressed layers)",
-                "before": f"{size.layer_bits_before:.2f}",
-                "after": f"{size.layer_bits_after:.2f}",
-            },
-            {"label": "sparsity (compressed layers)", "before": "0.0 %", "after": f"{100 * sparsity:.1f} %"},
-        ],
+        "size_rows": _size_rows(size, sparsity),
         "size_estimated": not size.before.measured,
         "sparsity": sparsity,
-        "modules": [
-            {
-                "name": m.name,
-                "shape": f"{m.shape[0]}×{m.shape[1]}",
-                "methods": ", ".join(m.methods),
-                "sparsity": f"{100 * m.sparsity:.1f} %",
-                "bits": f"{m.bits_per_param:.2f}" + (f" ({m.nominal_bits}-bit)" if m.nominal_bits else ""),
-                "loss": ", ".join(f"{k} {v:.4g}" for k, v in m.losses) or "-",
-            }
-            for m in mods
-        ],
+        "modules": _module_rows(mods),
         "has_loss": any(m.losses for m in mods),
-        "widths": widths,
-        "widths_plot": widths_plot_file,
-        "hidden_width": (
-            " to ".join(str(w) for w in structure["hidden"])
-            if len(structure.get("hidden") or []) == 2
-            else None
-        ),
-        "structure_removed": (
-            f"{100 * float(structure['removed_fraction']):.1f} %" if "removed_fraction" in structure else None
-        ),
+        **_structure_variables(report.get("structure") or {}, path if write_plot else None),
         "plot": plot,
         "allocation": allocation_context(report, path, write_plot),
-        "calibration": _calibration_text(calib),
-        "compute": {
-            "device": report.get("device", "unknown"),
-            "world_size": int(report.get("world_size", 1)),
-            "devices": [str(d) for d in report.get("devices") or [report.get("device", "unknown")]],
-            "wall_time": f"{float(report.get('wall_time_s', 0.0)):.1f} s",
-            "versions": report.get("versions") or {},
-        },
-        "usage": usage_snippet(
-            model_path,
-            auto_class,
-            packed=info.packed,
-            tokenizer=any((path / f).is_file() for f in _TOKENIZER_FILES),
-        ),
+        "calibration": _calibration_text(report.get("calibration") or {}),
+        "compute": _compute(report),
+        "usage": usage_snippet(model_path, auto_class, packed=info.packed, tokenizer=_has_tokenizer(path)),
         "citations": citations,
         "missing_citations": missing,
-        "evaluations": [
-            {
-                "task": r.task,
-                "metric": r.metric,
-                "value": f"{r.value:.4f}",
-                "stderr": f"{r.stderr:.4f}" if r.stderr is not None else "",
-                "samples": r.samples if r.samples is not None else "",
-                "notes": r.notes or (f"limit {r.limit:g}" if r.limit is not None else ""),
-                "baseline": f"{r.baseline:.4f}" if r.baseline is not None else "",
-                "recovery": f"{r.recovery:.1f} %" if r.recovery is not None else "",
-            }
-            for r in records
-        ],
+        "evaluations": _evaluation_rows(records),
         "has_baseline": any(r.baseline is not None for r in records),
         "tags": tag_list,
         "quantized": quantized,

@@ -250,6 +250,15 @@ def _shards(index: Path) -> set[str]:
     return {str(v) for v in weight_map.values()}
 
 
+def _check_folder(folder: Path) -> None:
+    """Refuse a folder that is not a saved model with its weights."""
+    if not (folder / "config.json").is_file():
+        raise PublishError(
+            f"{folder} is not a saved model folder (no config.json); save it with save_compressed first"
+        )
+    _check_weights(folder)
+
+
 def _check_weights(folder: Path) -> None:
     """Refuse a folder without weights: a ``*.safetensors`` (or ``*.bin``) file, or sharded
     indexes whose shards are all present."""
@@ -381,16 +390,12 @@ def push(
         also, before anything is sent, for a folder without weights or a card whose ``model-index``
         holds NaN/inf.
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
+    from huggingface_hub import HfApi, constants
 
     from llmpress.hub.card import build_card, write_card
 
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise PublishError(
-            f"{folder} is not a saved model folder (no config.json); save it with save_compressed first"
-        )
-    _check_weights(folder)
+    _check_folder(folder)
     _validate_repo_id(repo_id)
     api = HfApi(endpoint=endpoint, token=token)
     url = (endpoint or constants.ENDPOINT).rstrip("/")
@@ -412,6 +417,35 @@ def push(
         )
     _check_card_results(card)
     write_card(folder, card)
+
+    return _commit_folder(
+        api,
+        call,
+        folder,
+        repo_id,
+        private=private,
+        revision=revision,
+        commit_message=commit_message,
+        commit_description=commit_description,
+        create_pr=create_pr,
+    )
+
+
+def _commit_folder(
+    api: Any,
+    call: Callable[[str, Callable[[], Any]], Any],
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool | None,
+    revision: str | None,
+    commit_message: str | None,
+    commit_description: str | None,
+    create_pr: bool,
+) -> Any:
+    """Create the repo (and branch) if needed and upload ``folder`` in one commit, deleting the
+    remote weight and llmpress files it no longer has; ``call`` runs each request with retries."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, constants
 
     repo_url = call("create repo", lambda: api.create_repo(repo_id, private=private, exist_ok=True))
     repo_id = repo_url.repo_id

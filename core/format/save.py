@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from llmpress.model.moe_model import (
 )
 from llmpress.model.offload import stored_tensor as _stored
 from llmpress.model.report import CompressionReport, CompressionResult
-from llmpress.model.results import CompressionState, compression_state
+from llmpress.model.results import CompressionState, LayerResult, compression_state
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,46 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
+def _layer_format(
+    name: str,
+    mod: nn.Module,
+    res: LayerResult | None,
+    shapes: dict[str, tuple[int, int]] | None,
+    irregular: Iterable[str],
+    sparse: str,
+    dtype_name: str,
+) -> ModuleFormat | None:
+    """The stored format of linear layer ``name`` (its committed result ``res``), or ``None``
+    when it is saved as an ordinary weight. ``shapes``: what the saved config builds;
+    ``irregular``: MoE experts modules resized by structured pruning (stored unfused)."""
+    out_f, in_f = get_weight(mod).shape
+    resized = res is not None and (res.removed_rows is not None or res.removed_cols is not None)
+    if shapes is not None:
+        resized = name in shapes and shapes[name] != (out_f, in_f)
+    target = None if res is None else choose_format(res.quant, res.mask, sparse)
+    if target is None and any(name.startswith(e + ".") for e in irregular):
+        resized = True
+    if target is None and resized:
+        target = "dense"
+    if target is None:
+        return None
+    q = None if res is None else res.quant
+    grid = q is not None and q.kind == "int"
+    return ModuleFormat(
+        format=target,
+        in_features=int(in_f),
+        out_features=int(out_f),
+        bits=q.bits if grid and q is not None else None,
+        group_size=q.group_size if grid and q is not None else None,
+        symmetric=bool(grid and q is not None and q.symmetric),
+        activations=None if q is None else q.activations,
+        dtype=dtype_name,
+        nnz=int(res.mask.sum()) if target == "bitmask" and res is not None and res.mask is not None else None,
+        resized=resized,
+        bias=isinstance(getattr(mod, "bias", None), torch.Tensor) if resized else None,
+    )
+
+
 def export_units(
     model: nn.Module,
     sparse: str = "auto",
@@ -136,34 +176,9 @@ def export_units(
             continue
         if not is_linear(mod):
             continue
-        res = state.layers.get(name)
-        out_f, in_f = get_weight(mod).shape
-        resized = res is not None and (res.removed_rows is not None or res.removed_cols is not None)
-        if shapes is not None:
-            resized = name in shapes and shapes[name] != (out_f, in_f)
-        target = None if res is None else choose_format(res.quant, res.mask, sparse)
-        if target is None and any(name.startswith(e + ".") for e in irregular):
-            resized = True
-        if target is None and resized:
-            target = "dense"
-        if target is None:
+        fmt = _layer_format(name, mod, state.layers.get(name), shapes, irregular, sparse, dtype_name)
+        if fmt is None:
             continue
-        q = None if res is None else res.quant
-        fmt = ModuleFormat(
-            format=target,
-            in_features=int(in_f),
-            out_features=int(out_f),
-            bits=None if q is None or q.kind != "int" else q.bits,
-            group_size=None if q is None or q.kind != "int" else q.group_size,
-            symmetric=False if q is None or q.kind != "int" else q.symmetric,
-            activations=None if q is None else q.activations,
-            dtype=dtype_name,
-            nnz=int(res.mask.sum())
-            if target == "bitmask" and res is not None and res.mask is not None
-            else None,
-            resized=resized,
-            bias=isinstance(getattr(mod, "bias", None), torch.Tensor) if resized else None,
-        )
         packed[name] = fmt
         modules[name] = fmt.to_dict()
 
