@@ -51,6 +51,7 @@ from llmpress.hub.folder import (
     local_size,
     read_folder,
 )
+from llmpress.model.report import CompressionReport
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCardData
@@ -135,9 +136,9 @@ def _resolve_base(base_model: str | None, info: FolderInfo) -> tuple[str | None,
     id is known (a snapshot of the Hugging Face cache); any other local folder is named in the
     card's text only, by its folder name (the full path says nothing to readers).
     """
-    report = info.report or {}
+    report = info.report
     gone = None  # the name of a local folder that is not here any more
-    for cand in (base_model, report.get("base_model"), report.get("model"), info.config.get("_name_or_path")):
+    for cand in (base_model, report.base_model if report else None, info.config.get("_name_or_path")):
         if not cand:
             continue
         cand = str(cand)
@@ -498,20 +499,20 @@ def _evaluation_rows(records: list[EvalRecord]) -> list[dict[str, Any]]:
     ]
 
 
-def _compute(report: dict[str, Any]) -> dict[str, Any]:
+def _compute(report: CompressionReport) -> dict[str, Any]:
     """Where and how long the compression ran, from the report."""
     return {
-        "device": report.get("device", "unknown"),
-        "world_size": int(report.get("world_size", 1)),
-        "devices": [str(d) for d in report.get("devices") or [report.get("device", "unknown")]],
-        "wall_time": f"{float(report.get('wall_time_s', 0.0)):.1f} s",
-        "versions": report.get("versions") or {},
+        "device": report.device,
+        "world_size": report.world_size,
+        "devices": report.devices or [report.device],
+        "wall_time": f"{report.wall_time_s:.1f} s",
+        "versions": report.versions,
     }
 
 
 def _cited_methods(info: FolderInfo) -> list[str]:
     """The methods the card cites: the recipe's stages and the allocation search's method."""
-    searched = ((info.report or {}).get("allocation") or {}).get("searched_with") or {}
+    searched = ((info.report.allocation if info.report else None) or {}).get("searched_with") or {}
     return [str(s.get("method")) for s in info.stages] + (
         [str(searched["method"])] if "method" in searched else []
     )
@@ -598,7 +599,7 @@ def build_card_context(
     base_label = base_name or "a dense model"
     size = _size_summary(info, hub_id, local, api)
     mods = info.modules()
-    report = info.report or {}
+    report = info.report or CompressionReport(recipe={})
     stages = info.stages
     quantized = info.quantized
     auto_class = _auto_class(path)
@@ -609,7 +610,7 @@ def build_card_context(
     ]
     citations, missing = method_citations(_cited_methods(info), pm)
     plot = _allocation_plot(info, mods, quantized) if write_plot and mods else None
-    sparsity = float(report.get("overall_sparsity", 0.0))
+    sparsity = report.overall_sparsity
     summary = _summary(info, hub_id, base_name, stages, len(mods), size, sparsity, quantized)
     tag_list = _tags(info, tags)
     data = _card_data(hub_id, quantized, license, tag_list, model_name, records, pipeline_tag)
@@ -623,17 +624,17 @@ def build_card_context(
         "stages": [
             {"method": s.get("method"), "description": _describe_stage(s), "options": s} for s in stages
         ],
-        "recipe_yaml": yaml.safe_dump(report.get("recipe") or {}, sort_keys=False).strip(),
+        "recipe_yaml": yaml.safe_dump(report.recipe, sort_keys=False).strip(),
         "size": size,
         "size_rows": _size_rows(size, sparsity),
         "size_estimated": not size.before.measured,
         "sparsity": sparsity,
         "modules": _module_rows(mods),
         "has_loss": any(m.losses for m in mods),
-        **_structure_variables(report.get("structure") or {}, path if write_plot else None),
+        **_structure_variables(report.structure, path if write_plot else None),
         "plot": plot,
-        "allocation": allocation_context(report, path, write_plot),
-        "calibration": _calibration_text(report.get("calibration") or {}),
+        "allocation": allocation_context(report.allocation, path, write_plot),
+        "calibration": _calibration_text(report.calibration),
         "compute": _compute(report),
         "usage": usage_snippet(model_path, auto_class, packed=info.packed, tokenizer=_has_tokenizer(path)),
         "citations": citations,

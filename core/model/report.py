@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from llmpress.model.results import CompressionState
 
@@ -80,8 +80,9 @@ class CompressionReport(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     recipe: dict[str, Any]
-    #: where the uncompressed model came from (Hub id or folder), for model cards
-    base_model: str | None = None
+    #: where the uncompressed model came from (Hub id or folder), for model cards; ``model`` in
+    #: reports of early versions
+    base_model: str | None = Field(default=None, validation_alias=AliasChoices("base_model", "model"))
     modules: dict[str, ModuleReport] = Field(default_factory=dict)
     calibration: dict[str, Any] = Field(default_factory=dict)
     device: str = "cpu"
