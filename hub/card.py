@@ -413,7 +413,7 @@ def _summary(
             f" The KV cache is stored in FP8 (E4M3) with one calibrated key scale and one value scale per "
             f"attention layer ({len(kv.get('scales', {}))} layers)."
         )
-    if any(s.get("activations") or s.get("method") == "fp8" for s in stages):
+    if info.quantizes_activations:
         summary += (
             " Weight-and-activation 8-bit formats suit high-throughput serving on recent GPUs, where FP8 is "
             'practically lossless and tuned INT8 within a few percent (Kurtic et al., 2024, "Give Me BF16 or '

@@ -126,6 +126,18 @@ class FolderInfo:
         return q is not None and q.get("quant_method") == "llmpress"
 
     @property
+    def quantizes_activations(self) -> bool:
+        """Layers that quantize their inputs at run time (W8A8): ``activations`` in an llmpress
+        module entry, or ``input_activations`` in a compressed-tensors config group."""
+        q = self.quantization_config or {}
+        entries = [
+            e for key in ("modules", "config_groups") if isinstance(q.get(key), dict) for e in q[key].values()
+        ]
+        return any(
+            isinstance(e, dict) and (e.get("activations") or e.get("input_activations")) for e in entries
+        )
+
+    @property
     def quantized(self) -> bool:
         """Quantized weights: a recipe stage with ``bits``, an ``int`` packed layer, or another
         library's quantization config (compressed-tensors). Sparse-only packing is not."""

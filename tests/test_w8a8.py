@@ -228,7 +228,9 @@ def test_fp8_kv_cache_exports_to_compressed_tensors(tmp_path: Path) -> None:
     pytest.importorskip("jinja2")
     from llmpress.hub.card import build_card
 
-    assert "KV cache is stored in FP8 (E4M3)" in str(build_card(tmp_path / "kv"))
+    text = str(build_card(tmp_path / "kv"))
+    assert "KV cache is stored in FP8 (E4M3)" in text and "Give Me BF16" in text  # W8A8 (FP8) layers
+    assert "Give Me BF16" in str(build_card(tmp_path / "ct"))  # compressed-tensors' input_activations
 
 
 def test_bad_kv_cache_option() -> None:
