@@ -9,19 +9,38 @@ Public API::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from llmpress import _moved
 from llmpress.hookspecs import hookimpl, hookspec
+
+if TYPE_CHECKING:
+    import torch
+
+    from llmpress.format.formats import ModuleFormat
+    from llmpress.kernels.registry import Kernel
 
 __version__ = "0.1.0"
 
 
+def _plugin_kernels(fmt: ModuleFormat, device: torch.device) -> list[Kernel]:
+    """The kernel source of the format layer: the plugins' kernels (the manager is built on first use)."""
+    from llmpress.plugin_manager import get_plugin_manager
+
+    return get_plugin_manager().kernels_for(fmt, device)
+
+
 def _register_with_transformers() -> None:
+    # the format layer gets its kernels by injection (it never imports the plugin manager)
+    from llmpress.kernels.registry import install_kernel_source
+
+    install_kernel_source(_plugin_kernels)
     # `import llmpress` makes `from_pretrained` load llmpress checkpoints (quant_method "llmpress")
     try:
         from llmpress.format.hf_quantizer import register
     except ImportError:  # pragma: no cover - transformers missing or too old
         return
-    register()
+    register(kernels=_plugin_kernels)
 
 
 _register_with_transformers()

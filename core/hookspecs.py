@@ -19,9 +19,9 @@ the model::
 
 and then commits ``result`` (a :class:`llmpress.model.results.LayerResult`). For a
 block-level method (a :class:`llmpress.structure.block_stage.BlockMethodConfig`) it calls
-``llmpress_change_block`` once per block and applies the
-returned change. When a compressed model is loaded, ``llmpress_export_kernel`` offers the
-kernels that can run each stored layer. A stage with an ``allocation:`` section asks
+``llmpress_change_block`` once per block and applies the returned change. Plugins register
+the kernels that run stored layers with ``llmpress_register_kernels``, keyed by the formats
+each kernel declares. A stage with an ``allocation:`` section asks
 ``llmpress_search_allocation`` for the level of every unit under the stage's budget.
 """
 
@@ -38,8 +38,7 @@ if TYPE_CHECKING:
 
     from llmpress.allocation.problem import AllocationProblem, AllocationResult
     from llmpress.engine.stats import LayerStats
-    from llmpress.format.formats import ModuleFormat
-    from llmpress.kernels.registry import Kernel
+    from llmpress.kernels.registry import KernelRegistrar
     from llmpress.math.targets import SparsityTarget
     from llmpress.model.results import LayerResult
     from llmpress.recipe.config import MethodConfig
@@ -184,16 +183,16 @@ def llmpress_search_allocation(problem: AllocationProblem, config: MethodConfig)
 
 
 @hookspec
-def llmpress_export_kernel(fmt: ModuleFormat, device: torch.device) -> Sequence[Kernel] | None:
-    """Offer kernels that can run a stored layer of format ``fmt`` on ``device``.
+def llmpress_register_kernels(register: KernelRegistrar) -> None:
+    """Register the kernels this plugin provides for running stored (packed) layers.
 
-    Called once per packed layer when a compressed model is loaded (after its weights are
-    in place). Every plugin may offer kernels; the runtime picks the one the user asked for
-    (``LLMPRESS_KERNEL``) or else the one with the highest ``priority``, and the kernel
-    repacks the layer's stored tensors once into its own layout.
-
-    :param fmt: the layer's entry of the format registry (format name, shape, grid).
-    :param device: where the layer's tensors are.
-    :returns: the :class:`llmpress.kernels.registry.Kernel` objects this plugin offers for
-        that format and device (possibly none). Not ``firstresult``: all offers are pooled.
+    Called once when the plugin manager is built. Call ``register(kernel)`` for each
+    :class:`llmpress.kernels.registry.Kernel`: the kernel declares the formats it runs (names of
+    the format registry, :data:`llmpress.format.formats.FORMATS`), the device types
+    (``kernel.devices``) and a finer ``supports(fmt, device)`` check, so the plugin needs no
+    guard on a format name or device. The manager keys kernels by format;
+    :meth:`llmpress.plugin_manager.Llmpress.kernels_for` returns the candidates for a layer and
+    the runtime picks the one the user asked for (``LLMPRESS_KERNEL``) or else the one with the
+    highest ``priority``. An unknown format name or a kernel registered twice for a format is an
+    error. Not ``firstresult``; the return value is ignored.
     """

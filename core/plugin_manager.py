@@ -14,15 +14,21 @@ import importlib
 import logging
 import os
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from llmpress import hookspecs
 from llmpress.engine.stats import check_statistics
 from llmpress.errors import RecipeError
+from llmpress.kernels.registry import Kernel, KernelTable
 from llmpress.method_hooks import MethodHooks
 from llmpress.recipe.config import MethodConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from llmpress.format.formats import ModuleFormat
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +57,11 @@ class Llmpress:
         self.methods: dict[str, MethodInfo] = {}
         self._by_config: dict[type[MethodConfig], MethodInfo] = {}
         self._hooks: dict[str, MethodHooks] = {}
+        self.kernels = KernelTable()
+        #: plugin name -> the names of the kernels it registered
+        self.kernel_plugins: dict[str, list[str]] = {}
         self._collect_methods()
+        self._collect_kernels()
 
     def _collect_methods(self) -> None:
         for impl in self.pm.hook.llmpress_register_methods.get_hookimpls():
@@ -83,6 +93,23 @@ class Llmpress:
                 self._by_config[config_cls] = info
 
             impl.function(register=register)
+
+    def _collect_kernels(self) -> None:
+        for impl in self.pm.hook.llmpress_register_kernels.get_hookimpls():
+            names = self.kernel_plugins.setdefault(impl.plugin_name, [])
+
+            def register(kernel: Kernel, _names: list[str] = names, _p: str = impl.plugin_name) -> None:
+                if not isinstance(kernel, Kernel):
+                    raise TypeError(f"plugin {_p!r} must register Kernel objects, not {kernel!r}")
+                self.kernels.add(kernel)
+                _names.append(kernel.name)
+
+            impl.function(register=register)
+
+    def kernels_for(self, fmt: ModuleFormat, device: torch.device) -> list[Kernel]:
+        """The registered kernels that can run a stored layer of ``fmt`` on ``device``
+        (a :data:`llmpress.kernels.registry.KernelSource`)."""
+        return self.kernels.candidates(fmt, device)
 
     def hooks_for(self, config: MethodConfig) -> MethodHooks:
         """The typed hook callers of ``config``'s method (found by its exact config class)."""
@@ -123,10 +150,9 @@ class Llmpress:
 
     def sections(self) -> dict[str, dict[str, list[str]]]:
         """Plugins by what they provide, each ``{plugin: [names]}``: ``stage_methods`` and
-        ``allocation_searches`` (the methods it registers), ``kernels`` (the kernels it offers
-        through ``llmpress_export_kernel``, by name) and ``general`` (a plugin with none of
+        ``allocation_searches`` (the methods it registers), ``kernels`` (the kernels it registers
+        through ``llmpress_register_kernels``, by name) and ``general`` (a plugin with none of
         these: the hooks it implements, called for every method). A plugin may be in several."""
-        from llmpress.kernels.registry import Kernel
         from llmpress.recipe.allocation import AllocationConfig
 
         out: dict[str, dict[str, list[str]]] = {
@@ -135,7 +161,6 @@ class Llmpress:
             "kernels": {},
             "general": {},
         }
-        exporters = {impl.plugin_name for impl in self.pm.hook.llmpress_export_kernel.get_hookimpls()}
         for name, plugin in self.pm.list_name_plugin():
             if plugin is None:
                 continue
@@ -144,14 +169,13 @@ class Llmpress:
                     search = issubclass(m.config_cls, AllocationConfig)
                     kind = "allocation_searches" if search else "stage_methods"
                     out[kind].setdefault(name, []).append(m.name)
-            if name in exporters:
-                kernels = getattr(plugin, "__dict__", {}).values()
-                out["kernels"][name] = sorted(k.name for k in kernels if isinstance(k, Kernel))
+            if name in self.kernel_plugins:
+                out["kernels"][name] = sorted(self.kernel_plugins[name])
             if not any(name in section for section in out.values()):
                 out["general"][name] = sorted(
                     c.name
                     for c in self.pm.get_hookcallers(plugin) or ()
-                    if c.name != "llmpress_register_methods"
+                    if c.name not in ("llmpress_register_methods", "llmpress_register_kernels")
                 )
         return out
 
@@ -163,7 +187,10 @@ class Llmpress:
         self.methods.clear()
         self._by_config.clear()
         self._hooks.clear()
+        self.kernels = KernelTable()
+        self.kernel_plugins.clear()
         self._collect_methods()
+        self._collect_kernels()
 
     def plugin_origin(self, name: str) -> str:
         plugin = self.pm.get_plugin(name)

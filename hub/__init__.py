@@ -2,10 +2,11 @@
 
 Public API (imported lazily; importing ``llmpress.hub`` loads nothing heavy)::
 
-    from llmpress.hub import push, pull, attach_card, build_card, evaluate
+    from llmpress.hub import push, push_model, pull, build_card, evaluate
 
     llmpress.hub.evaluate(model, tok, tasks=["hellaswag"], limit=100, save_to="out")  # llmpress_eval.json
     url = llmpress.hub.push("out", "me/tiny-wanda").repo_url  # folder + README.md card, one commit
+    llmpress.hub.push_model(model, "me/tiny-wanda", result, tokenizer=tok)  # an in-memory model
     model, tok = llmpress.hub.pull("me/tiny-wanda")
 
 Evaluation lives in core (:mod:`llmpress.cli.eval_harness`); ``evaluate``, ``run_lm_eval``,
@@ -19,7 +20,7 @@ from typing import Any
 __all__ = [
     "push",
     "pull",
-    "attach_card",
+    "push_model",
     "build_card",
     "build_card_context",
     "render_card",
@@ -38,7 +39,7 @@ __all__ = [
 _HOME = {
     "push": "llmpress.hub.publish",
     "pull": "llmpress.hub.publish",
-    "attach_card": "llmpress.hub.publish",
+    "push_model": "llmpress.hub.publish",
     "build_card": "llmpress.hub.card",
     "build_card_context": "llmpress.hub.card",
     "render_card": "llmpress.hub.card",

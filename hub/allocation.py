@@ -32,9 +32,9 @@ def fitness_plot(history: list[float], out: Path, label: str) -> Path | None:
     return out
 
 
-def allocation_context(report: dict[str, Any], folder: Path, write_plot: bool) -> dict[str, Any] | None:
-    """Template variables of the allocation section, or ``None`` when no search ran."""
-    alloc = report.get("allocation")
+def allocation_context(alloc: dict[str, Any] | None, folder: Path, write_plot: bool) -> dict[str, Any] | None:
+    """Template variables of the allocation section (``alloc``: the report's ``allocation``), or
+    ``None`` when no search ran."""
     if not isinstance(alloc, dict) or not isinstance(alloc.get("levels"), dict):
         return None
     kind = str(alloc.get("kind", ""))

@@ -33,7 +33,7 @@ import logging
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -41,7 +41,20 @@ from llmpress.cli.eval_harness import EvalRecord
 from llmpress.format.output import atomic_write
 from llmpress.hub.allocation import allocation_context
 from llmpress.hub.errors import CardTemplateError
-from llmpress.hub.folder import CARD_FILE, PLOT_FILE, FolderInfo, SizeStats, hub_size, local_size, read_folder
+from llmpress.hub.folder import (
+    CARD_FILE,
+    PLOT_FILE,
+    FolderInfo,
+    ModuleStats,
+    SizeStats,
+    hub_size,
+    local_size,
+    read_folder,
+)
+from llmpress.model.report import CompressionReport
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCardData
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +136,9 @@ def _resolve_base(base_model: str | None, info: FolderInfo) -> tuple[str | None,
     id is known (a snapshot of the Hugging Face cache); any other local folder is named in the
     card's text only, by its folder name (the full path says nothing to readers).
     """
-    report = info.report or {}
+    report = info.report
     gone = None  # the name of a local folder that is not here any more
-    for cand in (base_model, report.get("base_model"), report.get("model"), info.config.get("_name_or_path")):
+    for cand in (base_model, report.base_model if report else None, info.config.get("_name_or_path")):
         if not cand:
             continue
         cand = str(cand)
@@ -374,6 +387,188 @@ def _widths_rows(structure: dict[str, Any], folder: Path | None) -> tuple[list[d
     return rows, plot
 
 
+def _summary(
+    info: FolderInfo,
+    hub_id: str | None,
+    base_name: str | None,
+    stages: list[dict[str, Any]],
+    n_modules: int,
+    size: SizeSummary,
+    sparsity: float,
+    quantized: bool,
+) -> str:
+    """The card's opening paragraph."""
+    summary = (
+        f"This is {f'[{hub_id}](https://huggingface.co/{hub_id})' if hub_id else _local_label(base_name)} compressed with "
+        f"llmpress: {'; then '.join(_describe_stage(s) for s in stages) or 'no compression stage'}. "
+        f"The recipe compressed {n_modules} linear layers of the repeated blocks (embeddings and the output head stay "
+        f"dense); their measured sparsity is {100 * sparsity:.1f} %. The checkpoint takes "
+        f"{_fmt_bytes(size.after.nbytes)} ({size.after.bits_per_param:.2f} bits per parameter) against "
+        f"{_fmt_bytes(size.before.nbytes)} ({size.before.bits_per_param:.2f}) for the dense model"
+        f"{'' if size.before.measured else ' (estimated at the same dtype)'}."
+    )
+    kv = (info.quantization_config or {}).get("kv_cache")
+    if isinstance(kv, dict) and kv.get("dtype") == "float8_e4m3fn":
+        summary += (
+            f" The KV cache is stored in FP8 (E4M3) with one calibrated key scale and one value scale per "
+            f"attention layer ({len(kv.get('scales', {}))} layers)."
+        )
+    if info.quantizes_activations:
+        summary += (
+            " Weight-and-activation 8-bit formats suit high-throughput serving on recent GPUs, where FP8 is "
+            'practically lossless and tuned INT8 within a few percent (Kurtic et al., 2024, "Give Me BF16 or '
+            'Give Me Death"); for single-stream serving, 4-bit weight-only formats decode faster.'
+        )
+    if info.packed:
+        summary += (
+            " Load it after `import llmpress`, which registers llmpress's packed format with transformers."
+        )
+    elif sparsity > 0 and not quantized:
+        summary += (
+            " Pruned weights are stored as zeros in dense tensors, so the file does not shrink; speed and size "
+            "gains need sparse kernels or a packed format."
+        )
+
+    return summary
+
+
+def _allocation_plot(info: FolderInfo, mods: list[ModuleStats], quantized: bool) -> str | None:
+    """Draw the per-layer allocation plot into the folder; its file name, or ``None``."""
+    from llmpress.hub.plot import allocation_plot
+
+    try:
+        shown = allocation_plot(mods, info.path / PLOT_FILE, show_bits=quantized or info.packed)
+    except OSError as e:
+        log.warning("could not write the allocation plot into %s (%s)", info.path, e)
+        return None
+    return PLOT_FILE if shown else None
+
+
+def _size_rows(size: SizeSummary, sparsity: float) -> list[dict[str, str]]:
+    """The size table: before and after."""
+    return [
+        {
+            "label": "checkpoint size",
+            "before": _fmt_bytes(size.before.nbytes),
+            "after": _fmt_bytes(size.after.nbytes),
+        },
+        {"label": "parameters", "before": f"{size.before.params:,}", "after": f"{size.after.params:,}"},
+        {
+            "label": "bits per parameter (overall)",
+            "before": f"{size.before.bits_per_param:.2f}",
+            "after": f"{size.after.bits_per_param:.2f}",
+        },
+        {
+            "label": "bits per parameter (compressed layers)",
+            "before": f"{size.layer_bits_before:.2f}",
+            "after": f"{size.layer_bits_after:.2f}",
+        },
+        {"label": "sparsity (compressed layers)", "before": "0.0 %", "after": f"{100 * sparsity:.1f} %"},
+    ]
+
+
+def _module_rows(mods: list[ModuleStats]) -> list[dict[str, str]]:
+    """The per-layer table."""
+    return [
+        {
+            "name": m.name,
+            "shape": f"{m.shape[0]}×{m.shape[1]}",
+            "methods": ", ".join(m.methods),
+            "sparsity": f"{100 * m.sparsity:.1f} %",
+            "bits": f"{m.bits_per_param:.2f}" + (f" ({m.nominal_bits}-bit)" if m.nominal_bits else ""),
+            "loss": ", ".join(f"{k} {v:.4g}" for k, v in m.losses) or "-",
+        }
+        for m in mods
+    ]
+
+
+def _evaluation_rows(records: list[EvalRecord]) -> list[dict[str, Any]]:
+    """The evaluation table."""
+    return [
+        {
+            "task": r.task,
+            "metric": r.metric,
+            "value": f"{r.value:.4f}",
+            "stderr": f"{r.stderr:.4f}" if r.stderr is not None else "",
+            "samples": r.samples if r.samples is not None else "",
+            "notes": r.notes or (f"limit {r.limit:g}" if r.limit is not None else ""),
+            "baseline": f"{r.baseline:.4f}" if r.baseline is not None else "",
+            "recovery": f"{r.recovery:.1f} %" if r.recovery is not None else "",
+        }
+        for r in records
+    ]
+
+
+def _compute(report: CompressionReport) -> dict[str, Any]:
+    """Where and how long the compression ran, from the report."""
+    return {
+        "device": report.device,
+        "world_size": report.world_size,
+        "devices": report.devices or [report.device],
+        "wall_time": f"{report.wall_time_s:.1f} s",
+        "versions": report.versions,
+    }
+
+
+def _cited_methods(info: FolderInfo) -> list[str]:
+    """The methods the card cites: the recipe's stages and the allocation search's method."""
+    searched = ((info.report.allocation if info.report else None) or {}).get("searched_with") or {}
+    return [str(s.get("method")) for s in info.stages] + (
+        [str(searched["method"])] if "method" in searched else []
+    )
+
+
+def _card_data(
+    hub_id: str | None,
+    quantized: bool,
+    license: str | None,
+    tags: list[str],
+    model_name: str,
+    records: list[EvalRecord],
+    pipeline_tag: str | None,
+) -> ModelCardData:
+    """The card's metadata (YAML header)."""
+    from huggingface_hub import ModelCardData
+
+    relation: dict[str, Any] = {}
+    if hub_id is not None and quantized:
+        # The Hub defines base_model_relation in {adapter, merge, quantized, finetune}. Pruned-only
+        # models fit none of them (no training, no new weights besides zeros), so it is omitted.
+        relation["base_model_relation"] = "quantized"
+    return ModelCardData(
+        base_model=hub_id,
+        library_name=LIBRARY_NAME,
+        pipeline_tag=pipeline_tag,
+        license=license,
+        tags=tags,
+        model_name=model_name,
+        eval_results=_eval_results(records, pipeline_tag or "text-generation", model_name) or None,
+        **relation,
+    )
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in _TOKENIZER_FILES)
+
+
+def _structure_variables(structure: dict[str, Any], folder: Path | None) -> dict[str, Any]:
+    """Template variables of structured pruning: per-block widths (and their plot, drawn into
+    ``folder`` when given), the hidden width and the removed fraction of block parameters."""
+    widths, widths_plot_file = _widths_rows(structure, folder)
+    return {
+        "widths": widths,
+        "widths_plot": widths_plot_file,
+        "hidden_width": (
+            " to ".join(str(w) for w in structure["hidden"])
+            if len(structure.get("hidden") or []) == 2
+            else None
+        ),
+        "structure_removed": (
+            f"{100 * float(structure['removed_fraction']):.1f} %" if "removed_fraction" in structure else None
+        ),
+    }
+
+
 def build_card_context(
     folder: str | Path,
     *,
@@ -396,8 +591,6 @@ def build_card_context(
     :param license: overrides the license carried from the base model.
     :param write_plot: draw ``llmpress_allocation.png`` into the folder for the card.
     """
-    from huggingface_hub import ModelCardData
-
     info = read_folder(folder)
     path = info.path
     model_path = repo_id or str(path.resolve())  # what from_pretrained loads
@@ -406,7 +599,7 @@ def build_card_context(
     base_label = base_name or "a dense model"
     size = _size_summary(info, hub_id, local, api)
     mods = info.modules()
-    report = info.report or {}
+    report = info.report or CompressionReport(recipe={})
     stages = info.stages
     quantized = info.quantized
     auto_class = _auto_class(path)
@@ -415,77 +608,12 @@ def build_card_context(
     records = [
         EvalRecord.from_dict(r) for r in (info.evaluation or {}).get("results", []) if isinstance(r, dict)
     ]
-    searched = ((info.report or {}).get("allocation") or {}).get("searched_with") or {}
-    methods = [str(s.get("method")) for s in stages] + (
-        [str(searched["method"])] if "method" in searched else []
-    )
-    citations, missing = method_citations(methods, pm)
-
-    plot = None
-    if write_plot and mods:
-        from llmpress.hub.plot import allocation_plot
-
-        try:
-            plot = (
-                PLOT_FILE
-                if allocation_plot(mods, path / PLOT_FILE, show_bits=quantized or info.packed)
-                else None
-            )
-        except OSError as e:
-            log.warning("could not write the allocation plot into %s (%s)", path, e)
-
-    structure = report.get("structure") or {}
-    widths, widths_plot_file = _widths_rows(structure, path if write_plot else None)
-
-    sparsity = float(report.get("overall_sparsity", 0.0))
-    summary = (
-        f"This is {f'[{hub_id}](https://huggingface.co/{hub_id})' if hub_id else _local_label(base_name)} compressed with "
-        f"llmpress: {'; then '.join(_describe_stage(s) for s in stages) or 'no compression stage'}. "
-        f"The recipe compressed {len(mods)} linear layers of the repeated blocks (embeddings and the output head stay "
-        f"dense); their measured sparsity is {100 * sparsity:.1f} %. The checkpoint takes "
-        f"{_fmt_bytes(size.after.nbytes)} ({size.after.bits_per_param:.2f} bits per parameter) against "
-        f"{_fmt_bytes(size.before.nbytes)} ({size.before.bits_per_param:.2f}) for the dense model"
-        f"{'' if size.before.measured else ' (estimated at the same dtype)'}."
-    )
-    kv = (info.quantization_config or {}).get("kv_cache")
-    if isinstance(kv, dict) and kv.get("dtype") == "float8_e4m3fn":
-        summary += (
-            f" The KV cache is stored in FP8 (E4M3) with one calibrated key scale and one value scale per "
-            f"attention layer ({len(kv.get('scales', {}))} layers)."
-        )
-    if any(s.get("activations") or s.get("method") == "fp8" for s in stages):
-        summary += (
-            " Weight-and-activation 8-bit formats suit high-throughput serving on recent GPUs, where FP8 is "
-            'practically lossless and tuned INT8 within a few percent (Kurtic et al., 2024, "Give Me BF16 or '
-            'Give Me Death"); for single-stream serving, 4-bit weight-only formats decode faster.'
-        )
-    if info.packed:
-        summary += (
-            " Load it after `import llmpress`, which registers llmpress's packed format with transformers."
-        )
-    elif sparsity > 0 and not quantized:
-        summary += (
-            " Pruned weights are stored as zeros in dense tensors, so the file does not shrink; speed and size "
-            "gains need sparse kernels or a packed format."
-        )
-
-    relation: dict[str, Any] = {}
-    if hub_id is not None and quantized:
-        # The Hub defines base_model_relation in {adapter, merge, quantized, finetune}. Pruned-only
-        # models fit none of them (no training, no new weights besides zeros), so it is omitted.
-        relation["base_model_relation"] = "quantized"
+    citations, missing = method_citations(_cited_methods(info), pm)
+    plot = _allocation_plot(info, mods, quantized) if write_plot and mods else None
+    sparsity = report.overall_sparsity
+    summary = _summary(info, hub_id, base_name, stages, len(mods), size, sparsity, quantized)
     tag_list = _tags(info, tags)
-    data = ModelCardData(
-        base_model=hub_id,
-        library_name=LIBRARY_NAME,
-        pipeline_tag=pipeline_tag,
-        license=license,
-        tags=tag_list,
-        model_name=model_name,
-        eval_results=_eval_results(records, pipeline_tag or "text-generation", model_name) or None,
-        **relation,
-    )
-    calib = report.get("calibration") or {}
+    data = _card_data(hub_id, quantized, license, tag_list, model_name, records, pipeline_tag)
     variables: dict[str, Any] = {
         "model_name": model_name,
         "repo_id": repo_id,
@@ -496,82 +624,22 @@ def build_card_context(
         "stages": [
             {"method": s.get("method"), "description": _describe_stage(s), "options": s} for s in stages
         ],
-        "recipe_yaml": yaml.safe_dump(report.get("recipe") or {}, sort_keys=False).strip(),
+        "recipe_yaml": yaml.safe_dump(report.recipe, sort_keys=False).strip(),
         "size": size,
-        "size_rows": [
-            {
-                "label": "checkpoint size",
-                "before": _fmt_bytes(size.before.nbytes),
-                "after": _fmt_bytes(size.after.nbytes),
-            },
-            {"label": "parameters", "before": f"{size.before.params:,}", "after": f"{size.after.params:,}"},
-            {
-                "label": "bits per parameter (overall)",
-                "before": f"{size.before.bits_per_param:.2f}",
-                "after": f"{size.after.bits_per_param:.2f}",
-            },
-            {
-                "label": "bits per parameter (compressed layers)",
-                "before": f"{size.layer_bits_before:.2f}",
-                "after": f"{size.layer_bits_after:.2f}",
-            },
-            {"label": "sparsity (compressed layers)", "before": "0.0 %", "after": f"{100 * sparsity:.1f} %"},
-        ],
+        "size_rows": _size_rows(size, sparsity),
         "size_estimated": not size.before.measured,
         "sparsity": sparsity,
-        "modules": [
-            {
-                "name": m.name,
-                "shape": f"{m.shape[0]}×{m.shape[1]}",
-                "methods": ", ".join(m.methods),
-                "sparsity": f"{100 * m.sparsity:.1f} %",
-                "bits": f"{m.bits_per_param:.2f}" + (f" ({m.nominal_bits}-bit)" if m.nominal_bits else ""),
-                "loss": ", ".join(f"{k} {v:.4g}" for k, v in m.losses) or "-",
-            }
-            for m in mods
-        ],
+        "modules": _module_rows(mods),
         "has_loss": any(m.losses for m in mods),
-        "widths": widths,
-        "widths_plot": widths_plot_file,
-        "hidden_width": (
-            " to ".join(str(w) for w in structure["hidden"])
-            if len(structure.get("hidden") or []) == 2
-            else None
-        ),
-        "structure_removed": (
-            f"{100 * float(structure['removed_fraction']):.1f} %" if "removed_fraction" in structure else None
-        ),
+        **_structure_variables(report.structure, path if write_plot else None),
         "plot": plot,
-        "allocation": allocation_context(report, path, write_plot),
-        "calibration": _calibration_text(calib),
-        "compute": {
-            "device": report.get("device", "unknown"),
-            "world_size": int(report.get("world_size", 1)),
-            "devices": [str(d) for d in report.get("devices") or [report.get("device", "unknown")]],
-            "wall_time": f"{float(report.get('wall_time_s', 0.0)):.1f} s",
-            "versions": report.get("versions") or {},
-        },
-        "usage": usage_snippet(
-            model_path,
-            auto_class,
-            packed=info.packed,
-            tokenizer=any((path / f).is_file() for f in _TOKENIZER_FILES),
-        ),
+        "allocation": allocation_context(report.allocation, path, write_plot),
+        "calibration": _calibration_text(report.calibration),
+        "compute": _compute(report),
+        "usage": usage_snippet(model_path, auto_class, packed=info.packed, tokenizer=_has_tokenizer(path)),
         "citations": citations,
         "missing_citations": missing,
-        "evaluations": [
-            {
-                "task": r.task,
-                "metric": r.metric,
-                "value": f"{r.value:.4f}",
-                "stderr": f"{r.stderr:.4f}" if r.stderr is not None else "",
-                "samples": r.samples if r.samples is not None else "",
-                "notes": r.notes or (f"limit {r.limit:g}" if r.limit is not None else ""),
-                "baseline": f"{r.baseline:.4f}" if r.baseline is not None else "",
-                "recovery": f"{r.recovery:.1f} %" if r.recovery is not None else "",
-            }
-            for r in records
-        ],
+        "evaluations": _evaluation_rows(records),
         "has_baseline": any(r.baseline is not None for r in records),
         "tags": tag_list,
         "quantized": quantized,

@@ -18,8 +18,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from llmpress.cli.eval_harness import EVAL_FILE
 from llmpress.format.checkpoint import SAFETENSORS_DTYPES, TensorHeader, read_header
+from llmpress.model.report import CompressionReport
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +102,8 @@ class FolderInfo:
 
     path: Path
     config: dict[str, Any]
-    report: dict[str, Any] | None
+    #: ``llmpress_report.json`` read through :class:`CompressionReport` (``None``: absent or invalid)
+    report: CompressionReport | None
     evaluation: dict[str, Any] | None
     tensors: dict[str, TensorHeader]
     file_bytes: int
@@ -111,7 +115,7 @@ class FolderInfo:
 
     @property
     def stages(self) -> list[dict[str, Any]]:
-        recipe = (self.report or {}).get("recipe") or {}
+        recipe = self.report.recipe if self.report is not None else {}
         return [s for s in recipe.get("stages", []) if isinstance(s, dict)]
 
     @property
@@ -120,6 +124,18 @@ class FolderInfo:
         ``import llmpress``."""
         q = self.quantization_config
         return q is not None and q.get("quant_method") == "llmpress"
+
+    @property
+    def quantizes_activations(self) -> bool:
+        """Layers that quantize their inputs at run time (W8A8): ``activations`` in an llmpress
+        module entry, or ``input_activations`` in a compressed-tensors config group."""
+        q = self.quantization_config or {}
+        entries = [
+            e for key in ("modules", "config_groups") if isinstance(q.get(key), dict) for e in q[key].values()
+        ]
+        return any(
+            isinstance(e, dict) and (e.get("activations") or e.get("input_activations")) for e in entries
+        )
 
     @property
     def quantized(self) -> bool:
@@ -143,26 +159,26 @@ class FolderInfo:
 
     def modules(self) -> list[ModuleStats]:
         """Per compressed layer statistics, in the report's order."""
-        if not self.report:
+        if self.report is None:
             return []
         out = []
-        for name, m in (self.report.get("modules") or {}).items():
-            shape = (int(m["shape"][0]), int(m["shape"][1]))
+        for name, m in self.report.modules.items():
+            shape = m.shape
             owned = _owned(self.tensors, name)
             bias = sum(t.numel for t in owned if t.name == f"{name}.bias")
             params = shape[0] * shape[1] + bias
             nbytes = sum(t.nbytes for t in owned) or params * self.dtype_bits // 8
-            methods = tuple(m.get("methods") or ())
+            methods = tuple(m.methods)
             out.append(
                 ModuleStats(
                     name=name,
                     shape=shape,
                     methods=methods,
-                    sparsity=float(m.get("sparsity", 0.0)),
+                    sparsity=m.sparsity,
                     params=params,
                     nbytes=nbytes,
                     nominal_bits=self.nominal_bits(name, methods),
-                    losses=tuple((k, float(v)) for k, v in (m.get("loss") or {}).items()),
+                    losses=tuple(m.losses.items()),
                 )
             )
         return out
@@ -209,6 +225,16 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _read_report(path: Path) -> CompressionReport | None:
+    if not path.is_file():
+        return None
+    try:
+        return CompressionReport.read(path)
+    except ValidationError as e:  # invalid JSON too
+        log.warning("ignoring %s: not an llmpress report (%s)", path, e.errors()[0]["msg"])
+        return None
+
+
 def read_folder(folder: str | Path) -> FolderInfo:
     """Read config.json, ``llmpress_report.json``, ``llmpress_eval.json`` and safetensors headers."""
     from llmpress.errors import CheckpointError
@@ -226,7 +252,7 @@ def read_folder(folder: str | Path) -> FolderInfo:
     return FolderInfo(
         path=path,
         config=config,
-        report=_read_json(path / REPORT_FILE),
+        report=_read_report(path / REPORT_FILE),
         evaluation=_read_json(path / EVAL_FILE),
         tensors=tensors,
         file_bytes=sum(f.stat().st_size for f in files),

@@ -10,8 +10,8 @@ answer it is, also when ``hf_xet`` reports it inside a ``ConnectionError``. Befo
 ``model-index`` holds NaN/inf are refused. Tokens are passed to ``HfApi`` only: never logged,
 never written to disk.
 
-:func:`attach_card` makes a compressed model's own ``model.push_to_hub(repo_id)`` publish the
-same folder (weights, tokenizer, llmpress files and card) through :func:`push`.
+:func:`push_model` publishes an in-memory compressed model the same way (weights, tokenizer,
+llmpress files and card) through :func:`push`; the model's own ``push_to_hub`` is left as it is.
 """
 
 from __future__ import annotations
@@ -23,14 +23,16 @@ import math
 import re
 import shutil
 import tempfile
-import types
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from llmpress.hub.errors import PublishError
+
+if TYPE_CHECKING:
+    from llmpress.model.report import CompressionReport
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +250,15 @@ def _shards(index: Path) -> set[str]:
     return {str(v) for v in weight_map.values()}
 
 
+def _check_folder(folder: Path) -> None:
+    """Refuse a folder that is not a saved model with its weights."""
+    if not (folder / "config.json").is_file():
+        raise PublishError(
+            f"{folder} is not a saved model folder (no config.json); save it with save_compressed first"
+        )
+    _check_weights(folder)
+
+
 def _check_weights(folder: Path) -> None:
     """Refuse a folder without weights: a ``*.safetensors`` (or ``*.bin``) file, or sharded
     indexes whose shards are all present."""
@@ -379,16 +390,12 @@ def push(
         also, before anything is sent, for a folder without weights or a card whose ``model-index``
         holds NaN/inf.
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
+    from huggingface_hub import HfApi, constants
 
     from llmpress.hub.card import build_card, write_card
 
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise PublishError(
-            f"{folder} is not a saved model folder (no config.json); save it with save_compressed first"
-        )
-    _check_weights(folder)
+    _check_folder(folder)
     _validate_repo_id(repo_id)
     api = HfApi(endpoint=endpoint, token=token)
     url = (endpoint or constants.ENDPOINT).rstrip("/")
@@ -410,6 +417,35 @@ def push(
         )
     _check_card_results(card)
     write_card(folder, card)
+
+    return _commit_folder(
+        api,
+        call,
+        folder,
+        repo_id,
+        private=private,
+        revision=revision,
+        commit_message=commit_message,
+        commit_description=commit_description,
+        create_pr=create_pr,
+    )
+
+
+def _commit_folder(
+    api: Any,
+    call: Callable[[str, Callable[[], Any]], Any],
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool | None,
+    revision: str | None,
+    commit_message: str | None,
+    commit_description: str | None,
+    create_pr: bool,
+) -> Any:
+    """Create the repo (and branch) if needed and upload ``folder`` in one commit, deleting the
+    remote weight and llmpress files it no longer has; ``call`` runs each request with retries."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, constants
 
     repo_url = call("create repo", lambda: api.create_repo(repo_id, private=private, exist_ok=True))
     repo_id = repo_url.repo_id
@@ -477,81 +513,81 @@ def pull(
     return load_model(path, dtype=dtype, device=device)
 
 
-# ---------------------------------------------------------------------------- attach_card
+# ---------------------------------------------------------------------------- push_model
 
 
-def attach_card(
+def _fill_folder(tmp: Path, source: Path | None, report: CompressionReport | None, tokenizer: Any) -> None:
+    """Add to a folder the model's ``save_pretrained`` wrote: the files of the saved ``source``
+    folder but weights and card (tokenizer, llmpress_*.json...), the tokenizer and the report."""
+    from llmpress.format.save import RECIPE_FILE, REPORT_FILE
+
+    if source is not None:
+        for name, p in _local_files(source).items():
+            skip = any(fnmatch.fnmatch(name, pat) for pat in _WEIGHT_FILES) or name in ("README.md",)
+            if not skip and not (tmp / name).exists():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(p, tmp / name)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if report is not None:
+        report.write(tmp / REPORT_FILE)
+        (tmp / RECIPE_FILE).write_text(json.dumps(report.recipe, indent=2))
+
+
+def push_model(
     model: Any,
-    source: str | Path | None = None,
+    repo_id: str,
+    result: CompressionReport | None = None,
     *,
-    report: Any = None,
+    source: str | Path | None = None,
     tokenizer: Any = None,
+    max_shard_size: int | str = "50GB",
     template: str | Path = "default",
     base_model: str | None = None,
     license: str | None = None,
+    tags: Sequence[str] = (),
+    private: bool | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    create_pr: bool = False,
+    retries: int = DEFAULT_RETRIES,
+    backoff: float = 1.0,
 ) -> Any:
-    """Make ``model.push_to_hub(repo_id, ...)`` publish llmpress's folder and card.
+    """Publish an in-memory compressed model with llmpress's card, in one commit (the explicit
+    counterpart of transformers' ``model.push_to_hub``, which uploads a generic card).
 
-    transformers' own ``push_to_hub`` uploads the weights with the repo's existing README or a
-    generic card. After ``attach_card``, the model's ``push_to_hub`` (same arguments) saves the
-    model with its own ``save_pretrained``, adds the tokenizer and llmpress files (from the
-    saved ``source`` folder, or ``report``/``tokenizer``) and publishes through :func:`push`:
-    one commit with the llmpress card. Returns ``model``.
+    The model is saved with its own ``save_pretrained`` into a temporary folder, completed with
+    the files of the saved ``source`` folder (tokenizer, llmpress_*.json; not its weights or
+    card), ``tokenizer`` and ``result`` (the run's report), then published through :func:`push`,
+    whose other arguments these are. The model is not changed.
+
+    :returns: the ``huggingface_hub.CommitInfo`` of the commit.
+    :raises PublishError: ``source`` is not a saved model folder, or as :func:`push`.
     """
-    from llmpress.format.save import RECIPE_FILE, REPORT_FILE
-
     src = Path(source) if source is not None else None
     if src is not None and not (src / "config.json").is_file():
-        raise PublishError(f"attach_card: {src} is not a saved model folder (no config.json)")
-
-    def fill(tmp: Path) -> None:
-        if src is not None:  # tokenizer, llmpress_*.json... (weights and config come from the model)
-            for name, p in _local_files(src).items():
-                skip = any(fnmatch.fnmatch(name, pat) for pat in _WEIGHT_FILES) or name in ("README.md",)
-                if not skip and not (tmp / name).exists():
-                    (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(p, tmp / name)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if report is not None:
-            import json
-
-            (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2))
-            (tmp / RECIPE_FILE).write_text(json.dumps(report.recipe, indent=2))
-
-    def push_to_hub(
-        self: Any,
-        repo_id: str,
-        *,
-        commit_message: str | None = None,
-        commit_description: str | None = None,
-        private: bool | None = None,
-        token: str | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        max_shard_size: int | str | None = "50GB",
-        tags: list[str] | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        with tempfile.TemporaryDirectory(prefix="llmpress-push-") as d:
-            tmp = Path(d)
-            type(self).save_pretrained(self, tmp, max_shard_size=max_shard_size)
-            fill(tmp)
-            return push(
-                tmp,
-                repo_id,
-                private=private,
-                token=token,
-                revision=revision,
-                template=template,
-                base_model=base_model,
-                license=license,
-                tags=tags or (),
-                commit_message=commit_message,
-                commit_description=commit_description,
-                create_pr=create_pr,
-                **kwargs,
-            )
-
-    model.push_to_hub = types.MethodType(push_to_hub, model)
-    return model
+        raise PublishError(f"push_model: {src} is not a saved model folder (no config.json)")
+    with tempfile.TemporaryDirectory(prefix="llmpress-push-") as d:
+        tmp = Path(d)
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        _fill_folder(tmp, src, result, tokenizer)
+        return push(
+            tmp,
+            repo_id,
+            private=private,
+            token=token,
+            endpoint=endpoint,
+            revision=revision,
+            template=template,
+            base_model=base_model,
+            license=license,
+            tags=tags,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            create_pr=create_pr,
+            retries=retries,
+            backoff=backoff,
+        )

@@ -10,7 +10,7 @@ from llmpress import hookimpl
 from llmpress.format.formats import ModuleFormat, int_codes
 from llmpress.format.runtime import LlmpressLinear
 from llmpress.kernels import cpu_int
-from llmpress.kernels.registry import Kernel
+from llmpress.kernels.registry import Kernel, KernelRegistrar
 
 
 def _prepare(module: LlmpressLinear) -> cpu_int.CpuIntWeight:
@@ -21,13 +21,26 @@ def _forward(module: LlmpressLinear, state: cpu_int.CpuIntWeight, x: torch.Tenso
     return cpu_int.matmul(x, state)
 
 
+def _supports(fmt: ModuleFormat, device: torch.device) -> bool:
+    return (
+        fmt.bits is not None
+        and cpu_int.available()
+        and cpu_int.supports(fmt.bits, fmt.group_width, fmt.in_features)
+    )
+
+
 CPU_INT = Kernel(
-    "cpu-int", 50, _prepare, _forward, "torch's CPU int4/int8 weight-only kernels (bf16 activations)"
+    "cpu-int",
+    50,
+    _prepare,
+    _forward,
+    "torch's CPU int4/int8 weight-only kernels (bf16 activations)",
+    formats=frozenset({"int"}),
+    devices=frozenset({"cpu"}),
+    supports=_supports,
 )
 
 
 @hookimpl
-def llmpress_export_kernel(fmt: ModuleFormat, device: torch.device) -> tuple[Kernel, ...]:
-    if device.type != "cpu" or fmt.format != "int" or fmt.bits is None or not cpu_int.available():
-        return ()
-    return (CPU_INT,) if cpu_int.supports(fmt.bits, fmt.group_width, fmt.in_features) else ()
+def llmpress_register_kernels(register: KernelRegistrar) -> None:
+    register(CPU_INT)

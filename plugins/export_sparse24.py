@@ -17,15 +17,15 @@ import torch.nn.functional as F
 from llmpress import hookimpl
 from llmpress.format.formats import ModuleFormat
 from llmpress.format.runtime import LlmpressLinear
-from llmpress.kernels.registry import Kernel
+from llmpress.kernels.registry import Kernel, KernelRegistrar
 
 #: below this many rows the dense weight is used (semi-structured kernels need large tiles)
 MIN_ROWS = 64
 
 
 def available(device: torch.device) -> bool:
-    """Whether semi-structured sparse matmuls run on ``device``."""
-    if device.type != "cuda" or not torch.cuda.is_available():
+    """Whether semi-structured sparse matmuls run on the CUDA device ``device``."""
+    if not torch.cuda.is_available():
         return False
     try:
         from torch.sparse import to_sparse_semi_structured  # noqa: F401
@@ -49,11 +49,22 @@ def _forward(module: LlmpressLinear, state: tuple[torch.Tensor, Any], x: torch.T
     return F.linear(x, sparse)
 
 
-TORCH_24 = Kernel("torch-24", 5, _prepare, _forward, "PyTorch semi-structured 2:4 sparse matmul (CUDA)")
+def _supports(fmt: ModuleFormat, device: torch.device) -> bool:
+    return fmt.torch_dtype in (torch.float16, torch.bfloat16) and available(device)
+
+
+TORCH_24 = Kernel(
+    "torch-24",
+    5,
+    _prepare,
+    _forward,
+    "PyTorch semi-structured 2:4 sparse matmul (CUDA)",
+    formats=frozenset({"2:4", "int-2:4"}),
+    devices=frozenset({"cuda"}),
+    supports=_supports,
+)
 
 
 @hookimpl
-def llmpress_export_kernel(fmt: ModuleFormat, device: torch.device) -> tuple[Kernel, ...]:
-    if fmt.format not in ("2:4", "int-2:4") or fmt.torch_dtype not in (torch.float16, torch.bfloat16):
-        return ()
-    return (TORCH_24,) if available(device) else ()
+def llmpress_register_kernels(register: KernelRegistrar) -> None:
+    register(TORCH_24)

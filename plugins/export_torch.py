@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from llmpress import hookimpl
-from llmpress.format.formats import ModuleFormat
+from llmpress.format.formats import PACKED_FORMATS
 from llmpress.format.runtime import LlmpressLinear
-from llmpress.kernels.registry import Kernel
+from llmpress.kernels.registry import Kernel, KernelRegistrar
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +49,22 @@ def _dense_forward(
     return F.linear(x, weight)
 
 
-TORCH = Kernel("torch", 0, lambda m: None, _decode_forward, "decode the weight on every call (least memory)")
-DENSE = Kernel("dense", 10, _dense_prepare, _dense_forward, "decode once at load, dense matmul")
+#: every packed format, on any device
+_PACKED = frozenset(PACKED_FORMATS)
+TORCH = Kernel(
+    "torch",
+    0,
+    lambda m: None,
+    _decode_forward,
+    "decode the weight on every call (least memory)",
+    formats=_PACKED,
+)
+DENSE = Kernel(
+    "dense", 10, _dense_prepare, _dense_forward, "decode once at load, dense matmul", formats=_PACKED
+)
 
 
-@hookimpl(trylast=True)
-def llmpress_export_kernel(fmt: ModuleFormat, device: torch.device) -> tuple[Kernel, ...]:
-    return (DENSE, TORCH) if fmt.spec.packed else ()
+@hookimpl
+def llmpress_register_kernels(register: KernelRegistrar) -> None:
+    register(DENSE)
+    register(TORCH)

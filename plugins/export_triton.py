@@ -11,7 +11,7 @@ from llmpress import hookimpl
 from llmpress.format.formats import ModuleFormat, int_codes
 from llmpress.format.runtime import LlmpressLinear
 from llmpress.kernels import triton_int
-from llmpress.kernels.registry import Kernel
+from llmpress.kernels.registry import Kernel, KernelRegistrar
 
 
 def kernel_bits(bits: int) -> int:
@@ -31,13 +31,26 @@ def _forward(module: LlmpressLinear, state: triton_int.TritonIntWeight, x: torch
     return triton_int.int_matmul(x, state)
 
 
-TRITON_INT = Kernel("triton-int", 60, _prepare, _forward, "Triton int4/int8 weight-only GEMV/GEMM (CUDA)")
+def _supports(fmt: ModuleFormat, device: torch.device) -> bool:
+    return (
+        triton_int.HAVE_TRITON
+        and fmt.bits is not None
+        and triton_int.supports(kernel_bits(fmt.bits), fmt.group_width, fmt.in_features)
+    )
+
+
+TRITON_INT = Kernel(
+    "triton-int",
+    60,
+    _prepare,
+    _forward,
+    "Triton int4/int8 weight-only GEMV/GEMM (CUDA)",
+    formats=frozenset({"int"}),
+    devices=frozenset({"cuda"}),
+    supports=_supports,
+)
 
 
 @hookimpl
-def llmpress_export_kernel(fmt: ModuleFormat, device: torch.device) -> tuple[Kernel, ...]:
-    if device.type != "cuda" or not triton_int.HAVE_TRITON or fmt.format != "int" or fmt.bits is None:
-        return ()
-    return (
-        (TRITON_INT,) if triton_int.supports(kernel_bits(fmt.bits), fmt.group_width, fmt.in_features) else ()
-    )
+def llmpress_register_kernels(register: KernelRegistrar) -> None:
+    register(TRITON_INT)

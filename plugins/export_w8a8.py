@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from llmpress import hookimpl
 from llmpress.format.formats import ModuleFormat, int_codes
 from llmpress.format.runtime import LlmpressLinear
-from llmpress.kernels.registry import Kernel
+from llmpress.kernels.registry import Kernel, KernelRegistrar
 from llmpress.quant.activations import quantize
 
 
@@ -65,26 +65,49 @@ def _int8_forward(
     return (acc.float() * sx * sw).to(x.dtype).reshape(*lead, -1)
 
 
+def _w8a8(fmt: ModuleFormat) -> bool:
+    """A W8A8 layer whose shape the 8-bit matmuls take (multiples of 16)."""
+    return (
+        fmt.activations is not None
+        and torch.cuda.is_available()
+        and fmt.in_features % 16 == 0
+        and fmt.out_features % 16 == 0
+    )
+
+
+def _fp8_supports(fmt: ModuleFormat, device: torch.device) -> bool:
+    return _w8a8(fmt) and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _int8_supports(fmt: ModuleFormat, device: torch.device) -> bool:
+    return _w8a8(fmt) and fmt.activations is not None and fmt.activations.startswith("int8")
+
+
 CUDA_FP8 = Kernel(
-    "cuda-fp8", 70, _fp8_prepare, _fp8_forward, "torch._scaled_mm E4M3 W8A8", quantizes_activations=True
+    "cuda-fp8",
+    70,
+    _fp8_prepare,
+    _fp8_forward,
+    "torch._scaled_mm E4M3 W8A8",
+    quantizes_activations=True,
+    formats=frozenset({"fp8"}),
+    devices=frozenset({"cuda"}),
+    supports=_fp8_supports,
 )
 CUDA_INT8 = Kernel(
-    "cuda-int8", 70, _int8_prepare, _int8_forward, "torch._int_mm INT8 W8A8", quantizes_activations=True
+    "cuda-int8",
+    70,
+    _int8_prepare,
+    _int8_forward,
+    "torch._int_mm INT8 W8A8",
+    quantizes_activations=True,
+    formats=frozenset({"int"}),
+    devices=frozenset({"cuda"}),
+    supports=_int8_supports,
 )
-
-
-def _multiple_of_16(fmt: ModuleFormat) -> bool:
-    return fmt.in_features % 16 == 0 and fmt.out_features % 16 == 0
 
 
 @hookimpl
-def llmpress_export_kernel(fmt: ModuleFormat, device: torch.device) -> tuple[Kernel, ...]:
-    if device.type != "cuda" or fmt.activations is None or not torch.cuda.is_available():
-        return ()
-    if not _multiple_of_16(fmt):
-        return ()
-    if fmt.format == "fp8" and torch.cuda.get_device_capability(device) >= (8, 9):
-        return (CUDA_FP8,)
-    if fmt.format == "int" and fmt.activations.startswith("int8"):
-        return (CUDA_INT8,)
-    return ()
+def llmpress_register_kernels(register: KernelRegistrar) -> None:
+    register(CUDA_FP8)
+    register(CUDA_INT8)

@@ -28,6 +28,7 @@ from _quant_models import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from models import is_nm_sparse
+from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
 import llmpress
@@ -172,12 +173,16 @@ def test_choose_format() -> None:
 
 
 def test_module_format_validation() -> None:
-    with pytest.raises(CheckpointError, match="unknown module format 'int4'"):
+    with pytest.raises(ValidationError, match="unknown format 'int4'"):
         ModuleFormat("int4", 64, 64, bits=4, group_size=32)
-    with pytest.raises(CheckpointError, match="needs bits and group_size"):
+    with pytest.raises(ValidationError, match="needs bits and group_size"):
         ModuleFormat("int", 64, 64)
-    with pytest.raises(CheckpointError, match="dtype"):
+    with pytest.raises(ValidationError, match="dtype"):
         ModuleFormat("2:4", 64, 64, dtype="float8")
+    with pytest.raises(ValidationError, match="group_size 48 does not divide in_features 64"):
+        ModuleFormat("int", 64, 64, bits=4, group_size=48)  # the schema's rules, also in memory
+    with pytest.raises(CheckpointError, match="entry for m.fc: nnz"):
+        ModuleFormat.from_dict({"format": "bitmask", "in_features": 4, "out_features": 4, "nnz": -1}, "m.fc")
     with pytest.raises(CheckpointError, match="bad quantization_config entry for m.q_proj"):
         ModuleFormat.from_dict(
             {"format": "int", "in_features": 64, "out_features": 64, "colour": 1}, "m.q_proj"
@@ -589,3 +594,17 @@ def test_saving_twice_and_saving_a_runtime_model_give_the_same_checkpoint(tmp_pa
         second = AutoModelForCausalLM.from_pretrained(tmp_path / again)
         assert_same_state(first, second)
         assert torch.equal(logits(second), logits(model))
+
+
+def test_module_entries_of_version_2_checkpoints_round_trip_unchanged() -> None:
+    """One model, in memory and on disk: every entry a format-2 checkpoint holds comes back
+    from :class:`ModuleFormat` exactly as stored (same keys, same values)."""
+    root = Path(__file__).parent / "data" / "format_v2"
+    entries = [
+        e
+        for cfg in sorted(root.glob("*/config.json"))
+        for e in json.loads(cfg.read_text())["quantization_config"]["modules"].values()
+    ]
+    assert len({e["format"] for e in entries}) >= 5  # int, int-2:4, bitmask, dense, dropped, fp8...
+    for e in entries:
+        assert ModuleFormat.from_dict(e).to_dict() == e

@@ -19,7 +19,7 @@ DESIGN_HOOKS = {
     "llmpress_select_mask",
     "llmpress_update_weights",
     "llmpress_change_block",
-    "llmpress_export_kernel",
+    "llmpress_register_kernels",
 }
 
 
@@ -93,7 +93,7 @@ def test_docstring_states_the_firstresult_contract(name: str) -> None:
 
 def test_design_hooks_firstresult_contract() -> None:
     first = {n for n, f in _specs().items() if _spec_opts(f).get("firstresult")}
-    assert DESIGN_HOOKS & first == DESIGN_HOOKS - {"llmpress_register_methods", "llmpress_export_kernel"}
+    assert DESIGN_HOOKS & first == DESIGN_HOOKS - {"llmpress_register_methods", "llmpress_register_kernels"}
 
 
 @pytest.mark.parametrize("name", ALL_SPECS)

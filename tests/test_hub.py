@@ -24,7 +24,7 @@ import llmpress
 from llmpress.cli.eval_harness import EvalRecord, evaluate, load_eval, save_eval
 from llmpress.cli.main import main
 from llmpress.format.save import save_result, to_runtime
-from llmpress.hub import CardTemplateError, PublishError, attach_card, build_card, pull, push
+from llmpress.hub import CardTemplateError, PublishError, build_card, pull, push, push_model
 from llmpress.hub.folder import PLOT_FILE, read_folder
 from llmpress.plugin_manager import get_plugin_manager
 
@@ -189,15 +189,13 @@ def test_plain_model_push_to_hub_keeps_the_llmpress_card(
     assert torch.equal(_logits(loaded), _logits(model))
 
 
-def test_attach_card_makes_model_push_to_hub_publish_the_folder(
+def test_push_model_publishes_the_model_with_the_folder_files_and_card(
     local_hub: LocalHubServer, compressed, folder
 ) -> None:
     model, _ = compressed
-    attach_card(model, folder)
-    try:
-        info = model.push_to_hub("local-user/attached", tags=["demo"])
-    finally:
-        del model.push_to_hub  # the module-scoped model is shared with other tests
+    own = type(model).push_to_hub
+    info = push_model(model, "local-user/attached", source=folder, tags=["demo"])
+    assert "push_to_hub" not in model.__dict__ and type(model).push_to_hub is own  # nothing patched
     assert _commits("local-user/attached") == 2 and info.oid
     files = set(HfApi().list_repo_files("local-user/attached"))
     assert {"README.md", "tokenizer.json", "llmpress_report.json", "model.safetensors", PLOT_FILE} <= files
@@ -205,6 +203,11 @@ def test_attach_card_makes_model_push_to_hub_publish_the_folder(
     assert "compressed with llmpress" in card.text and {"llmpress", "demo"} <= set(card.data.tags)
     loaded = transformers.AutoModelForCausalLM.from_pretrained("local-user/attached")
     assert torch.equal(_logits(loaded), _logits(model))
+
+
+def test_push_model_refuses_a_source_that_is_no_model_folder(tmp_path: Path, compressed) -> None:
+    with pytest.raises(PublishError, match="not a saved model folder"):
+        push_model(compressed[0], "local-user/none", source=tmp_path)
 
 
 def test_cli_push_prints_the_repo_url(local_hub: LocalHubServer, folder: Path, capsys) -> None:

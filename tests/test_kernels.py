@@ -6,14 +6,22 @@ fp32 reference to ``2e-2`` of the output's largest magnitude (bf16 keeps 8 signi
 
 from __future__ import annotations
 
+import dataclasses
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from _kernel_layers import int_layer
 
+import llmpress
+import llmpress.plugins
+from llmpress import hookimpl
 from llmpress.format.formats import ModuleFormat
 from llmpress.format.runtime import LlmpressLinear
 from llmpress.kernels import cpu_int
-from llmpress.kernels.registry import choose_kernel, offered_kernels
+from llmpress.kernels.registry import Kernel, KernelRegistrar, KernelTable, choose_kernel, offered_kernels
+from llmpress.plugin_manager import make_plugin_manager
 
 CPU = torch.device("cpu")
 needs_cpu_kernels = pytest.mark.skipif(not cpu_int.available(), reason="torch has no CPU int kernels")
@@ -71,7 +79,8 @@ def test_cpu_int_large_rows_take_the_dense_path(monkeypatch: pytest.MonkeyPatch)
 
 
 def _fmt(fmt: str, bits: int | None = None, gs: int | None = None) -> ModuleFormat:
-    return ModuleFormat(fmt, 128, 64, bits=bits, group_size=gs, symmetric=True)
+    nnz = 100 if fmt == "bitmask" else None
+    return ModuleFormat(fmt, 128, 64, bits=bits, group_size=gs, symmetric=True, nnz=nnz)
 
 
 @pytest.mark.parametrize(
@@ -101,6 +110,68 @@ def test_user_choice_overrides_priority(monkeypatch: pytest.MonkeyPatch) -> None
     assert choose_kernel(fmt, CPU, "torch").name == "torch"
     monkeypatch.setenv("LLMPRESS_KERNEL", "no-such-kernel, dense")
     assert choose_kernel(fmt, CPU).name == "dense"
+
+
+# ------------------------------------------------------------- kernels offered per format
+
+
+def _doubling(module: LlmpressLinear, state: object, x: torch.Tensor) -> torch.Tensor:
+    return 2 * torch.nn.functional.linear(x, module.dequantized_weight(x.dtype))
+
+
+DOUBLE = Kernel(
+    "double", 99, lambda m: None, _doubling, formats=frozenset({"bitmask"}), devices=frozenset({"cpu"})
+)
+
+
+class _DoublePlugin:
+    @hookimpl
+    def llmpress_register_kernels(self, register: KernelRegistrar) -> None:
+        register(DOUBLE)
+
+
+def test_a_registered_kernel_is_offered_only_for_its_formats_and_devices() -> None:
+    pm = make_plugin_manager([_DoublePlugin()])
+    assert [k.name for k in pm.kernels_for(_fmt("bitmask"), CPU)][-1] == "double"
+    assert "double" not in {k.name for k in pm.kernels_for(_fmt("2:4"), CPU)}
+    assert "double" not in {k.name for k in pm.kernels_for(_fmt("bitmask"), torch.device("meta"))}
+    assert choose_kernel(_fmt("bitmask"), CPU, source=pm.kernels_for).name == "double"
+    assert choose_kernel(_fmt("bitmask"), CPU).name == "dense"  # the installed source: the global manager
+    assert ["double"] in pm.sections()["kernels"].values()  # `llmpress plugins` lists it
+
+
+def test_the_injected_source_runs_a_layer() -> None:
+    pm = make_plugin_manager([_DoublePlugin()])
+    dense = int_layer(16, 32, 4, 32, True)
+    fmt = dense.fmt.model_copy(update={"format": "bitmask"})
+    assert choose_kernel(fmt, CPU, source=pm.kernels_for) is DOUBLE
+    x = torch.randn(3, 32)
+    dense.set_kernel("torch", kernels=pm.kernels_for)
+    ref = dense(x)
+    dense.kernel, dense._kernel_state = DOUBLE, None
+    assert torch.allclose(dense(x), 2 * ref)
+
+
+@pytest.mark.parametrize("formats", [frozenset({"no-such-format"}), frozenset()])
+def test_a_kernel_must_name_registered_formats(formats: frozenset[str]) -> None:
+    with pytest.raises(ValueError, match="unknown formats"):
+        KernelTable([dataclasses.replace(DOUBLE, formats=formats)])
+
+
+def test_a_kernel_registered_twice_for_a_format_is_an_error() -> None:
+    with pytest.raises(ValueError, match="registered twice"):
+        KernelTable([DOUBLE, DOUBLE])
+
+
+def test_no_plugin_guards_a_format_name_and_the_format_layer_has_no_plugin_manager() -> None:
+    root = Path(llmpress.__file__).parent
+    for path in [*(root / "format").glob("*.py"), *(root / "kernels").glob("*.py")]:
+        assert "plugin_manager" not in path.read_text(), f"{path} reaches the plugin manager"
+    for path in Path(llmpress.plugins.__file__).parent.glob("export_*.py"):
+        text = path.read_text()
+        assert "llmpress_register_kernels" in text and "llmpress_export_kernel" not in text, path
+        assert not re.search(r"fmt\.format\s*(==|!=|in|not in)", text), f"{path} guards on a format name"
+        assert not re.search(r"device\.type\s*(==|!=)", text), f"{path} guards on a device type"
 
 
 def test_every_kernel_agrees_with_torch_on_cpu() -> None:

@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 import llmpress
 from llmpress.allocation.level_sets import sparsity_levels
-from llmpress.allocation.levels import LevelDatabase
+from llmpress.allocation.levels import LevelDatabase, Manifest
 from llmpress.allocation.problem import AllocationProblem
 from llmpress.cli.main import main
 from llmpress.errors import AllocationError
@@ -80,6 +80,9 @@ def test_truncated_layer_file_is_named_rebuilt_and_the_search_is_unchanged(
     files = sorted(db.glob("unit_*.safetensors"))
     manifest = json.loads((db / "manifest.json").read_text())
     assert set(manifest["files"]) == {f.name for f in files}  # a checksum per layer file
+    typed = Manifest.model_validate(manifest)  # one model in memory and on disk
+    assert typed.files is not None and typed.files[files[0].name].size == files[0].stat().st_size
+    assert typed.model_dump() == manifest
     victim = files[3]
     before = _tensors(victim)
     with victim.open("r+b") as f:

@@ -248,9 +248,9 @@ def test_average_bits_weights_layers_by_size() -> None:
     r = CompressionReport(
         recipe={},
         modules={
-            "a": ModuleReport("a", ["gptq"], (4, 8), bits=2),  # 32 weights
-            "b": ModuleReport("b", ["gptq"], (4, 24), bits=4),  # 96 weights
-            "c": ModuleReport("c", ["wanda"], (4, 8), sparsity=0.5),  # not quantized
+            "a": ModuleReport(name="a", methods=["gptq"], shape=(4, 8), bits=2),  # 32 weights
+            "b": ModuleReport(name="b", methods=["gptq"], shape=(4, 24), bits=4),  # 96 weights
+            "c": ModuleReport(name="c", methods=["wanda"], shape=(4, 8), sparsity=0.5),  # not quantized
         },
     )
     assert r.average_bits == pytest.approx(3.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -183,6 +184,22 @@ def test_fp8_kv_cache_scales_saved_and_used(tmp_path: Path) -> None:
     assert not torch.equal(without, with_kv) and torch.allclose(without, with_kv, atol=0.05)
 
 
+def test_a_loaded_model_keeps_its_kv_scales_on_its_quantization_config_for_a_resave(tmp_path: Path) -> None:
+    from llmpress.format.hf_quantizer import LlmpressConfig
+    from llmpress.format.save import saved_state
+
+    _fp8_kv_model(tmp_path)
+    saved = json.loads((tmp_path / "kv" / "config.json").read_text())["quantization_config"]["kv_cache"]
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "kv", dtype=torch.float32)
+    qc = loaded.config.quantization_config
+    assert isinstance(qc, LlmpressConfig) and qc.state is not None
+    assert "_llmpress_state" not in loaded.__dict__ and "state" not in qc.to_dict()
+    assert saved_state(loaded).kv_cache == qc.state.kv_cache
+    llmpress.save_quantized(loaded, tmp_path / "again", dtype=torch.float32)
+    again = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]["kv_cache"]
+    assert again == saved
+
+
 def test_fp8_kv_cache_generation_matches_full_forward(tmp_path: Path) -> None:
     _fp8_kv_model(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "kv", dtype=torch.float32)
@@ -211,7 +228,9 @@ def test_fp8_kv_cache_exports_to_compressed_tensors(tmp_path: Path) -> None:
     pytest.importorskip("jinja2")
     from llmpress.hub.card import build_card
 
-    assert "KV cache is stored in FP8 (E4M3)" in str(build_card(tmp_path / "kv"))
+    text = str(build_card(tmp_path / "kv"))
+    assert "KV cache is stored in FP8 (E4M3)" in text and "Give Me BF16" in text  # W8A8 (FP8) layers
+    assert "Give Me BF16" in str(build_card(tmp_path / "ct"))  # compressed-tensors' input_activations
 
 
 def test_bad_kv_cache_option() -> None:

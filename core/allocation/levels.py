@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -86,6 +87,26 @@ def entry_bytes(numel: int, kind: str, elem: int) -> int:
     return numel + numel // 32 if kind == "bits" else numel * elem + numel // 8
 
 
+class LayerFileRecord(BaseModel):
+    """A layer file's size and sha256, recorded in the manifest when the file was written."""
+
+    model_config = ConfigDict(frozen=True)
+
+    sha256: str
+    size: int
+
+
+class Manifest(BaseModel):
+    """``manifest.json`` of an on-disk level database, in memory and on disk: the format
+    ``version``, the ``fingerprint`` (model, recipe, levels, calibration), the units and each
+    layer file's record (``None``: written by an llmpress that recorded none)."""
+
+    version: int | None = None
+    fingerprint: dict[str, str] = Field(default_factory=dict)
+    units: list[str] = Field(default_factory=list)
+    files: dict[str, LayerFileRecord] | None = None
+
+
 class LevelDatabase:
     """Per unit (index into ``units``) and level index, a :class:`LayerResult`.
 
@@ -107,8 +128,8 @@ class LevelDatabase:
         self._mem: dict[int, list[LayerResult]] = {}
         self._norms: dict[int, torch.Tensor] = {}
         self._files: dict[int, Any] = {}
-        #: layer file name -> {"sha256", "size"} recorded when it was written
-        self._sums: dict[str, dict[str, Any]] = {}
+        #: layer file name -> its size and sha256 recorded when it was written
+        self._sums: dict[str, LayerFileRecord] = {}
         #: units whose file on disk is damaged (rebuilt by the next build pass)
         self._stale: set[int] = set()
         if self.path is not None:
@@ -124,29 +145,24 @@ class LevelDatabase:
             self._write_manifest()
             return
         try:
-            old = json.loads(man.read_text())
-            if not isinstance(old, dict):
-                raise ValueError(f"a JSON {type(old).__name__}, not an object")
-        except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            old = Manifest.model_validate_json(man.read_bytes())
+        except (ValidationError, OSError) as e:  # invalid JSON or not a manifest
             # a cache: with its fingerprint and checksums gone, no layer file can be trusted
             self._rebuild_all(f"{MANIFEST} is damaged ({e})")
             return
         diff = [
-            k
-            for k in ("model", "recipe", "levels", "calibration")
-            if old.get("fingerprint", {}).get(k) != self.fp[k]
+            k for k in ("model", "recipe", "levels", "calibration") if old.fingerprint.get(k) != self.fp[k]
         ]
-        if old.get("version") != DB_VERSION or diff:
+        if old.version != DB_VERSION or diff:
             raise AllocationError(
                 f"level database {self.path} was built for another "
                 f"{' / '.join(diff) or 'format version'} ({', '.join(diff)} differ); "
                 f"use another folder, or delete it to rebuild"
             )
-        files = old.get("files")
-        if not isinstance(files, dict):
+        if old.files is None:
             self._rebuild_all(f"{MANIFEST} records no layer checksums (an older llmpress built it)")
             return
-        self._sums = {k: v for k, v in files.items() if isinstance(v, dict)}
+        self._sums = dict(old.files)
         self._verify()
 
     def _rebuild_all(self, why: str) -> None:
@@ -166,14 +182,14 @@ class LevelDatabase:
             rec = self._sums.get(f.name)
             if rec is None:
                 problems[i] = "no checksum recorded: an interrupted build or an older llmpress wrote it"
-            elif sizes[i] != rec.get("size"):
-                problems[i] = f"truncated or extended: {sizes[i]} bytes, {rec.get('size')} when written"
+            elif sizes[i] != rec.size:
+                problems[i] = f"truncated or extended: {sizes[i]} bytes, {rec.size} when written"
         hashed = [i for i in found if i not in problems]
         if os.environ.get(VERIFY_ENV, "").strip() == "0":
             hashed = []
         with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:  # hashlib releases the GIL
             for i, digest in zip(hashed, pool.map(file_checksum, [found[i] for i in hashed])):
-                if digest != self._sums[found[i].name].get("sha256"):
+                if digest != self._sums[found[i].name].sha256:
                     problems[i] = "its checksum differs from the one recorded when written: its bytes changed"
         for i in sorted(problems):
             log.warning(
@@ -195,9 +211,9 @@ class LevelDatabase:
 
     def _write_manifest(self) -> None:
         assert self.path is not None
-        data = {"version": DB_VERSION, "fingerprint": self.fp, "units": self.units, "files": self._sums}
+        data = Manifest(version=DB_VERSION, fingerprint=self.fp, units=self.units, files=self._sums)
         with atomic_file(self.path / MANIFEST) as tmp:
-            tmp.write_text(json.dumps(data, indent=1))
+            tmp.write_text(json.dumps(data.model_dump(), indent=1))
 
     def _file(self, i: int) -> Path:
         assert self.path is not None
@@ -237,7 +253,7 @@ class LevelDatabase:
         self._files.pop(i, None)
         with atomic_file(f) as tmp:
             save_file(tensors, str(tmp), metadata={"levels": json.dumps(meta), "unit": self.units[i]})
-            self._sums[f.name] = {"sha256": file_checksum(tmp), "size": tmp.stat().st_size}
+            self._sums[f.name] = LayerFileRecord(sha256=file_checksum(tmp), size=tmp.stat().st_size)
         self._stale.discard(i)
         self._write_manifest()
 

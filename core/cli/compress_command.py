@@ -90,7 +90,7 @@ def run(a: argparse.Namespace) -> int:
     # read and resolved once for the whole run: an unknown method or a bad option fails before loading
     plan = make_plan(Recipe.load(a.recipe))
     if a.format == "compressed-tensors":
-        from llmpress.format.compressed_tensors import check_recipe_exportable
+        from llmpress.cli.export_checks import check_recipe_exportable
 
         check_recipe_exportable([s.config for s in plan.stages])
     check_device(a.device)
@@ -172,7 +172,7 @@ def _compress_into(a: argparse.Namespace, plan: Plan, out: Path | None) -> int:
     model, tok, offload_activations, offload_stats = _load_for_compress(a)
     tok = own_tok if own_tok is not None else tok
     if a.format == "compressed-tensors":  # MoE expert projections: refused before any work
-        from llmpress.format.compressed_tensors import check_model_exportable
+        from llmpress.cli.export_checks import check_model_exportable
 
         check_model_exportable(model, list(plan.stages))
     if a.calib is not None:

@@ -39,19 +39,16 @@ from typing import Any, Literal, get_args
 
 import torch
 from pydantic import (
-    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
     field_validator,
-    model_validator,
 )
 from safetensors import SafetensorError, safe_open
 
 from llmpress.errors import CheckpointError
-from llmpress.format.formats import FORMAT_VERSION, FORMATS, ModuleFormat, Values
-from llmpress.quant.grid import grid_problem
+from llmpress.format.formats import FORMAT_VERSION, ModuleFormat, Values
 
 log = logging.getLogger(__name__)
 
@@ -145,64 +142,8 @@ def read_header(path: str | Path) -> dict[str, TensorHeader]:
     return out
 
 
-class ModuleEntry(BaseModel):
-    """One module's entry of ``quantization_config.modules`` (see :class:`ModuleFormat`)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    format: str
-    in_features: int = Field(ge=0)
-    out_features: int = Field(ge=0)
-    bits: int | None = Field(default=None, ge=2, le=8)
-    group_size: int | None = None
-    symmetric: bool = False
-    #: the dtype of scales and stored values; ``dtype`` in format version 1
-    dtype: Literal["float16", "bfloat16", "float32"] = Field(
-        default="float16", validation_alias=AliasChoices("storage_dtype", "dtype")
-    )
-    nnz: int | None = Field(default=None, ge=0)
-    resized: bool = False
-    kind: Literal["attention", "mlp"] | None = None
-    activations: Literal["int8-dynamic", "int8-static", "fp8-dynamic", "fp8-static"] | None = None
-    #: a resized layer's bias (structured pruning may add one); absent: as the model builds it
-    bias: bool | None = None
-
-    @field_validator("format")
-    @classmethod
-    def _known_format(cls, v: str) -> str:
-        if v not in FORMATS:
-            raise ValueError(f"unknown format {v!r}; this llmpress reads {sorted(FORMATS)}")
-        return v
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ModuleEntry:
-        if self.format.startswith("int"):
-            if self.bits is None or self.group_size is None:
-                raise ValueError(f"format {self.format!r} needs bits and group_size")
-            problem = grid_problem(self.bits, self.group_size, self.symmetric)
-            if problem:
-                raise ValueError(problem)
-            if self.group_size != -1 and self.in_features % self.group_size:
-                raise ValueError(
-                    f"group_size {self.group_size} does not divide in_features {self.in_features}"
-                )
-        elif self.bits is not None or self.group_size is not None:
-            raise ValueError(f"format {self.format!r} stores no quantization grid (bits/group_size)")
-        if self.format in ("2:4", "int-2:4") and self.in_features % 4:
-            raise ValueError(f"format {self.format!r} needs in_features divisible by 4")
-        if self.format == "bitmask":
-            if self.nnz is None or self.nnz > self.in_features * self.out_features:
-                raise ValueError("format 'bitmask' needs nnz between 0 and in_features * out_features")
-        elif self.nnz is not None:
-            raise ValueError(f"format {self.format!r} has no nnz")
-        if (self.format == "dropped") != (self.kind is not None):
-            raise ValueError("'kind' (attention or mlp) goes with format 'dropped' only")
-        if self.activations is not None:
-            if self.format not in ("int", "fp8"):
-                raise ValueError(f"format {self.format!r} cannot quantize activations")
-            if self.format == "int" and (self.bits, self.group_size, self.symmetric) != (8, -1, True):
-                raise ValueError("INT8 activations go with 8-bit symmetric per-channel weights")
-        return self
+#: one module's entry of ``quantization_config.modules``: :class:`ModuleFormat` itself
+ModuleEntry = ModuleFormat
 
 
 class KVCacheEntry(BaseModel):
@@ -235,7 +176,7 @@ class QuantizationConfigSchema(BaseModel):
     llmpress_version: str | None = None
     note: str | None = None
     recipe: dict[str, Any] = Field(default_factory=dict)
-    modules: dict[str, ModuleEntry]
+    modules: dict[str, ModuleFormat]
     kv_cache: KVCacheEntry | None = None
     #: tensor name -> digest of its dtype, shape and bytes (:func:`tensor_checksum`)
     checksums: dict[str, str] | None = None
@@ -509,5 +450,5 @@ def verify_checksums(
 
 
 def module_formats(schema: QuantizationConfigSchema) -> dict[str, ModuleFormat]:
-    """The validated entries as :class:`ModuleFormat` objects."""
-    return {n: ModuleFormat(**e.model_dump(exclude_none=True)) for n, e in schema.modules.items()}
+    """The validated entries (already :class:`ModuleFormat` objects)."""
+    return dict(schema.modules)

@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from llmpress.errors import LlmpressError
-from llmpress.format.save import REPORT_FILE, atomic_directory
+from llmpress.format.save import REPORT_FILE, atomic_directory, saved_state
 from llmpress.model.report import CompressionReport
-from llmpress.model.results import QuantState, compression_state
+from llmpress.model.results import QuantState
 from llmpress.quant.activations import FP8_DTYPE
 from llmpress.quant.packing import pack_int32
 
@@ -110,49 +111,11 @@ def compressed_tensors_config(
     }
 
 
-def check_recipe_exportable(configs: list[Any]) -> None:
-    """Before any work: raise :class:`LlmpressError` unless a recipe's result can be written as
-    compressed-tensors (a weight quantization stage, symmetric, 4 or 8 bits)."""
-    from llmpress.recipe.config import QuantConfig
-
-    quant = [c for c in configs if isinstance(c, QuantConfig)]
-    if not quant and not any(c.method == "fp8" for c in configs):
-        raise LlmpressError("--format compressed-tensors needs a quantized model: add an rtn or gptq stage")
-    for c in quant:
-        if c.bits not in (4, 8):
-            raise LlmpressError(
-                f"--format compressed-tensors supports 4 and 8 bits; the {c.method} stage asks {c.bits}"
-            )
-        if not c.symmetric:
-            raise LlmpressError(
-                f"--format compressed-tensors needs symmetric grids (transformers 5.x cannot load asymmetric "
-                f"pack-quantized checkpoints); add 'symmetric: true' to the {c.method} stage, or use --format llmpress"
-            )
-
-
-def check_model_exportable(model: Any, stages: list[Any]) -> None:
-    """Before any work: raise :class:`LlmpressError` if a quantization stage of ``stages``
-    (resolved recipe stages) would reach mixture-of-experts expert projections."""
-    import re
-
-    from llmpress.model.moe_model import expert_layer_names
-    from llmpress.recipe.config import QuantConfig
-
-    names = expert_layer_names(model)
-    for st in stages:
-        if not (isinstance(st.config, QuantConfig) or st.config.method == "fp8") or not names:
-            continue
-        hit = [n for n in names if st.stage.targets is None or any(re.search(p, n) for p in st.stage.targets)]
-        hit = [n for n in hit if not any(re.search(p, n) for p in st.stage.ignore)]
-        if hit:
-            _check_no_experts(model, {n: None for n in hit})  # type: ignore[misc]
-
-
 def check_exportable(model: Any, quantized: dict[str, QuantState]) -> None:
     """Raise :class:`LlmpressError` unless every quantized layer fits compressed-tensors."""
     if not quantized:
         raise LlmpressError("compressed-tensors export needs a quantized model (add an rtn or gptq stage)")
-    _check_no_experts(model, quantized)
+    check_no_experts(model, quantized)
     for name, q in quantized.items():
         if q.bits not in (4, 8):
             raise LlmpressError(f"compressed-tensors export supports 4 and 8 bits; {name} has {q.bits}")
@@ -172,9 +135,10 @@ def check_exportable(model: Any, quantized: dict[str, QuantState]) -> None:
 _PACKED_SUFFIXES = ("weight", "weight_scale", "weight_zero", "weight_meta", "weight_bitmask")
 
 
-def _check_no_experts(model: Any, quantized: dict[str, Any]) -> None:
-    """MoE expert projections cannot go into a compressed-tensors checkpoint that transformers
-    loads: it keeps experts fused (3-D tensors) and quantizes only ``nn.Linear`` modules."""
+def check_no_experts(model: nn.Module, quantized: Iterable[str]) -> None:
+    """Raise :class:`LlmpressError` if a layer of ``quantized`` (qualified names) is a
+    mixture-of-experts expert projection: those cannot go into a compressed-tensors checkpoint
+    that transformers loads (it keeps experts fused, 3-D, and quantizes only ``nn.Linear``)."""
     from llmpress.model.moe_model import fused_experts, unfused_experts
 
     experts = {
@@ -194,21 +158,26 @@ def _check_no_experts(model: Any, quantized: dict[str, Any]) -> None:
 
 
 def compressed_tensors_state_dict(
-    model: Any, quantized: dict[str, QuantState], dtype: torch.dtype
+    model: Any, quantized: dict[str, QuantState], dtype: torch.dtype, kv_cache: dict[str, Any] | None = None
 ) -> dict[str, torch.Tensor]:
     """The model's state dict with each quantized layer's ``weight`` replaced by its packed form."""
     sd: dict[str, torch.Tensor] = {}
-    for unit in compressed_tensors_units(model, quantized, dtype, cast=False):
+    for unit in compressed_tensors_units(model, quantized, dtype, cast=False, kv_cache=kv_cache):
         sd.update(unit())
     return sd
 
 
 def compressed_tensors_units(
-    model: Any, quantized: dict[str, QuantState], dtype: torch.dtype, cast: bool = True
+    model: Any,
+    quantized: dict[str, QuantState],
+    dtype: torch.dtype,
+    cast: bool = True,
+    kv_cache: dict[str, Any] | None = None,
 ) -> list[Callable[[], dict[str, torch.Tensor]]]:
     """:func:`compressed_tensors_state_dict` lazily, one entry or packed layer per callable (for
     :func:`llmpress.format.shards.write_shards`); offloaded weights are read from their storage.
-    ``cast``: floating tensors (but FP8 codes) to ``dtype``; a tied ``lm_head`` is left out."""
+    ``cast``: floating tensors (but FP8 codes) to ``dtype``; a tied ``lm_head`` is left out;
+    ``kv_cache``: the run's KV-cache scales (``CompressionState.kv_cache``), stored per attention."""
     check_exportable(model, quantized)
     mods = dict(model.named_modules())
     tied = cast and getattr(model.config, "tie_word_embeddings", False)
@@ -224,8 +193,7 @@ def compressed_tensors_units(
                 units.append(functools.partial(_packed, owner, quantized[owner], dtype))
             continue
         units.append(functools.partial(_entry, mods, key, t, dtype if cast else None))
-    kv = compression_state(model).kv_cache
-    for attn, (k, v) in ({} if kv is None else kv["scales"]).items():
+    for attn, (k, v) in ({} if kv_cache is None else kv_cache["scales"]).items():
         units.append(functools.partial(_kv_scales, attn, k, v, dtype))
     return units
 
@@ -274,20 +242,23 @@ def save_compressed_tensors(
     dtype: torch.dtype = torch.float16,
     overwrite: bool = False,
 ) -> Path:
-    """Write a compressed-tensors checkpoint (atomically). Pruned-only layers stay dense."""
+    """Write a compressed-tensors checkpoint (atomically). Pruned-only layers stay dense.
+    ``report``: the run's :class:`llmpress.model.report.CompressionResult` (its ``state`` is what
+    is saved, see :func:`llmpress.format.save.saved_state`) or a plain report."""
     from llmpress.format.shards import write_shards
 
-    quantized = compression_state(model).quantized
-    units = compressed_tensors_units(model, quantized, dtype)
+    state = saved_state(model, report)
+    quantized = state.quantized
+    units = compressed_tensors_units(model, quantized, dtype, kv_cache=state.kv_cache)
     with atomic_directory(out_dir, overwrite) as tmp:
         write_shards(tmp, units)  # streamed: one shard in memory at a time
         cfg = model.config.to_dict()
-        cfg["quantization_config"] = compressed_tensors_config(quantized, compression_state(model).kv_cache)
+        cfg["quantization_config"] = compressed_tensors_config(quantized, state.kv_cache)
         cfg["dtype"] = str(dtype).replace("torch.", "")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2))
+        report.write(tmp / REPORT_FILE)
     return Path(out_dir)

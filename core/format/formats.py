@@ -43,14 +43,24 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from torch import nn
 
 from llmpress.errors import CheckpointError
 from llmpress.model.results import LayerResult, QuantState
 from llmpress.quant.activations import FP8_DTYPE, is_static
+from llmpress.quant.grid import grid_problem
 from llmpress.quant.packing import (
     pack_24,
     pack_bitmask,
@@ -69,38 +79,105 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 Shapes = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
-@dataclasses.dataclass(frozen=True)
-class ModuleFormat:
-    """How one layer is stored: the per-module entry of ``quantization_config``.
+def _problems(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'entry'}: {err['msg']}" for err in e.errors())
+
+
+def _grid_problem(f: ModuleFormat) -> str | None:
+    """What is wrong with an entry's quantization grid, or ``None``."""
+    if not f.format.startswith("int"):
+        has_grid = f.bits is not None or f.group_size is not None
+        return f"format {f.format!r} stores no quantization grid (bits/group_size)" if has_grid else None
+    if f.bits is None or f.group_size is None:
+        return f"format {f.format!r} needs bits and group_size"
+    problem = grid_problem(f.bits, f.group_size, f.symmetric)
+    if problem:
+        return problem
+    if f.group_size != -1 and f.in_features % f.group_size:
+        return f"group_size {f.group_size} does not divide in_features {f.in_features}"
+    return None
+
+
+def _layout_problem(f: ModuleFormat) -> str | None:
+    """What is wrong with an entry's sparse layout, sub-block kind or activations, or ``None``."""
+    if f.format in ("2:4", "int-2:4") and f.in_features % 4:
+        return f"format {f.format!r} needs in_features divisible by 4"
+    if f.format == "bitmask" and (f.nnz is None or f.nnz > f.in_features * f.out_features):
+        return "format 'bitmask' needs nnz between 0 and in_features * out_features"
+    if f.format != "bitmask" and f.nnz is not None:
+        return f"format {f.format!r} has no nnz"
+    if (f.format == "dropped") != (f.kind is not None):
+        return "'kind' (attention or mlp) goes with format 'dropped' only"
+    if f.activations is not None:
+        if f.format not in ("int", "fp8"):
+            return f"format {f.format!r} cannot quantize activations"
+        if f.format == "int" and (f.bits, f.group_size, f.symmetric) != (8, -1, True):
+            return "INT8 activations go with 8-bit symmetric per-channel weights"
+    return None
+
+
+class ModuleFormat(BaseModel):
+    """How one layer is stored: the per-module entry of ``quantization_config.modules``, one
+    pydantic model in memory and in ``config.json`` (validated both ways by the same rules).
 
     ``resized``: the layer's shape differs from what the model's config builds (structured
-    pruning); ``kind``: ``attention`` or ``mlp`` for a ``dropped`` sub-block.
+    pruning); ``kind``: ``attention`` or ``mlp`` for a ``dropped`` sub-block. On disk the value
+    dtype is ``storage_dtype`` (``dtype`` in format version 1), ``None`` fields and a false
+    ``resized`` are left out (:meth:`to_dict`). Built in code, a bad entry raises pydantic's
+    ``ValidationError``; read with :meth:`from_dict`, :class:`CheckpointError`; inside a
+    ``quantization_config``, one of the schema's errors (with the field's path).
     """
 
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
     format: str
-    in_features: int
-    out_features: int
-    bits: int | None = None
+    in_features: int = Field(ge=0)
+    out_features: int = Field(ge=0)
+    bits: int | None = Field(default=None, ge=2, le=8)
     group_size: int | None = None
     symmetric: bool = False
-    dtype: str = "float16"
-    nnz: int | None = None  # bitmask: number of stored values
+    #: the dtype of scales and stored values; ``storage_dtype`` on disk, ``dtype`` in format version 1
+    dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        default="float16",
+        validation_alias=AliasChoices("storage_dtype", "dtype"),
+        serialization_alias="storage_dtype",
+    )
+    nnz: int | None = Field(default=None, ge=0)  # bitmask: number of stored values
     resized: bool = False
-    kind: str | None = None
+    kind: Literal["attention", "mlp"] | None = None
     #: W8A8: how the layer's inputs are quantized (``llmpress.quant.activations.SCHEMES``)
-    activations: str | None = None
-    #: whether a resized layer has an output bias (structured pruning may add one)
+    activations: Literal["int8-dynamic", "int8-static", "fp8-dynamic", "fp8-static"] | None = None
+    #: whether a resized layer has an output bias (structured pruning may add one); absent: as the
+    #: model builds it
     bias: bool | None = None
 
-    def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise CheckpointError(
-                f"unknown module format {self.format!r}; this llmpress reads {sorted(FORMATS)}"
-            )
-        if self.quantized and (self.bits is None or self.group_size is None):
-            raise CheckpointError(f"format {self.format!r} needs bits and group_size")
-        if self.dtype not in _DTYPES:
-            raise CheckpointError(f"unknown scale/value dtype {self.dtype!r}")
+    def __init__(
+        self,
+        format: str | None = None,  # noqa: A002 - the on-disk key
+        in_features: int | None = None,
+        out_features: int | None = None,
+        /,
+        **fields: object,
+    ) -> None:
+        """``ModuleFormat("int", in_features, out_features, bits=4, ...)`` or all by keyword."""
+        for key, value in (("format", format), ("in_features", in_features), ("out_features", out_features)):
+            if value is not None:
+                fields[key] = value
+        super().__init__(**fields)  # pydantic's ValidationError (with the field) if it is not valid
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        if v not in FORMATS:
+            raise ValueError(f"unknown format {v!r}; this llmpress reads {sorted(FORMATS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModuleFormat:
+        problem = _grid_problem(self) or _layout_problem(self)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
 
     @property
     def spec(self) -> FormatSpec:
@@ -124,21 +201,20 @@ class ModuleFormat:
         return 1 if self.group_size in (None, -1) else self.in_features // int(self.group_size)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        """The entry as ``config.json`` stores it."""
+        d = self.model_dump(by_alias=True, exclude_none=True)
         if not self.resized:
             d.pop("resized")
-        d["storage_dtype"] = d.pop("dtype")
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], name: str = "module") -> ModuleFormat:
-        d = dict(d)
-        if "storage_dtype" in d:
-            d["dtype"] = d.pop("storage_dtype")
+        """An entry of ``config.json`` (any format version); :class:`CheckpointError` naming
+        ``name`` if it is not a valid one."""
         try:
-            return cls(**d)
-        except TypeError as e:
-            raise CheckpointError(f"bad quantization_config entry for {name}: {e}") from None
+            return cls.model_validate(d)
+        except ValidationError as e:
+            raise CheckpointError(f"bad quantization_config entry for {name}: {_problems(e)}") from None
 
     def tensor_shapes(self) -> Shapes:
         """Suffix -> (shape, dtype) of every stored tensor."""

@@ -35,7 +35,8 @@ from llmpress.format.checkpoint import (
 from llmpress.format.formats import FORMAT_VERSION, ModuleFormat
 from llmpress.format.loading import check_shard_index
 from llmpress.format.runtime import replace_module, select_kernels
-from llmpress.model.results import compression_state
+from llmpress.kernels.registry import KernelSource
+from llmpress.model.results import CompressionState
 from llmpress.versions import package_version
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,8 @@ class LlmpressConfig(QuantizationConfigMixin):
 
     ``modules``: qualified layer name -> :class:`ModuleFormat` dict; ``recipe``: the recipe
     that produced it; ``format_version``: layout version (a newer one is refused);
-    ``checksums``/``config_checksum``: recorded at save time, verified at load. The whole
-    dict is validated against :class:`llmpress.format.checkpoint.QuantizationConfigSchema`.
+    ``checksums``/``config_checksum``: recorded at save time, verified at load; ``state``: a
+    loaded model's :class:`CompressionState` (in memory only). The whole dict is validated against :class:`llmpress.format.checkpoint.QuantizationConfigSchema`.
     """
 
     def __init__(
@@ -73,6 +74,9 @@ class LlmpressConfig(QuantizationConfigMixin):
         self.attributes = kwargs.pop("attributes", None)
         self.experts = kwargs.pop("experts", None)
         kwargs.pop("quant_method", None)
+        #: a loaded model's compression state (its KV-cache scales), kept here for a re-save round
+        #: trip (:func:`llmpress.format.save.saved_state`); in memory only, never in ``to_dict``
+        self.state: CompressionState | None = None
         self._unknown = kwargs  # refused by the schema in post_init
         self.post_init()
 
@@ -266,16 +270,19 @@ class LlmpressHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         """Choose each packed layer's kernel once, now that its tensors are in place."""
-        chosen = select_kernels(model)
+        chosen = select_kernels(model, kernels=_kernels)
         if chosen:
             log.info("llmpress kernels: %s", ", ".join(sorted(set(chosen.values()))))
-        kv = getattr(self.quantization_config, "schema", None)
-        kv = None if kv is None else kv.kv_cache
+        qc = self.quantization_config
+        if not isinstance(qc, LlmpressConfig):
+            return model
+        kv = qc.schema.kv_cache
         if kv is not None:
             from llmpress.format import kv_cache
 
             kv_cache.enable(model, {n: (k, v) for n, (k, v) in kv.scales.items()})
-            compression_state(model, create=True).kv_cache = kv.model_dump()
+            # kept for a re-save (llmpress.format.save.saved_state): the config object is the model's
+            qc.state = CompressionState(kv_cache=kv.model_dump())
         return model
 
     def is_serializable(self, safe_serialization: Any = None) -> bool:
@@ -286,10 +293,19 @@ class LlmpressHfQuantizer(HfQuantizer):
         return False
 
 
-def register() -> None:
-    """Register the config and quantizer with transformers (idempotent)."""
+#: where loaded layers find their kernels: injected by :func:`register` (``import llmpress``
+#: passes the plugins' kernels); ``None``: the format layer's installed source
+_kernels: KernelSource | None = None
+
+
+def register(kernels: KernelSource | None = None) -> None:
+    """Register the config and quantizer with transformers (idempotent); ``kernels``: the
+    kernel source loaded models choose their kernels from."""
     from transformers.quantizers import auto
 
+    global _kernels
+    if kernels is not None:
+        _kernels = kernels
     if QUANT_METHOD not in auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
         auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = LlmpressConfig
     if QUANT_METHOD not in auto.AUTO_QUANTIZER_MAPPING:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from llmpress.format.formats import ModuleFormat, unpack_module
-from llmpress.kernels.registry import Kernel, choose_kernel
+from llmpress.kernels.registry import Kernel, KernelSource, choose_kernel
 from llmpress.quant.activations import fake_quantize
 
 
@@ -56,10 +56,15 @@ class LlmpressLinear(nn.Module):
         """The dense weight [out, in] this layer stands for."""
         return unpack_module(self.fmt, self.packed(), dtype or self.fmt.torch_dtype)
 
-    def set_kernel(self, prefer: str | Sequence[str] | None = None) -> Kernel:
-        """Choose the kernel for this layer's format and device, and let it repack once."""
+    def set_kernel(
+        self, prefer: str | Sequence[str] | None = None, kernels: KernelSource | None = None
+    ) -> Kernel:
+        """Choose the kernel for this layer's format and device, and let it repack once.
+
+        ``kernels``: where candidates come from (default: the source ``import llmpress`` installs).
+        """
         device = next(iter(self.packed().values())).device
-        kernel = choose_kernel(self.fmt, device, prefer)
+        kernel = choose_kernel(self.fmt, device, prefer, kernels)
         self._kernel_state = kernel.prepare(self)
         self.kernel = kernel
         return kernel
@@ -86,13 +91,20 @@ class LlmpressLinear(nn.Module):
         return f"in_features={f.in_features}, out_features={f.out_features}, format={f.format}{q}{k}"
 
 
-def select_kernels(model: nn.Module, prefer: str | Sequence[str] | None = None) -> dict[str, str]:
+def select_kernels(
+    model: nn.Module, prefer: str | Sequence[str] | None = None, kernels: KernelSource | None = None
+) -> dict[str, str]:
     """Choose (again) the kernel of every packed layer of ``model``; returns name -> kernel.
 
     ``prefer``: kernel names in order of preference (default ``$LLMPRESS_KERNEL``, else the
-    fastest offered for each layer's device).
+    fastest offered for each layer's device); ``kernels``: the kernel source (default: the
+    installed one).
     """
-    return {n: m.set_kernel(prefer).name for n, m in model.named_modules() if isinstance(m, LlmpressLinear)}
+    return {
+        n: m.set_kernel(prefer, kernels).name
+        for n, m in model.named_modules()
+        if isinstance(m, LlmpressLinear)
+    }
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

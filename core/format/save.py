@@ -1,6 +1,7 @@
 """Saving compressed models: packed per the format registry, atomically, without changing the model.
 
-The saver reads each layer's committed result (:func:`llmpress.model.results.compression_state`):
+The saver reads each layer's committed result from the run's
+:class:`llmpress.model.report.CompressionResult` (``result.state``, see :func:`saved_state`):
 its keep mask and quantization state, never zero patterns. Layers whose shape differs from
 what the model's config builds (structured pruning) and dropped sub-blocks are recorded in
 ``quantization_config`` too, so ``from_pretrained`` rebuilds them.
@@ -11,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +35,31 @@ from llmpress.model.moe_model import (
     unfused_experts,
 )
 from llmpress.model.offload import stored_tensor as _stored
-from llmpress.model.report import CompressionReport
-from llmpress.model.results import compression_state
+from llmpress.model.report import CompressionReport, CompressionResult
+from llmpress.model.results import CompressionState, LayerResult, compression_state
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "llmpress_report.json"
 RECIPE_FILE = "llmpress_recipe.json"
+
+
+def saved_state(model: nn.Module, report: CompressionReport | None = None) -> CompressionState:
+    """The per-layer results and KV-cache scales to save with ``model``.
+
+    In order: ``report.state`` when ``report`` is the :class:`CompressionResult` of a
+    ``compress`` run; the state a model loaded with ``from_pretrained`` keeps on its
+    :class:`llmpress.format.hf_quantizer.LlmpressConfig` (``model.config.quantization_config.state``);
+    else, until the engine returns results, :func:`llmpress.model.results.compression_state`.
+    """
+    if isinstance(report, CompressionResult):
+        return report.state
+    from llmpress.format.hf_quantizer import LlmpressConfig
+
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if isinstance(qc, LlmpressConfig) and qc.state is not None:
+        return qc.state
+    return compression_state(model)  # TODO(engine merge): gone with model.__dict__ state
 
 
 def _config_shapes(model: nn.Module, config: Any = None) -> dict[str, tuple[int, int]] | None:
@@ -59,7 +78,10 @@ def _config_shapes(model: nn.Module, config: Any = None) -> dict[str, tuple[int,
 
 
 def export_state_dict(
-    model: nn.Module, sparse: str = "auto", dtype: torch.dtype | None = torch.float16
+    model: nn.Module,
+    sparse: str = "auto",
+    dtype: torch.dtype | None = torch.float16,
+    state: CompressionState | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """The tensors to save and the per-module ``quantization_config`` entries; the model is
     not changed (all tensors at once; :func:`export_units` builds them one module at a time).
@@ -67,9 +89,9 @@ def export_state_dict(
     Quantized layers are stored ``int`` (or ``int-2:4``); pruned-only layers ``2:4`` or
     ``bitmask`` when that is smaller (``sparse="dense"`` keeps them dense); resized layers
     ``dense`` with their shape; dropped sub-blocks ``dropped``. Floating tensors are cast to
-    ``dtype`` (``None``: kept).
+    ``dtype`` (``None``: kept). ``state``: the results to save (default: :func:`saved_state`).
     """
-    units, modules = export_units(model, sparse, dtype, dedupe_tied=False)
+    units, modules = export_units(model, sparse, dtype, dedupe_tied=False, state=state)
     sd: dict[str, torch.Tensor] = {}
     for unit in units:
         sd.update(unit())
@@ -80,19 +102,61 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
+def _layer_format(
+    name: str,
+    mod: nn.Module,
+    res: LayerResult | None,
+    shapes: dict[str, tuple[int, int]] | None,
+    irregular: Iterable[str],
+    sparse: str,
+    dtype_name: str,
+) -> ModuleFormat | None:
+    """The stored format of linear layer ``name`` (its committed result ``res``), or ``None``
+    when it is saved as an ordinary weight. ``shapes``: what the saved config builds;
+    ``irregular``: MoE experts modules resized by structured pruning (stored unfused)."""
+    out_f, in_f = get_weight(mod).shape
+    resized = res is not None and (res.removed_rows is not None or res.removed_cols is not None)
+    if shapes is not None:
+        resized = name in shapes and shapes[name] != (out_f, in_f)
+    target = None if res is None else choose_format(res.quant, res.mask, sparse)
+    if target is None and any(name.startswith(e + ".") for e in irregular):
+        resized = True
+    if target is None and resized:
+        target = "dense"
+    if target is None:
+        return None
+    q = None if res is None else res.quant
+    grid = q is not None and q.kind == "int"
+    return ModuleFormat(
+        format=target,
+        in_features=int(in_f),
+        out_features=int(out_f),
+        bits=q.bits if grid and q is not None else None,
+        group_size=q.group_size if grid and q is not None else None,
+        symmetric=bool(grid and q is not None and q.symmetric),
+        activations=None if q is None else q.activations,
+        dtype=dtype_name,
+        nnz=int(res.mask.sum()) if target == "bitmask" and res is not None and res.mask is not None else None,
+        resized=resized,
+        bias=isinstance(getattr(mod, "bias", None), torch.Tensor) if resized else None,
+    )
+
+
 def export_units(
     model: nn.Module,
     sparse: str = "auto",
     dtype: torch.dtype | None = torch.float16,
     dedupe_tied: bool = True,
     config: Any = None,
+    state: CompressionState | None = None,
 ) -> tuple[list[Callable[[], dict[str, torch.Tensor]]], dict[str, dict[str, Any]]]:
     """What :func:`export_state_dict` returns, lazily: callables each building the tensors
     of one state-dict entry or one packed layer (offloaded weights read from their storage),
     in state-dict order, so that a writer holds one shard at a time. Tied tensors appear once.
     ``config``: the config the checkpoint is saved with (default: the model's); a layer whose
-    shape differs from what it builds gets a ``dense`` entry."""
-    state = compression_state(model)
+    shape differs from what it builds gets a ``dense`` entry. ``state``: the results to save
+    (default: :func:`saved_state`)."""
+    state = state if state is not None else saved_state(model)
     # fused MoE experts with packed per-expert results: stored unfused (temporary per-expert copies)
     with_result = {n for n, r in state.layers.items() if choose_format(r.quant, r.mask, sparse) is not None}
     views = expert_views(model, with_result)
@@ -112,34 +176,9 @@ def export_units(
             continue
         if not is_linear(mod):
             continue
-        res = state.layers.get(name)
-        out_f, in_f = get_weight(mod).shape
-        resized = res is not None and (res.removed_rows is not None or res.removed_cols is not None)
-        if shapes is not None:
-            resized = name in shapes and shapes[name] != (out_f, in_f)
-        target = None if res is None else choose_format(res.quant, res.mask, sparse)
-        if target is None and any(name.startswith(e + ".") for e in irregular):
-            resized = True
-        if target is None and resized:
-            target = "dense"
-        if target is None:
+        fmt = _layer_format(name, mod, state.layers.get(name), shapes, irregular, sparse, dtype_name)
+        if fmt is None:
             continue
-        q = None if res is None else res.quant
-        fmt = ModuleFormat(
-            format=target,
-            in_features=int(in_f),
-            out_features=int(out_f),
-            bits=None if q is None or q.kind != "int" else q.bits,
-            group_size=None if q is None or q.kind != "int" else q.group_size,
-            symmetric=False if q is None or q.kind != "int" else q.symmetric,
-            activations=None if q is None else q.activations,
-            dtype=dtype_name,
-            nnz=int(res.mask.sum())
-            if target == "bitmask" and res is not None and res.mask is not None
-            else None,
-            resized=resized,
-            bias=isinstance(getattr(mod, "bias", None), torch.Tensor) if resized else None,
-        )
         packed[name] = fmt
         modules[name] = fmt.to_dict()
 
@@ -227,11 +266,18 @@ def stored_unfused(model: nn.Module, modules: dict[str, Any]) -> dict[str, str]:
 
 
 @torch.no_grad()
-def to_runtime(model: nn.Module, sparse: str = "auto", dtype: torch.dtype = torch.float16) -> nn.Module:
+def to_runtime(
+    model: nn.Module,
+    sparse: str = "auto",
+    dtype: torch.dtype = torch.float16,
+    *,
+    result: CompressionReport | None = None,
+) -> nn.Module:
     """Turn ``model`` (in place) into what loading its saved checkpoint gives: compressed
     layers become their runtime modules (packed layers run by a kernel), floating tensors
-    are cast to ``dtype``. Returns the model."""
-    sd, modules = export_state_dict(model, sparse, dtype)
+    are cast to ``dtype``. ``result``: the run's result (its ``state`` is what is packed; see
+    :func:`saved_state`). Returns the model."""
+    sd, modules = export_state_dict(model, sparse, dtype, saved_state(model, result))
     unfuse_model(model, list(stored_unfused(model, modules)))  # packed MoE experts: per-expert layers
     for name, entry in modules.items():
         fmt = ModuleFormat.from_dict(entry, name)
@@ -263,7 +309,9 @@ def save_compressed(
     Pruned layers are saved dense by default (an ordinary checkpoint that plain
     ``AutoModel*.from_pretrained`` loads); quantized, sparse-packed (``sparse``), resized or
     dropped modules go with a ``quantization_config`` and load after ``import llmpress``.
-    ``dtype`` casts the saved weights (e.g. back to the checkpoint's fp16).
+    ``dtype`` casts the saved weights (e.g. back to the checkpoint's fp16). ``report``: the
+    run's :class:`CompressionResult` (its ``state`` is what is saved, see :func:`saved_state`)
+    or a plain report.
     """
     from llmpress.format.hf_quantizer import LlmpressConfig
     from llmpress.format.structured_export import export_plan
@@ -271,12 +319,13 @@ def save_compressed(
     plan = export_plan(model)  # structured pruning: a smaller standard config, or per-layer shapes
     config = copy.deepcopy(model.config)  # what is saved; the caller's config is never touched
     config.__dict__.update(plan.config)
+    state = saved_state(model, report)
     with atomic_directory(out_dir, overwrite) as tmp:
-        units, modules = export_units(model, sparse, dtype, config=config)
+        units, modules = export_units(model, sparse, dtype, config=config, state=state)
         units.append(lambda: plan.zero_tensors(dtype))
         config.dtype = dtype if dtype is not None else getattr(model, "dtype", None)
         config.architectures = [type(model).__name__]
-        kv = compression_state(model).kv_cache
+        kv = state.kv_cache
         experts = stored_unfused(model, modules)  # MoE experts stored unfused, unfused again at load
         if modules or plan.attributes or kv:
             recipe = report.recipe if report is not None else {}
@@ -299,7 +348,7 @@ def save_compressed(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:
-            (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2))
+            report.write(tmp / REPORT_FILE)
             (tmp / RECIPE_FILE).write_text(json.dumps(report.recipe, indent=2))
         if extra is not None:
             extra(tmp)
@@ -377,7 +426,7 @@ def save_result(
         )
     if fmt != "llmpress":
         raise ValueError(f"unknown format {fmt!r}; use 'llmpress' or 'compressed-tensors'")
-    if compression_state(model).quantized or sparse_format not in (None, "dense"):
+    if saved_state(model, report).quantized or sparse_format not in (None, "dense"):
         return save_quantized(
             model,
             out_dir,
