@@ -149,8 +149,6 @@ def save_model_dir(path: Path, model: nn.Module, tokenizer: Any) -> Path:
     return path
 
 
-def quantized(model: nn.Module) -> dict:
-    """The committed quantization state of each quantized layer of ``model``."""
-    from llmpress.model.results import compression_state
-
-    return compression_state(model).quantized
+def quantized(result: Any) -> dict:
+    """The committed quantization state of each quantized layer of a compress run's result."""
+    return result.state.quantized

@@ -358,7 +358,7 @@ def test_sub_block_dropping_saves_dropped_entries_and_reloads(tmp_path: Path) ->
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float16)
     with torch.no_grad():
         torch.testing.assert_close(
-            loaded(input_ids=IDS[:1]).logits, to_runtime(model)(input_ids=IDS[:1]).logits
+            loaded(input_ids=IDS[:1]).logits, to_runtime(model, result=report)(input_ids=IDS[:1]).logits
         )
 
 

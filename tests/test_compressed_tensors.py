@@ -56,7 +56,7 @@ def test_transformers_loads_the_export(case: str, tmp_path: Path) -> None:
     cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
     (group,) = cfg["config_groups"].values()
-    assert sorted(group["targets"]) == sorted(quantized(model))
+    assert sorted(group["targets"]) == sorted(quantized(rep))
     w = group["weights"]
     assert (w["num_bits"], w["symmetric"], w["type"]) == (stage["bits"], True, "int")
     if stage["group_size"] == -1:
@@ -67,7 +67,7 @@ def test_transformers_loads_the_export(case: str, tmp_path: Path) -> None:
     bits = stage["bits"]
     with safe_open(str(tmp_path / "ct" / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
-        for name, q in quantized(model).items():
+        for name, q in quantized(rep).items():
             out_f, in_f = q.codes.shape
             assert {f"{name}.weight_packed", f"{name}.weight_scale", f"{name}.weight_shape"} <= keys
             assert f"{name}.weight" not in keys
@@ -94,9 +94,9 @@ def test_mixed_grids_get_one_config_group_each(tmp_path: Path) -> None:
         {"method": "rtn", "bits": 8, "group_size": -1, "symmetric": True, "targets": ["mlp"]},
     ]
     model, rep = _export(tiny_llama(), stages, tmp_path / "ct")
-    groups = compressed_tensors_config(quantized(model))["config_groups"]
+    groups = compressed_tensors_config(quantized(rep))["config_groups"]
     assert len(groups) == 2
-    assert sorted(t for g in groups.values() for t in g["targets"]) == sorted(quantized(model))
+    assert sorted(t for g in groups.values() for t in g["targets"]) == sorted(quantized(rep))
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
     assert torch.allclose(logits(loaded), logits(model), atol=1e-4)
 
@@ -126,7 +126,7 @@ def test_joint_24_sparse_export_keeps_zeros(tmp_path: Path) -> None:
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
     assert torch.allclose(logits(loaded), logits(model), atol=1e-4)
     with safe_open(str(tmp_path / "ct" / "model.safetensors"), framework="pt") as f:
-        for name, q in quantized(model).items():
+        for name, q in quantized(rep).items():
             in_f = q.codes.shape[1]
             codes = unpack_int32(f.get_tensor(f"{name}.weight_packed"), 4, in_f)
             # the symmetric zero point 8 decodes to 0: at most 2 other codes in every 4

@@ -20,7 +20,6 @@ from llmpress.engine.gradients import collect_gradients
 from llmpress.engine.stats import LayerStats, StatsCollector
 from llmpress.format.save import save_compressed
 from llmpress.math.linalg import inverse_cholesky_upper
-from llmpress.model.results import compression_state
 from llmpress.plugin_manager import get_plugin_manager, make_plugin_manager
 from llmpress.plugins.gptq import GPTQConfig, gptq_quantize
 from llmpress.plugins.sparsegpt import sparsegpt_prune
@@ -117,7 +116,7 @@ def test_block_hook_removes_i_plus_1_neurons_and_the_model_reloads(tmp_path: Pat
         assert block.mlp.gate_proj.weight.shape == (inter - i - 1, model.config.hidden_size)
         assert block.mlp.up_proj.weight.shape == (inter - i - 1, model.config.hidden_size)
         assert block.mlp.down_proj.weight.shape == (model.config.hidden_size, inter - i - 1)
-        res = compression_state(model).layers[f"model.layers.{i}.mlp.down_proj"]
+        res = report.state.layers[f"model.layers.{i}.mlp.down_proj"]
         assert res.removed_cols is not None and res.removed_cols.numel() == i + 1
     assert report.modules["model.layers.2.mlp.up_proj"].shape == (inter - 3, model.config.hidden_size)
     after = _logits(model)

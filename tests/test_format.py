@@ -204,7 +204,7 @@ def _roundtrip(model: torch.nn.Module, recipe: dict, out: Path, sparse: str = "a
     assert set(model.state_dict()) == set(state)
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert type(loaded) is type(model)
-    to_runtime(model, sparse)  # what loading gives: packed layers, fp16 tensors
+    to_runtime(model, sparse, result=rep)  # what loading gives: packed layers, fp16 tensors
     assert torch.equal(logits(loaded), logits(model))
     assert_same_state(model, loaded)
     return {"model": model, "report": rep, "loaded": loaded, "before": before}
@@ -216,7 +216,7 @@ def _formats(model: torch.nn.Module) -> set[str]:
 
 def _check_quantized_layers(r: dict) -> None:
     """Every quantized layer loads as a packed layer decoding to the in-memory codes (fp16 scales)."""
-    for name, q in quantized(r["model"]).items():
+    for name, q in quantized(r["report"]).items():
         mod = r["loaded"].get_submodule(name)
         assert isinstance(mod, LlmpressLinear), name
         expect = dequantize_weight(q.codes, q.scales.half().float(), q.zeros, q.group_size)
@@ -228,7 +228,7 @@ def _check_quantized_layers(r: dict) -> None:
 def test_int4_roundtrip_on_architectures(arch: str, tmp_path: Path) -> None:
     r = _roundtrip(ARCHS[arch](), INT4, tmp_path / arch)
     assert _formats(r["loaded"]) == {"int"}
-    assert len(quantized(r["model"])) == (12 if arch == "opt" else 8 if arch == "gpt2" else 14)
+    assert len(quantized(r["report"])) == (12 if arch == "opt" else 8 if arch == "gpt2" else 14)
     _check_quantized_layers(r)
     # only block linears are packed: embeddings and the LM head stay ordinary modules
     assert not isinstance(r["loaded"].get_output_embeddings(), LlmpressLinear)
@@ -299,7 +299,7 @@ def test_pruned_only_dense_is_an_ordinary_checkpoint(tmp_path: Path) -> None:
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert "quantization_config" not in cfg
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
-    to_runtime(model, "dense")
+    to_runtime(model, "dense", result=rep)
     assert torch.equal(logits(loaded), logits(model))
 
 
@@ -378,7 +378,7 @@ def test_quantized_file_size(bits: int, gs: int, sym: bool, tmp_path: Path) -> N
         None,
         progress=False,
     )
-    shapes = _layer_shapes(model, list(quantized(model)))
+    shapes = _layer_shapes(model, list(quantized(rep)))
     save_quantized(model, tmp_path / "q", report=rep)
     dense = safetensors_data_bytes(tmp_path / "dense" / "model.safetensors")
     quant = safetensors_data_bytes(tmp_path / "q" / "model.safetensors")
@@ -551,7 +551,7 @@ def test_bfloat16_checkpoint_roundtrips(tmp_path: Path) -> None:
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
     assert loaded.dtype == torch.bfloat16
     assert loaded.get_submodule("model.layers.0.mlp.up_proj").weight_scale.dtype == torch.bfloat16
-    to_runtime(model, dtype=torch.bfloat16)
+    to_runtime(model, dtype=torch.bfloat16, result=rep)
     assert torch.equal(logits(loaded), logits(model))
     assert_same_state(loaded, model)
 
@@ -587,7 +587,7 @@ def test_saving_twice_and_saving_a_runtime_model_give_the_same_checkpoint(tmp_pa
     )
     save_quantized(model, tmp_path / "a", report=rep)
     save_quantized(model, tmp_path / "b", report=rep)
-    to_runtime(model)
+    to_runtime(model, result=rep)
     save_quantized(model, tmp_path / "c", report=rep)
     first = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
     for again in ("b", "c"):

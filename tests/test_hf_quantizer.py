@@ -35,7 +35,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict:
         tiny_llama(), {"method": "rtn", "bits": 4, "group_size": 32}, None, progress=False
     )
     d = save_quantized(model, tmp_path_factory.mktemp("hfq") / "rtn4", report=rep)
-    to_runtime(model)  # what loading gives
+    to_runtime(model, result=rep)  # what loading gives
     return {"dir": d, "model": model, "logits": logits(model)}
 
 

@@ -169,7 +169,7 @@ def test_hidden_then_gptq_keeps_group_multiples_and_reloads(tmp_path: Path) -> N
     assert model.config.hidden_size % 8 == 0 and model.config.hidden_size < 32
     llmpress.save_result(model, tmp_path / "m", report=report)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
-    expect = _logits(llmpress.format.save.to_runtime(model))
+    expect = _logits(llmpress.format.save.to_runtime(model, result=report))
     assert torch.allclose(_logits(loaded).float(), expect.float(), atol=1e-3)
 
 

@@ -148,7 +148,7 @@ def test_quantized_model_round_trips_through_the_quantizer(
         tiny_llama(seed=2, vocab=256), recipe, calib_ids(8, 32, vocab=256), progress=False
     )
     save_result(model, tmp_path / "q", report=report, tokenizer=tokenizer)
-    to_runtime(model)  # what loading the saved folder gives: packed layers, fp16
+    to_runtime(model, result=report)  # what loading the saved folder gives: packed layers, fp16
     info = push(tmp_path / "q", "local-user/tiny-q4", base_model="local-user/missing-base")
     card = ModelCard.load("local-user/tiny-q4")
     assert card.data.base_model_relation == "quantized" and {"rtn", "quantized", "4-bit"} <= set(

@@ -157,7 +157,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Built]:
                 dt: save_result(model, base / _name(dt), report=report, dtype=dt) for dt in case.sources
             }
             # what the saved layers compute (W8A8 quantizes inputs at run time), in fp32
-            ref = logits(to_runtime(copy.deepcopy(model), dtype=F32))
+            ref = logits(to_runtime(copy.deepcopy(model), dtype=F32, result=report))
             cache[name] = Built(folders, ref)
         return cache[name]
 

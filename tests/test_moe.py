@@ -30,7 +30,6 @@ from llmpress.model.moe import (
     unfuse_experts,
 )
 from llmpress.model.moe_model import unfuse_model, unfused_experts
-from llmpress.model.results import compression_state
 from llmpress.recipe.recipes import Recipe
 
 PROBE = calib_ids(2, 16, seed=7)
@@ -199,10 +198,10 @@ def compressed(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str]
             item: dict[str, Any] = {"model": model, "report": report, "before": before}
             item["state"] = {k: v.clone() for k, v in model.state_dict().items()}
             item["class"] = type(model.get_submodule(EXPERTS.format(i=0))).__name__
-            item["quantized"] = set(compression_state(model).quantized)
+            item["quantized"] = set(report.state.quantized)
             if method == "gptq":
                 d = save_quantized(model, base / f"{name}-{method}", report=report)
-                to_runtime(model)  # what loading gives
+                to_runtime(model, result=report)  # what loading gives
             else:
                 d = save_compressed(model, base / f"{name}-{method}", report=report)
             item["dir"], item["logits"] = d, logits(model)
@@ -258,7 +257,7 @@ def test_save_and_reload_gives_identical_logits(compressed: dict, case: tuple[st
 def test_sparse_packed_experts_reload_identically(tmp_path: Path) -> None:
     model, report = llmpress.compress(tiny_qwen3_moe(), SPARSEGPT, CALIB, progress=False)
     d = save_quantized(model, tmp_path / "bitmask", report=report, sparse="bitmask")
-    to_runtime(model, sparse="bitmask")
+    to_runtime(model, sparse="bitmask", result=report)
     loaded = AutoModelForCausalLM.from_pretrained(d)
     assert (
         json.loads((d / "config.json").read_text())["quantization_config"]["modules"][

@@ -42,7 +42,9 @@ def test_quantize_a_loaded_model(tmp_path: Path) -> None:
     assert cfg["quant_method"] == "llmpress" and len(cfg["modules"]) == 14
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert isinstance(loaded.get_submodule("model.layers.0.mlp.up_proj"), LlmpressLinear)
-    to_runtime(q.model)  # saving left q.model as it was; packed, it computes like the loaded one
+    to_runtime(
+        q.model, result=q.result
+    )  # saving left q.model as it was; packed, it computes like the loaded one
     assert torch.equal(logits(loaded), logits(q.model))
     assert_same_state(loaded, q.model)
 
@@ -64,7 +66,7 @@ def test_quantize_from_a_folder_with_text_calibration(tmp_path: Path) -> None:
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert {m["format"] for m in cfg["modules"].values()} == {"int-2:4"}
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
-    to_runtime(q.model)
+    to_runtime(q.model, result=q.result)
     assert torch.equal(logits(loaded), logits(q.model))
 
 

@@ -205,7 +205,7 @@ def test_group_size_must_divide_every_targeted_layer() -> None:
         None,
         progress=False,
     )
-    assert sorted(quantized(model)) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert sorted(quantized(rep)) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
 
 
 def test_unknown_quant_option_is_a_recipe_error() -> None:
@@ -233,9 +233,9 @@ def test_gptq_needs_calibration() -> None:
 )
 def test_model_weights_are_the_decoded_quant_state(stage: dict) -> None:
     model, rep = llmpress.compress(tiny_llama(), {"stages": [stage]}, calib_ids(), progress=False)
-    assert set(quantized(model)) == set(rep.modules) and len(rep.modules) == 14
+    assert set(quantized(rep)) == set(rep.modules) and len(rep.modules) == 14
     bits, gs = stage["bits"], stage["group_size"]
-    for name, q in quantized(model).items():
+    for name, q in quantized(rep).items():
         w = weight_of(model.get_submodule(name))
         assert int(q.codes.max()) <= 2**bits - 1
         assert torch.equal(w, dequantize_weight(q.codes, q.scales, q.zeros, gs)), name
@@ -284,7 +284,7 @@ def joint(tmp_path_factory: pytest.TempPathFactory) -> dict:
         model, rep = llmpress.compress(JOINT_ARCHS[arch](), JOINT[rec], calib_ids(), progress=False)
         weights = {n: weight_of(model.get_submodule(n)).clone() for n in rep.modules}
         d = save_quantized(model, tmp_path_factory.mktemp("joint") / f"{arch}-{rec}", report=rep)
-        to_runtime(model)  # what loading gives
+        to_runtime(model, result=rep)  # what loading gives
         out[arch, rec] = {"model": model, "report": rep, "weights": weights, "dir": d}
     return out
 

@@ -14,7 +14,7 @@ import llmpress
 from llmpress.format.compressed_tensors import save_compressed_tensors
 from llmpress.format.save import REPORT_FILE, saved_state
 from llmpress.model.report import CompressionReport, CompressionResult, ModuleReport
-from llmpress.model.results import CompressionState, compression_state
+from llmpress.model.results import CompressionState
 
 RECIPE = {"stages": [{"method": "rtn", "bits": 4, "group_size": 16, "symmetric": True}]}
 
@@ -50,11 +50,10 @@ def test_the_result_state_is_never_serialized() -> None:
 
 
 def test_savers_read_the_state_from_the_result(tmp_path: Path) -> None:
-    model, report = llmpress.compress(tiny_llama(), RECIPE, calib_ids(), progress=False)
-    state = compression_state(model)
-    assert state.quantized
-    result = CompressionResult.of(report, state)
-    model.__dict__.pop("_llmpress_state", None)  # what the engine change does: no state on the model
+    model, result = llmpress.compress(tiny_llama(), RECIPE, calib_ids(), progress=False)
+    assert isinstance(result, CompressionResult) and result.state.quantized
+    state = result.state
+    assert "_llmpress_state" not in model.__dict__  # nothing hidden on the caller's model
     assert not saved_state(model).quantized and saved_state(model, result) is state
     llmpress.save_result(model, tmp_path / "packed", report=result)
     saved = json.loads((tmp_path / "packed" / "config.json").read_text())

@@ -10,7 +10,6 @@ from typing import ClassVar
 
 import torch
 import transformers
-from models import tiny_llama
 
 import llmpress
 from llmpress.cli.main import main

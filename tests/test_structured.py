@@ -17,7 +17,6 @@ from llmpress.errors import ModelError, RecipeError
 from llmpress.format.save import save_compressed
 from llmpress.math.structured_math import compensation_bias, reconstruct
 from llmpress.model.modules import find_blocks
-from llmpress.model.results import compression_state
 from llmpress.model.structures import discover
 from llmpress.plugins.flap import FlapConfig
 
@@ -106,8 +105,8 @@ def test_removal_equals_masking_the_consumer_columns(arch: str, head_mode: str) 
     """Removing heads/neurons computes exactly what the dense model computes with the removed
     o_proj/down_proj input columns zeroed: GQA groups and head counts stay consistent."""
     dense = FACTORIES[arch]()
-    model, _ = _compress(FACTORIES[arch](), method="llm_pruner", ratio=0.45, head_mode=head_mode)
-    state = compression_state(model)
+    model, result = _compress(FACTORIES[arch](), method="llm_pruner", ratio=0.45, head_mode=head_mode)
+    state = result.state
     touched = 0
     for name, res in state.layers.items():
         if res.removed_cols is not None:
@@ -252,7 +251,7 @@ def test_structured_then_gptq_saves_packed_and_reloads(tmp_path: Path) -> None:
     }
     model, report = llmpress.compress(tiny_llama(), recipe, calib_ids(), progress=False)
     assert all(b.mlp.down_proj.weight.shape[1] % 8 == 0 for b in model.model.layers)
-    assert compression_state(model).quantized
+    assert report.state.quantized
     llmpress.save_result(model, tmp_path / "m", report=report)
     qc = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]
     assert {e["format"] for e in qc["modules"].values()} == {"int"}
@@ -261,7 +260,7 @@ def test_structured_then_gptq_saves_packed_and_reloads(tmp_path: Path) -> None:
         == model.model.layers[0].mlp.down_proj.weight.shape[1]
     )
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
-    expect = _logits(llmpress.format.save.to_runtime(model))
+    expect = _logits(llmpress.format.save.to_runtime(model, result=report))
     assert torch.allclose(_logits(loaded).float(), expect.float(), atol=1e-3)
     gen = loaded.generate(PROBE[:1, :4], max_new_tokens=4, do_sample=False, use_cache=True)
     assert gen.shape == (1, 8)

@@ -332,7 +332,6 @@ def run_case(
     and compare."""
     from llmpress.cli.evaluate import perplexity_of_windows
     from llmpress.format.save import save_result, to_runtime
-    from llmpress.model.results import compression_state
     from llmpress.pipeline.compress import compress
 
     model = copy.deepcopy(dense)
@@ -341,9 +340,9 @@ def run_case(
     elapsed = time.perf_counter() - t0
     ppl = perplexity_of_windows(model, windows)
     folder = out / case.folder
-    if compression_state(model).quantized:  # packed, fp16: loads after `import llmpress`
+    if report.state.quantized:  # packed, fp16: loads after `import llmpress`
         save_result(model, folder, report=report, tokenizer=tokenizer, overwrite=True)
-        to_runtime(model)  # exactly what loading the folder gives
+        to_runtime(model, result=report)  # exactly what loading the folder gives
     else:  # an ordinary fp32 checkpoint: the in-memory model is what loading gives
         save_result(model, folder, report=report, tokenizer=tokenizer, dtype=torch.float32, overwrite=True)
     _record_perplexity(folder, ppl, cfg)

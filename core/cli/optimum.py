@@ -9,7 +9,10 @@ q.quantize("out_dir", recipe={"stages": [{"method": "gptq", "bits": 4}]},
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llmpress.model.report import CompressionResult
 
 from optimum.quantization_base import OptimumQuantizer
 
@@ -22,6 +25,8 @@ class LlmpressQuantizer(OptimumQuantizer):
     def __init__(self, model: Any, tokenizer: Any = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        #: the last :meth:`quantize` run's result (report and per-layer state)
+        self.result: CompressionResult | None = None
 
     @classmethod
     def from_pretrained(
@@ -50,5 +55,5 @@ class LlmpressQuantizer(OptimumQuantizer):
         if "format" in save_kw:
             save_kw["fmt"] = save_kw.pop("format")
         kwargs.setdefault("tokenizer", self.tokenizer)
-        self.model, report = compress(self.model, recipe, calibration, **kwargs)
-        return save_result(self.model, save_dir, report=report, tokenizer=self.tokenizer, **save_kw)
+        self.model, self.result = compress(self.model, recipe, calibration, **kwargs)
+        return save_result(self.model, save_dir, report=self.result, tokenizer=self.tokenizer, **save_kw)

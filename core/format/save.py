@@ -36,7 +36,7 @@ from llmpress.model.moe_model import (
 )
 from llmpress.model.offload import stored_tensor as _stored
 from llmpress.model.report import CompressionReport, CompressionResult
-from llmpress.model.results import CompressionState, LayerResult, compression_state
+from llmpress.model.results import CompressionState, LayerResult
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def saved_state(model: nn.Module, report: CompressionReport | None = None) -> Co
     In order: ``report.state`` when ``report`` is the :class:`CompressionResult` of a
     ``compress`` run; the state a model loaded with ``from_pretrained`` keeps on its
     :class:`llmpress.format.hf_quantizer.LlmpressConfig` (``model.config.quantization_config.state``);
-    else, until the engine returns results, :func:`llmpress.model.results.compression_state`.
+    else none (an uncompressed model saves as it is).
     """
     if isinstance(report, CompressionResult):
         return report.state
@@ -59,7 +59,7 @@ def saved_state(model: nn.Module, report: CompressionReport | None = None) -> Co
     qc = getattr(getattr(model, "config", None), "quantization_config", None)
     if isinstance(qc, LlmpressConfig) and qc.state is not None:
         return qc.state
-    return compression_state(model)  # TODO(engine merge): gone with model.__dict__ state
+    return CompressionState()
 
 
 def _config_shapes(model: nn.Module, config: Any = None) -> dict[str, tuple[int, int]] | None:

@@ -145,7 +145,7 @@ def _under(name: str, prefix: str) -> bool:
 
 def expert_views(model: nn.Module, layers: Any) -> dict[str, UnfusedExperts]:
     """Temporary :class:`UnfusedExperts` copies of the fused experts modules of ``model`` that
-    have per-expert results in ``layers`` (names from :func:`llmpress.model.results.compression_state`);
+    have per-expert results in ``layers`` (the layer names of a run's :class:`CompressionState`);
     the model is not changed."""
     out = {}
     for name, lay in fused_experts(model).items():

@@ -20,8 +20,6 @@ from llmpress.model.modules import get_weight, set_weight
 if TYPE_CHECKING:
     from llmpress.recipe.config import QuantConfig
 
-_STATE_ATTR = "_llmpress_state"
-
 
 @dataclasses.dataclass(frozen=True)
 class QuantState:
@@ -136,16 +134,6 @@ class CompressionState:
     @property
     def quantized(self) -> dict[str, QuantState]:
         return {n: r.quant for n, r in self.layers.items() if r.quant is not None}
-
-
-def compression_state(model: nn.Module, create: bool = False) -> CompressionState:
-    """The committed results of ``model`` (an empty state if nothing was committed)."""
-    state = model.__dict__.get(_STATE_ATTR)
-    if state is None:
-        state = CompressionState()
-        if create:
-            model.__dict__[_STATE_ATTR] = state
-    return state
 
 
 def merge_results(old: LayerResult | None, new: LayerResult) -> LayerResult:

@@ -139,7 +139,6 @@ def compress(
     opts = RunOptions(dev, batch_size, offload_activations, offload_stats, progress)
     record = run_plan(model, plan, stages, ids, opts)
     result = _result(model, plan, record, calib, dev, t0)
-    model.__dict__["_llmpress_state"] = record.state  # TEMPORARY bridge until the savers take result.state
     log.info(
         "compressed %d layers, overall sparsity %.4f in %.1fs",
         len(result.modules),
