@@ -21,6 +21,7 @@ import pluggy
 from llmpress import hookspecs
 from llmpress.engine.stats import check_statistics
 from llmpress.errors import RecipeError
+from llmpress.format.formats import FORMATS
 from llmpress.kernels.registry import Kernel, KernelTable
 from llmpress.method_hooks import MethodHooks
 from llmpress.recipe.config import MethodConfig
@@ -57,7 +58,7 @@ class Llmpress:
         self.methods: dict[str, MethodInfo] = {}
         self._by_config: dict[type[MethodConfig], MethodInfo] = {}
         self._hooks: dict[str, MethodHooks] = {}
-        self.kernels = KernelTable()
+        self.kernels = KernelTable(known_formats=FORMATS)
         #: plugin name -> the names of the kernels it registered
         self.kernel_plugins: dict[str, list[str]] = {}
         self._collect_methods()
@@ -187,7 +188,7 @@ class Llmpress:
         self.methods.clear()
         self._by_config.clear()
         self._hooks.clear()
-        self.kernels = KernelTable()
+        self.kernels = KernelTable(known_formats=FORMATS)
         self.kernel_plugins.clear()
         self._collect_methods()
         self._collect_kernels()

@@ -25,6 +25,7 @@ class FP8Config(MethodConfig):
     ``weights``: ``channel`` (one scale per output row) or ``tensor``."""
 
     method: ClassVar[str] = "fp8"
+    quantizes: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = False
     stats: ClassVar[frozenset[str]] = frozenset()
     citation: ClassVar[str] = """@article{micikevicius2022fp8,

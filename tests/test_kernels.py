@@ -17,7 +17,7 @@ from _kernel_layers import int_layer
 import llmpress
 import llmpress.plugins
 from llmpress import hookimpl
-from llmpress.format.formats import ModuleFormat
+from llmpress.format.formats import FORMATS, ModuleFormat
 from llmpress.format.runtime import LlmpressLinear
 from llmpress.kernels import cpu_int
 from llmpress.kernels.registry import Kernel, KernelRegistrar, KernelTable, choose_kernel, offered_kernels
@@ -155,12 +155,12 @@ def test_the_injected_source_runs_a_layer() -> None:
 @pytest.mark.parametrize("formats", [frozenset({"no-such-format"}), frozenset()])
 def test_a_kernel_must_name_registered_formats(formats: frozenset[str]) -> None:
     with pytest.raises(ValueError, match="unknown formats"):
-        KernelTable([dataclasses.replace(DOUBLE, formats=formats)])
+        KernelTable([dataclasses.replace(DOUBLE, formats=formats)], known_formats=FORMATS)
 
 
 def test_a_kernel_registered_twice_for_a_format_is_an_error() -> None:
     with pytest.raises(ValueError, match="registered twice"):
-        KernelTable([DOUBLE, DOUBLE])
+        KernelTable([DOUBLE, DOUBLE], known_formats=FORMATS)
 
 
 def test_no_plugin_guards_a_format_name_and_the_format_layer_has_no_plugin_manager() -> None:

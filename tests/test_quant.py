@@ -302,7 +302,7 @@ def test_joint_24_quant_keeps_exact_24(joint: dict, arch: str, rec: str) -> None
         assert zeros >= 0.5, (name, zeros)
         # quantization may round a few kept weights to 0, never revive a pruned one
         assert zeros < 0.52, (name, zeros)
-        q = quantized(item["model"])[name]
+        q = quantized(item["report"])[name]
         assert torch.equal(w, dequantize_weight(q.codes, q.scales, q.zeros, 32))
 
 

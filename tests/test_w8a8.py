@@ -164,7 +164,7 @@ def _fp8_kv_model(tmp_path: Path):  # noqa: ANN202
 def test_fp8_kv_cache_scales_saved_and_used(tmp_path: Path) -> None:
     from llmpress.format import kv_cache
 
-    model, _ = _fp8_kv_model(tmp_path)
+    model, rep = _fp8_kv_model(tmp_path)
     attns = kv_cache.attention_modules(model)
     assert attns and all(float(m.k_scale) > 0 and float(m.v_scale) > 0 for m in attns.values())
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "kv", dtype=torch.float32)
@@ -172,7 +172,7 @@ def test_fp8_kv_cache_scales_saved_and_used(tmp_path: Path) -> None:
     for name, m in kv_cache.attention_modules(loaded).items():
         assert torch.equal(m.k_scale, attns[name].k_scale) and torch.equal(m.v_scale, attns[name].v_scale)
     # the in-memory model turned into runtime modules computes exactly what loading gives
-    llmpress.to_runtime(model, dtype=torch.float32)
+    llmpress.to_runtime(model, dtype=torch.float32, result=rep)
     select_kernels(model, "dense")
     select_kernels(loaded, "dense")
     with_kv = logits(loaded)

@@ -44,7 +44,7 @@ class AllocationProblem:
     problem is refused).
     """
 
-    result_type: ClassVar[type]
+    result_type: ClassVar[type[AllocationResult]]
 
     kind: str
     units: list[str]

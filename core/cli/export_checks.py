@@ -16,9 +16,7 @@ from llmpress.recipe.recipes import ResolvedStage
 
 def _quantizes_weights(config: MethodConfig) -> bool:
     """Whether a stage writes quantized weights (an integer grid, or FP8)."""
-    from llmpress.plugins.fp8 import FP8Config
-
-    return isinstance(config, (QuantConfig, FP8Config))
+    return config.quantizes
 
 
 def check_recipe_exportable(configs: Sequence[MethodConfig]) -> None:

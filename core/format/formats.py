@@ -60,7 +60,7 @@ from torch import nn
 from llmpress.errors import CheckpointError
 from llmpress.model.results import LayerResult, QuantState
 from llmpress.quant.activations import FP8_DTYPE, is_static
-from llmpress.quant.grid import grid_problem
+from llmpress.quant.grid import IntCodes, grid_problem
 from llmpress.quant.packing import (
     pack_24,
     pack_bitmask,
@@ -359,26 +359,6 @@ def _int_pack(fmt: ModuleFormat, weight: torch.Tensor, result: LayerResult | Non
     if not fmt.symmetric:
         out["weight_zero"] = quant.zeros.to(device=weight.device).round().to(torch.uint8).contiguous()
     return out | _pack_input_scale(fmt, quant)
-
-
-@dataclasses.dataclass(frozen=True)
-class IntCodes:
-    """The integer grid of an ``int`` layer, unpacked: ``W = (codes - zeros[g]) * scales[g]``
-    with ``g = input // group_size`` (what kernels repack from)."""
-
-    codes: torch.Tensor  # uint8 [out, in]
-    scales: torch.Tensor  # [out, G], the stored dtype
-    zeros: torch.Tensor  # float32 [out, G] (2**(bits-1) when symmetric)
-    bits: int
-    group_size: int  # in_features when per channel
-
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """The dense weight [out, in] in ``dtype`` (broadcast per group: no gathers)."""
-        n, k = self.codes.shape
-        g = k // self.group_size
-        w = self.codes.view(n, g, self.group_size).to(torch.float32)
-        w.sub_(self.zeros.view(n, g, 1)).mul_(self.scales.view(n, g, 1).to(torch.float32))
-        return w.view(n, k).to(dtype)
 
 
 def int_codes(fmt: ModuleFormat, t: dict[str, torch.Tensor]) -> IntCodes:

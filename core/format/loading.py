@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from llmpress.errors import CheckpointError, ModelError
 
@@ -26,7 +27,7 @@ _AUTO_CLASSES = (
 )
 
 
-def auto_class_for(config: Any) -> Any:
+def auto_class_for(config: PretrainedConfig) -> Any:
     """The transformers Auto class that loads ``config``'s architecture."""
     import transformers
     from transformers.models.auto import modeling_auto
@@ -191,14 +192,14 @@ def stored_dtype(name_or_path: str | Path, trust_remote_code: bool = False) -> t
     return _config_dtype(cfg)
 
 
-def _config_dtype(cfg: Any) -> torch.dtype | None:
+def _config_dtype(cfg: PretrainedConfig) -> torch.dtype | None:
     dt = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
     if isinstance(dt, str):
         dt = getattr(torch, dt, None)
     return dt if isinstance(dt, torch.dtype) else None
 
 
-def max_positions(config: Any) -> int | None:
+def max_positions(config: PretrainedConfig) -> int | None:
     """The longest sequence the model's position embeddings cover, if its config says."""
     for key in ("max_position_embeddings", "n_positions", "n_ctx"):
         v = getattr(config, key, None)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from llmpress.model.modules import find_blocks, get_weight, is_linear
 from llmpress.model.structures import HEAD_ATTRIBUTES, discover
@@ -89,7 +90,7 @@ def _matches(model: nn.Module, skel: nn.Module) -> tuple[bool, dict[str, int]]:
     return True, zeros
 
 
-def _uniform_config(model: nn.Module, config: Any) -> dict[str, Any] | None:
+def _uniform_config(model: nn.Module, config: PretrainedConfig) -> dict[str, Any] | None:
     """Config values describing every block's heads and MLP width, if all blocks agree."""
     _, blocks = find_blocks(model)
     hidden = getattr(config, "hidden_size", None)

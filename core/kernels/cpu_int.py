@@ -22,7 +22,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from llmpress.format.formats import IntCodes
+from llmpress.quant.grid import IntCodes
 
 #: above this many rows a call decodes the weight and runs a dense matmul (measured on a
 #: 2-core AVX2 EPYC: the packed kernels win up to ~100 rows for an 8192x2048 layer)

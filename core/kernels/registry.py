@@ -78,20 +78,20 @@ KernelSource = Callable[["ModuleFormat", torch.device], Sequence[Kernel]]
 class KernelTable:
     """Kernels keyed by the format names they declare (built once by the plugin manager)."""
 
-    def __init__(self, kernels: Iterable[Kernel] = ()) -> None:
+    def __init__(self, kernels: Iterable[Kernel] = (), known_formats: Iterable[str] = ()) -> None:
+        #: the format registry's names (given by the caller: kernels sit below the format layer)
+        self.known = frozenset(known_formats)
         self.by_format: dict[str, list[Kernel]] = {}
         for k in kernels:
             self.add(k)
 
     def add(self, kernel: Kernel) -> None:
         """Add ``kernel`` under every format it declares; a format it names must be registered."""
-        from llmpress.format.formats import FORMATS
-
-        unknown = sorted(set(kernel.formats) - set(FORMATS))
+        unknown = sorted(set(kernel.formats) - self.known) if self.known else []
         if not kernel.formats or unknown:
             raise ValueError(
                 f"kernel {kernel.name!r} declares unknown formats {unknown or '(none)'}; "
-                f"known: {', '.join(sorted(FORMATS))}"
+                f"known: {', '.join(sorted(self.known))}"
             )
         for name in sorted(kernel.formats):
             entries = self.by_format.setdefault(name, [])

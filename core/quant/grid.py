@@ -21,6 +21,7 @@ Weights are ``W[out_features, in_features]``; groups are contiguous runs of
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -238,3 +239,23 @@ def dequantize_weight(
     if s.shape[0] != codes.shape[0]:
         raise ValueError(f"scales has {s.shape[0]} rows but codes has {codes.shape[0]}")
     return dequantize(codes, s, z)
+
+
+@dataclasses.dataclass(frozen=True)
+class IntCodes:
+    """The integer grid of an ``int`` layer, unpacked: ``W = (codes - zeros[g]) * scales[g]``
+    with ``g = input // group_size`` (what kernels repack from)."""
+
+    codes: torch.Tensor  # uint8 [out, in]
+    scales: torch.Tensor  # [out, G], the stored dtype
+    zeros: torch.Tensor  # float32 [out, G] (2**(bits-1) when symmetric)
+    bits: int
+    group_size: int  # in_features when per channel
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dense weight [out, in] in ``dtype`` (broadcast per group: no gathers)."""
+        n, k = self.codes.shape
+        g = k // self.group_size
+        w = self.codes.view(n, g, self.group_size).to(torch.float32)
+        w.sub_(self.zeros.view(n, g, 1)).mul_(self.scales.view(n, g, 1).to(torch.float32))
+        return w.view(n, k).to(dtype)

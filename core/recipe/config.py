@@ -73,6 +73,8 @@ class MethodConfig:
     kind: ClassVar[type[StageExecutor]] = LayerUpdate
     default_allocation: ClassVar[str | None] = None
     own_allocations: ClassVar[tuple[str, ...]] = ()
+    #: whether the method writes quantized weights (an integer grid or FP8 codes)
+    quantizes: ClassVar[bool] = False
     #: BibTeX of the method's paper(s), cited in model cards
     citation: ClassVar[str] = ""
 
@@ -230,6 +232,7 @@ class QuantConfig(MethodConfig):
     ``group_size: -1`` and ``symmetric: true`` (what int8 GEMM kernels compute).
     """
 
+    quantizes: ClassVar[bool] = True
     bits: int = 4
     group_size: int = 128
     symmetric: bool = False

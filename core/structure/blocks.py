@@ -63,8 +63,8 @@ class BlockContext:
     #: the method's decision across blocks (``BlockMethodConfig.decide``), or ``None``
     decision: BlockDecision | None = None
     #: what ``llmpress_score_block`` and ``llmpress_change_block`` may return (checked by the core)
-    score_type: ClassVar[type] = BlockScore
-    change_types: ClassVar[tuple[type, ...]] = ()
+    score_type: ClassVar[type[BlockScore]] = BlockScore
+    change_types: ClassVar[tuple[type[PruneChannels | ScaleChannels | DropSubBlocks], ...]] = ()
 
     def linear(self, rel: str) -> nn.Module:
         return self.module.get_submodule(rel)

@@ -179,7 +179,7 @@ def _skeleton(model: nn.Module, config: Any) -> nn.Module:
 def hidden_config(model: nn.Module, new_size: int) -> PretrainedConfig:
     """A copy of the model's config describing hidden width ``new_size`` (``head_dim`` made
     explicit so that attention keeps its width)."""
-    config: PretrainedConfig = copy.deepcopy(model.config)
+    config: PretrainedConfig = copy.deepcopy(model.config)  # type: ignore[assignment]
     old = hidden_size(model)
     if not isinstance(getattr(config, "head_dim", None), int):
         dims = {getattr(m, "head_dim", 0) for m in model.modules()} - {0}
@@ -306,7 +306,7 @@ def prune_hidden(model: nn.Module, change: PruneHidden) -> dict[str, LayerResult
     if keep.numel() == 0 or int(keep[0]) < 0 or int(keep[-1]) >= old:
         raise ModelError(f"kept hidden channels must be indices in [0, {old}) and not empty")
     new = int(keep.numel())
-    if not _config_accepts(model.config, new):
+    if not _config_accepts(model.config, new):  # type: ignore[arg-type]
         raise ModelError(
             f"{type(model).__name__}: its config refuses hidden_size {new}; keep a multiple of "
             f"{hidden_step(model.config)} channels"
