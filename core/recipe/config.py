@@ -50,10 +50,17 @@ def _bounds(metadata: tuple[object, ...], integer: bool) -> str:
     flat: list[object] = []
     for m in metadata:
         flat.extend(m.metadata if isinstance(m, FieldInfo) else [m])
-    lo = next(((m.ge, "[") for m in flat if isinstance(m, annotated_types.Ge)), None)
-    lo = lo or next(((m.gt, "(") for m in flat if isinstance(m, annotated_types.Gt)), None)
-    hi = next(((m.le, "]") for m in flat if isinstance(m, annotated_types.Le)), None)
-    hi = hi or next(((m.lt, ")") for m in flat if isinstance(m, annotated_types.Lt)), None)
+    lo: tuple[object, str] | None = None
+    hi: tuple[object, str] | None = None
+    for m in flat:
+        if isinstance(m, annotated_types.Ge):
+            lo = (m.ge, "[")
+        elif isinstance(m, annotated_types.Gt):
+            lo = (m.gt, "(")
+        elif isinstance(m, annotated_types.Le):
+            hi = (m.le, "]")
+        elif isinstance(m, annotated_types.Lt):
+            hi = (m.lt, ")")
     if lo and hi:
         if integer and lo[1] == "[" and hi[1] == "]":
             return f"from {lo[0]} to {hi[0]}"
@@ -101,7 +108,7 @@ class _Schema:
     def of(cls, config_cls: type[MethodConfig]) -> _Schema:
         all_hints = get_type_hints(config_cls, include_extras=True)
         hints = {f.name: all_hints[f.name] for f in dataclasses.fields(config_cls)}
-        options = TypedDict(f"{config_cls.__name__}Options", hints, total=False)  # type: ignore[operator]
+        options = TypedDict(f"{config_cls.__name__}Options", hints, total=False)  # type: ignore[misc]
         options.__pydantic_config__ = ConfigDict(strict=True, arbitrary_types_allowed=True)  # type: ignore[attr-defined]
         tuples = frozenset(n for n, h in hints.items() if _is_tuple(h))
         return cls(hints=hints, tuples=tuples, adapter=TypeAdapter(options))
