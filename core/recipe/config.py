@@ -92,7 +92,8 @@ def expects(hint: object, plural: bool = False) -> str:
     named = _NAMES.get(hint)
     if named is not None:
         return named[plural]
-    return f"{'instances' if plural else 'an instance'} of {getattr(hint, '__name__', hint)}"
+    name = hint.__name__ if isinstance(hint, type) else str(hint)
+    return f"{'instances' if plural else 'an instance'} of {name}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,8 +171,13 @@ class MethodConfig:
     * :meth:`sparsity_target`: the mask a scoring method must select (``None``: no mask);
     * :meth:`sequential`: compress a block's layers input group by input group.
 
-    Fields are the method's options with defaults; ``validate()`` raises
-    :class:`RecipeError` on bad values.
+    Fields are the method's options with defaults. Their annotations are the schema: on
+    construction one pydantic ``TypeAdapter`` per class checks every field strictly (``True``
+    is no integer, ``"0.5"`` no number, an integer is a number; a list becomes a tuple for a
+    tuple field), including ``Literal`` choices and ``Field(ge=...)`` bounds (``Annotated``;
+    see :data:`PositiveInt`, :data:`Fraction`, :data:`BitWidth`), and raises one
+    :class:`RecipeError` line naming the option, what it got and what it takes. Then
+    ``validate()`` checks what the types cannot say (cross-field rules, special messages).
     """
 
     method: ClassVar[str] = ""
@@ -208,7 +214,7 @@ class MethodConfig:
         """Check every field against its type (lists become tuples for tuple fields);
         raise one :class:`RecipeError` naming the first bad option."""
         schema = type(self)._schema()
-        raw = {f.name: vars(self)[f.name] for f in dataclasses.fields(self)}
+        raw = {name: vars(self)[name] for name in schema.hints}
         values = dict(raw)
         for name in schema.tuples:
             if isinstance(values[name], list):
@@ -260,7 +266,7 @@ class MethodConfig:
         """JSON-ready dict: ``method``, ``version`` and every field."""
         out: dict[str, Any] = {"method": self.method, "version": self.version}
         for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
+            v = vars(self)[f.name]
             out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
 
