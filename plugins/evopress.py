@@ -28,6 +28,7 @@ from llmpress.engine import distributed
 from llmpress.errors import AllocationError, RecipeError
 from llmpress.format.output import atomic_write
 from llmpress.recipe.allocation import AllocationConfig
+from llmpress.recipe.config import NonNegativeInt, PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -47,31 +48,19 @@ class EvoPressConfig(AllocationConfig):
       journal = {arXiv preprint arXiv:2410.14649},
       year    = {2024}
     }"""
-    generations: int = 50
-    offspring: int = 16
-    max_mutations: int = 3
-    tokens: tuple[int, ...] = (512, 2048, 8192)
-    survivors: tuple[int, ...] = (4, 2)
+    generations: NonNegativeInt = 50
+    offspring: PositiveInt = 16
+    max_mutations: PositiveInt = 3
+    tokens: tuple[PositiveInt, ...] = (512, 2048, 8192)
+    survivors: tuple[PositiveInt, ...] = (4, 2)
     seed: int = 0
     checkpoint: str | None = None
 
     def validate(self) -> None:
         super().validate()
-        ints = (
-            self.generations,
-            self.offspring,
-            self.max_mutations,
-            self.seed,
-            *self.tokens,
-            *self.survivors,
-        )
-        if any(isinstance(v, bool) or not isinstance(v, int) for v in ints):
-            raise RecipeError("allocation 'evopress': generations, offspring, tokens, survivors are integers")
-        if self.generations < 0 or self.offspring < 1 or self.max_mutations < 1 or not self.tokens:
-            raise RecipeError(
-                "allocation 'evopress': need generations >= 0, offspring >= 1, max_mutations >= 1, tokens"
-            )
-        if len(self.survivors) != len(self.tokens) - 1 or any(s < 1 for s in self.survivors):
+        if not self.tokens:
+            raise RecipeError("allocation 'evopress': tokens needs at least one number")
+        if len(self.survivors) != len(self.tokens) - 1:
             raise RecipeError("allocation 'evopress': survivors needs len(tokens) - 1 numbers >= 1")
 
     def checkpoint_path(self) -> str | None:

@@ -12,7 +12,6 @@ from typing import ClassVar
 
 from llmpress import hookimpl
 from llmpress.allocation.problem import AllocationProblem, AllocationResult
-from llmpress.errors import RecipeError
 from llmpress.recipe.allocation import AllocationConfig
 
 
@@ -29,11 +28,6 @@ class ExplicitConfig(AllocationConfig):
       year    = {2024}
     }"""
     levels: dict[str, float] = dataclasses.field(default_factory=dict)
-
-    def validate(self) -> None:
-        super().validate()
-        if not isinstance(self.levels, dict):
-            raise RecipeError("allocation 'explicit': 'levels' must map every unit to its level")
 
     def fixed_levels(self) -> dict[str, float] | None:
         return dict(self.levels)

@@ -9,7 +9,7 @@ consumer's bias (added where there was none)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
@@ -34,7 +34,7 @@ class FlapConfig(StructuredConfig):
 
     method: ClassVar[str] = "flap"
     score_stats: ClassVar[frozenset[str]] = frozenset({"mean_var"})
-    allocation: str = "global"
+    allocation: Literal["uniform", "global"] = "global"
     bias_compensation: bool = True
     citation: ClassVar[str] = """@inproceedings{an2024fluctuation,
       title     = {Fluctuation-Based Adaptive Structured Pruning for Large Language Models},

@@ -5,14 +5,13 @@ with one calibrated scale per layer (``activations: static``)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
 from llmpress import hookimpl
 from llmpress.engine.stats import LayerStats
-from llmpress.errors import RecipeError
 from llmpress.model.modules import get_weight
 from llmpress.model.results import LayerResult, QuantState
 from llmpress.quant.activations import fp8_weight
@@ -35,15 +34,8 @@ class FP8Config(MethodConfig):
       year    = {2022}
     }"""
 
-    activations: str = "dynamic"
-    weights: str = "channel"
-
-    def validate(self) -> None:
-        super().validate()
-        if self.activations not in ("dynamic", "static"):
-            raise RecipeError(f"fp8: activations must be 'dynamic' or 'static', got {self.activations!r}")
-        if self.weights not in ("channel", "tensor"):
-            raise RecipeError(f"fp8: weights must be 'channel' or 'tensor', got {self.weights!r}")
+    activations: Literal["dynamic", "static"] = "dynamic"
+    weights: Literal["channel", "tensor"] = "channel"
 
     def statistics(self) -> frozenset[str]:
         return frozenset({"absmax"}) if self.activations == "static" else frozenset()

@@ -7,14 +7,13 @@ By default one threshold per layer, as in the Wanda authors' magnitude baseline;
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
 from llmpress import hookimpl
 from llmpress.engine.stats import LayerStats
-from llmpress.errors import RecipeError
 from llmpress.math.targets import SparsityTarget
 from llmpress.model.modules import get_weight
 from llmpress.recipe.config import PruningConfig
@@ -33,12 +32,7 @@ class MagnitudeConfig(PruningConfig):
       booktitle = {Advances in Neural Information Processing Systems},
       year      = {2015}
     }"""
-    group: str = "layer"
-
-    def validate(self) -> None:
-        super().validate()
-        if self.group not in ("layer", "row"):
-            raise RecipeError(f"magnitude: group must be 'layer' or 'row', got {self.group!r}")
+    group: Literal["layer", "row"] = "layer"
 
     def sparsity_target(self) -> SparsityTarget:
         return dataclasses.replace(super().sparsity_target(), group=self.group)

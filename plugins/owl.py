@@ -14,15 +14,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
+from pydantic import Field
 
 from llmpress import hookimpl
 from llmpress.allocation.problem import AllocationProblem, AllocationResult
-from llmpress.errors import AllocationError, RecipeError
+from llmpress.errors import AllocationError
 from llmpress.recipe.allocation import AllocationConfig
-from llmpress.recipe.config import LevelKind
+from llmpress.recipe.config import Fraction, LevelKind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,13 +38,8 @@ class OWLConfig(AllocationConfig):
       booktitle = {International Conference on Machine Learning},
       year      = {2024}
     }"""
-    M: float = 5.0
-    lam: float = 0.08
-
-    def validate(self) -> None:
-        super().validate()
-        if not float(self.M) > 0 or not 0 <= float(self.lam) < 1:
-            raise RecipeError("allocation 'owl': M must be > 0 and lam in [0, 1)")
+    M: Annotated[float, Field(gt=0)] = 5.0
+    lam: Fraction = 0.08
 
 
 def outlier_ratio(scores: Sequence[torch.Tensor], M: float) -> float:

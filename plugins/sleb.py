@@ -4,14 +4,14 @@ removal hurts the fitness least given the blocks already removed (re-scored ever
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from tqdm.auto import tqdm
 
 from llmpress import hookimpl
 from llmpress.allocation.problem import AllocationProblem, AllocationResult
 from llmpress.recipe.allocation import AllocationConfig
-from llmpress.recipe.config import LevelKind
+from llmpress.recipe.config import LevelKind, NonNegativeInt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +27,8 @@ class SLEBConfig(AllocationConfig):
       booktitle = {International Conference on Machine Learning},
       year      = {2024}
     }"""
-    metric: str = "ppl"
-    tokens: int = 0
+    metric: Literal["kl", "ppl"] = "ppl"
+    tokens: NonNegativeInt = 0
 
 
 @hookimpl

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import ClassVar
+from typing import Annotated, ClassVar
+
+from pydantic import Field
 
 from llmpress import hookimpl
-from llmpress.errors import ModelError, RecipeError
+from llmpress.errors import ModelError
 from llmpress.model.modules import get_weight
 from llmpress.quant.smoothing import smooth_scales, smoothing_pairs
 from llmpress.structure.block_stage import BlockMethodConfig
@@ -30,16 +32,7 @@ class SmoothQuantConfig(BlockMethodConfig):
       year      = {2023}
     }"""
 
-    alpha: float = 0.5
-
-    def validate(self) -> None:
-        super().validate()
-        if (
-            isinstance(self.alpha, bool)
-            or not isinstance(self.alpha, (int, float))
-            or not 0 <= self.alpha <= 1
-        ):
-            raise RecipeError(f"smoothquant: alpha must be a number in [0, 1], got {self.alpha!r}")
+    alpha: Annotated[float, Field(ge=0, le=1)] = 0.5
 
 
 @hookimpl

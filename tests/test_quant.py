@@ -155,9 +155,17 @@ def test_bad_bits_is_a_recipe_error(cls: type, bits: object) -> None:
         cls(bits=bits)
 
 
-@pytest.mark.parametrize("gs", [0, -2, "32", 1.5])
-def test_bad_group_size_is_a_recipe_error(gs: object) -> None:
-    with pytest.raises(RecipeError, match=r"group_size must be -1"):
+@pytest.mark.parametrize(
+    ("gs", "message"),
+    [
+        (0, r"group_size must be -1"),
+        (-2, r"group_size must be -1"),
+        ("32", r"'gptq': group_size must be an integer, got '32'"),
+        (1.5, r"'gptq': group_size must be an integer, got 1.5"),
+    ],
+)
+def test_bad_group_size_is_a_recipe_error(gs: object, message: str) -> None:
+    with pytest.raises(RecipeError, match=message):
         GPTQConfig(group_size=gs)
 
 

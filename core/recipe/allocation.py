@@ -10,10 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+
+from pydantic import Field
 
 from llmpress.errors import AllocationError, RecipeError
-from llmpress.recipe.config import Allocatable, LevelKind, MethodConfig
+from llmpress.recipe.config import (
+    Allocatable,
+    BitWidth,
+    Fraction,
+    LevelKind,
+    MethodConfig,
+    NonNegativeInt,
+    PositiveInt,
+)
 
 if TYPE_CHECKING:
     from llmpress.plugin_manager import Llmpress
@@ -38,36 +48,22 @@ class AllocationConfig(MethodConfig):
     #: what the search can allocate
     handles: ClassVar[frozenset[LevelKind]] = frozenset(LevelKind)
     database: str | None = None
-    metric: str = "kl"
-    fitness_samples: int = 0
-    sparsity_step: float = 0.05
-    sparsity_span: float = 0.25
-    max_sparsity: float = 0.95
-    bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+    metric: Literal["kl", "ppl"] = "kl"
+    fitness_samples: NonNegativeInt = 0
+    sparsity_step: Annotated[float, Field(gt=0, le=1)] = 0.05
+    sparsity_span: Fraction = 0.25
+    max_sparsity: Annotated[float, Field(gt=0, lt=1)] = 0.95
+    bits: tuple[BitWidth, ...] = (2, 3, 4, 5, 6, 7, 8)
     average: float | None = None
+
+    @classmethod
+    def label(cls) -> str:
+        return f"allocation {cls.method!r}"
 
     def validate(self) -> None:
         super().validate()
-        if self.metric not in ("kl", "ppl"):
-            raise RecipeError(
-                f"allocation {self.method!r}: metric must be 'kl' or 'ppl', got {self.metric!r}"
-            )
-        if not 0 < float(self.sparsity_step) <= 1:
-            raise RecipeError(f"allocation {self.method!r}: sparsity_step must be in (0, 1]")
-        if not 0 <= float(self.sparsity_span) < 1 or not 0 < float(self.max_sparsity) < 1:
-            raise RecipeError(f"allocation {self.method!r}: sparsity_span and max_sparsity must be in [0, 1)")
         if not self.bits:
             raise AllocationError(f"allocation {self.method!r}: the bit-width level list is empty")
-        if any(isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8 for b in self.bits):
-            raise RecipeError(
-                f"allocation {self.method!r}: bits levels must be integers in 2..8, got {self.bits}"
-            )
-        if self.average is not None and (
-            isinstance(self.average, bool) or not isinstance(self.average, (int, float))
-        ):
-            raise RecipeError(f"allocation {self.method!r}: average must be a number, got {self.average!r}")
-        if isinstance(self.fitness_samples, bool) or int(self.fitness_samples) < 0:
-            raise RecipeError(f"allocation {self.method!r}: fitness_samples must be >= 0")
 
     def fixed_levels(self) -> dict[str, float] | None:
         """Each unit's level when the allocation is given rather than searched (``explicit``);
@@ -95,20 +91,11 @@ class DropBlocksConfig(MethodConfig):
     }"""
     stats: ClassVar[frozenset[str]] = frozenset()
     default_allocation: ClassVar[str | None] = "shortgpt"
-    blocks: int = 1
-    granularity: str = "block"
+    blocks: PositiveInt = 1
+    granularity: Literal["block", "sub_block"] = "block"
 
     def allocatable(self) -> Allocatable | None:
         return Allocatable(LevelKind.BLOCKS, float(self.blocks))
-
-    def validate(self) -> None:
-        super().validate()
-        if isinstance(self.blocks, bool) or not isinstance(self.blocks, int) or self.blocks < 1:
-            raise RecipeError(f"drop_blocks: blocks must be an integer >= 1, got {self.blocks!r}")
-        if self.granularity not in ("block", "sub_block"):
-            raise RecipeError(
-                f"drop_blocks: granularity must be 'block' or 'sub_block', got {self.granularity!r}"
-            )
 
 
 def split_average(

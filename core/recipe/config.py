@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any, ClassVar, TypeVar, get_type_hints
+import types
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import annotated_types
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic.fields import FieldInfo
+from typing_extensions import TypedDict
 
 from llmpress.engine.layer_stage import LayerUpdate
 from llmpress.engine.stage import StageExecutor
@@ -19,6 +26,108 @@ from llmpress.math.targets import SparsityTarget, parse_pattern
 from llmpress.quant.grid import QuantSpec, check_spec, grid_problem
 
 C = TypeVar("C", bound="MethodConfig")
+
+#: an integer >= 1 (a count, a block size)
+PositiveInt = Annotated[int, Field(ge=1)]
+#: an integer >= 0
+NonNegativeInt = Annotated[int, Field(ge=0)]
+#: a fraction in [0, 1)
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+#: a quantization bit width
+BitWidth = Annotated[int, Field(ge=2, le=8)]
+
+_NAMES: dict[object, tuple[str, str]] = {
+    bool: ("true or false", "true/false values"),
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    str: ("a string", "strings"),
+}
+
+
+def _bounds(metadata: tuple[object, ...], integer: bool) -> str:
+    """The range that ``Field``/``annotated_types`` constraints allow, in words (``">= 1"``,
+    ``"in [0, 1)"``, ``"from 2 to 8"``), or ``""``."""
+    flat: list[object] = []
+    for m in metadata:
+        flat.extend(m.metadata if isinstance(m, FieldInfo) else [m])
+    lo: tuple[object, str] | None = None
+    hi: tuple[object, str] | None = None
+    for m in flat:
+        if isinstance(m, annotated_types.Ge):
+            lo = (m.ge, "[")
+        elif isinstance(m, annotated_types.Gt):
+            lo = (m.gt, "(")
+        elif isinstance(m, annotated_types.Le):
+            hi = (m.le, "]")
+        elif isinstance(m, annotated_types.Lt):
+            hi = (m.lt, ")")
+    if lo and hi:
+        if integer and lo[1] == "[" and hi[1] == "]":
+            return f"from {lo[0]} to {hi[0]}"
+        return f"in {lo[1]}{lo[0]}, {hi[0]}{hi[1]}"
+    if lo:
+        return f"{'>=' if lo[1] == '[' else '>'} {lo[0]}"
+    if hi:
+        return f"{'<=' if hi[1] == ']' else '<'} {hi[0]}"
+    return ""
+
+
+def expects(hint: object, plural: bool = False) -> str:
+    """What a field of type ``hint`` takes, in the words of a recipe (``"an integer >= 1"``,
+    ``"'kl' or 'ppl'"``, ``"a list of integers from 2 to 8"``)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Annotated:
+        base = expects(args[0], plural)
+        bounds = _bounds(tuple(hint.__metadata__), args[0] is int)  # type: ignore[attr-defined]
+        return f"{base} {bounds}".rstrip()
+    if origin is Literal:
+        words = [repr(a) for a in args]
+        return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+    if origin in (Union, types.UnionType):
+        return " or ".join(expects(a, plural) for a in args if a is not type(None))
+    if origin is tuple:
+        return f"{'lists' if plural else 'a list'} of {expects(args[0], True)}"
+    if origin is dict:
+        return f"a mapping of {expects(args[0], True)} to {expects(args[1], True)}"
+    named = _NAMES.get(hint)
+    if named is not None:
+        return named[plural]
+    name = hint.__name__ if isinstance(hint, type) else str(hint)
+    return f"{'instances' if plural else 'an instance'} of {name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Schema:
+    """The field types of one config class, checked by one pydantic ``TypeAdapter``
+    (strict: ``True`` is no integer and ``"0.5"`` no number, but ``1`` is a number)."""
+
+    hints: Mapping[str, object]
+    tuples: frozenset[str]
+    adapter: TypeAdapter[Mapping[str, object]]
+
+    @classmethod
+    def of(cls, config_cls: type[MethodConfig]) -> _Schema:
+        all_hints = get_type_hints(config_cls, include_extras=True)
+        hints = {f.name: all_hints[f.name] for f in dataclasses.fields(config_cls)}
+        options = TypedDict(f"{config_cls.__name__}Options", hints, total=False)  # type: ignore[misc]
+        options.__pydantic_config__ = ConfigDict(strict=True, arbitrary_types_allowed=True)  # type: ignore[attr-defined]
+        tuples = frozenset(n for n, h in hints.items() if _is_tuple(h))
+        return cls(hints=hints, tuples=tuples, adapter=TypeAdapter(options))
+
+    def error(self, label: str, values: Mapping[str, object], e: ValidationError) -> RecipeError:
+        """One line naming the option, what it got and what it takes."""
+        name = str(e.errors()[0]["loc"][0])
+        return RecipeError(f"{label}: {name} must be {expects(self.hints[name])}, got {values[name]!r}")
+
+
+def _is_tuple(hint: object) -> bool:
+    """Whether ``hint`` is a tuple type (possibly constrained or optional)."""
+    origin = get_origin(hint)
+    if origin is Annotated:
+        return _is_tuple(get_args(hint)[0])
+    if origin in (Union, types.UnionType):
+        return any(_is_tuple(a) for a in get_args(hint))
+    return origin is tuple
 
 
 class LevelKind(str, enum.Enum):
@@ -62,8 +171,13 @@ class MethodConfig:
     * :meth:`sparsity_target`: the mask a scoring method must select (``None``: no mask);
     * :meth:`sequential`: compress a block's layers input group by input group.
 
-    Fields are the method's options with defaults; ``validate()`` raises
-    :class:`RecipeError` on bad values.
+    Fields are the method's options with defaults. Their annotations are the schema: on
+    construction one pydantic ``TypeAdapter`` per class checks every field strictly (``True``
+    is no integer, ``"0.5"`` no number, an integer is a number; a list becomes a tuple for a
+    tuple field), including ``Literal`` choices and ``Field(ge=...)`` bounds (``Annotated``;
+    see :data:`PositiveInt`, :data:`Fraction`, :data:`BitWidth`), and raises one
+    :class:`RecipeError` line naming the option, what it got and what it takes. Then
+    ``validate()`` checks what the types cannot say (cross-field rules, special messages).
     """
 
     method: ClassVar[str] = ""
@@ -77,12 +191,45 @@ class MethodConfig:
     quantizes: ClassVar[bool] = False
     #: BibTeX of the method's paper(s), cited in model cards
     citation: ClassVar[str] = ""
+    #: the type checker of the class's fields (built on first use, per class)
+    _llmpress_schema: ClassVar[_Schema | None] = None
 
     def __post_init__(self) -> None:
+        self._check_types()
         self.validate()
 
+    @classmethod
+    def label(cls) -> str:
+        """How messages name this config (``method 'wanda'``)."""
+        return f"method {cls.method!r}"
+
+    @classmethod
+    def _schema(cls) -> _Schema:
+        """The class's :class:`_Schema`, built on first use and kept on the class."""
+        schema = cls.__dict__.get("_llmpress_schema")
+        if not isinstance(schema, _Schema):
+            schema = _Schema.of(cls)
+            cls._llmpress_schema = schema
+        return schema
+
+    def _check_types(self) -> None:
+        """Check every field against its type (lists become tuples for tuple fields);
+        raise one :class:`RecipeError` naming the first bad option."""
+        schema = type(self)._schema()
+        raw = {name: vars(self)[name] for name in schema.hints}
+        values = dict(raw)
+        for name in schema.tuples:
+            if isinstance(values[name], list):
+                values[name] = tuple(values[name])
+                object.__setattr__(self, name, values[name])
+        try:
+            schema.adapter.validate_python(values)
+        except ValidationError as e:
+            raise schema.error(self.label(), raw, e) from None
+
     def validate(self) -> None:
-        """Check option values; raise :class:`RecipeError` naming the bad option."""
+        """Check option values (ranges, choices, cross-field rules; the types are checked
+        before); raise :class:`RecipeError` naming the bad option."""
 
     def sparsity_target(self) -> SparsityTarget | None:
         """What mask selection must achieve for this config, or ``None`` (no mask selection)."""
@@ -121,7 +268,7 @@ class MethodConfig:
         """JSON-ready dict: ``method``, ``version`` and every field."""
         out: dict[str, Any] = {"method": self.method, "version": self.version}
         for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
+            v = vars(self)[f.name]
             out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
 
@@ -148,14 +295,8 @@ class MethodConfig:
             raise RecipeError(
                 f"unknown option(s) {unknown} for method {cls.method!r}; valid options: {sorted(names)}"
             )
-        hints = get_type_hints(cls)
-        kwargs = {}
-        for k, v in data.items():
-            if isinstance(v, list) and "tuple" in str(hints.get(k, "")):
-                v = tuple(v)
-            kwargs[k] = v
         try:
-            return cls(**kwargs)
+            return cls(**data)
         except TypeError as e:  # pragma: no cover - defensive
             raise RecipeError(f"bad options for method {cls.method!r}: {e}") from e
 
@@ -183,8 +324,6 @@ class PruningConfig(MethodConfig):
                     f"method {self.method!r}: 'sparsity' is required with an unstructured pattern"
                 )
             return
-        if isinstance(s, bool) or not isinstance(s, (int, float)):
-            raise RecipeError(f"method {self.method!r}: sparsity must be a number, got {s!r}")
         if not 0.0 <= float(s) < 1.0:
             raise RecipeError(
                 f"method {self.method!r}: sparsity {s} is outside [0, 1); use e.g. 0.5 for 50 %"
@@ -233,28 +372,22 @@ class QuantConfig(MethodConfig):
     """
 
     quantizes: ClassVar[bool] = True
-    bits: int = 4
+    bits: BitWidth = 4
     group_size: int = 128
     symmetric: bool = False
-    activations: str | None = None
+    activations: Literal["int8", "int8-dynamic", "int8-static"] | None = None
 
     def validate(self) -> None:
         super().validate()
         problem = grid_problem(self.bits, self.group_size, self.symmetric)
         if problem is not None:
             raise RecipeError(f"method {self.method!r}: {problem}")
-        if self.activations is not None:
-            if self.activations not in ("int8", "int8-dynamic", "int8-static"):
-                raise RecipeError(
-                    f"method {self.method!r}: activations must be 'int8' (dynamic per token) or "
-                    f"'int8-static', got {self.activations!r}"
-                )
-            if (self.bits, self.group_size, self.symmetric) != (8, -1, True):
-                raise RecipeError(
-                    f"method {self.method!r}: activations {self.activations!r} (INT8 W8A8) needs bits: 8, "
-                    f"group_size: -1, symmetric: true; got bits {self.bits}, group_size "
-                    f"{self.group_size}, symmetric {self.symmetric}"
-                )
+        if self.activations is not None and (self.bits, self.group_size, self.symmetric) != (8, -1, True):
+            raise RecipeError(
+                f"method {self.method!r}: activations {self.activations!r} (INT8 W8A8) needs bits: 8, "
+                f"group_size: -1, symmetric: true; got bits {self.bits}, group_size "
+                f"{self.group_size}, symmetric {self.symmetric}"
+            )
 
     def allocatable(self) -> Allocatable | None:
         return Allocatable(LevelKind.BITS, float(self.bits))
@@ -296,16 +429,5 @@ class OBSConfig(MethodConfig):
     """
 
     stats: ClassVar[frozenset[str]] = frozenset({"hessian"})
-    blocksize: int = 128
-    percdamp: float = 0.01
-
-    def validate(self) -> None:
-        super().validate()
-        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
-            raise RecipeError(f"{self.method}: blocksize must be an integer >= 1, got {self.blocksize!r}")
-        if (
-            isinstance(self.percdamp, bool)
-            or not isinstance(self.percdamp, (int, float))
-            or not 0 <= self.percdamp < 10
-        ):
-            raise RecipeError(f"{self.method}: percdamp must be a number in [0, 10), got {self.percdamp!r}")
+    blocksize: PositiveInt = 128
+    percdamp: Annotated[float, Field(ge=0, lt=10)] = 0.01

@@ -34,7 +34,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 
@@ -54,7 +54,7 @@ from llmpress.math.structured_math import (
 )
 from llmpress.model.modules import get_weight
 from llmpress.model.structures import HEAD_ATTRIBUTES, STRUCTURES, BlockStructures, discover, require
-from llmpress.recipe.config import Allocatable, LevelKind
+from llmpress.recipe.config import Allocatable, LevelKind, PositiveInt
 from llmpress.structure.block_stage import BlockMethodConfig
 from llmpress.structure.blocks import BlockContext, BlockDecision, BlockScore, ChannelGroup, PruneChannels
 from llmpress.structure.hidden import PruneHidden, block_hidden_cost, hidden_step
@@ -108,11 +108,11 @@ class StructuredConfig(BlockMethodConfig):
     score_stats: ClassVar[frozenset[str]] = frozenset()
     ratio: float = 0.2
     structures: tuple[str, ...] = ("heads", "neurons")
-    allocation: str = "uniform"
-    head_mode: str = "auto"
+    allocation: Literal["uniform", "global"] = "uniform"
+    head_mode: Literal["auto", "query", "group"] = "auto"
     bias_compensation: bool = False
     reconstruct: bool = False
-    neuron_multiple: int = 1
+    neuron_multiple: PositiveInt = 1
 
     #: the statistics to collect: the score's plus what compensation/reconstruction need
     stats = _Stats()  # type: ignore[assignment]
@@ -129,9 +129,9 @@ class StructuredConfig(BlockMethodConfig):
     def validate(self) -> None:
         super().validate()
         r = self.ratio
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= float(r) < 1.0:
+        if not 0.0 <= r < 1.0:
             raise RecipeError(f"method {self.method!r}: ratio {r!r} is outside [0, 1); use e.g. 0.2 for 20 %")
-        if isinstance(self.structures, str) or not self.structures:
+        if not self.structures:
             raise RecipeError(
                 f"method {self.method!r}: structures must be a non-empty list, e.g. [heads, neurons]"
             )
@@ -140,16 +140,6 @@ class StructuredConfig(BlockMethodConfig):
             raise RecipeError(
                 f"method {self.method!r}: unknown structure(s) {bad}; known: {list(STRUCTURES)}"
             )
-        if self.allocation not in ("uniform", "global"):
-            raise RecipeError(f"method {self.method!r}: allocation must be 'uniform' or 'global'")
-        if self.head_mode not in ("auto", "query", "group"):
-            raise RecipeError(f"method {self.method!r}: head_mode must be 'auto', 'query' or 'group'")
-        m = self.neuron_multiple
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise RecipeError(f"method {self.method!r}: neuron_multiple must be an integer >= 1, got {m!r}")
-        for f in ("bias_compensation", "reconstruct"):
-            if not isinstance(getattr(self, f), bool):
-                raise RecipeError(f"method {self.method!r}: {f} must be true or false")
 
     def plans_globally(self) -> bool:
         return self.allocation == "global" or "hidden" in self.structures
