@@ -23,9 +23,8 @@ import torch
 from torch import nn
 
 import llmpress
-from llmpress.errors import RecipeError
 from llmpress.model.modules import get_weight
-from llmpress.recipe.config import PruningConfig
+from llmpress.recipe.config import NonNegativeInt, PruningConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,12 +33,7 @@ class RandomPruneConfig(PruningConfig):
 
     method: ClassVar[str] = "random"
     needs_calibration: ClassVar[bool] = False  # no calibration data, so no statistics
-    seed: int = 0
-
-    def validate(self) -> None:
-        super().validate()
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise RecipeError(f"random: seed must be a non-negative integer, got {self.seed!r}")
+    seed: NonNegativeInt = 0  # the type is checked (by pydantic) when the config is built
 
 
 @llmpress.hookimpl
