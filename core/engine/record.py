@@ -34,6 +34,8 @@ class RunRecord:
     structure_before: tuple[int, list[dict[str, int]] | None] | None = None
     #: an allocation stage's summary (``CompressionReport.allocation``)
     allocation: dict[str, Any] | None = None
+    #: a recovery stage's course (``CompressionReport.recovery``)
+    recovery: dict[str, Any] | None = None
     #: stage index -> the recipe entry that reproduces what the stage chose (explicit levels)
     written_back: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
 

@@ -91,6 +91,13 @@ class ModelContext:
     moe_min_tokens: int
     #: the whole recipe as written (a model stage may record it next to what it chose)
     recipe: dict[str, object] = dataclasses.field(default_factory=dict)
+    #: the model as it was before the recipe's first stage (a frozen copy, on CPU), kept only
+    #: when a stage's config asks for it (``MethodConfig.needs_teacher``)
+    teacher: nn.Module | None = None
+    #: the calibration source as the caller gave it (text file, strings, dataset, token ids)
+    #: and the tokenizer, for a stage that reads more data than the calibration windows
+    source: object = None
+    tokenizer: object = None
 
 
 class StageExecutor:

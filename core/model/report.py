@@ -96,6 +96,8 @@ class CompressionReport(BaseModel):
     structure: dict[str, Any] = Field(default_factory=dict)
     #: an allocation search's choice and its course (method, per-unit levels, fitness curve)
     allocation: dict[str, Any] | None = None
+    #: a recovery (training) stage's course: tokens, steps, loss curve, evaluations
+    recovery: dict[str, Any] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -141,6 +143,7 @@ class CompressionReport(BaseModel):
             "versions": self.versions,
             **({"structure": self.structure} if self.structure else {}),
             **({"allocation": self.allocation} if self.allocation is not None else {}),
+            **({"recovery": self.recovery} if self.recovery is not None else {}),
         }
 
     def to_dict(self) -> dict[str, object]:

@@ -85,6 +85,7 @@ def _result(
         wall_time_s=time.perf_counter() - t0,
         versions=versions(),
         allocation=record.allocation,
+        recovery=record.recovery,
         structure=record.structure,
         state=record.state,
     )
@@ -136,7 +137,7 @@ def compress(
     stages = bind(model, plan)  # validates targets and shapes before any work
     distributed.bind(dev)
     ids, calib = calibration_ids(plan, calibration, tokenizer, nsamples, seqlen, seed)
-    opts = RunOptions(dev, batch_size, offload_activations, offload_stats, progress)
+    opts = RunOptions(dev, batch_size, offload_activations, offload_stats, progress, calibration, tokenizer)
     record = run_plan(model, plan, stages, ids, opts)
     result = _result(model, plan, record, calib, dev, t0)
     log.info(

@@ -41,6 +41,9 @@ class RunOptions:
     offload_activations: bool = False
     offload_stats: bool = False
     progress: bool = True
+    #: the calibration source and tokenizer as given to ``compress`` (for training stages)
+    source: object = None
+    tokenizer: object = None
 
 
 def bind(model: nn.Module, plan: Plan) -> list[BoundStage]:
@@ -101,14 +104,16 @@ def run_plan(
     min_tokens = DEFAULT_MIN_TOKENS if plan.moe_min_tokens is None else plan.moe_min_tokens
     local = None if ids is None else distributed.shard(ids)  # this process's share of the sequences
     bs = _batch_size(opts.batch_size, local if local is not None else ids)
+    teacher = _teacher(model) if any(s.config.needs_teacher for s in stages) else None
     was_training = model.training
     model.eval()
     try:
         for group in _groups([executor(s, record) for s in stages]):
             if isinstance(group, ModelStage):
                 ctx = ModelContext(
-                    model, opts.device, ids, bs, opts.progress, record, min_tokens, plan.to_dict()
-                )
+                    model, opts.device, ids, bs, opts.progress, record, min_tokens, plan.to_dict(),
+                    teacher=teacher, source=opts.source, tokenizer=opts.tokenizer,
+                )  # fmt: skip
                 group.run(ctx)
                 continue
             run = BlockPass(
@@ -136,6 +141,16 @@ def run_plan(
         assert ids is not None
         _calibrate_kv_cache(model, ids, bs, opts.device, record)
     return record
+
+
+def _teacher(model: nn.Module) -> nn.Module:
+    """A frozen CPU copy of the model before any stage (the distillation teacher)."""
+    import copy
+
+    teacher = copy.deepcopy(model).to("cpu").eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
 def _batch_size(asked: int | None, ids: torch.Tensor | None) -> int:

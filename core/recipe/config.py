@@ -189,6 +189,9 @@ class MethodConfig:
     own_allocations: ClassVar[tuple[str, ...]] = ()
     #: whether the method writes quantized weights (an integer grid or FP8 codes)
     quantizes: ClassVar[bool] = False
+    #: whether the stage needs the model as it was before the recipe's first stage (a
+    #: distillation teacher): the runner then keeps a frozen copy
+    needs_teacher: ClassVar[bool] = False
     #: BibTeX of the method's paper(s), cited in model cards
     citation: ClassVar[str] = ""
     #: the type checker of the class's fields (built on first use, per class)
