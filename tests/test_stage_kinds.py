@@ -10,6 +10,7 @@ from typing import ClassVar
 
 import torch
 import transformers
+from models import calib_ids, tiny_llama
 
 import llmpress
 from llmpress.cli.main import main
@@ -82,3 +83,21 @@ def test_new_stage_kind_runs_between_prune_and_quant(
     assert (got - want).abs().max() < 1e-2  # the saved model is the same three steps
     assert report["modules"][name]["sparsity"] >= 0.5  # the mask survived the rescale and the grid
     assert not torch.allclose(get_weight(ref.get_submodule(name)), dense * (dense != 0), atol=1e-2)
+
+
+def test_an_allocation_stage_runs_among_other_stages() -> None:
+    """The runner groups stages: a model-level allocation stage, then a blockwise quantization
+    stage on the model it left; the report writes the allocation back as an explicit stage."""
+    recipe = {
+        "stages": [
+            {"method": "sparsegpt", "sparsity": 0.5, "allocation": {"method": "uniform"}},
+            {"method": "rtn", "bits": 4, "group_size": 32},
+        ]
+    }
+    model, result = llmpress.compress(tiny_llama(), recipe, calib_ids(), progress=False)
+    first, second = result.recipe["stages"]
+    assert first["allocation"]["method"] == "explicit" and second == recipe["stages"][1]
+    assert result.allocation is not None and result.allocation["method"] == "uniform"
+    name = "model.layers.0.mlp.down_proj"
+    assert result.modules[name].methods == ["sparsegpt", "rtn"] and result.modules[name].bits == 4
+    assert abs(result.modules[name].sparsity - 0.5) < 0.01  # the quantization kept the mask
