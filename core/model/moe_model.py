@@ -154,14 +154,6 @@ def expert_views(model: nn.Module, layers: Any) -> dict[str, UnfusedExperts]:
     return out
 
 
-def unfused_state_dict(sd: dict[str, torch.Tensor], views: dict[str, UnfusedExperts]) -> None:
-    """Swap (in place) the fused tensors of each viewed experts module for its per-expert ones."""
-    for name, view in views.items():
-        for k in [k for k in sd if _under(k, name)]:
-            del sd[k]
-        sd.update({f"{name}.{k}": v.detach() for k, v in view.state_dict().items()})
-
-
 def fuse_state_dict(
     experts: dict[str, UnfusedExperts], sd: dict[str, torch.Tensor], packed: set[str] | dict[str, Any]
 ) -> list[str]:

@@ -23,11 +23,6 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 _EPS = 1e-12
 
 
-def check_scheme(scheme: str) -> None:
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown activation scheme {scheme!r}; known: {', '.join(SCHEMES)}")
-
-
 def is_static(scheme: str | None) -> bool:
     return scheme is not None and scheme.endswith("-static")
 
