@@ -15,7 +15,8 @@ import time
 from typing import ClassVar
 
 from llmpress.engine.block_pass import BlockPass
-from llmpress.engine.stage import BlockStep, BlockwiseStage
+from llmpress.engine.record import RunRecord
+from llmpress.engine.stage import BlockStep, BlockwiseStage, BoundStage
 from llmpress.engine.stats import LayerStats
 from llmpress.model.modules import in_out_features
 from llmpress.model.results import LayerResult, merge_results
@@ -31,8 +32,8 @@ log = logging.getLogger(__name__)
 class BlockChange(BlockwiseStage):
     """Block-level changes inside the block pass."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, stage: BoundStage, record: RunRecord) -> None:
+        super().__init__(stage, record)
         if not isinstance(self.config, BlockMethodConfig):
             raise TypeError(f"{self.stage.name}: a block-change stage needs a BlockMethodConfig")
         self.block_config: BlockMethodConfig = self.config
