@@ -290,7 +290,7 @@ def _step(
                 None if t_out is None else t_out.logits, None if t_out is None else t_out.hidden_states,
             )  # fmt: skip
             acc.backward(loss / len(batches))
-        total += float(loss) / len(batches)
+        total += float(loss.detach()) / len(batches)
     return total
 
 
