@@ -246,3 +246,26 @@ def test_cli_bad_input_one_error_line(
     errors = [ln for ln in err.splitlines() if ln.startswith("error")]
     assert len(errors) == 1 and message in errors[0], errors
     assert "compressing blocks" not in err  # refused before any stage worked
+
+
+def test_two_gloo_processes_train_like_one(tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+    from _dist_workers import distill_worker
+
+    def recipe(batch: int) -> list[dict[str, Any]]:
+        return [{"method": "magnitude", "sparsity": 0.5}, {**FAST, "kl": 1.0, "ce": 1.0, "batch_size": batch}]
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    mp.spawn(distill_worker, args=(2, port, IDS, recipe(2), tmp_path / "two.pt"), nprocs=2)
+    two = torch.load(tmp_path / "two.pt")
+    one, _ = llmpress.compress(tiny_llama(seed=0), recipe(4), IDS, progress=False)
+    start = tiny_llama(seed=0)
+    moved = 0
+    for n, p in one.named_parameters():
+        torch.testing.assert_close(two[n], p.detach(), rtol=1e-4, atol=1e-5, msg=n)
+        moved += int(not torch.equal(p, start.get_parameter(n)))
+    assert moved  # both trained

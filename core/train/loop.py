@@ -30,7 +30,7 @@ from llmpress.engine.calibration import (
     read_documents,
     tokenize_documents,
 )
-from llmpress.errors import CalibrationError
+from llmpress.errors import CalibrationError, ModelError
 from llmpress.train.constraints import Constraints, set_trainable
 from llmpress.train.losses import LossWeights, combined
 
@@ -217,6 +217,11 @@ def train(
 
     acc = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
     steps = opts.steps(acc.num_processes)
+    if data.windows.shape[0] < steps * opts.tokens_per_step(acc.num_processes) // opts.seqlen:
+        raise ModelError(
+            f"distill: accelerate sees {acc.num_processes} processes but the data were drawn for fewer; "
+            f"start several processes with `accelerate launch` or `torchrun`"
+        )
     home = next(model.parameters()).device
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.to(acc.device)
