@@ -68,9 +68,9 @@ def distill_worker(rank: int, world: int, port: int, ids: torch.Tensor, recipe: 
     """A recovery run over ``world`` gloo processes (accelerate reads the usual launcher
     variables); rank 0 saves the trained weights to ``out``."""
     import torch.distributed as dist
+    from models import tiny_llama
 
     import llmpress
-    from models import tiny_llama
 
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world)
