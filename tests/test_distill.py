@@ -269,3 +269,13 @@ def test_two_gloo_processes_train_like_one(tmp_path: Path) -> None:
         torch.testing.assert_close(two[n], p.detach(), rtol=1e-4, atol=1e-5, msg=n)
         moved += int(not torch.equal(p, start.get_parameter(n)))
     assert moved  # both trained
+
+
+def test_half_precision_model_trains_in_fp32_and_comes_back_in_its_dtype() -> None:
+    model = tiny_llama(seed=0).to(torch.bfloat16)
+    recipe = [{"method": "magnitude", "sparsity": 0.5}, {**FAST, "kl": 1.0}]
+    model, result = llmpress.compress(model, recipe, IDS, progress=False)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    for name, r in result.state.layers.items():
+        w = model.get_submodule(name).weight
+        assert torch.equal(w[~r.mask], torch.zeros_like(w[~r.mask]))

@@ -223,8 +223,9 @@ def train(
             f"start several processes with `accelerate launch` or `torchrun`"
         )
     home = next(model.parameters()).device
+    dtypes = {n: t.dtype for n, t in [*model.named_parameters(), *model.named_buffers()]}
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.to(acc.device)
+    model.to(acc.device, torch.float32)  # fp32 master weights; accelerate autocasts to bf16 on a GPU
     set_trainable(model)
     cons: Constraints = constraints_of(model)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -256,11 +257,20 @@ def train(
             teacher.to("cpu")
     quantized = cons.finish()
     model.to(home)
+    _cast(model, dtypes)
     for p, f in flags:
         p.requires_grad_(f)
     wall = time.perf_counter() - t0
     tokens = steps * opts.tokens_per_step(acc.num_processes)
     return Outcome(steps, tokens, run.curve, run.evals, wall, resumed, quantized)
+
+
+@torch.no_grad()
+def _cast(model: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Every parameter and buffer back in the dtype it had before training."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name in dtypes and t.dtype != dtypes[name]:
+            t.data = t.data.to(dtypes[name])
 
 
 def _batches(
