@@ -137,19 +137,24 @@ def test_train_scales_freezes_codes() -> None:
     assert torch.equal(model.get_submodule(name).weight, q.dequantize())
 
 
-def test_killed_run_resumes_to_identical_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+SCHEDULE = {"from": 0.3, "to": 0.6, "every": 3, "score": "fisher"}
+
+
+@pytest.mark.parametrize("gradual", [False, True], ids=["rtn", "fisher-schedule"])
+def test_killed_run_resumes_to_identical_weights(
+    gradual: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def recipe(ckpt: Path) -> list[dict[str, Any]]:
+        common = {"checkpoint_dir": str(ckpt), "checkpoint_every": 4, "warmup": 0.25}
+        if gradual:
+            return [
+                {"method": "magnitude", "sparsity": 0.3},
+                {**FAST, **common, "kl": 1.0, "schedule": SCHEDULE},
+            ]
         return [
             {"method": "magnitude", "sparsity": 0.5},
             {"method": "rtn", "bits": 4, "group_size": 16},
-            {
-                **FAST,
-                "kl": 1.0,
-                "ce": 1.0,
-                "checkpoint_dir": str(ckpt),
-                "checkpoint_every": 4,
-                "warmup": 0.25,
-            },
+            {**FAST, **common, "kl": 1.0, "ce": 1.0},
         ]
 
     whole, res = llmpress.compress(tiny_llama(seed=0), recipe(tmp_path / "a"), IDS, progress=False)
@@ -279,3 +284,33 @@ def test_half_precision_model_trains_in_fp32_and_comes_back_in_its_dtype() -> No
     for name, r in result.state.layers.items():
         w = model.get_submodule(name).weight
         assert torch.equal(w[~r.mask], torch.zeros_like(w[~r.mask]))
+
+
+@pytest.mark.parametrize("score", ["magnitude", "fisher"])
+def test_gradual_pruning_schedule_reaches_its_sparsity(score: str) -> None:
+    stage = {**FAST, "kl": 1.0, "schedule": {"from": 0.0, "to": 0.5, "every": 2, "score": score}}
+    model, result = llmpress.compress(
+        tiny_llama(seed=0), {"stages": [{**stage, "targets": ["mlp"]}]}, IDS, progress=False
+    )
+    names = [n for n in result.modules if ".mlp." in n]
+    assert names and set(result.modules) == set(names)
+    for name in names:
+        w, keep = model.get_submodule(name).weight, result.state.layers[name].mask
+        assert torch.equal(keep.sum(1), torch.full((w.shape[0],), w.shape[1] // 2))  # 50 % of each row
+        assert torch.equal(w[~keep], torch.zeros_like(w[~keep]))
+        assert result.modules[name].sparsity == pytest.approx(0.5)
+    attn = model.get_submodule("model.layers.0.self_attn.q_proj").weight
+    assert (attn != 0).all()  # not a target: dense
+
+
+def test_schedule_keeps_an_earlier_stage_mask() -> None:
+    recipe = [
+        {"method": "magnitude", "sparsity": 0.3},
+        {**FAST, "kl": 1.0, "schedule": {"from": 0.3, "to": 0.6, "every": 4}},
+    ]
+    _, first = llmpress.compress(tiny_llama(seed=0), recipe[:1], IDS, progress=False)
+    model, result = llmpress.compress(tiny_llama(seed=0), recipe, IDS, progress=False)
+    for name, r in result.state.layers.items():
+        old = first.state.layers[name].mask
+        assert not (r.mask & ~old).any()  # pruned once, pruned for good
+        assert result.modules[name].sparsity == pytest.approx(0.6, abs=0.02)

@@ -94,12 +94,28 @@ class Constraints:
     masks: list[tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=list)
     grids: dict[str, nn.Linear] = dataclasses.field(default_factory=dict)
     hooks: list[torch.utils.hooks.RemovableHandle] = dataclasses.field(default_factory=list)
+    #: the layers a pruning schedule re-masks: name -> (weight, keep mask in the weight's dtype)
+    keeps: dict[str, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def attach(cls, model: nn.Module, state: CompressionState, train: str = "weights") -> Constraints:
-        """Masked gradients and grid parametrizations on every recorded layer of ``model``."""
+    def attach(
+        cls,
+        model: nn.Module,
+        state: CompressionState,
+        train: str = "weights",
+        scheduled: tuple[str, ...] = (),
+    ) -> Constraints:
+        """Masked gradients and grid parametrizations on every recorded layer of ``model``, and a
+        keep mask on every ``scheduled`` layer (gradual pruning)."""
         check_trainable(state)
         c = cls(model, state)
+        for name in scheduled:
+            r = state.layers.get(name)
+            if r is not None and r.quant is not None:
+                raise ModelError(f"distill: schedule cannot prune the quantized layer {name!r}")
+            w = _module(model, name).weight
+            mask = torch.ones_like(w, dtype=torch.bool) if r is None or r.mask is None else r.mask
+            c.keeps[name] = (w, c._mask(w, mask))
         for name, r in state.layers.items():
             mod = _module(model, name)
             w: torch.Tensor = mod.weight
@@ -109,12 +125,17 @@ class Constraints:
                 c.grids[name] = mod
                 w = _latent(mod)
                 w.requires_grad_(train != "scales")
-            if r.mask is not None and w.requires_grad:
-                keep = r.mask.to(device=w.device, dtype=w.dtype)  # [out, in]
-                c.masks.append((w, keep))
-                c.hooks.append(w.register_hook(lambda g, k=keep: g * k))
+            if r.mask is not None and w.requires_grad and name not in c.keeps:
+                c._mask(w, r.mask)
         c.apply_masks()
         return c
+
+    def _mask(self, w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mask ``w``'s gradient and re-apply ``mask`` after each step; returns the keep tensor."""
+        keep = mask.to(device=w.device, dtype=w.dtype)  # [out, in]
+        self.masks.append((w, keep))
+        self.hooks.append(w.register_hook(lambda g, k=keep: g * k))
+        return keep
 
     @torch.no_grad()
     def apply_masks(self) -> None:

@@ -33,6 +33,7 @@ from llmpress.engine.calibration import (
 from llmpress.errors import CalibrationError, ModelError
 from llmpress.train.constraints import Constraints, set_trainable
 from llmpress.train.losses import LossWeights, combined
+from llmpress.train.schedule import GradualPruning, PruneSchedule
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class Outcome:
     wall_s: float
     resumed_from: int
     quantized: list[str]
+    #: the final keep masks of the layers a pruning schedule pruned
+    masks: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def windows(tokenizer: Any, source: CalibrationSource, n: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -142,6 +145,13 @@ class _Run:
     step: int = 0
     curve: list[tuple[int, float]] = dataclasses.field(default_factory=list)
     evals: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    pruning: GradualPruning | None = None
+
+    def _pruning_tensors(self) -> dict[str, torch.Tensor]:
+        if self.pruning is None:
+            return {}
+        out = {f"keep:{n}": keep for n, (_, keep) in self.pruning.layers.items()}
+        return {**out, **{f"fisher:{n}": f for n, f in self.pruning.fisher.items()}}
 
     def state(self, key: dict[str, Any]) -> dict[str, Any]:
         rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -156,12 +166,15 @@ class _Run:
             "rng": rng,
             "curve": list(self.curve),
             "evals": list(self.evals),
+            "pruning": {n: t.detach().cpu().clone() for n, t in self._pruning_tensors().items()},
         }
 
     @torch.no_grad()
     def restore(self, ckpt: dict[str, Any]) -> None:
         for n, p in self.params:
             p.copy_(ckpt["params"][n].to(p.device))
+        for n, t in self._pruning_tensors().items():
+            t.copy_(ckpt["pruning"][n].to(t.device))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -210,6 +223,7 @@ def train(
     data: TrainData,
     device: torch.device,
     progress: bool = True,
+    schedule: PruneSchedule | None = None,
 ) -> Outcome:
     """Train ``model`` in place (``constraints_of(model)`` attaches the masks and grids and
     its ``finish()`` re-rounds them) and return what the run did."""
@@ -229,9 +243,14 @@ def train(
     set_trainable(model)
     cons: Constraints = constraints_of(model)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    pruning = None if schedule is None else GradualPruning(schedule, cons.keeps)
     optimizer = torch.optim.AdamW([p for _, p in params], lr=opts.lr, weight_decay=opts.weight_decay)
     run = _Run(params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, opts.warmup)))
-    key = {"options": dataclasses.asdict(opts), "weights": weights.as_dict(), "world": acc.num_processes}
+    run.pruning = pruning
+    key = {
+        "options": dataclasses.asdict(opts), "weights": weights.as_dict(), "world": acc.num_processes,
+        "schedule": None if schedule is None else dataclasses.asdict(schedule),
+    }  # fmt: skip
     path = Path(opts.checkpoint_dir) / CHECKPOINT_FILE if opts.checkpoint_dir else None
     ckpt = load_checkpoint(path, key) if path is not None else None
     torch.manual_seed(opts.seed)
@@ -255,6 +274,7 @@ def train(
             model.gradient_checkpointing_disable()  # type: ignore[operator]
         if teacher is not None:
             teacher.to("cpu")
+    masks = {} if pruning is None else pruning.masks()
     quantized = cons.finish()
     model.to(home)
     _cast(model, dtypes)
@@ -262,7 +282,7 @@ def train(
         p.requires_grad_(f)
     wall = time.perf_counter() - t0
     tokens = steps * opts.tokens_per_step(acc.num_processes)
-    return Outcome(steps, tokens, run.curve, run.evals, wall, resumed, quantized)
+    return Outcome(steps, tokens, run.curve, run.evals, wall, resumed, quantized, masks)
 
 
 @torch.no_grad()
@@ -329,6 +349,8 @@ def _loop(
     every = max(1, steps // 100)  # loss-curve resolution
     if data.eval_ids is not None and not run.evals:
         run.evals.append((0, perplexity(model, data.eval_ids, opts.batch_size, acc.device)))
+    if run.pruning is not None and run.step == 0:
+        run.pruning.select(0, steps)
     bar = tqdm(total=steps, initial=run.step, disable=not progress or not acc.is_main_process, desc="distill")
     t0, first = time.perf_counter(), run.step
     params = [p for _, p in run.params]
@@ -341,6 +363,8 @@ def _loop(
         run.optimizer.zero_grad(set_to_none=True)
         cons.apply_masks()
         run.step += 1
+        if run.pruning is not None and run.pruning.schedule.due(run.step, steps):
+            run.pruning.select(run.step, steps)
         if run.step % every == 0 or run.step == steps:
             run.curve.append((run.step, loss))
         due = opts.eval_every and run.step % opts.eval_every == 0

@@ -20,6 +20,7 @@ from llmpress.engine.record import RunRecord
 from llmpress.engine.stage import BoundStage, ModelContext, ModelStage
 from llmpress.errors import CalibrationError, ModelError, RecipeError
 from llmpress.model.modules import find_blocks
+from llmpress.model.results import LayerResult
 from llmpress.recipe.config import QuantConfig
 from llmpress.train.config import DEFAULT_SEQLEN, RecoveryConfig
 from llmpress.train.constraints import Constraints, check_trainable
@@ -115,7 +116,7 @@ class Distill(ModelStage):
         trainable formats, the budget, the teacher's vocabulary and architecture."""
         cfg, name = self._config(), self.stage.name
         before = [s for s in stages if s.index < self.stage.index]
-        if not before:
+        if not before and cfg.schedule is None:
             raise RecipeError(
                 f"{name}: a recovery stage must come after a compression stage (it is the first "
                 f"stage); move it after a pruning or quantization stage"
@@ -137,7 +138,8 @@ class Distill(ModelStage):
 
     def run(self, ctx: ModelContext) -> None:
         cfg = self._config()
-        check_after_compression(ctx.record, self.stage.name)
+        if cfg.schedule is None:
+            check_after_compression(ctx.record, self.stage.name)
         check_trainable(ctx.record.state)
         world = _world()
         seqlen = self._seqlen(ctx.ids)
@@ -153,12 +155,19 @@ class Distill(ModelStage):
         )
         log.info("%s: %d steps of %d tokens, weights %s", self.stage.name, opts.steps(world),
                  opts.tokens_per_step(world), weights.as_dict())  # fmt: skip
-        state = ctx.record.state
+        state, scheduled = ctx.record.state, self._scheduled(ctx.model) if cfg.schedule else ()
         out = train(
-            ctx.model, teacher, lambda m: Constraints.attach(m, state, cfg.train), weights, opts, data,
-            ctx.device, ctx.progress,
+            ctx.model, teacher, lambda m: Constraints.attach(m, state, cfg.train, scheduled), weights, opts,
+            data, ctx.device, ctx.progress, cfg.prune_schedule(),
         )  # fmt: skip
+        for name, keep in out.masks.items():  # gradual pruning: the final masks, committed
+            ctx.record.commit(name, ctx.model.get_submodule(name), LayerResult(mask=keep), cfg.method)
         self._report(ctx.record, cfg, weights, out, source, seqlen)
+
+    def _scheduled(self, model: nn.Module) -> tuple[str, ...]:
+        """The qualified names of the stage's targets (what a pruning schedule prunes)."""
+        prefix = find_blocks(model)[0]
+        return tuple(f"{prefix}.{i}.{r}" for i, rels in sorted(self.stage.targets.items()) for r in rels)
 
     def _teacher(self, ctx: ModelContext, cfg: RecoveryConfig, w: LossWeights) -> nn.Module | None:
         """The frozen teacher (``None`` when no loss term needs one)."""
