@@ -314,3 +314,14 @@ def test_schedule_keeps_an_earlier_stage_mask() -> None:
         old = first.state.layers[name].mask
         assert not (r.mask & ~old).any()  # pruned once, pruned for good
         assert result.modules[name].sparsity == pytest.approx(0.6, abs=0.02)
+
+
+def test_gradient_checkpointing_gives_the_same_training() -> None:
+    recipe = [{"method": "magnitude", "sparsity": 0.5}, {**FAST, "kl": 1.0, "ce": 1.0}]
+    plain, _ = llmpress.compress(tiny_llama(seed=0), recipe, IDS, progress=False)
+    recipe[1] = {**recipe[1], "gradient_checkpointing": True}
+    ckpt, _ = llmpress.compress(tiny_llama(seed=0), recipe, IDS, progress=False)
+    pruned, _ = llmpress.compress(tiny_llama(seed=0), recipe[:1], IDS, progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(ckpt.parameters(), pruned.parameters()))  # it trained
+    for (n, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=n)

@@ -259,7 +259,8 @@ def train(
         run.restore(ckpt)
     resumed = run.step
     if opts.gradient_checkpointing:
-        model.gradient_checkpointing_enable()  # type: ignore[operator]
+        # non-reentrant: the frozen embeddings' output needs no grad for the blocks' to flow
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
     wrapped = acc.prepare(model)
     if teacher is not None:
         teacher.to(acc.device)
@@ -274,12 +275,12 @@ def train(
             model.gradient_checkpointing_disable()  # type: ignore[operator]
         if teacher is not None:
             teacher.to("cpu")
-    masks = {} if pruning is None else pruning.masks()
-    quantized = cons.finish()
-    model.to(home)
-    _cast(model, dtypes)
-    for p, f in flags:
-        p.requires_grad_(f)
+        masks = {} if pruning is None else pruning.masks()
+        quantized = cons.finish()  # also after an interruption: the model keeps its format
+        model.to(home)
+        _cast(model, dtypes)
+        for p, f in flags:
+            p.requires_grad_(f)
     wall = time.perf_counter() - t0
     tokens = steps * opts.tokens_per_step(acc.num_processes)
     return Outcome(steps, tokens, run.curve, run.evals, wall, resumed, quantized, masks)
