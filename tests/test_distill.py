@@ -91,13 +91,20 @@ def test_sparsegpt_then_distill_keeps_zeros_and_moves_toward_teacher() -> None:
     assert rec["loss_curve"][-1][1] < rec["loss_curve"][0][1]  # the loss went down
 
 
-def test_structured_then_distill_keeps_shapes() -> None:
-    recipe = [{"method": "minitron", "ratio": 0.3}, {**FAST, "preset": "minitron"}]
-    ref, _ = llmpress.compress(tiny_llama(seed=0), recipe[:1], IDS, progress=False)
-    model, result = llmpress.compress(tiny_llama(seed=0), recipe, IDS, progress=False)
+def test_structured_then_distill_keeps_shapes_and_reloads(tmp_path: Path, tokenizer: Any) -> None:
+    recipe = [{"method": "minitron", "ratio": 0.3}, {**FAST, "preset": "minitron", "data": str(CALIB)}]
+    ref, _ = llmpress.compress(tiny_llama(seed=0, vocab=256), recipe[:1], IDS, progress=False)
+    model, result = llmpress.compress(
+        tiny_llama(seed=0, vocab=256), recipe, IDS, tokenizer=tokenizer, progress=False
+    )
     shapes = {n: p.shape for n, p in ref.named_parameters()}
     assert {n: p.shape for n, p in model.named_parameters()} == shapes
     assert result.recovery is not None and result.recovery["weights"]["kl"] == 1.0
+    assert result.recovery["data"] == str(CALIB)
+    save_result(model, tmp_path / "out", report=result)  # a plain, smaller architecture
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=IDS[:2]).logits, model(input_ids=IDS[:2]).logits)
 
 
 @pytest.mark.parametrize("quant", ["rtn", "gptq"])
