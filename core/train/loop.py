@@ -1,8 +1,8 @@
 """The recovery loop: AdamW, a cosine schedule with linear warmup, clipping, accumulation.
 
-Data are token windows of ``seqlen`` drawn with the run's seed from the same sources as
-calibration (:func:`llmpress.engine.calibration.build_calibration`); step ``i`` always reads
-the same windows, so a run resumed from a checkpoint (written atomically every
+Data are token windows of ``seqlen`` from the same sources as calibration (read by
+:mod:`llmpress.engine.calibration`); window ``i`` of a run depends only on the seed and ``i``
+(:class:`TrainData`), so a run resumed from a checkpoint (written atomically every
 ``checkpoint_every`` steps: trainable state, optimizer, scheduler, RNG states, step, loss
 curve) ends with the same weights as an uninterrupted one. accelerate places the model,
 casts to bf16 on a GPU (fp32 on CPU) and splits each step's windows over the processes of a
@@ -24,13 +24,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmpress.engine.calibration import (
-    CalibrationSource,
-    build_calibration,
-    read_documents,
-    tokenize_documents,
-)
-from llmpress.errors import CalibrationError, ModelError
+from llmpress.engine.calibration import CalibrationSource, read_documents, tokenize_documents
+from llmpress.errors import CalibrationError
 from llmpress.train.constraints import Constraints, set_trainable
 from llmpress.train.losses import LossWeights, combined
 from llmpress.train.schedule import GradualPruning, PruneSchedule
@@ -81,16 +76,11 @@ class Outcome:
     masks: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
-def windows(tokenizer: Any, source: CalibrationSource, n: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``n`` training windows [n, seqlen] from any calibration source (token-id rows cycle)."""
-    if isinstance(source, torch.Tensor) and source.dim() == 2:
-        if source.shape[1] < seqlen:
-            raise CalibrationError(
-                f"distill: the token ids given have {source.shape[1]} tokens a row, fewer than seqlen {seqlen}"
-            )
-        rows = source[:, :seqlen].long()  # [m, seqlen]
-        return rows[torch.arange(n) % rows.shape[0]]
-    return build_calibration(tokenizer, source, n, seqlen, seed)
+def token_source(tokenizer: Any, source: CalibrationSource) -> torch.Tensor:
+    """The training tokens of any calibration source: a 1-D stream, or token-id rows [m, L]."""
+    if isinstance(source, torch.Tensor):
+        return source.long()
+    return tokenize_documents(tokenizer, read_documents(source, what="training"))
 
 
 def eval_windows(tokenizer: Any, text: str, seqlen: int, limit: int = 64) -> torch.Tensor:
@@ -208,10 +198,36 @@ def load_checkpoint(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
 
 @dataclasses.dataclass(frozen=True)
 class TrainData:
-    """The training windows [steps * windows a step, seqlen] and held-out windows, if any."""
+    """The training tokens (a 1-D stream or rows [m, L]) and held-out windows, if any.
 
-    windows: torch.Tensor
+    Window ``i`` of a run is fixed by the seed and ``i`` alone (a random start in the stream, or
+    row ``i mod m``), so any step's windows are drawn without drawing the ones before it.
+    """
+
+    tokens: torch.Tensor
+    seqlen: int
+    seed: int = 0
     eval_ids: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        have = self.tokens.shape[-1]
+        if have < self.seqlen:
+            raise CalibrationError(
+                f"distill: the training data have {have} tokens {'a row' if self.tokens.dim() == 2 else ''}, "
+                f"fewer than one window of seqlen {self.seqlen}; give more data or a smaller seqlen"
+            )
+
+    def rows(self, first: int, count: int) -> torch.Tensor:
+        """Windows ``first .. first + count - 1`` -> [count, seqlen]."""
+        idx = range(first, first + count)
+        if self.tokens.dim() == 2:
+            return self.tokens[torch.tensor([i % self.tokens.shape[0] for i in idx]), : self.seqlen]
+        span = self.tokens.numel() - self.seqlen + 1
+        starts = [
+            int(torch.randint(span, (1,), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + i)))
+            for i in idx
+        ]
+        return torch.stack([self.tokens[s : s + self.seqlen] for s in starts])  # [count, seqlen]
 
 
 def train(
@@ -231,11 +247,6 @@ def train(
 
     acc = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
     steps = opts.steps(acc.num_processes)
-    if data.windows.shape[0] < steps * opts.tokens_per_step(acc.num_processes) // opts.seqlen:
-        raise ModelError(
-            f"distill: accelerate sees {acc.num_processes} processes but the data were drawn for fewer; "
-            f"start several processes with `accelerate launch` or `torchrun`"
-        )
     home = next(model.parameters()).device
     dtypes = {n: t.dtype for n, t in [*model.named_parameters(), *model.named_buffers()]}
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -294,14 +305,12 @@ def _cast(model: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
             t.data = t.data.to(dtypes[name])
 
 
-def _batches(
-    windows: torch.Tensor, step: int, opts: TrainOptions, world: int, rank: int
-) -> list[torch.Tensor]:
+def _batches(data: TrainData, step: int, opts: TrainOptions, world: int, rank: int) -> list[torch.Tensor]:
     """This process's micro-batches of ``step`` (the same windows whatever the process count,
     as long as ``batch_size * world`` is the same)."""
     base = step * opts.grad_accum * world * opts.batch_size
     starts = [base + (a * world + rank) * opts.batch_size for a in range(opts.grad_accum)]
-    return [windows[s : s + opts.batch_size] for s in starts]
+    return [data.rows(s, opts.batch_size) for s in starts]
 
 
 def _step(
@@ -356,7 +365,7 @@ def _loop(
     t0, first = time.perf_counter(), run.step
     params = [p for _, p in run.params]
     while run.step < steps:
-        loss = _step(acc, wrapped, teacher, w, _batches(data.windows, run.step, opts, world, rank))
+        loss = _step(acc, wrapped, teacher, w, _batches(data, run.step, opts, world, rank))
         if opts.clip > 0:
             torch.nn.utils.clip_grad_norm_(params, opts.clip)
         run.optimizer.step()

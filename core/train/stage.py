@@ -24,7 +24,7 @@ from llmpress.model.results import LayerResult
 from llmpress.recipe.config import QuantConfig
 from llmpress.train.config import DEFAULT_SEQLEN, RecoveryConfig
 from llmpress.train.constraints import Constraints, check_trainable
-from llmpress.train.loop import Outcome, TrainData, eval_windows, train, windows
+from llmpress.train.loop import Outcome, TrainData, eval_windows, token_source, train
 from llmpress.train.losses import LossWeights
 
 log = logging.getLogger(__name__)
@@ -148,9 +148,10 @@ class Distill(ModelStage):
         teacher = self._teacher(ctx, cfg, weights)
         opts = cfg.train_options(seqlen)
         source = self._source(ctx, cfg)
-        n = opts.steps(world) * opts.batch_size * opts.grad_accum * world
         data = TrainData(
-            windows(ctx.tokenizer, source, n, seqlen, cfg.seed),  # type: ignore[arg-type]
+            token_source(ctx.tokenizer, source),
+            seqlen,
+            cfg.seed,
             None if cfg.eval_text is None else eval_windows(ctx.tokenizer, cfg.eval_text, seqlen),
         )
         log.info("%s: %d steps of %d tokens, weights %s", self.stage.name, opts.steps(world),
