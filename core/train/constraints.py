@@ -113,9 +113,9 @@ class Constraints:
             r = state.layers.get(name)
             if r is not None and r.quant is not None:
                 raise ModelError(f"distill: schedule cannot prune the quantized layer {name!r}")
-            w = _module(model, name).weight
-            mask = torch.ones_like(w, dtype=torch.bool) if r is None or r.mask is None else r.mask
-            c.keeps[name] = (w, c._mask(w, mask))
+            sw = _module(model, name).weight
+            mask = torch.ones_like(sw, dtype=torch.bool) if r is None or r.mask is None else r.mask
+            c.keeps[name] = (sw, c._mask(sw, mask))
         for name, r in state.layers.items():
             mod = _module(model, name)
             w: torch.Tensor = mod.weight
