@@ -25,29 +25,28 @@ from llmpress.model.results import CompressionState, QuantState
 from llmpress.quant.grid import quantize
 
 
-def _expand(t: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
-    """Per-group [out, G] -> per-column [out, in]."""
-    g = in_features if group_size == -1 else group_size
-    return t.float().repeat_interleave(g, dim=1)
-
-
 class GridSTE(nn.Module):
-    """Parametrization: the weight rounded onto a fixed grid, gradients passed straight through."""
+    """Parametrization: the weight rounded onto a fixed grid, gradients passed straight through
+    (the grid is broadcast per group: no per-weight copy of the scales)."""
 
     scale: torch.Tensor
     zero: torch.Tensor
 
     def __init__(self, q: QuantState, in_features: int) -> None:
         super().__init__()
-        self.register_buffer("scale", _expand(q.scales, in_features, q.group_size))  # [out, in]
-        self.register_buffer("zero", _expand(q.zeros, in_features, q.group_size))  # [out, in]
+        self.group = in_features if q.group_size == -1 else q.group_size
+        self.register_buffer("scale", q.scales.float().unsqueeze(-1))  # [out, G, 1]
+        self.register_buffer("zero", q.zeros.float().unsqueeze(-1))  # [out, G, 1]
         self.maxq = (1 << q.bits) - 1
 
     def codes(self, w: torch.Tensor) -> torch.Tensor:
-        return quantize(w.float(), self.scale, self.zero, self.maxq)  # [out, in] uint8
+        """The codes of ``w`` [out, in] on the grid (uint8 [out, in])."""
+        grouped = w.float().reshape(w.shape[0], -1, self.group)  # [out, G, g]
+        return quantize(grouped, self.scale, self.zero, self.maxq).reshape(w.shape)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        wq = self.scale * (self.codes(w).float() - self.zero)  # [out, in] on the grid
+        codes = self.codes(w).float().reshape(w.shape[0], -1, self.group)  # [out, G, g]
+        wq = (self.scale * (codes - self.zero)).reshape(w.shape)  # [out, in] on the grid
         return w + (wq.to(w.dtype) - w).detach()
 
 
@@ -62,11 +61,11 @@ class GridScales(nn.Module):
         self.group = in_features if q.group_size == -1 else q.group_size
         self.scales = nn.Parameter(q.scales.float().clone())  # [out, G]
         self.register_buffer("codes", q.codes.clone())  # [out, in] uint8
-        self.register_buffer("zero", _expand(q.zeros, in_features, q.group_size))  # [out, in]
+        self.register_buffer("zero", q.zeros.float().unsqueeze(-1))  # [out, G, 1]
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        s = self.scales.repeat_interleave(self.group, dim=1)  # [out, in]
-        return (s * (self.codes.float() - self.zero)).to(w.dtype)
+        codes = self.codes.float().reshape(w.shape[0], -1, self.group)  # [out, G, g]
+        return (self.scales.unsqueeze(-1) * (codes - self.zero)).reshape(w.shape).to(w.dtype)
 
 
 def check_trainable(state: CompressionState) -> None:
