@@ -1,0 +1,146 @@
+"""The model card's Recovery section, from a synthetic ``recovery`` record (no training needed)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from huggingface_hub import ModelCard
+from models import calib_ids, tiny_llama
+
+import llmpress
+from llmpress.hub import build_card
+from llmpress.hub.card import RECOVERY_PLOT_FILE, RecoveryRecord, recovery_context
+from llmpress.hub.plot import recovery_plot
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+#: a record as the distill stage writes it (``result.recovery``)
+RECORD: dict[str, Any] = {
+    "preset": "sparse-finetune",
+    "ce": 1.0,
+    "squarehead": 1.0,
+    "teacher": "/home/someone/models/pycoder-19m",
+    "data": "/home/someone/data/calib.txt",
+    "tokens": 1_048_576,
+    "steps": 256,
+    "seqlen": 512,
+    "wall_s": 812.4,
+    "tokens_per_s": 1290.7,
+    "loss_curve": [{"step": s, "loss": 3.0 - 0.01 * s, "ce": 2.0 - 0.005 * s} for s in range(1, 41)],
+    "eval_base": {"perplexity": 5.83},
+    "eval_before": {"perplexity": 9.50},
+    "eval_after": {"perplexity": 6.75},
+}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
+    """A tiny Llama pruned with SparseGPT and saved (the report gets a recovery record per test)."""
+    model = tiny_llama(seed=0, vocab=256)
+    recipe = {"stages": [{"method": "sparsegpt", "sparsity": 0.5}]}
+    model, result = llmpress.compress(model, recipe, calib_ids(8, 32, vocab=256), progress=False)
+    folder = tmp_path_factory.mktemp("saved") / "tiny-recovered"
+    llmpress.save_compressed(model, folder, tokenizer=tokenizer, report=result)
+    return folder
+
+
+def _with_recovery(saved: Path, tmp_path: Path, record: dict[str, Any] | None) -> Path:
+    """A copy of the saved folder whose report holds ``record`` and a distill stage."""
+    folder = Path(shutil.copytree(saved, tmp_path / saved.name))
+    path = folder / "llmpress_report.json"
+    report = json.loads(path.read_text())
+    if record is not None:
+        report["recovery"] = record
+        stage = {"method": "distill", "preset": record.get("preset"), "tokens": record.get("tokens")}
+        report["recipe"]["stages"].append({k: v for k, v in stage.items() if v is not None})
+    path.write_text(json.dumps(report))
+    return folder
+
+
+def _section(text: str) -> str:
+    return text.split("## Recovery", 1)[1].split("\n## ", 1)[0]
+
+
+def test_card_renders_the_recovery_section(saved: Path, tmp_path: Path) -> None:
+    folder = _with_recovery(saved, tmp_path, RECORD)
+    card = build_card(folder, repo_id="me/tiny-recovered", base_model="org/pycoder-19m")
+    sec = _section(card.text)
+    assert "1,048,576 tokens (256 steps of sequences of 512 tokens)" in sec
+    assert "| base model (teacher) | 5.830 |" in sec
+    assert "| compressed, before recovery | 9.500 |" in sec
+    assert "| compressed, after recovery | 6.750 |" in sec
+    assert "closed 75 % of the perplexity gap" in sec  # (9.50 - 6.75) / (9.50 - 5.83)
+    assert "SquareHead" in sec and "cross-entropy" in sec and "preset `sparse-finetune`" in sec
+    # local paths are named by their last part only
+    assert "`calib.txt`" in sec and "pycoder-19m" in sec and "/home/someone" not in card.text
+    assert f"![Recovery training: loss per step]({RECOVERY_PLOT_FILE})" in sec
+    assert (folder / RECOVERY_PLOT_FILE).read_bytes()[:8] == PNG_MAGIC
+    # the SquareHead paper is cited; the distill stage is not reported as missing a citation
+    assert "@article{kurtic2023sparse," in card.text and "muralidharan2024compact" not in card.text
+    assert "`distill`" not in card.text.split("## Citations", 1)[1]
+    data = ModelCard(str(card)).data.to_dict()
+    assert "distillation" in data["tags"] and data["base_model_relation"] == "finetune"
+    assert "recovery training by distillation" in card.text.split("## Size", 1)[0]
+
+
+def test_card_without_recovery_has_no_section_and_no_plot(saved: Path, tmp_path: Path) -> None:
+    folder = _with_recovery(saved, tmp_path, None)
+    card = build_card(folder, repo_id="me/tiny")
+    assert "## Recovery" not in card.text and not (folder / RECOVERY_PLOT_FILE).exists()
+    assert "kurtic2023sparse" not in card.text
+    assert "base_model_relation" not in card.data.to_dict()
+
+
+def test_minitron_record_in_other_spellings_cites_minitron(saved: Path, tmp_path: Path) -> None:
+    record = {
+        "preset": "minitron",
+        "tokens": 4096,
+        "steps": 8,
+        "loss": [2.5, 2.1, 1.9, 1.8],  # a plain list of per-step losses
+        "eval": {"base": 10.0, "before": 30.0, "after": 20.0, "history": [[0, 30.0], [8, 20.0]]},
+    }
+    folder = _with_recovery(saved, tmp_path, record)
+    text = build_card(folder).text
+    sec = _section(text)
+    assert "KL divergence" in sec and "closed 50 % of the perplexity gap" in sec
+    assert "the model as it was before the recipe's first stage" in sec and "Data: the calibration source." in sec
+    assert "muralidharan2024compact" in text and "kurtic2023sparse" not in text
+    short = build_card(folder, template="short").text
+    assert "perplexity 30.000 → 20.000 (base model 10.000)" in short
+
+
+def test_record_without_evaluations_shows_no_table() -> None:
+    ctx = recovery_context({"tokens": 100, "steps": 2, "kl": 1.0, "squarehead": 1.0}, None)
+    assert ctx is not None and not ctx["has_eval"] and ctx["plot"] is None and ctx["gap_closed"] is None
+    assert ctx["record"].weights == {"kl": 1.0, "squarehead": 1.0}
+    assert recovery_context(None, None) is None
+
+
+def test_record_reads_the_curves_of_each_loss() -> None:
+    rec = RecoveryRecord.model_validate(RECORD)
+    assert set(rec.curves) == {"loss", "ce"} and len(rec.curves["loss"]) == 40
+    assert rec.curves["ce"][0] == (1, pytest.approx(1.995))
+    assert (rec.base, rec.before, rec.after) == (5.83, 9.5, 6.75)
+    assert rec.weights == {"ce": 1.0, "squarehead": 1.0}
+    assert RecoveryRecord.model_validate({"preset": "minitron"}).weights == {"kl": 1.0}
+
+
+def test_recovery_plot_needs_two_points_and_depends_only_on_the_data(tmp_path: Path) -> None:
+    assert recovery_plot({"loss": [(1, 2.0)]}, tmp_path / "one.png") is None
+    curves = {"loss": [(s, 1.0 / s) for s in range(1, 20)]}
+    a = recovery_plot(curves, tmp_path / "a.png", evals=[(0, 9.0), (10, 7.0), (19, 6.5)])
+    b = recovery_plot(curves, tmp_path / "b.png", evals=[(0, 9.0), (10, 7.0), (19, 6.5)])
+    assert a is not None and b is not None and a.read_bytes() == b.read_bytes()
+    assert a.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_keeps_the_record_through_the_folder(saved: Path, tmp_path: Path) -> None:
+    from llmpress.hub.folder import read_folder
+
+    info = read_folder(_with_recovery(saved, tmp_path, RECORD))
+    assert info.report is not None and info.report.recovery == RECORD
+    assert info.report.to_dict()["recovery"] == RECORD
