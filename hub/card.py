@@ -23,7 +23,7 @@ reconstruction loss), ``plot`` (relative PNG path or None),
 ``calibration``, ``compute`` (``{device, world_size, devices, wall_time, versions}``), ``usage`` (Python code),
 ``citations`` (``{method, bibtex}``), ``missing_citations``, ``evaluations`` (``{task, metric,
 value, stderr, samples, notes, baseline, recovery}``), ``has_baseline``, ``recovery`` (None, or ``{tokens, steps, preset, loss, teacher, data, seqlen,
-wall_time, tokens_per_s, rows: [{label, ppl}], has_eval, gap_closed, plot, record}``), ``tags``, ``quantized``, ``license``, ``pipeline_tag``.
+wall_time, tokens_per_s, rows: [{label, ppl}], has_eval, eval_text, gap_closed, plot, record}``), ``tags``, ``quantized``, ``license``, ``pipeline_tag``.
 """
 
 from __future__ import annotations
@@ -388,7 +388,7 @@ RECOVERY_CITATIONS = {
   journal={arXiv preprint arXiv:2310.06927},
   year={2023}
 }""",
-    "kl": """@article{muralidharan2024compact,
+    "kl": """@article{muralidharan2024minitron,
   title={Compact Language Models via Pruning and Knowledge Distillation},
   author={Muralidharan, Saurav and Sreenivas, Sharath Turuvekere and Joshi, Raviraj and Chochowski, Marcin and Patwary, Mostofa and Shoeybi, Mohammad and Catanzaro, Bryan and Kautz, Jan and Molchanov, Pavlo},
   journal={arXiv preprint arXiv:2407.14679},
@@ -464,6 +464,7 @@ class RecoveryRecord(BaseModel):
     tokens_per_s: float | None = None
     curves: dict[str, Points] = Field(default_factory=dict)
     evals: Points = Field(default_factory=list)
+    eval_text: str | None = None
     base: float | None = None
     before: float | None = None
     after: float | None = None
@@ -473,21 +474,17 @@ class RecoveryRecord(BaseModel):
     def _normalise(cls, data: Any) -> Any:  # noqa: ANN401 - the report's raw dict
         if not isinstance(data, dict):
             return data
-        raw_ev = data.get("eval")
+        raw_ev, raw_w = data.get("eval"), data.get("weights") or data.get("loss_weights") or data
         ev: dict[str, Any] = raw_ev if isinstance(raw_ev, dict) else {}
-        weights = data.get("weights") or data.get("loss_weights") or {}
-        if not weights:
-            weights = {
-                k: data[k] for k in ("ce", "kl", "squarehead") if isinstance(data.get(k), (int, float))
-            }
+        weights = {k: float(raw_w[k]) for k in _LOSS_NAMES if isinstance(raw_w.get(k), (int, float))}
         return {
             **data,
-            "weights": {k: float(v) for k, v in weights.items() if v} or RECOVERY_PRESETS.get(
-                str(data.get("preset")), {}
-            ),
+            "weights": {k: v for k, v in weights.items() if v} or RECOVERY_PRESETS.get(str(data.get("preset")), {}),
+            "temperature": data.get("temperature", raw_w.get("temperature")),
             "wall_s": data.get("wall_s", data.get("wall_time_s")),
             "curves": _loss_curves(data.get("loss_curve", data.get("losses", data.get("loss")))),
-            "evals": _points(data.get("evals", ev.get("history", ev.get("curve"))), "perplexity"),
+            "evals": _points(data.get("evals", ev.get("curve", ev.get("history"))), "perplexity"),
+            "eval_text": ev.get("text") if isinstance(ev.get("text"), str) else data.get("eval_text"),
             "base": _base_perplexity(data, ev),
             "before": _perplexity(data.get("eval_before", ev.get("before"))),
             "after": _perplexity(data.get("eval_after", ev.get("after"))),
@@ -499,6 +496,13 @@ class RecoveryRecord(BaseModel):
 def _public_name(src: str) -> str:
     """A local path says nothing to readers (and may leak a home folder): its last part."""
     return Path(src).name if Path(src).is_absolute() or Path(src).exists() else src
+
+
+def _teacher_text(teacher: str | None) -> str:
+    """A teacher folder or Hub id in backticks; the stage's own words (the default teacher) as they are."""
+    if not teacher or teacher.startswith("the model "):
+        return "the model as it was before the recipe's first stage"
+    return f"`{_public_name(teacher)}`"
 
 
 def recovery_citations(rec: RecoveryRecord, known: Sequence[dict[str, str]]) -> list[dict[str, str]]:
@@ -519,12 +523,21 @@ def _fmt_ppl(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def recovery_context(raw: dict[str, Any] | None, folder: Path | None) -> dict[str, Any] | None:
+def recovery_context(
+    raw: dict[str, Any] | None, folder: Path | None, records: Sequence[EvalRecord] = ()
+) -> dict[str, Any] | None:
     """Template variables of the Recovery section (``raw``: the report's ``recovery``), or
-    ``None`` when no recovery stage ran; draws the loss curve into ``folder`` when given."""
+    ``None`` when no recovery stage ran; draws the loss curve into ``folder`` when given.
+
+    The base model's perplexity is the record's; else the ``llmpress eval --baseline`` result
+    of ``records`` on the same text file (by name), if there is one."""
     if not isinstance(raw, dict):
         return None
     rec = RecoveryRecord.model_validate(raw)
+    if rec.base is None and rec.eval_text:
+        name = Path(rec.eval_text).name
+        same = [r.baseline for r in records if r.metric == "perplexity" and r.task == name and r.baseline]
+        rec.base = same[0] if same else None
     plot = None
     if folder is not None:
         from llmpress.hub.plot import recovery_plot
@@ -547,9 +560,7 @@ def recovery_context(raw: dict[str, Any] | None, folder: Path | None) -> dict[st
         "preset": rec.preset,
         "loss": loss
         + (f" (temperature {rec.temperature:g})" if rec.temperature and rec.weights.get("kl") else ""),
-        "teacher": f"`{_public_name(rec.teacher)}`"
-        if rec.teacher
-        else "the model as it was before the recipe's first stage",
+        "teacher": _teacher_text(rec.teacher),
         "data": f"`{_public_name(rec.data)}`" if rec.data else "the calibration source",
         "seqlen": rec.seqlen,
         "wall_time": f"{rec.wall_s:.0f} s" if rec.wall_s is not None else None,
@@ -560,6 +571,7 @@ def recovery_context(raw: dict[str, Any] | None, folder: Path | None) -> dict[st
             {"label": "compressed, after recovery", "ppl": _fmt_ppl(rec.after)},
         ],
         "has_eval": rec.before is not None or rec.after is not None,
+        "eval_text": f"`{_public_name(rec.eval_text)}`" if rec.eval_text else "held-out text",
         "gap_closed": closed,
         "plot": plot,
         "record": rec,
@@ -819,7 +831,7 @@ def build_card_context(
         EvalRecord.from_dict(r) for r in (info.evaluation or {}).get("results", []) if isinstance(r, dict)
     ]
     citations, missing = method_citations(_cited_methods(info), pm)
-    recovery = recovery_context(report.recovery, path if write_plot else None)
+    recovery = recovery_context(report.recovery, path if write_plot else None, records)
     if recovery is not None:
         citations += recovery_citations(recovery["record"], citations)
         missing = [m for m in missing if m != "distill"]

@@ -20,20 +20,26 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 #: a record as the distill stage writes it (``result.recovery``)
 RECORD: dict[str, Any] = {
+    "method": "distill",
     "preset": "sparse-finetune",
-    "ce": 1.0,
-    "squarehead": 1.0,
+    "weights": {"ce": 1.0, "kl": 0.0, "squarehead": 1.0, "temperature": 1.0},
     "teacher": "/home/someone/models/pycoder-19m",
     "data": "/home/someone/data/calib.txt",
     "tokens": 1_048_576,
     "steps": 256,
     "seqlen": 512,
+    "train": "weights",
+    "loss_curve": [[s, 3.0 - 0.01 * s] for s in range(1, 41)],
+    "eval": {
+        "text": "/home/someone/data/eval.txt",
+        "base": 5.83,
+        "before": 9.50,
+        "after": 6.75,
+        "curve": [[0, 9.5], [128, 7.1], [256, 6.75]],
+    },
+    "resumed_from": 0,
     "wall_s": 812.4,
     "tokens_per_s": 1290.7,
-    "loss_curve": [{"step": s, "loss": 3.0 - 0.01 * s, "ce": 2.0 - 0.005 * s} for s in range(1, 41)],
-    "eval_base": {"perplexity": 5.83},
-    "eval_before": {"perplexity": 9.50},
-    "eval_after": {"perplexity": 6.75},
 }
 
 
@@ -70,6 +76,7 @@ def test_card_renders_the_recovery_section(saved: Path, tmp_path: Path) -> None:
     card = build_card(folder, repo_id="me/tiny-recovered", base_model="org/pycoder-19m")
     sec = _section(card.text)
     assert "1,048,576 tokens (256 steps of sequences of 512 tokens)" in sec
+    assert "| model | perplexity on `eval.txt` |" in sec
     assert "| base model (teacher) | 5.830 |" in sec
     assert "| compressed, before recovery | 9.500 |" in sec
     assert "| compressed, after recovery | 6.750 |" in sec
@@ -80,7 +87,7 @@ def test_card_renders_the_recovery_section(saved: Path, tmp_path: Path) -> None:
     assert f"![Recovery training: loss per step]({RECOVERY_PLOT_FILE})" in sec
     assert (folder / RECOVERY_PLOT_FILE).read_bytes()[:8] == PNG_MAGIC
     # the SquareHead paper is cited; the distill stage is not reported as missing a citation
-    assert "@article{kurtic2023sparse," in card.text and "muralidharan2024compact" not in card.text
+    assert "kurtic2023sparse," in card.text
     assert "`distill`" not in card.text.split("## Citations", 1)[1]
     data = ModelCard(str(card)).data.to_dict()
     assert "distillation" in data["tags"] and data["base_model_relation"] == "finetune"
@@ -98,19 +105,48 @@ def test_card_without_recovery_has_no_section_and_no_plot(saved: Path, tmp_path:
 def test_minitron_record_in_other_spellings_cites_minitron(saved: Path, tmp_path: Path) -> None:
     record = {
         "preset": "minitron",
+        "teacher": "the model before the recipe's first stage",
         "tokens": 4096,
         "steps": 8,
         "loss": [2.5, 2.1, 1.9, 1.8],  # a plain list of per-step losses
-        "eval": {"base": 10.0, "before": 30.0, "after": 20.0, "history": [[0, 30.0], [8, 20.0]]},
+        "eval_base": {"perplexity": 10.0},
+        "eval_before": {"perplexity": 30.0},
+        "eval_after": 20.0,
     }
     folder = _with_recovery(saved, tmp_path, record)
     text = build_card(folder).text
     sec = _section(text)
     assert "KL divergence" in sec and "closed 50 % of the perplexity gap" in sec
-    assert "the model as it was before the recipe's first stage" in sec and "Data: the calibration source." in sec
-    assert "muralidharan2024compact" in text and "kurtic2023sparse" not in text
+    assert (
+        "the model as it was before the recipe's first stage" in sec
+        and "Data: the calibration source." in sec
+    )
+    assert "muralidharan2024minitron" in text
     short = build_card(folder, template="short").text
     assert "perplexity 30.000 → 20.000 (base model 10.000)" in short
+
+
+def test_base_perplexity_from_the_baseline_eval_on_the_same_text() -> None:
+    from llmpress.cli.eval_harness import EvalRecord
+
+    raw = {**RECORD, "eval": {k: v for k, v in RECORD["eval"].items() if k != "base"}}
+    same = EvalRecord.from_dict({"task": "eval.txt", "metric": "perplexity", "value": 6.7, "baseline": 5.9})
+    other = EvalRecord.from_dict({"task": "other.txt", "metric": "perplexity", "value": 6.7, "baseline": 4.0})
+    ctx = recovery_context(raw, None, [other, same])
+    assert ctx is not None and ctx["rows"][0]["ppl"] == "5.900"
+    ctx = recovery_context(raw, None, [other])
+    assert ctx is not None and ctx["rows"][0]["ppl"] == "-" and ctx["gap_closed"] is None
+
+
+def test_citations_follow_the_losses_and_skip_what_is_cited() -> None:
+    from llmpress.hub.card import RECOVERY_CITATIONS, recovery_citations
+
+    sqh = RecoveryRecord.model_validate({"preset": "sparse-finetune"})
+    assert [c["bibtex"] for c in recovery_citations(sqh, [])] == [RECOVERY_CITATIONS["squarehead"]]
+    both = RecoveryRecord.model_validate({"kl": 1.0, "squarehead": 1.0})
+    assert len(recovery_citations(both, [])) == 2
+    known = [{"method": "distill", "bibtex": RECOVERY_CITATIONS["squarehead"]}]
+    assert recovery_citations(both, known) == [{"method": "distill", "bibtex": RECOVERY_CITATIONS["kl"]}]
 
 
 def test_record_without_evaluations_shows_no_table() -> None:
@@ -122,10 +158,12 @@ def test_record_without_evaluations_shows_no_table() -> None:
 
 def test_record_reads_the_curves_of_each_loss() -> None:
     rec = RecoveryRecord.model_validate(RECORD)
-    assert set(rec.curves) == {"loss", "ce"} and len(rec.curves["loss"]) == 40
-    assert rec.curves["ce"][0] == (1, pytest.approx(1.995))
+    assert set(rec.curves) == {"loss"} and len(rec.curves["loss"]) == 40
+    assert rec.curves["loss"][0] == (1, pytest.approx(2.99)) and rec.evals[-1] == (256, 6.75)
     assert (rec.base, rec.before, rec.after) == (5.83, 9.5, 6.75)
-    assert rec.weights == {"ce": 1.0, "squarehead": 1.0}
+    assert rec.weights == {"ce": 1.0, "squarehead": 1.0} and rec.temperature == 1.0
+    per_loss = [{"step": s, "loss": 3.0 - s / 100, "ce": 2.0 - s / 200} for s in range(1, 5)]
+    assert set(RecoveryRecord.model_validate({"loss_curve": per_loss}).curves) == {"loss", "ce"}
     assert RecoveryRecord.model_validate({"preset": "minitron"}).weights == {"kl": 1.0}
 
 
