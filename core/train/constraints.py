@@ -1,0 +1,163 @@
+"""Keeping the compression exactly while the weights train.
+
+* Pruned layers (a keep mask in the run's state): the weight's gradient is masked by a hook
+  and the mask is re-applied after each optimizer step, so zeros stay exactly zero.
+* Quantized layers (an integer grid in the run's state) train through a straight-through
+  estimator on their stored grid (:class:`GridSTE`: the forward sees
+  ``scale * (clamp(round(w / scale) + zero) - zero)`` on the fixed group scales and zeros, the
+  backward is the identity), or with ``train: scales`` only their scales train and the codes
+  stay frozen (:class:`GridScales`). At the end :meth:`Constraints.finish` re-rounds each layer
+  into the same format (bits, groups, symmetry) and writes the dequantized weight.
+* Shapes never change: only values are updated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from llmpress.errors import ModelError
+from llmpress.model.modules import is_linear
+from llmpress.model.results import CompressionState, QuantState
+from llmpress.quant.grid import quantize
+
+
+def _expand(t: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """Per-group [out, G] -> per-column [out, in]."""
+    g = in_features if group_size == -1 else group_size
+    return t.float().repeat_interleave(g, dim=1)
+
+
+class GridSTE(nn.Module):
+    """Parametrization: the weight rounded onto a fixed grid, gradients passed straight through."""
+
+    def __init__(self, q: QuantState, in_features: int) -> None:
+        super().__init__()
+        self.register_buffer("scale", _expand(q.scales, in_features, q.group_size))  # [out, in]
+        self.register_buffer("zero", _expand(q.zeros, in_features, q.group_size))  # [out, in]
+        self.maxq = (1 << q.bits) - 1
+
+    def codes(self, w: torch.Tensor) -> torch.Tensor:
+        return quantize(w.float(), self.scale, self.zero, self.maxq)  # [out, in] uint8
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        wq = self.scale * (self.codes(w).float() - self.zero)  # [out, in] on the grid
+        return w + (wq.to(w.dtype) - w).detach()
+
+
+class GridScales(nn.Module):
+    """Parametrization: frozen codes, trainable group scales (the weight itself is ignored)."""
+
+    def __init__(self, q: QuantState, in_features: int) -> None:
+        super().__init__()
+        self.group = in_features if q.group_size == -1 else q.group_size
+        self.scales = nn.Parameter(q.scales.float().clone())  # [out, G]
+        self.register_buffer("codes", q.codes.clone())  # [out, in] uint8
+        self.register_buffer("zero", _expand(q.zeros, in_features, q.group_size))  # [out, in]
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        s = self.scales.repeat_interleave(self.group, dim=1)  # [out, in]
+        return (s * (self.codes.float() - self.zero)).to(w.dtype)
+
+
+def check_trainable(state: CompressionState) -> None:
+    """Refuse, before any work, a layer whose format cannot train (FP8, W8A8)."""
+    for name, r in state.layers.items():
+        q = r.quant
+        if q is not None and q.kind != "int":
+            raise ModelError(
+                f"distill: layer {name!r} is {q.kind} ({q.method}); a recovery stage cannot train "
+                f"{q.kind} layers: put distill before the {q.method} stage"
+            )
+        if q is not None and q.activations is not None:
+            raise ModelError(
+                f"distill: layer {name!r} quantizes its inputs ({q.activations}, W8A8); a recovery "
+                f"stage cannot train W8A8 layers: put distill before the {q.method} stage"
+            )
+
+
+@dataclasses.dataclass
+class Constraints:
+    """The masks and grids attached to a model for training (see the module docstring)."""
+
+    model: nn.Module
+    state: CompressionState
+    masks: list[tuple[nn.Parameter, torch.Tensor]] = dataclasses.field(default_factory=list)
+    grids: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
+    hooks: list[torch.utils.hooks.RemovableHandle] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def attach(cls, model: nn.Module, state: CompressionState, train: str = "weights") -> Constraints:
+        """Masked gradients and grid parametrizations on every recorded layer of ``model``."""
+        check_trainable(state)
+        c = cls(model, state)
+        for name, r in state.layers.items():
+            mod = _module(model, name)
+            w = mod.weight
+            if r.quant is not None:
+                p = (GridScales if train == "scales" else GridSTE)(r.quant.to(w.device), w.shape[1])
+                parametrize.register_parametrization(mod, "weight", p)
+                c.grids[name] = mod
+                w = mod.parametrizations.weight.original
+                w.requires_grad_(train != "scales")
+            if r.mask is not None and w.requires_grad:
+                keep = r.mask.to(device=w.device, dtype=w.dtype)  # [out, in]
+                c.masks.append((w, keep))
+                c.hooks.append(w.register_hook(lambda g, k=keep: g * k))
+        c.apply_masks()
+        return c
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Pruned weights back to exactly zero (after each optimizer step)."""
+        for w, keep in self.masks:
+            w.mul_(keep)
+
+    @torch.no_grad()
+    def finish(self) -> list[str]:
+        """Re-round each quantized layer into its format, write the weights, update the state;
+        remove hooks and parametrizations. Returns the names of the re-rounded layers."""
+        for h in self.hooks:
+            h.remove()
+        self.apply_masks()
+        for name, mod in self.grids.items():
+            r = self.state.layers[name]
+            assert r.quant is not None
+            grid = mod.parametrizations.weight[0]
+            latent = mod.parametrizations.weight.original
+            if isinstance(grid, GridScales):
+                q = dataclasses.replace(
+                    r.quant, scales=grid.scales.detach().float().cpu().to(r.quant.scales.dtype)
+                )
+            else:
+                q = dataclasses.replace(r.quant, codes=grid.codes(latent).cpu())
+            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+            mod.weight.copy_(q.dequantize().to(mod.weight))
+            self.state.layers[name] = dataclasses.replace(r, quant=q)
+        return list(self.grids)
+
+
+def _module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError:
+        mod = None
+    if mod is None or not is_linear(mod) or not isinstance(mod, nn.Linear):
+        raise ModelError(
+            f"distill: compressed layer {name!r} is not a plain linear layer of the model "
+            f"(fused experts?); a recovery stage cannot train it yet"
+        )
+    return mod
+
+
+def set_trainable(model: nn.Module) -> None:
+    """Every parameter trains but the embeddings and the output head."""
+    frozen = set()
+    for m in (model.get_input_embeddings(), model.get_output_embeddings()):  # type: ignore[operator]
+        if m is not None:
+            frozen.update(id(p) for p in m.parameters())
+    for p in model.parameters():
+        p.requires_grad_(id(p) not in frozen)

@@ -1,0 +1,172 @@
+"""The recovery stage: distillation from the uncompressed teacher that keeps the compression.
+
+:class:`Distill` checks everything before any work (a compression stage ran before it, the
+teacher shares the student's vocabulary and architecture, the budget pays for one step, every
+compressed format can train), runs :func:`llmpress.train.loop.train` and writes the course
+into ``record.recovery`` and each compressed layer's report.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmpress.engine import distributed
+from llmpress.engine.calibration import CalibrationSource
+from llmpress.engine.record import RunRecord
+from llmpress.engine.stage import ModelContext, ModelStage
+from llmpress.errors import CalibrationError, ModelError, RecipeError
+from llmpress.model.modules import find_blocks
+from llmpress.train.config import DEFAULT_SEQLEN, RecoveryConfig
+from llmpress.train.constraints import Constraints, check_trainable
+from llmpress.train.loop import Outcome, TrainData, eval_windows, train, windows
+from llmpress.train.losses import LossWeights
+
+log = logging.getLogger(__name__)
+
+
+def _width(model: nn.Module) -> tuple[int, int]:
+    """(vocabulary, hidden width) of a causal LM, from its input embeddings."""
+    emb = model.get_input_embeddings()  # type: ignore[operator]
+    return int(emb.weight.shape[0]), int(emb.weight.shape[1])
+
+
+def check_teacher(teacher: nn.Module, student: nn.Module, w: LossWeights) -> None:
+    """The teacher must be the student's architecture with the same vocabulary (and, for
+    SquareHead, the same hidden width and number of blocks)."""
+    if type(teacher).__name__ != type(student).__name__:
+        raise ModelError(
+            f"distill: the teacher is a {type(teacher).__name__}, the student a {type(student).__name__}; "
+            f"give a teacher of the same architecture"
+        )
+    (tv, th), (sv, sh) = _width(teacher), _width(student)
+    if tv != sv:
+        raise ModelError(
+            f"distill: the teacher's vocabulary has {tv} tokens, the student's {sv}; give a teacher "
+            f"with the student's tokenizer"
+        )
+    if w.squarehead > 0:
+        tb, sb = len(find_blocks(teacher)[1]), len(find_blocks(student)[1])
+        if (th, tb) != (sh, sb):
+            raise ModelError(
+                f"distill: squarehead compares hidden states block by block, but the teacher has "
+                f"{tb} blocks of width {th} and the student {sb} of width {sh}; use kl/ce instead"
+            )
+
+
+def check_after_compression(record: RunRecord, label: str) -> None:
+    """A recovery stage needs a compression stage before it."""
+    if not record.state.layers and not record.modules and not record.structure:
+        raise RecipeError(
+            f"{label}: a recovery stage must come after a compression stage (nothing was compressed "
+            f"before it); move it after a pruning or quantization stage"
+        )
+
+
+def _describe(source: object) -> str:
+    if isinstance(source, torch.Tensor):
+        return f"token ids {list(source.shape)}"
+    if isinstance(source, (list, tuple)):
+        return f"{len(source)} strings"
+    return str(source)
+
+
+class Distill(ModelStage):
+    """Recovery training of the whole model (the stage's ``targets`` are not used)."""
+
+    def run(self, ctx: ModelContext) -> None:
+        cfg = self.config
+        assert isinstance(cfg, RecoveryConfig)
+        check_after_compression(ctx.record, self.stage.name)
+        check_trainable(ctx.record.state)
+        world = distributed.world_size() if distributed.is_initialized() else 1
+        seqlen = cfg.seqlen or (int(ctx.ids.shape[1]) if ctx.ids is not None else DEFAULT_SEQLEN)
+        cfg.check_budget(seqlen, world)
+        weights = cfg.loss_weights()
+        teacher = self._teacher(ctx, cfg, weights)
+        opts = cfg.train_options(seqlen)
+        source = self._source(ctx, cfg)
+        n = opts.steps(world) * opts.batch_size * opts.grad_accum * world
+        data = TrainData(
+            windows(ctx.tokenizer, source, n, seqlen, cfg.seed),  # type: ignore[arg-type]
+            None if cfg.eval_text is None else eval_windows(ctx.tokenizer, cfg.eval_text, seqlen),
+        )
+        log.info("%s: %d steps of %d tokens, weights %s", self.stage.name, opts.steps(world),
+                 opts.tokens_per_step(world), weights.as_dict())  # fmt: skip
+        state = ctx.record.state
+        out = train(
+            ctx.model, teacher, lambda m: Constraints.attach(m, state, cfg.train), weights, opts, data,
+            ctx.device, ctx.progress,
+        )  # fmt: skip
+        self._report(ctx.record, cfg, weights, out, source, seqlen)
+
+    def _teacher(self, ctx: ModelContext, cfg: RecoveryConfig, w: LossWeights) -> nn.Module | None:
+        """The frozen teacher (``None`` when no loss term needs one)."""
+        if not w.needs_teacher:
+            return None
+        if cfg.teacher is not None:
+            from llmpress.format.loading import load_model
+
+            teacher, _ = load_model(cfg.teacher, dtype=torch.float32, device="cpu", tokenizer=False)
+            teacher.eval().requires_grad_(False)
+        elif ctx.teacher is not None:
+            teacher = ctx.teacher
+        else:
+            raise ModelError(f"{self.stage.name}: no teacher: give 'teacher:' a model folder or Hub id")
+        check_teacher(teacher, ctx.model, w)
+        return teacher
+
+    def _source(self, ctx: ModelContext, cfg: RecoveryConfig) -> CalibrationSource:
+        """``data:``, else the run's calibration source, else its calibration windows."""
+        src: object = list(cfg.data) if isinstance(cfg.data, tuple) else cfg.data
+        if src is None:
+            src = ctx.source if ctx.source is not None else ctx.ids
+        if src is None:
+            raise CalibrationError(f"{self.stage.name}: no training data; give 'data:' or calibration data")
+        if not isinstance(src, torch.Tensor) and ctx.tokenizer is None:
+            raise CalibrationError(f"{self.stage.name}: reading text data needs a tokenizer")
+        if isinstance(src, Path):
+            src = str(src)
+        return src  # type: ignore[return-value]
+
+    def _report(
+        self,
+        record: RunRecord,
+        cfg: RecoveryConfig,
+        w: LossWeights,
+        out: Outcome,
+        source: object,
+        seqlen: int,
+    ) -> None:
+        """``record.recovery`` and each compressed layer's report."""
+        trained = out.tokens * (out.steps - out.resumed_from) / max(out.steps, 1)
+        evals = None
+        if out.evals:
+            evals = {
+                "text": cfg.eval_text, "before": out.evals[0][1], "after": out.evals[-1][1],
+                "curve": [[s, p] for s, p in out.evals],
+            }  # fmt: skip
+        record.recovery = {
+            "method": cfg.method,
+            "preset": cfg.preset,
+            "weights": w.as_dict(),
+            "teacher": cfg.teacher or "the model before the recipe's first stage",
+            "data": _describe(source),
+            "tokens": out.tokens,
+            "steps": out.steps,
+            "seqlen": seqlen,
+            "train": cfg.train,
+            "loss_curve": [[s, loss] for s, loss in out.curve],
+            "eval": evals,
+            "resumed_from": out.resumed_from,
+            "wall_s": out.wall_s,
+            "tokens_per_s": trained / max(out.wall_s, 1e-9),
+        }
+        for name, rep in record.modules.items():
+            rep.info["distill_tokens"] = float(out.tokens)
+            rep.info["distill_steps"] = float(out.steps)
+            if name in out.quantized:
+                rep.info["distill_rerounded"] = 1.0
