@@ -251,7 +251,7 @@ def _describe_stage(stage: dict[str, Any]) -> str:
 def _describe_distill(stage: dict[str, Any]) -> str:
     """A recovery stage: its loss (preset or weights) and token budget."""
     weights = {k: stage[k] for k in ("ce", "kl", "squarehead") if stage.get(k)}
-    loss = " + ".join(f"{k} {v:g}" for k, v in weights.items()) or "default loss"
+    loss = " + ".join(f"{k} {v:g}" for k, v in weights.items()) or "default loss: ce 1 + squarehead 1"
     if stage.get("preset"):
         loss = f"preset {stage['preset']}" + (f", {loss}" if weights else "")
     tokens = f" on {int(stage['tokens']):,} tokens" if isinstance(stage.get("tokens"), (int, float)) else ""
@@ -505,6 +505,13 @@ def _teacher_text(teacher: str | None) -> str:
     return f"`{_public_name(teacher)}`"
 
 
+def _data_text(data: str | None) -> str:
+    """The training data: a file or Hub id in backticks, the stage's description as it is."""
+    if not data:
+        return "the calibration source"
+    return f"`{_public_name(data)}`" if " " not in data else f"the calibration {data}"
+
+
 def recovery_citations(rec: RecoveryRecord, known: Sequence[dict[str, str]]) -> list[dict[str, str]]:
     """The recovery papers to cite (SquareHead for a hidden-state loss, Minitron for KL; both
     when the weights are unknown) that ``known`` citations do not already hold."""
@@ -561,7 +568,7 @@ def recovery_context(
         "loss": loss
         + (f" (temperature {rec.temperature:g})" if rec.temperature and rec.weights.get("kl") else ""),
         "teacher": _teacher_text(rec.teacher),
-        "data": f"`{_public_name(rec.data)}`" if rec.data else "the calibration source",
+        "data": _data_text(rec.data),
         "seqlen": rec.seqlen,
         "wall_time": f"{rec.wall_s:.0f} s" if rec.wall_s is not None else None,
         "tokens_per_s": f"{rec.tokens_per_s:,.0f}" if rec.tokens_per_s else None,

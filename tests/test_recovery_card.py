@@ -182,3 +182,33 @@ def test_report_keeps_the_record_through_the_folder(saved: Path, tmp_path: Path)
     info = read_folder(_with_recovery(saved, tmp_path, RECORD))
     assert info.report is not None and info.report.recovery == RECORD
     assert info.report.to_dict()["recovery"] == RECORD
+
+
+def test_card_of_a_real_recovery_run(tmp_path: Path, tokenizer) -> None:
+    """SparseGPT then a short distill stage: the card shows the record the stage wrote."""
+    from models import DATA_DIR
+
+    recipe = {
+        "stages": [
+            {"method": "sparsegpt", "sparsity": 0.5},
+            {"method": "distill", "tokens": 512, "seqlen": 32, "batch_size": 4, "lr": 1e-3,
+             "eval_text": str(DATA_DIR / "eval.txt"), "eval_every": 2},
+        ]
+    }  # fmt: skip
+    model, result = llmpress.compress(
+        tiny_llama(seed=0, vocab=256),
+        recipe,
+        calib_ids(8, 32, vocab=256),
+        tokenizer=tokenizer,
+        progress=False,
+    )
+    folder = tmp_path / "tiny-distilled"
+    llmpress.save_compressed(model, folder, tokenizer=tokenizer, report=result)
+    ev = result.recovery["eval"]
+    sec = _section(build_card(folder).text)
+    assert "512 tokens (4 steps of sequences of 32 tokens)" in sec
+    assert f"| compressed, before recovery | {ev['before']:.3f} |" in sec
+    assert f"| compressed, after recovery | {ev['after']:.3f} |" in sec
+    assert "the model as it was before the recipe's first stage" in sec and "SquareHead" in sec
+    assert ("perplexity on this text was not recorded" in sec) == ("base" not in ev)
+    assert (folder / RECOVERY_PLOT_FILE).read_bytes()[:8] == PNG_MAGIC
