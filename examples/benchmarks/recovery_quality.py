@@ -120,7 +120,9 @@ def _distill_stage(a: argparse.Namespace, loss: dict[str, Any], tokens: int) -> 
     }
 
 
-def _run(a: argparse.Namespace, dense: torch.nn.Module, tok: Any, stages: list[dict[str, Any]]) -> Any:
+def _run(
+    a: argparse.Namespace, dense: torch.nn.Module, tok: Any, stages: list[dict[str, Any]]
+) -> tuple[torch.nn.Module, Any, float]:
     """Compress a copy of ``dense`` with ``stages``; (model, result, seconds)."""
     model = copy.deepcopy(dense)
     t = time.perf_counter()
@@ -138,7 +140,14 @@ def _run(a: argparse.Namespace, dense: torch.nn.Module, tok: Any, stages: list[d
     return model, result, time.perf_counter() - t
 
 
-def _row(a: argparse.Namespace, name: str, dense: torch.nn.Module, tok: Any, windows: Any, ppl_dense: float):
+def _row(
+    a: argparse.Namespace,
+    name: str,
+    dense: torch.nn.Module,
+    tok: Any,
+    windows: torch.Tensor,
+    ppl_dense: float,
+) -> dict[str, Any]:
     """One table row: one-shot perplexity, then per budget perplexity, wall time and tokens/s."""
     stages, loss = ROWS[name]
     model, _, dt = _run(a, dense, tok, stages)
