@@ -62,3 +62,23 @@ def compress(rank: int, world: int, recipe: Any, ids: torch.Tensor, out: Path) -
     dist.all_gather_object(gathered, sd)  # every rank holds the same compressed model
     if rank == 0:
         torch.save({"state": sd, "others": gathered[1:], "report": report.to_dict()}, out)
+
+
+def distill_worker(rank: int, world: int, port: int, ids: torch.Tensor, recipe: list, out: Path) -> None:
+    """A recovery run over ``world`` gloo processes (accelerate reads the usual launcher
+    variables); rank 0 saves the trained weights to ``out``."""
+    import torch.distributed as dist
+    from models import tiny_llama
+
+    import llmpress
+
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world)
+    )
+    init(rank, world, port)
+    try:
+        model, _ = llmpress.compress(tiny_llama(seed=0), recipe, ids, progress=False)
+        if rank == 0:
+            torch.save({n: p.detach() for n, p in model.named_parameters()}, out)
+    finally:
+        dist.destroy_process_group()

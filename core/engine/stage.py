@@ -111,6 +111,10 @@ class StageExecutor:
     def config(self) -> MethodConfig:
         return self.stage.config
 
+    def check(self, model: nn.Module, stages: list[BoundStage], ids: torch.Tensor | None) -> None:
+        """Before any stage of the run works: raise if this stage cannot run after ``stages``
+        before it in the plan (``stages`` is the whole plan; ``ids`` the calibration tokens)."""
+
 
 class BlockwiseStage(StageExecutor, abc.ABC):
     """A stage run block by block inside the block pass."""

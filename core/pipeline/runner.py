@@ -104,11 +104,14 @@ def run_plan(
     min_tokens = DEFAULT_MIN_TOKENS if plan.moe_min_tokens is None else plan.moe_min_tokens
     local = None if ids is None else distributed.shard(ids)  # this process's share of the sequences
     bs = _batch_size(opts.batch_size, local if local is not None else ids)
+    executors = [executor(s, record) for s in stages]
+    for ex in executors:
+        ex.check(model, stages, ids)  # before any work
     teacher = _teacher(model) if any(s.config.needs_teacher for s in stages) else None
     was_training = model.training
     model.eval()
     try:
-        for group in _groups([executor(s, record) for s in stages]):
+        for group in _groups(executors):
             if isinstance(group, ModelStage):
                 ctx = ModelContext(
                     model, opts.device, ids, bs, opts.progress, record, min_tokens, plan.to_dict(),

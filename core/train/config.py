@@ -11,6 +11,7 @@ from llmpress.errors import RecipeError
 from llmpress.recipe.config import Fraction, MethodConfig, NonNegativeInt, PositiveInt
 from llmpress.train.loop import TrainOptions
 from llmpress.train.losses import LossWeights
+from llmpress.train.schedule import PruneSchedule
 
 #: a loss weight (>= 0)
 Weight = Annotated[float, Field(ge=0)]
@@ -42,6 +43,8 @@ class RecoveryConfig(MethodConfig):
     estimator) or ``scales`` (quantized layers' scales only, codes frozen). ``eval_text`` every
     ``eval_every`` steps (and before/after). ``checkpoint_dir`` every ``checkpoint_every`` steps
     (a rerun resumes). ``gradient_checkpointing`` trades compute for activation memory.
+    ``schedule``: gradual pruning of the stage's targets during training, ``{from: s0, to: s,
+    every: k, score: magnitude | fisher}`` (:mod:`llmpress.train.schedule`).
     """
 
     stats: ClassVar[frozenset[str]] = frozenset()
@@ -69,15 +72,41 @@ class RecoveryConfig(MethodConfig):
     checkpoint_dir: str | None = None
     checkpoint_every: NonNegativeInt = 0
     gradient_checkpointing: bool = False
+    schedule: dict[str, float | str] | None = None
 
     def validate(self) -> None:
         super().validate()
+        self.prune_schedule()  # raises on a bad schedule
         if sum(self.loss_weights().as_dict()[k] for k in ("ce", "kl", "squarehead")) <= 0:
             raise RecipeError(f"{self.label()}: every loss weight is 0; give ce, kl or squarehead > 0")
         if self.seqlen is not None:
             self.check_budget(self.seqlen)
         if self.checkpoint_every and self.checkpoint_dir is None:
             raise RecipeError(f"{self.label()}: checkpoint_every needs a checkpoint_dir")
+
+    def prune_schedule(self) -> PruneSchedule | None:
+        """The gradual-pruning schedule (``None``: the masks stay as the earlier stages left them)."""
+        if self.schedule is None:
+            return None
+        sch = dict(self.schedule)
+        bad = sorted(set(sch) - {"from", "to", "every", "score"})
+        start, end, every, score = (
+            sch.get("from", 0.0),
+            sch.get("to"),
+            sch.get("every", 1),
+            sch.get("score", "magnitude"),
+        )
+        ok = (
+            not bad and isinstance(start, (int, float)) and isinstance(end, (int, float))
+            and 0 <= start <= end < 1 and isinstance(every, int) and every >= 1
+            and score in ("magnitude", "fisher")
+        )  # fmt: skip
+        if not ok:
+            raise RecipeError(
+                f"{self.label()}: schedule must be {{from: s0, to: s, every: k, score: magnitude|fisher}} "
+                f"with 0 <= s0 <= s < 1 and k >= 1, got {self.schedule!r}"
+            )
+        return PruneSchedule(float(start), float(end), int(every), str(score))  # type: ignore[arg-type]
 
     def loss_weights(self) -> LossWeights:
         """The preset's weights with the explicit ones over them."""

@@ -34,6 +34,9 @@ def _expand(t: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
 class GridSTE(nn.Module):
     """Parametrization: the weight rounded onto a fixed grid, gradients passed straight through."""
 
+    scale: torch.Tensor
+    zero: torch.Tensor
+
     def __init__(self, q: QuantState, in_features: int) -> None:
         super().__init__()
         self.register_buffer("scale", _expand(q.scales, in_features, q.group_size))  # [out, in]
@@ -50,6 +53,9 @@ class GridSTE(nn.Module):
 
 class GridScales(nn.Module):
     """Parametrization: frozen codes, trainable group scales (the weight itself is ignored)."""
+
+    codes: torch.Tensor
+    zero: torch.Tensor
 
     def __init__(self, q: QuantState, in_features: int) -> None:
         super().__init__()
@@ -85,30 +91,51 @@ class Constraints:
 
     model: nn.Module
     state: CompressionState
-    masks: list[tuple[nn.Parameter, torch.Tensor]] = dataclasses.field(default_factory=list)
-    grids: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
+    masks: list[tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=list)
+    grids: dict[str, nn.Linear] = dataclasses.field(default_factory=dict)
     hooks: list[torch.utils.hooks.RemovableHandle] = dataclasses.field(default_factory=list)
+    #: the layers a pruning schedule re-masks: name -> (weight, keep mask in the weight's dtype)
+    keeps: dict[str, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def attach(cls, model: nn.Module, state: CompressionState, train: str = "weights") -> Constraints:
-        """Masked gradients and grid parametrizations on every recorded layer of ``model``."""
+    def attach(
+        cls,
+        model: nn.Module,
+        state: CompressionState,
+        train: str = "weights",
+        scheduled: tuple[str, ...] = (),
+    ) -> Constraints:
+        """Masked gradients and grid parametrizations on every recorded layer of ``model``, and a
+        keep mask on every ``scheduled`` layer (gradual pruning)."""
         check_trainable(state)
         c = cls(model, state)
+        for name in scheduled:
+            r = state.layers.get(name)
+            if r is not None and r.quant is not None:
+                raise ModelError(f"distill: schedule cannot prune the quantized layer {name!r}")
+            w = _module(model, name).weight
+            mask = torch.ones_like(w, dtype=torch.bool) if r is None or r.mask is None else r.mask
+            c.keeps[name] = (w, c._mask(w, mask))
         for name, r in state.layers.items():
             mod = _module(model, name)
-            w = mod.weight
+            w: torch.Tensor = mod.weight
             if r.quant is not None:
-                p = (GridScales if train == "scales" else GridSTE)(r.quant.to(w.device), w.shape[1])
-                parametrize.register_parametrization(mod, "weight", p)
+                grid = GridScales if train == "scales" else GridSTE
+                parametrize.register_parametrization(mod, "weight", grid(r.quant.to(w.device), w.shape[1]))
                 c.grids[name] = mod
-                w = mod.parametrizations.weight.original
+                w = _latent(mod)
                 w.requires_grad_(train != "scales")
-            if r.mask is not None and w.requires_grad:
-                keep = r.mask.to(device=w.device, dtype=w.dtype)  # [out, in]
-                c.masks.append((w, keep))
-                c.hooks.append(w.register_hook(lambda g, k=keep: g * k))
+            if r.mask is not None and w.requires_grad and name not in c.keeps:
+                c._mask(w, r.mask)
         c.apply_masks()
         return c
+
+    def _mask(self, w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mask ``w``'s gradient and re-apply ``mask`` after each step; returns the keep tensor."""
+        keep = mask.to(device=w.device, dtype=w.dtype)  # [out, in]
+        self.masks.append((w, keep))
+        self.hooks.append(w.register_hook(lambda g, k=keep: g * k))
+        return keep
 
     @torch.no_grad()
     def apply_masks(self) -> None:
@@ -126,8 +153,8 @@ class Constraints:
         for name, mod in self.grids.items():
             r = self.state.layers[name]
             assert r.quant is not None
-            grid = mod.parametrizations.weight[0]
-            latent = mod.parametrizations.weight.original
+            grid = _grid(mod)
+            latent = _latent(mod)
             if isinstance(grid, GridScales):
                 q = dataclasses.replace(
                     r.quant, scales=grid.scales.detach().float().cpu().to(r.quant.scales.dtype)
@@ -140,12 +167,25 @@ class Constraints:
         return list(self.grids)
 
 
-def _module(model: nn.Module, name: str) -> nn.Module:
+def _latent(mod: nn.Module) -> nn.Parameter:
+    """The trained weight behind a parametrized layer's ``weight``."""
+    latent = mod.parametrizations.weight.original  # type: ignore[union-attr]
+    assert isinstance(latent, nn.Parameter)
+    return latent
+
+
+def _grid(mod: nn.Module) -> GridSTE | GridScales:
+    grid = mod.parametrizations.weight[0]  # type: ignore[index,union-attr]
+    assert isinstance(grid, (GridSTE, GridScales))
+    return grid
+
+
+def _module(model: nn.Module, name: str) -> nn.Linear:
     try:
-        mod = model.get_submodule(name)
+        mod: nn.Module | None = model.get_submodule(name)
     except AttributeError:
         mod = None
-    if mod is None or not is_linear(mod) or not isinstance(mod, nn.Linear):
+    if not isinstance(mod, nn.Linear) or not is_linear(mod):
         raise ModelError(
             f"distill: compressed layer {name!r} is not a plain linear layer of the model "
             f"(fused experts?); a recovery stage cannot train it yet"
@@ -155,7 +195,7 @@ def _module(model: nn.Module, name: str) -> nn.Module:
 
 def set_trainable(model: nn.Module) -> None:
     """Every parameter trains but the embeddings and the output head."""
-    frozen = set()
+    frozen: set[int] = set()
     for m in (model.get_input_embeddings(), model.get_output_embeddings()):  # type: ignore[operator]
         if m is not None:
             frozen.update(id(p) for p in m.parameters())

@@ -30,9 +30,10 @@ from llmpress.engine.calibration import (
     read_documents,
     tokenize_documents,
 )
-from llmpress.errors import CalibrationError
+from llmpress.errors import CalibrationError, ModelError
 from llmpress.train.constraints import Constraints, set_trainable
 from llmpress.train.losses import LossWeights, combined
+from llmpress.train.schedule import GradualPruning, PruneSchedule
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class Outcome:
     wall_s: float
     resumed_from: int
     quantized: list[str]
+    #: the final keep masks of the layers a pruning schedule pruned
+    masks: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def windows(tokenizer: Any, source: CalibrationSource, n: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -142,6 +145,13 @@ class _Run:
     step: int = 0
     curve: list[tuple[int, float]] = dataclasses.field(default_factory=list)
     evals: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    pruning: GradualPruning | None = None
+
+    def _pruning_tensors(self) -> dict[str, torch.Tensor]:
+        if self.pruning is None:
+            return {}
+        out = {f"keep:{n}": keep for n, (_, keep) in self.pruning.layers.items()}
+        return {**out, **{f"fisher:{n}": f for n, f in self.pruning.fisher.items()}}
 
     def state(self, key: dict[str, Any]) -> dict[str, Any]:
         rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -156,12 +166,15 @@ class _Run:
             "rng": rng,
             "curve": list(self.curve),
             "evals": list(self.evals),
+            "pruning": {n: t.detach().cpu().clone() for n, t in self._pruning_tensors().items()},
         }
 
     @torch.no_grad()
     def restore(self, ckpt: dict[str, Any]) -> None:
         for n, p in self.params:
             p.copy_(ckpt["params"][n].to(p.device))
+        for n, t in self._pruning_tensors().items():
+            t.copy_(ckpt["pruning"][n].to(t.device))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -210,6 +223,7 @@ def train(
     data: TrainData,
     device: torch.device,
     progress: bool = True,
+    schedule: PruneSchedule | None = None,
 ) -> Outcome:
     """Train ``model`` in place (``constraints_of(model)`` attaches the masks and grids and
     its ``finish()`` re-rounds them) and return what the run did."""
@@ -217,15 +231,26 @@ def train(
 
     acc = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
     steps = opts.steps(acc.num_processes)
+    if data.windows.shape[0] < steps * opts.tokens_per_step(acc.num_processes) // opts.seqlen:
+        raise ModelError(
+            f"distill: accelerate sees {acc.num_processes} processes but the data were drawn for fewer; "
+            f"start several processes with `accelerate launch` or `torchrun`"
+        )
     home = next(model.parameters()).device
+    dtypes = {n: t.dtype for n, t in [*model.named_parameters(), *model.named_buffers()]}
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.to(acc.device)
+    model.to(acc.device, torch.float32)  # fp32 master weights; accelerate autocasts to bf16 on a GPU
     set_trainable(model)
     cons: Constraints = constraints_of(model)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    pruning = None if schedule is None else GradualPruning(schedule, cons.keeps)
     optimizer = torch.optim.AdamW([p for _, p in params], lr=opts.lr, weight_decay=opts.weight_decay)
     run = _Run(params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, opts.warmup)))
-    key = {"options": dataclasses.asdict(opts), "weights": weights.as_dict(), "world": acc.num_processes}
+    run.pruning = pruning
+    key = {
+        "options": dataclasses.asdict(opts), "weights": weights.as_dict(), "world": acc.num_processes,
+        "schedule": None if schedule is None else dataclasses.asdict(schedule),
+    }  # fmt: skip
     path = Path(opts.checkpoint_dir) / CHECKPOINT_FILE if opts.checkpoint_dir else None
     ckpt = load_checkpoint(path, key) if path is not None else None
     torch.manual_seed(opts.seed)
@@ -234,7 +259,8 @@ def train(
         run.restore(ckpt)
     resumed = run.step
     if opts.gradient_checkpointing:
-        model.gradient_checkpointing_enable()  # type: ignore[operator]
+        # non-reentrant: the frozen embeddings' output needs no grad for the blocks' to flow
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
     wrapped = acc.prepare(model)
     if teacher is not None:
         teacher.to(acc.device)
@@ -249,13 +275,23 @@ def train(
             model.gradient_checkpointing_disable()  # type: ignore[operator]
         if teacher is not None:
             teacher.to("cpu")
-    quantized = cons.finish()
-    model.to(home)
-    for p, f in flags:
-        p.requires_grad_(f)
+        masks = {} if pruning is None else pruning.masks()
+        quantized = cons.finish()  # also after an interruption: the model keeps its format
+        model.to(home)
+        _cast(model, dtypes)
+        for p, f in flags:
+            p.requires_grad_(f)
     wall = time.perf_counter() - t0
     tokens = steps * opts.tokens_per_step(acc.num_processes)
-    return Outcome(steps, tokens, run.curve, run.evals, wall, resumed, quantized)
+    return Outcome(steps, tokens, run.curve, run.evals, wall, resumed, quantized, masks)
+
+
+@torch.no_grad()
+def _cast(model: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Every parameter and buffer back in the dtype it had before training."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name in dtypes and t.dtype != dtypes[name]:
+            t.data = t.data.to(dtypes[name])
 
 
 def _batches(
@@ -290,7 +326,7 @@ def _step(
                 None if t_out is None else t_out.logits, None if t_out is None else t_out.hidden_states,
             )  # fmt: skip
             acc.backward(loss / len(batches))
-        total += float(loss) / len(batches)
+        total += float(loss.detach()) / len(batches)
     return total
 
 
@@ -314,6 +350,8 @@ def _loop(
     every = max(1, steps // 100)  # loss-curve resolution
     if data.eval_ids is not None and not run.evals:
         run.evals.append((0, perplexity(model, data.eval_ids, opts.batch_size, acc.device)))
+    if run.pruning is not None and run.step == 0:
+        run.pruning.select(0, steps)
     bar = tqdm(total=steps, initial=run.step, disable=not progress or not acc.is_main_process, desc="distill")
     t0, first = time.perf_counter(), run.step
     params = [p for _, p in run.params]
@@ -326,6 +364,8 @@ def _loop(
         run.optimizer.zero_grad(set_to_none=True)
         cons.apply_masks()
         run.step += 1
+        if run.pruning is not None and run.pruning.schedule.due(run.step, steps):
+            run.pruning.select(run.step, steps)
         if run.step % every == 0 or run.step == steps:
             run.curve.append((run.step, loss))
         due = opts.eval_every and run.step % opts.eval_every == 0

@@ -68,13 +68,13 @@ def combined(
     parts: dict[str, float] = {}
     if w.ce > 0:
         v = ce(logits, ids)
-        total, parts["ce"] = total + w.ce * v, float(v)
+        total, parts["ce"] = total + w.ce * v, float(v.detach())
     if w.kl > 0:
         assert t_logits is not None
         v = kl(logits, t_logits, w.temperature)
-        total, parts["kl"] = total + w.kl * v, float(v)
+        total, parts["kl"] = total + w.kl * v, float(v.detach())
     if w.squarehead > 0:
         assert hidden is not None and t_hidden is not None
         v = squarehead(hidden, t_hidden)
-        total, parts["squarehead"] = total + w.squarehead * v, float(v)
+        total, parts["squarehead"] = total + w.squarehead * v, float(v.detach())
     return total, parts

@@ -17,9 +17,11 @@ from torch import nn
 from llmpress.engine import distributed
 from llmpress.engine.calibration import CalibrationSource
 from llmpress.engine.record import RunRecord
-from llmpress.engine.stage import ModelContext, ModelStage
+from llmpress.engine.stage import BoundStage, ModelContext, ModelStage
 from llmpress.errors import CalibrationError, ModelError, RecipeError
 from llmpress.model.modules import find_blocks
+from llmpress.model.results import LayerResult
+from llmpress.recipe.config import QuantConfig
 from llmpress.train.config import DEFAULT_SEQLEN, RecoveryConfig
 from llmpress.train.constraints import Constraints, check_trainable
 from llmpress.train.loop import Outcome, TrainData, eval_windows, train, windows
@@ -66,6 +68,10 @@ def check_after_compression(record: RunRecord, label: str) -> None:
         )
 
 
+def _world() -> int:
+    return distributed.world_size() if distributed.is_initialized() else 1
+
+
 def _describe(source: object) -> str:
     if isinstance(source, torch.Tensor):
         return f"token ids {list(source.shape)}"
@@ -74,16 +80,69 @@ def _describe(source: object) -> str:
     return str(source)
 
 
+def check_formats(before: list[BoundStage], label: str) -> None:
+    """Refuse, before any work, a stage before the recovery whose format cannot train: FP8
+    (a format that quantizes without an integer grid) and W8A8 (quantized inputs)."""
+    for s in before:
+        c = s.config
+        if c.quantizes and not isinstance(c, QuantConfig):
+            raise ModelError(
+                f"{label}: a recovery stage cannot train the layers of {s.name} (not an integer grid, "
+                f"e.g. fp8): put distill before it"
+            )
+        if isinstance(c, QuantConfig) and c.activation_scheme() is not None:
+            raise ModelError(
+                f"{label}: a recovery stage cannot train the W8A8 layers of {s.name} "
+                f"(activations {c.activations!r}): put distill before it"
+            )
+
+
 class Distill(ModelStage):
     """Recovery training of the whole model (the stage's ``targets`` are not used)."""
 
-    def run(self, ctx: ModelContext) -> None:
+    _loaded: nn.Module | None = None
+
+    def _config(self) -> RecoveryConfig:
         cfg = self.config
         assert isinstance(cfg, RecoveryConfig)
-        check_after_compression(ctx.record, self.stage.name)
+        return cfg
+
+    def _seqlen(self, ids: torch.Tensor | None) -> int:
+        cfg = self._config()
+        return cfg.seqlen or (int(ids.shape[1]) if ids is not None else DEFAULT_SEQLEN)
+
+    def check(self, model: nn.Module, stages: list[BoundStage], ids: torch.Tensor | None) -> None:
+        """Everything that can be known before the run: a compression stage before this one,
+        trainable formats, the budget, the teacher's vocabulary and architecture."""
+        cfg, name = self._config(), self.stage.name
+        before = [s for s in stages if s.index < self.stage.index]
+        if not before and cfg.schedule is None:
+            raise RecipeError(
+                f"{name}: a recovery stage must come after a compression stage (it is the first "
+                f"stage); move it after a pruning or quantization stage"
+            )
+        check_formats(before, name)
+        cfg.check_budget(self._seqlen(ids), _world())
+        w = cfg.loss_weights()
+        if w.squarehead > 0 and any(s.config.prunes_hidden() for s in before):
+            raise ModelError(
+                f"{name}: squarehead compares hidden states of the teacher's width, but a stage "
+                f"before it prunes the hidden width; use kl/ce instead"
+            )
+        if w.needs_teacher and cfg.teacher is not None:
+            from llmpress.format.loading import load_model
+
+            teacher, _ = load_model(cfg.teacher, dtype=torch.float32, device="cpu", tokenizer=False)
+            self._loaded = teacher.eval().requires_grad_(False)
+            check_teacher(self._loaded, model, LossWeights(kl=1.0))  # vocabulary and architecture
+
+    def run(self, ctx: ModelContext) -> None:
+        cfg = self._config()
+        if cfg.schedule is None:
+            check_after_compression(ctx.record, self.stage.name)
         check_trainable(ctx.record.state)
-        world = distributed.world_size() if distributed.is_initialized() else 1
-        seqlen = cfg.seqlen or (int(ctx.ids.shape[1]) if ctx.ids is not None else DEFAULT_SEQLEN)
+        world = _world()
+        seqlen = self._seqlen(ctx.ids)
         cfg.check_budget(seqlen, world)
         weights = cfg.loss_weights()
         teacher = self._teacher(ctx, cfg, weights)
@@ -96,12 +155,19 @@ class Distill(ModelStage):
         )
         log.info("%s: %d steps of %d tokens, weights %s", self.stage.name, opts.steps(world),
                  opts.tokens_per_step(world), weights.as_dict())  # fmt: skip
-        state = ctx.record.state
+        state, scheduled = ctx.record.state, self._scheduled(ctx.model) if cfg.schedule else ()
         out = train(
-            ctx.model, teacher, lambda m: Constraints.attach(m, state, cfg.train), weights, opts, data,
-            ctx.device, ctx.progress,
+            ctx.model, teacher, lambda m: Constraints.attach(m, state, cfg.train, scheduled), weights, opts,
+            data, ctx.device, ctx.progress, cfg.prune_schedule(),
         )  # fmt: skip
+        for name, keep in out.masks.items():  # gradual pruning: the final masks, committed
+            ctx.record.commit(name, ctx.model.get_submodule(name), LayerResult(mask=keep), cfg.method)
         self._report(ctx.record, cfg, weights, out, source, seqlen)
+
+    def _scheduled(self, model: nn.Module) -> tuple[str, ...]:
+        """The qualified names of the stage's targets (what a pruning schedule prunes)."""
+        prefix = find_blocks(model)[0]
+        return tuple(f"{prefix}.{i}.{r}" for i, rels in sorted(self.stage.targets.items()) for r in rels)
 
     def _teacher(self, ctx: ModelContext, cfg: RecoveryConfig, w: LossWeights) -> nn.Module | None:
         """The frozen teacher (``None`` when no loss term needs one)."""
@@ -110,8 +176,10 @@ class Distill(ModelStage):
         if cfg.teacher is not None:
             from llmpress.format.loading import load_model
 
-            teacher, _ = load_model(cfg.teacher, dtype=torch.float32, device="cpu", tokenizer=False)
-            teacher.eval().requires_grad_(False)
+            if self._loaded is None:
+                loaded, _ = load_model(cfg.teacher, dtype=torch.float32, device="cpu", tokenizer=False)
+                self._loaded = loaded.eval().requires_grad_(False)
+            teacher = self._loaded
         elif ctx.teacher is not None:
             teacher = ctx.teacher
         else:
