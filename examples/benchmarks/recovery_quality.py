@@ -53,9 +53,10 @@ KL = {"ce": 0.0, "kl": 1.0, "squarehead": 0.0}
 KL_SQH = {"ce": 0.0, "kl": 1.0, "squarehead": 1.0}
 SPARSE_FT = {"preset": "sparse-finetune"}
 HALF_WIDTH = {"ratio": 0.5, "structures": ["heads", "neurons"]}
-#: gradual pruning inside the recovery stage: 50 % -> 70 % on a cubic schedule (the distill
-#: stage's ``schedule:`` options); it starts from one-shot SparseGPT at 50 %
-GRADUAL = {"sparsity": 0.7, "start": 0.5, "every": 16, "score": "fisher"}
+#: gradual pruning inside the recovery stage: 50 % -> 70 % on a cubic schedule, the mask
+#: re-selected every ``--prune-every`` steps by a diagonal-Fisher score; it starts from
+#: one-shot SparseGPT at 50 %
+GRADUAL = {"from": 0.5, "to": 0.7, "every": 16, "score": "fisher"}
 
 #: row -> (compression stages, distill-stage loss options)
 ROWS: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
@@ -92,6 +93,7 @@ def _parse_args() -> argparse.Namespace:
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps")
+    ap.add_argument("--prune-every", type=int, default=16, help="gradual70: steps between mask updates")
     ap.add_argument("--max-tokens", type=int, default=None, help="score only the first N eval tokens")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -106,6 +108,8 @@ def _parse_args() -> argparse.Namespace:
 
 
 def _distill_stage(a: argparse.Namespace, loss: dict[str, Any], tokens: int) -> dict[str, Any]:
+    if "schedule" in loss:
+        loss = {**loss, "schedule": {**loss["schedule"], "every": a.prune_every}}
     return {
         "method": "distill",
         **loss,
