@@ -23,7 +23,7 @@ reconstruction loss), ``plot`` (relative PNG path or None),
 ``calibration``, ``compute`` (``{device, world_size, devices, wall_time, versions}``), ``usage`` (Python code),
 ``citations`` (``{method, bibtex}``), ``missing_citations``, ``evaluations`` (``{task, metric,
 value, stderr, samples, notes, baseline, recovery}``), ``has_baseline``, ``recovery`` (None, or ``{tokens, steps, preset, loss, teacher, data, seqlen,
-wall_time, tokens_per_s, rows: [{label, ppl}], has_eval, eval_text, gap_closed, plot, record}``), ``tags``, ``quantized``, ``license``, ``pipeline_tag``.
+wall_time, tokens_per_s, schedule, rows: [{label, ppl}], has_eval, eval_text, gap_closed, plot, record}``), ``tags``, ``quantized``, ``license``, ``pipeline_tag``.
 """
 
 from __future__ import annotations
@@ -464,6 +464,8 @@ class RecoveryRecord(BaseModel):
     tokens_per_s: float | None = None
     curves: dict[str, Points] = Field(default_factory=dict)
     evals: Points = Field(default_factory=list)
+    #: gradual pruning during training (``{from, to, every, score}``), if the stage had one
+    schedule: dict[str, float | str] | None = None
     eval_text: str | None = None
     base: float | None = None
     before: float | None = None
@@ -510,6 +512,16 @@ def _data_text(data: str | None) -> str:
     if not data:
         return "the calibration source"
     return f"`{_public_name(data)}`" if " " not in data else f"the calibration {data}"
+
+
+def _schedule_text(schedule: dict[str, float | str] | None) -> str | None:
+    """Gradual pruning during training, in words (``None``: the masks were fixed)."""
+    if not schedule or "to" not in schedule:
+        return None
+    start, end = float(schedule.get("from", 0.0)), float(schedule["to"])
+    every, score = schedule.get("every"), schedule.get("score", "magnitude")
+    how = f", the mask re-selected every {int(float(every))} steps by {score} score" if every else ""
+    return f"Sparsity rose from {100 * start:.0f} % to {100 * end:.0f} % during training on a cubic schedule{how}."
 
 
 def recovery_citations(rec: RecoveryRecord, known: Sequence[dict[str, str]]) -> list[dict[str, str]]:
@@ -577,6 +589,7 @@ def recovery_context(
             {"label": "compressed, before recovery", "ppl": _fmt_ppl(rec.before)},
             {"label": "compressed, after recovery", "ppl": _fmt_ppl(rec.after)},
         ],
+        "schedule": _schedule_text(rec.schedule),
         "has_eval": rec.before is not None or rec.after is not None,
         "eval_text": f"`{_public_name(rec.eval_text)}`" if rec.eval_text else "held-out text",
         "gap_closed": closed,

@@ -149,6 +149,18 @@ def test_citations_follow_the_losses_and_skip_what_is_cited() -> None:
     assert recovery_citations(both, known) == [{"method": "distill", "bibtex": RECOVERY_CITATIONS["kl"]}]
 
 
+def test_gradual_pruning_is_described_instead_of_fixed_masks(saved: Path, tmp_path: Path) -> None:
+    schedule = {"from": 0.5, "to": 0.7, "every": 16, "score": "fisher"}
+    sec = _section(build_card(_with_recovery(saved, tmp_path, {**RECORD, "schedule": schedule})).text)
+    assert (
+        "Sparsity rose from 50 % to 70 % during training" in sec and "every 16 steps by fisher score" in sec
+    )
+    assert "pruned weights stay zero" not in sec
+    assert "pruned weights stay zero" in _section(
+        build_card(_with_recovery(saved, tmp_path / "b", RECORD)).text
+    )
+
+
 def test_record_without_evaluations_shows_no_table() -> None:
     ctx = recovery_context({"tokens": 100, "steps": 2, "kl": 1.0, "squarehead": 1.0}, None)
     assert ctx is not None and not ctx["has_eval"] and ctx["plot"] is None and ctx["gap_closed"] is None
