@@ -757,6 +757,17 @@ def _cited_methods(info: FolderInfo) -> list[str]:
     )
 
 
+def _citations(
+    info: FolderInfo, recovery: dict[str, Any] | None, pm: Any
+) -> tuple[list[dict[str, str]], list[str]]:
+    """The methods' citations (and those missing), plus the recovery papers not cited yet."""
+    citations, missing = method_citations(_cited_methods(info), pm)
+    if recovery is not None:
+        citations += recovery_citations(recovery["record"], citations)
+        missing = [m for m in missing if m != "distill"]
+    return citations, missing
+
+
 def _card_data(
     hub_id: str | None,
     quantized: bool,
@@ -765,7 +776,7 @@ def _card_data(
     model_name: str,
     records: list[EvalRecord],
     pipeline_tag: str | None,
-    trained: bool = False,
+    recovery: dict[str, Any] | None = None,
 ) -> ModelCardData:
     """The card's metadata (YAML header)."""
     from huggingface_hub import ModelCardData
@@ -775,7 +786,7 @@ def _card_data(
         # The Hub defines base_model_relation in {adapter, merge, quantized, finetune}. Pruned-only
         # models fit none of them (no training, no new weights besides zeros), so it is omitted.
         relation["base_model_relation"] = "quantized"
-    elif hub_id is not None and trained:  # a recovery stage trained the weights
+    elif hub_id is not None and recovery is not None:  # a recovery stage trained the weights
         relation["base_model_relation"] = "finetune"
     return ModelCardData(
         base_model=hub_id,
@@ -850,18 +861,13 @@ def build_card_context(
     records = [
         EvalRecord.from_dict(r) for r in (info.evaluation or {}).get("results", []) if isinstance(r, dict)
     ]
-    citations, missing = method_citations(_cited_methods(info), pm)
     recovery = recovery_context(report.recovery, path if write_plot else None, records)
-    if recovery is not None:
-        citations += recovery_citations(recovery["record"], citations)
-        missing = [m for m in missing if m != "distill"]
+    citations, missing = _citations(info, recovery, pm)
     plot = _allocation_plot(info, mods, quantized) if write_plot and mods else None
     sparsity = report.overall_sparsity
     summary = _summary(info, hub_id, base_name, stages, len(mods), size, sparsity, quantized)
     tag_list = _tags(info, tags)
-    data = _card_data(
-        hub_id, quantized, license, tag_list, model_name, records, pipeline_tag, trained=recovery is not None
-    )
+    data = _card_data(hub_id, quantized, license, tag_list, model_name, records, pipeline_tag, recovery)
     variables: dict[str, Any] = {
         "model_name": model_name,
         "repo_id": repo_id,
