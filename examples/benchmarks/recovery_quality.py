@@ -24,9 +24,22 @@ Kurtic et al.).
 The one-shot model is compressed once per row; each budget recompresses it (same seed, the same
 model) because a recipe's ``distill`` stage must follow a compression stage in the same run.
 
-Measured table: not measured yet (the distill stage landed on 2026-12-06; a CPU run of the full
-table is ~100 CPU-hours, see the README's Recovery section). Paste the table printed by a GPU
-run here.
+Measured (2026-12-06) only as a quick CPU run, 2 CPU cores shared with other jobs (the train
+seconds and tokens/s are noisy); the default 1M/4M budgets need a GPU (5M training tokens per
+row at ~100 tokens/s is ~14 hours on these cores). ``--tokens 8192,32768 --max-tokens 16384
+--seqlen 256 --batch-size 4 --lr 3e-4 --nsamples 32 --threads 2`` (``--prune-every 4``):
+
+| row | one-shot ppl | ppl after 8.192k | train s 8.192k | tokens/s 8.192k | ppl after 32.768k | train s 32.768k | tokens/s 32.768k | gap closed at 32.768k % |
+|---|---|---|---|---|---|---|---|---|
+| dense | 7.258 | - | - | - | - | - | - | - |
+| minitron-ce | 98.834 | 24.339 | 48 | 172 | 19.158 | 351 | 93 | 87 |
+| minitron-kl+sqh | 98.834 | 22.676 | 112 | 73 | 17.296 | 128 | 256 | 89 |
+| sparsegpt70 | 17.666 | 14.543 | 69 | 119 | 13.130 | 778 | 42 | 43 |
+
+Even at 8k-33k tokens (under 1 % of the default budgets) recovery closes most of the
+50 % structured gap, and KL + SquareHead beats CE alone at equal tokens (17.3 against 19.2);
+70 % SparseGPT closes 43 % of its (smaller) gap. Not yet measured: FLAP, KL only, 2:4, 3-bit
+GPTQ, ``gradual70``, and every row at 1M/4M tokens.
 """
 
 from __future__ import annotations
