@@ -42,7 +42,7 @@ Even at 8k-33k tokens (under 1 % of the default budgets) recovery closes most of
 70 % SparseGPT closes 43 % of its (smaller) gap. ``gradual70`` (its one-shot column: SparseGPT
 at 50 %, where it starts) is far worse than one-shot 70 % plus recovery at 8k tokens (50.3
 against 14.5): over 8 steps the cubic ramp prunes the last 20 % by score without SparseGPT's
-reconstruction and reaches 70 % at the final step, leaving no steps to recover; the papers'
+reconstruction and reaches 70 % after 6 of them, leaving 2 steps to recover; the papers'
 gradual runs are thousands of steps long. Not yet measured: FLAP, KL only, 2:4, 3-bit GPTQ,
 ``gradual70`` at more steps, and every row at 1M/4M tokens.
 """
