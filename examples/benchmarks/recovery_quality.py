@@ -35,11 +35,11 @@ row at ~100 tokens/s is ~14 hours on these cores). ``--tokens 8192,32768 --max-t
 | minitron-ce | 98.834 | 24.339 | 48 | 172 | 19.158 | 351 | 93 | 87 |
 | minitron-kl+sqh | 98.834 | 22.676 | 112 | 73 | 17.296 | 128 | 256 | 89 |
 | sparsegpt70 | 17.666 | 14.543 | 69 | 119 | 13.130 | 778 | 42 | 43 |
-| minitron-kl | 98.834 | 23.509 | 33 | 251 | - | - | - | - |
+| minitron-kl | 98.834 | 23.509 | 33 | 251 | 18.215 | 182 | 180 | 88 |
 | gradual70 | 8.508 (at 50 %) | 50.276 | 182 | 45 | 107818.668 | 264 | 124 | - |
 
 Even at 8k-33k tokens (under 1 % of the default budgets) recovery closes most of the
-50 % structured gap, and KL + SquareHead beats CE alone at equal tokens (17.3 against 19.2);
+50 % structured gap, and KL + SquareHead beats CE alone at equal tokens (17.3 against 19.2 at 32k);
 70 % SparseGPT closes 43 % of its (smaller) gap. ``gradual70`` (its one-shot column: SparseGPT
 at 50 %, where it starts) is far worse than one-shot 70 % plus recovery at 8k tokens (50.3
 against 14.5): over 8 steps the cubic ramp prunes the last 20 % by score without SparseGPT's
@@ -47,8 +47,8 @@ reconstruction and reaches 70 % after 6 of them, leaving 2 steps to recover; the
 gradual runs are thousands of steps long. At 32k tokens (32 steps, a Fisher re-selection every
 4) it diverges to a perplexity of 1e5: not explained yet (a fault of the schedule, the Fisher
 score or the lr 3e-4 with masks changing under AdamW's moments); to investigate before its
-numbers mean anything. KL alone sits between CE and KL + SquareHead at 8k tokens (23.5). Not
-yet measured: FLAP, 2:4, 3-bit GPTQ, KL alone at 32k, and every row at 1M/4M tokens.
+numbers mean anything. KL alone sits between CE and KL + SquareHead at both budgets (23.5 and
+18.2). Not yet measured: FLAP, 2:4, 3-bit GPTQ, and every row at 1M/4M tokens.
 """
 
 from __future__ import annotations
