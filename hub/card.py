@@ -22,7 +22,8 @@ None: only a repo id is valid ``base_model`` metadata), ``base_label``, ``summar
 reconstruction loss), ``plot`` (relative PNG path or None),
 ``calibration``, ``compute`` (``{device, world_size, devices, wall_time, versions}``), ``usage`` (Python code),
 ``citations`` (``{method, bibtex}``), ``missing_citations``, ``evaluations`` (``{task, metric,
-value, stderr, samples, notes, baseline, recovery}``), ``has_baseline``, ``tags``, ``quantized``, ``license``, ``pipeline_tag``.
+value, stderr, samples, notes, baseline, recovery}``), ``has_baseline``, ``recovery`` (None, or ``{tokens, steps, preset, loss, teacher, data, seqlen,
+wall_time, tokens_per_s, schedule, rows: [{label, ppl}], has_eval, eval_text, gap_closed, plot, record}``), ``tags``, ``quantized``, ``license``, ``pipeline_tag``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from llmpress.cli.eval_harness import EvalRecord
 from llmpress.format.output import atomic_write
@@ -235,6 +237,8 @@ def _describe_stage(stage: dict[str, Any]) -> str:
                 else "per token at run time (dynamic)"
             )
             text += f"; activations quantized to INT8 {how}"
+    elif method == "distill":
+        text = _describe_distill(stage)
     else:
         text = f"{name}"
     if stage.get("targets"):
@@ -242,6 +246,16 @@ def _describe_stage(stage: dict[str, Any]) -> str:
     if stage.get("ignore"):
         text += f" except {', '.join(map(str, stage['ignore']))}"
     return text
+
+
+def _describe_distill(stage: dict[str, Any]) -> str:
+    """A recovery stage: its loss (preset or weights) and token budget."""
+    weights = {k: stage[k] for k in ("ce", "kl", "squarehead") if stage.get(k)}
+    loss = " + ".join(f"{k} {v:g}" for k, v in weights.items()) or "default loss: ce 1 + squarehead 1"
+    if stage.get("preset"):
+        loss = f"preset {stage['preset']}" + (f", {loss}" if weights else "")
+    tokens = f" on {int(stage['tokens']):,} tokens" if isinstance(stage.get("tokens"), (int, float)) else ""
+    return f"recovery training by distillation from the uncompressed model ({loss}){tokens}, the compression kept"
 
 
 def _tags(info: FolderInfo, extra: Sequence[str]) -> list[str]:
@@ -252,6 +266,8 @@ def _tags(info: FolderInfo, extra: Sequence[str]) -> list[str]:
             tags += ["sparse", f"{s.get('pattern') or 'unstructured'}-sparsity"]
         if "bits" in s:
             tags += ["quantized", f"{s['bits']}-bit"]
+        if s.get("method") == "distill":
+            tags.append("distillation")
     if info.quantized:
         bits = {m.nominal_bits for m in info.modules() if m.nominal_bits}
         tags += ["quantized", *(f"{b}-bit" for b in sorted(bits))]
@@ -357,6 +373,229 @@ def _calibration_text(calib: dict[str, Any]) -> str:
         f"{calib.get('nsamples', '?')} sequences of {calib.get('seqlen', '?')} tokens{where}, "
         f"random windows with seed {calib.get('seed', 0)}."
     )
+
+
+# ----------------------------------------------------------------------------- recovery
+
+
+RECOVERY_PLOT_FILE = "llmpress_recovery.png"
+
+#: the papers a recovery stage rests on, by the loss it used (BibTeX key -> entry)
+RECOVERY_CITATIONS = {
+    "squarehead": """@article{kurtic2023sparse,
+  title={Sparse Fine-tuning for Inference Acceleration of Large Language Models},
+  author={Kurtic, Eldar and Kuznedelev, Denis and Frantar, Elias and Goin, Michael and Alistarh, Dan},
+  journal={arXiv preprint arXiv:2310.06927},
+  year={2023}
+}""",
+    "kl": """@article{muralidharan2024minitron,
+  title={Compact Language Models via Pruning and Knowledge Distillation},
+  author={Muralidharan, Saurav and Sreenivas, Sharath Turuvekere and Joshi, Raviraj and Chochowski, Marcin and Patwary, Mostofa and Shoeybi, Mohammad and Catanzaro, Bryan and Kautz, Jan and Molchanov, Pavlo},
+  journal={arXiv preprint arXiv:2407.14679},
+  year={2024}
+}""",
+}
+#: the loss weights of the distill stage's presets (used when the record names only the preset)
+RECOVERY_PRESETS = {"sparse-finetune": {"ce": 1.0, "squarehead": 1.0}, "minitron": {"kl": 1.0}}
+_LOSS_NAMES = {"ce": "cross-entropy on the data", "kl": "KL divergence to the teacher's logits",
+               "squarehead": "SquareHead (normalised hidden-state MSE per block)"}  # fmt: skip
+Points = list[tuple[int, float]]
+
+
+def _perplexity(value: object) -> float | None:
+    """A perplexity from a number or an evaluation dict (``perplexity`` / ``ppl``)."""
+    if isinstance(value, dict):
+        value = value.get("perplexity", value.get("ppl"))
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _points(values: object, key: str = "loss") -> Points:
+    """``(step, value)`` points from a list of numbers, of pairs, or of ``{step, key}`` dicts."""
+    out: Points = []
+    for i, v in enumerate(values if isinstance(values, list) else []):
+        if isinstance(v, (int, float)):
+            out.append((i + 1, float(v)))
+        elif isinstance(v, (list, tuple)) and len(v) == 2:
+            out.append((int(v[0]), float(v[1])))
+        elif isinstance(v, dict) and _perplexity(v.get(key, v)) is not None:
+            out.append((int(v.get("step", i + 1)), float(_perplexity(v.get(key, v)) or 0.0)))
+    return out
+
+
+def _base_perplexity(data: dict[str, Any], ev: dict[str, Any]) -> float | None:
+    """The base (teacher) model's perplexity: ``eval_base``/``eval_teacher``/``eval_dense`` or
+    ``eval: {base|teacher|dense}`` (``teacher`` as a string is the teacher's path, not an eval)."""
+    for src, keys in (
+        (data, ("eval_base", "eval_teacher", "eval_dense")),
+        (ev, ("base", "teacher", "dense")),
+    ):
+        for k in keys:
+            if k in src and _perplexity(src[k]) is not None:
+                return _perplexity(src[k])
+    return None
+
+
+def _loss_curves(raw: object) -> dict[str, Points]:
+    """Per loss name its points: from a list (one curve ``loss``, or per-step dicts holding
+    ``loss``, ``ce``, ``kl``, ``squarehead``) or a dict of lists."""
+    if isinstance(raw, dict):
+        return {str(k): _points(v) for k, v in raw.items() if _points(v)}
+    if isinstance(raw, list) and raw and all(isinstance(r, dict) for r in raw):
+        names = [k for k in ("loss", "ce", "kl", "squarehead") if any(k in r for r in raw)]
+        return {k: _points([r for r in raw if k in r], k) for k in names}
+    return {"loss": _points(raw)} if _points(raw) else {}
+
+
+class RecoveryRecord(BaseModel):
+    """A recovery stage's course as the card reads it from ``CompressionReport.recovery``
+    (tolerant of the spellings: ``eval_before`` or ``eval: {before}``, ``loss_curve`` or ``loss``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    tokens: int = 0
+    steps: int = 0
+    preset: str | None = None
+    weights: dict[str, float] = Field(default_factory=dict)
+    temperature: float | None = None
+    teacher: str | None = None
+    data: str | None = None
+    seqlen: int | None = None
+    wall_s: float | None = None
+    tokens_per_s: float | None = None
+    curves: dict[str, Points] = Field(default_factory=dict)
+    evals: Points = Field(default_factory=list)
+    #: gradual pruning during training (``{from, to, every, score}``), if the stage had one
+    schedule: dict[str, float | str] | None = None
+    eval_text: str | None = None
+    base: float | None = None
+    before: float | None = None
+    after: float | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalise(cls, data: Any) -> Any:  # noqa: ANN401 - the report's raw dict
+        if not isinstance(data, dict):
+            return data
+        raw_ev, raw_w = data.get("eval"), data.get("weights") or data.get("loss_weights") or data
+        ev: dict[str, Any] = raw_ev if isinstance(raw_ev, dict) else {}
+        weights = {k: float(raw_w[k]) for k in _LOSS_NAMES if isinstance(raw_w.get(k), (int, float))}
+        return {
+            **data,
+            "weights": {k: v for k, v in weights.items() if v} or RECOVERY_PRESETS.get(str(data.get("preset")), {}),
+            "temperature": data.get("temperature", raw_w.get("temperature")),
+            "wall_s": data.get("wall_s", data.get("wall_time_s")),
+            "curves": _loss_curves(data.get("loss_curve", data.get("losses", data.get("loss")))),
+            "evals": _points(data.get("evals", ev.get("curve", ev.get("history"))), "perplexity"),
+            "eval_text": ev.get("text") if isinstance(ev.get("text"), str) else data.get("eval_text"),
+            "base": _base_perplexity(data, ev),
+            "before": _perplexity(data.get("eval_before", ev.get("before"))),
+            "after": _perplexity(data.get("eval_after", ev.get("after"))),
+            "teacher": data.get("teacher") if isinstance(data.get("teacher"), str) else None,
+            "data": data.get("data") if isinstance(data.get("data"), str) else None,
+        }  # fmt: skip
+
+
+def _public_name(src: str) -> str:
+    """A local path says nothing to readers (and may leak a home folder): its last part."""
+    return Path(src).name if Path(src).is_absolute() or Path(src).exists() else src
+
+
+def _teacher_text(teacher: str | None) -> str:
+    """A teacher folder or Hub id in backticks; the stage's own words (the default teacher) as they are."""
+    if not teacher or teacher.startswith("the model "):
+        return "the model as it was before the recipe's first stage"
+    return f"`{_public_name(teacher)}`"
+
+
+def _data_text(data: str | None) -> str:
+    """The training data: a file or Hub id in backticks, the stage's description as it is."""
+    if not data:
+        return "the calibration source"
+    return f"`{_public_name(data)}`" if " " not in data else f"the calibration {data}"
+
+
+def _schedule_text(schedule: dict[str, float | str] | None) -> str | None:
+    """Gradual pruning during training, in words (``None``: the masks were fixed)."""
+    if not schedule or "to" not in schedule:
+        return None
+    start, end = float(schedule.get("from", 0.0)), float(schedule["to"])
+    every, score = schedule.get("every"), schedule.get("score", "magnitude")
+    how = f", the mask re-selected every {int(float(every))} steps by {score} score" if every else ""
+    return f"Sparsity rose from {100 * start:.0f} % to {100 * end:.0f} % during training on a cubic schedule{how}."
+
+
+def recovery_citations(rec: RecoveryRecord, known: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """The recovery papers to cite (SquareHead for a hidden-state loss, Minitron for KL; both
+    when the weights are unknown) that ``known`` citations do not already hold."""
+    cited = "\n".join(c["bibtex"] for c in known)
+    losses = [k for k in RECOVERY_CITATIONS if rec.weights.get(k)] or list(RECOVERY_CITATIONS)
+    out = []
+    for loss in losses:
+        bib = RECOVERY_CITATIONS[loss]
+        key = bib.split("{", 1)[1].split(",", 1)[0]
+        if key not in cited:
+            out.append({"method": "distill", "bibtex": bib})
+    return out
+
+
+def _fmt_ppl(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def recovery_context(
+    raw: dict[str, Any] | None, folder: Path | None, records: Sequence[EvalRecord] = ()
+) -> dict[str, Any] | None:
+    """Template variables of the Recovery section (``raw``: the report's ``recovery``), or
+    ``None`` when no recovery stage ran; draws the loss curve into ``folder`` when given.
+
+    The base model's perplexity is the record's; else the ``llmpress eval --baseline`` result
+    of ``records`` on the same text file (by name), if there is one."""
+    if not isinstance(raw, dict):
+        return None
+    rec = RecoveryRecord.model_validate(raw)
+    if rec.base is None and rec.eval_text:
+        name = Path(rec.eval_text).name
+        same = [r.baseline for r in records if r.metric == "perplexity" and r.task == name and r.baseline]
+        rec.base = same[0] if same else None
+    plot = None
+    if folder is not None:
+        from llmpress.hub.plot import recovery_plot
+
+        try:
+            plot = (
+                RECOVERY_PLOT_FILE
+                if recovery_plot(rec.curves, folder / RECOVERY_PLOT_FILE, rec.evals)
+                else None
+            )
+        except OSError as e:  # pragma: no cover - read-only folder
+            log.warning("could not write the recovery plot into %s (%s)", folder, e)
+    closed = None
+    if None not in (rec.base, rec.before, rec.after) and rec.before != rec.base:
+        closed = f"{100 * (rec.before - rec.after) / (rec.before - rec.base):.0f} %"  # type: ignore[operator]
+    loss = " + ".join(f"{w:g} × {_LOSS_NAMES.get(k, k)}" for k, w in rec.weights.items()) or "not recorded"
+    return {
+        "tokens": f"{rec.tokens:,}",
+        "steps": f"{rec.steps:,}",
+        "preset": rec.preset,
+        "loss": loss
+        + (f" (temperature {rec.temperature:g})" if rec.temperature and rec.weights.get("kl") else ""),
+        "teacher": _teacher_text(rec.teacher),
+        "data": _data_text(rec.data),
+        "seqlen": rec.seqlen,
+        "wall_time": f"{rec.wall_s:.0f} s" if rec.wall_s is not None else None,
+        "tokens_per_s": f"{rec.tokens_per_s:,.0f}" if rec.tokens_per_s else None,
+        "rows": [
+            {"label": "base model (teacher)", "ppl": _fmt_ppl(rec.base)},
+            {"label": "compressed, before recovery", "ppl": _fmt_ppl(rec.before)},
+            {"label": "compressed, after recovery", "ppl": _fmt_ppl(rec.after)},
+        ],
+        "schedule": _schedule_text(rec.schedule),
+        "has_eval": rec.before is not None or rec.after is not None,
+        "eval_text": f"`{_public_name(rec.eval_text)}`" if rec.eval_text else "held-out text",
+        "gap_closed": closed,
+        "plot": plot,
+        "record": rec,
+    }
 
 
 # ------------------------------------------------------------------------------ context
@@ -518,6 +757,17 @@ def _cited_methods(info: FolderInfo) -> list[str]:
     )
 
 
+def _citations(
+    info: FolderInfo, recovery: dict[str, Any] | None, pm: Any
+) -> tuple[list[dict[str, str]], list[str]]:
+    """The methods' citations (and those missing), plus the recovery papers not cited yet."""
+    citations, missing = method_citations(_cited_methods(info), pm)
+    if recovery is not None:
+        citations += recovery_citations(recovery["record"], citations)
+        missing = [m for m in missing if m != "distill"]
+    return citations, missing
+
+
 def _card_data(
     hub_id: str | None,
     quantized: bool,
@@ -526,6 +776,7 @@ def _card_data(
     model_name: str,
     records: list[EvalRecord],
     pipeline_tag: str | None,
+    recovery: dict[str, Any] | None = None,
 ) -> ModelCardData:
     """The card's metadata (YAML header)."""
     from huggingface_hub import ModelCardData
@@ -535,6 +786,8 @@ def _card_data(
         # The Hub defines base_model_relation in {adapter, merge, quantized, finetune}. Pruned-only
         # models fit none of them (no training, no new weights besides zeros), so it is omitted.
         relation["base_model_relation"] = "quantized"
+    elif hub_id is not None and recovery is not None:  # a recovery stage trained the weights
+        relation["base_model_relation"] = "finetune"
     return ModelCardData(
         base_model=hub_id,
         library_name=LIBRARY_NAME,
@@ -608,12 +861,13 @@ def build_card_context(
     records = [
         EvalRecord.from_dict(r) for r in (info.evaluation or {}).get("results", []) if isinstance(r, dict)
     ]
-    citations, missing = method_citations(_cited_methods(info), pm)
+    recovery = recovery_context(report.recovery, path if write_plot else None, records)
+    citations, missing = _citations(info, recovery, pm)
     plot = _allocation_plot(info, mods, quantized) if write_plot and mods else None
     sparsity = report.overall_sparsity
     summary = _summary(info, hub_id, base_name, stages, len(mods), size, sparsity, quantized)
     tag_list = _tags(info, tags)
-    data = _card_data(hub_id, quantized, license, tag_list, model_name, records, pipeline_tag)
+    data = _card_data(hub_id, quantized, license, tag_list, model_name, records, pipeline_tag, recovery)
     variables: dict[str, Any] = {
         "model_name": model_name,
         "repo_id": repo_id,
@@ -634,6 +888,7 @@ def build_card_context(
         **_structure_variables(report.structure, path if write_plot else None),
         "plot": plot,
         "allocation": allocation_context(report.allocation, path, write_plot),
+        "recovery": recovery,
         "calibration": _calibration_text(report.calibration),
         "compute": _compute(report),
         "usage": usage_snippet(model_path, auto_class, packed=info.packed, tokenizer=_has_tokenizer(path)),

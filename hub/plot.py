@@ -117,3 +117,44 @@ def widths_plot(layers: Sequence[dict[str, Sequence[int]]], out: str | Path) -> 
     fig.savefig(out, format="png", bbox_inches="tight", metadata={"Software": None})
     log.info("wrote the widths plot %s", out)
     return out
+
+
+def recovery_plot(
+    curves: dict[str, Sequence[tuple[int, float]]],
+    out: str | Path,
+    evals: Sequence[tuple[int, float]] = (),
+) -> Path | None:
+    """Save the loss curve(s) of a recovery (training) stage to ``out`` (PNG).
+
+    :param curves: per loss name (``"loss"``, ``"ce"``, ``"kl"``, ``"squarehead"``), its
+        ``(step, value)`` points.
+    :param evals: held-out perplexity ``(step, value)`` points, drawn on a second axis.
+    :returns: ``out``, or ``None`` when no curve has two points.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    curves = {k: list(v) for k, v in curves.items() if len(v) >= 2}
+    if not curves:
+        log.info("no loss curve to plot")
+        return None
+    fig = Figure(figsize=(7, 3.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for name, points in curves.items():
+        ax.plot([s for s, _ in points], [v for _, v in points], label=name, linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    if len(evals) >= 2:
+        ax2 = ax.twinx()
+        ax2.plot([s for s, _ in evals], [v for _, v in evals], "k--o", markersize=3, label="eval perplexity")
+        ax2.set_ylabel("held-out perplexity")
+        ax2.legend(fontsize="small", loc="upper right")
+    ax.legend(fontsize="small", loc="upper center")
+    ax.set_title("Recovery training: loss per step")
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, format="png", bbox_inches="tight", metadata={"Software": None})
+    log.info("wrote the recovery plot %s", out)
+    return out

@@ -34,3 +34,23 @@ def test_a_benchmark_script_starts_from_its_documented_command() -> None:
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "usage:" in r.stdout
+
+
+def _recovery_script(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(BENCH / "recovery_quality.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_recovery_benchmark_lists_its_rows_and_refuses_bad_arguments_before_any_work() -> None:
+    r = _recovery_script("--help")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for row in ("minitron-kl+sqh", "flap-ce", "sparsegpt70", "sparsegpt24", "gptq3-g128", "gradual70"):
+        assert row in r.stdout
+    r = _recovery_script("--rows", "sparsegpt70,nonsense", "--model", "/nonexistent")
+    assert r.returncode == 2 and "unknown row(s) nonsense" in r.stderr
+    r = _recovery_script("--tokens", "100", "--seqlen", "64", "--batch-size", "2", "--model", "/nonexistent")
+    assert r.returncode == 2 and "smaller than one step (128 tokens)" in r.stderr
