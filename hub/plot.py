@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from llmpress.hub.folder import ModuleStats
@@ -120,7 +120,7 @@ def widths_plot(layers: Sequence[dict[str, Sequence[int]]], out: str | Path) -> 
 
 
 def recovery_plot(
-    curves: dict[str, Sequence[tuple[int, float]]],
+    curves: Mapping[str, Sequence[tuple[int, float]]],
     out: str | Path,
     evals: Sequence[tuple[int, float]] = (),
 ) -> Path | None:
