@@ -332,3 +332,18 @@ def test_gradient_checkpointing_gives_the_same_training() -> None:
     assert any(not torch.equal(a, b) for a, b in zip(ckpt.parameters(), pruned.parameters()))  # it trained
     for (n, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_fisher_scores_leave_the_gradients_alone() -> None:
+    """Accumulating the diagonal Fisher must not change the gradient the optimizer sees."""
+    from llmpress.train.schedule import GradualPruning, PruneSchedule
+
+    w = torch.nn.Parameter(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)))
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    (x @ w.t()).pow(2).sum().backward()
+    expected = w.grad.clone()
+    w.grad = None
+    pruning = GradualPruning(PruneSchedule(0.5, 0.7, 1, "fisher"), {"w": (w, torch.ones_like(w))})
+    (x @ w.t()).pow(2).sum().backward()
+    assert torch.equal(w.grad, expected)
+    assert torch.equal(pruning.fisher["w"], expected.pow(2))

@@ -11,6 +11,7 @@ output row by ``|w|`` (``magnitude``) or by the diagonal-Fisher OBS saliency ``w
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
@@ -55,7 +56,7 @@ class GradualPruning:
         if self.schedule.score == "fisher":
             for name, (w, _) in self.layers.items():
                 self.fisher[name] = torch.zeros_like(w, dtype=torch.float32)
-                self.hooks.append(w.register_hook(lambda g, f=self.fisher[name]: f.add_(g.float().pow(2))))
+                self.hooks.append(w.register_hook(_accumulate_into(self.fisher[name])))
 
     @torch.no_grad()
     def select(self, step: int, steps: int) -> float:
@@ -79,3 +80,13 @@ class GradualPruning:
         for h in self.hooks:
             h.remove()
         return {n: keep.bool().cpu() for n, (_, keep) in self.layers.items()}
+
+
+def _accumulate_into(fisher: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    """A gradient hook adding ``g^2`` into ``fisher``. It returns ``None``: a tensor hook that
+    returns a tensor replaces the gradient (the squared sum would then train the weights)."""
+
+    def hook(grad: torch.Tensor) -> None:
+        fisher.add_(grad.float().pow(2))
+
+    return hook
