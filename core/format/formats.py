@@ -274,7 +274,10 @@ class FormatSpec:
     tensors keep their stored dtypes (loaded bit for bit), while plain weights and biases
     follow ``dtype``. ``packed``: the runtime is an :class:`llmpress.format.runtime.LlmpressLinear`,
     run by a kernel chosen at load. ``values(fmt)``: suffix -> :class:`Values` of the small
-    tensors whose values are checked at every load.
+    tensors whose values are checked at every load. ``restore(fmt, tensors)``: the committed
+    result the stored layer stands for (keep mask, quantization state), so that a loaded model
+    can be compressed further or trained (:mod:`llmpress.pipeline.resume`); ``None`` where a
+    format cannot go back (FP8).
     """
 
     name: str
@@ -284,6 +287,7 @@ class FormatSpec:
     runtime: Callable[[ModuleFormat, bool, torch.device | None, torch.dtype | None], nn.Module]
     packed: bool = True
     values: Callable[[ModuleFormat], dict[str, Values]] = _no_values
+    restore: Callable[[ModuleFormat, dict[str, torch.Tensor]], LayerResult] | None = None
 
 
 FORMATS: dict[str, FormatSpec] = {}
@@ -394,6 +398,38 @@ def _int_unpack(fmt: ModuleFormat, t: dict[str, torch.Tensor], dtype: torch.dtyp
     return unpack_24(vals.to(dtype), t["weight_meta"], i)
 
 
+def _int_restore(fmt: ModuleFormat, t: dict[str, torch.Tensor]) -> LayerResult:
+    """Codes [out, in] (a 2:4 layer's pruned slots hold the zero point: they decode to 0),
+    scales and zero points; for ``int-2:4`` also the keep mask."""
+    assert fmt.bits is not None
+    o, i = fmt.out_features, fmt.in_features
+    scale = t["weight_scale"].to(torch.float32)
+    zero = (
+        t["weight_zero"].to(torch.float32)
+        if "weight_zero" in t
+        else torch.full_like(scale, float(2 ** (fmt.bits - 1)))
+    )
+    mask = None
+    if fmt.format == "int":
+        codes = unpack_int32(t["weight"], fmt.bits, i)
+    else:
+        cols = _slot_columns(t["weight_meta"], o, i)  # [out, in/2]
+        codes = zero.repeat_interleave(fmt.group_width, dim=1).round().to(torch.uint8)
+        codes.scatter_(1, cols, unpack_int32(t["weight"], fmt.bits, i // 2))
+        mask = unpack_24(torch.ones(o, i // 2), t["weight_meta"].cpu(), i) != 0
+    quant = QuantState(
+        codes=codes.to(torch.uint8).cpu(),
+        scales=scale.cpu(),
+        zeros=zero.cpu(),
+        bits=fmt.bits,
+        group_size=fmt.group_width,
+        symmetric=fmt.symmetric,
+        method="checkpoint",
+        activations=fmt.activations,
+    )
+    return LayerResult(mask=mask, quant=quant)
+
+
 def _slot_columns(meta: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
     """Original input column of each stored 2:4 slot: int64 [out, in/2]."""
     ones = torch.ones(out_features, in_features // 2, device=meta.device)
@@ -418,6 +454,15 @@ def _24_pack(fmt: ModuleFormat, weight: torch.Tensor, result: LayerResult | None
 
 def _24_unpack(fmt: ModuleFormat, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return unpack_24(t["weight"].to(dtype), t["weight_meta"], fmt.in_features)
+
+
+def _24_restore(fmt: ModuleFormat, t: dict[str, torch.Tensor]) -> LayerResult:
+    ones = torch.ones(fmt.out_features, fmt.in_features // 2)
+    return LayerResult(mask=unpack_24(ones, t["weight_meta"].cpu(), fmt.in_features) != 0)
+
+
+def _bitmask_restore(fmt: ModuleFormat, t: dict[str, torch.Tensor]) -> LayerResult:
+    return LayerResult(mask=unpack_bitmask(t["weight_bitmask"].cpu(), fmt.in_features))
 
 
 def _bitmask_tensors(fmt: ModuleFormat) -> Shapes:
@@ -506,10 +551,12 @@ def _packed_runtime(
 
 
 for _spec in (
-    FormatSpec("int", _int_tensors, _int_pack, _int_unpack, _packed_runtime, values=_int_values),
-    FormatSpec("int-2:4", _int_tensors, _int_pack, _int_unpack, _packed_runtime, values=_int_values),
-    FormatSpec("2:4", _24_tensors, _24_pack, _24_unpack, _packed_runtime),
-    FormatSpec("bitmask", _bitmask_tensors, _bitmask_pack, _bitmask_unpack, _packed_runtime),
+    FormatSpec("int", _int_tensors, _int_pack, _int_unpack, _packed_runtime, values=_int_values, restore=_int_restore),
+    FormatSpec(
+        "int-2:4", _int_tensors, _int_pack, _int_unpack, _packed_runtime, values=_int_values, restore=_int_restore
+    ),
+    FormatSpec("2:4", _24_tensors, _24_pack, _24_unpack, _packed_runtime, restore=_24_restore),
+    FormatSpec("bitmask", _bitmask_tensors, _bitmask_pack, _bitmask_unpack, _packed_runtime, restore=_bitmask_restore),
     FormatSpec("fp8", _fp8_tensors, _fp8_pack, _fp8_unpack, _packed_runtime, values=_fp8_values),
     FormatSpec("dense", _dense_tensors, _dense_pack, None, _dense_runtime, packed=False),
     FormatSpec("dropped", lambda f: {}, lambda f, w, r: {}, None, _dropped_runtime, packed=False),

@@ -74,6 +74,8 @@ class Outcome:
     quantized: list[str]
     #: the final keep masks of the layers a pruning schedule pruned
     masks: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    #: the teacher's perplexity on the evaluation windows (the base the card compares against)
+    base: float | None = None
 
 
 def token_source(tokenizer: Any, source: CalibrationSource) -> torch.Tensor:
@@ -136,6 +138,7 @@ class _Run:
     curve: list[tuple[int, float]] = dataclasses.field(default_factory=list)
     evals: list[tuple[int, float]] = dataclasses.field(default_factory=list)
     pruning: GradualPruning | None = None
+    base: float | None = None
 
     def _pruning_tensors(self) -> dict[str, torch.Tensor]:
         if self.pruning is None:
@@ -156,6 +159,7 @@ class _Run:
             "rng": rng,
             "curve": list(self.curve),
             "evals": list(self.evals),
+            "base": self.base,
             "pruning": {n: t.detach().cpu().clone() for n, t in self._pruning_tensors().items()},
         }
 
@@ -174,6 +178,7 @@ class _Run:
         self.step = int(ckpt["step"])
         self.curve = [tuple(c) for c in ckpt["curve"]]  # type: ignore[misc]
         self.evals = [tuple(e) for e in ckpt["evals"]]  # type: ignore[misc]
+        self.base = ckpt.get("base")
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -294,7 +299,7 @@ def train(
             p.requires_grad_(f)
     wall = time.perf_counter() - t0
     tokens = steps * opts.tokens_per_step(acc.num_processes)
-    return Outcome(steps, tokens, run.curve, run.evals, wall, resumed, quantized, masks)
+    return Outcome(steps, tokens, run.curve, run.evals, wall, resumed, quantized, masks, run.base)
 
 
 @torch.no_grad()
@@ -359,6 +364,8 @@ def _loop(
     every = max(1, steps // 100)  # loss-curve resolution
     if data.eval_ids is not None and not run.evals:
         run.evals.append((0, perplexity(model, data.eval_ids, opts.batch_size, acc.device)))
+        if teacher is not None:
+            run.base = perplexity(teacher, data.eval_ids, opts.batch_size, acc.device)
     if run.pruning is not None and run.step == 0:
         run.pruning.select(0, steps)
     bar = tqdm(total=steps, initial=run.step, disable=not progress or not acc.is_main_process, desc="distill")

@@ -215,7 +215,7 @@ class Distill(ModelStage):
         evals = None
         if out.evals:
             evals = {
-                "text": cfg.eval_text, "before": out.evals[0][1], "after": out.evals[-1][1],
+                "text": cfg.eval_text, "base": out.base, "before": out.evals[0][1], "after": out.evals[-1][1],
                 "curve": [[s, p] for s, p in out.evals],
             }  # fmt: skip
         record.recovery = {
