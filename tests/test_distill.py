@@ -347,3 +347,31 @@ def test_fisher_scores_leave_the_gradients_alone() -> None:
     (x @ w.t()).pow(2).sum().backward()
     assert torch.equal(w.grad, expected)
     assert torch.equal(pruning.fisher["w"], expected.pow(2))
+
+
+def test_distilled_2_4_int4_model_exports_to_compressed_tensors(tmp_path: Path) -> None:
+    """SparseGPT 2:4, GPTQ 4-bit symmetric, then distill: the compressed-tensors export keeps the
+    2:4 zeros and the grid, and transformers' own reader gives our logits."""
+    pytest.importorskip("compressed_tensors")
+    from safetensors import safe_open
+
+    from llmpress.quant.packing import unpack_int32
+
+    recipe = [
+        {"method": "sparsegpt", "pattern": "2:4"},
+        {"method": "gptq", "bits": 4, "group_size": 32, "symmetric": True},
+        {**FAST, "preset": "sparse-finetune"},
+    ]
+    model, result = llmpress.compress(tiny_llama(seed=0), recipe, IDS, progress=False)
+    save_result(model, tmp_path / "ct", report=result, fmt="compressed-tensors", dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(input_ids=IDS[:2]).logits, model(input_ids=IDS[:2]).logits, atol=1e-4, rtol=0
+        )
+    with safe_open(str(tmp_path / "ct" / "model.safetensors"), framework="pt") as f:
+        for name, r in result.state.layers.items():
+            assert r.quant is not None and r.mask is not None
+            codes = unpack_int32(f.get_tensor(f"{name}.weight_packed"), 4, r.quant.codes.shape[1])
+            assert torch.equal(codes, r.quant.codes)  # the distilled codes, as stored
+            assert torch.equal(codes[~r.mask], torch.full_like(codes[~r.mask], 8))  # zeros stay zero

@@ -38,6 +38,8 @@ class RunRecord:
     recovery: dict[str, Any] | None = None
     #: stage index -> the recipe entry that reproduces what the stage chose (explicit levels)
     written_back: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    #: the layers restored from a compressed checkpoint before the run (``llmpress.pipeline.resume``)
+    restored: tuple[str, ...] = ()
 
     def module_report(self, name: str, mod: nn.Module) -> ModuleReport:
         """The report entry of layer ``name`` (created on first use; its shape kept current)."""

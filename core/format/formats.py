@@ -551,12 +551,22 @@ def _packed_runtime(
 
 
 for _spec in (
-    FormatSpec("int", _int_tensors, _int_pack, _int_unpack, _packed_runtime, values=_int_values, restore=_int_restore),
     FormatSpec(
-        "int-2:4", _int_tensors, _int_pack, _int_unpack, _packed_runtime, values=_int_values, restore=_int_restore
+        "int", _int_tensors, _int_pack, _int_unpack, _packed_runtime, values=_int_values, restore=_int_restore
+    ),
+    FormatSpec(
+        "int-2:4",
+        _int_tensors,
+        _int_pack,
+        _int_unpack,
+        _packed_runtime,
+        values=_int_values,
+        restore=_int_restore,
     ),
     FormatSpec("2:4", _24_tensors, _24_pack, _24_unpack, _packed_runtime, restore=_24_restore),
-    FormatSpec("bitmask", _bitmask_tensors, _bitmask_pack, _bitmask_unpack, _packed_runtime, restore=_bitmask_restore),
+    FormatSpec(
+        "bitmask", _bitmask_tensors, _bitmask_pack, _bitmask_unpack, _packed_runtime, restore=_bitmask_restore
+    ),
     FormatSpec("fp8", _fp8_tensors, _fp8_pack, _fp8_unpack, _packed_runtime, values=_fp8_values),
     FormatSpec("dense", _dense_tensors, _dense_pack, None, _dense_runtime, packed=False),
     FormatSpec("dropped", lambda f: {}, lambda f, w, r: {}, None, _dropped_runtime, packed=False),

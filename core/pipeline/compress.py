@@ -19,6 +19,7 @@ from llmpress.errors import CalibrationError
 from llmpress.model.moe_model import with_experts_unfused
 from llmpress.model.offload import execution_device
 from llmpress.model.report import CompressionResult
+from llmpress.pipeline.resume import is_compressed_checkpoint, restore_checkpoint
 from llmpress.pipeline.runner import RunOptions, bind, run_plan
 from llmpress.plugin_manager import Llmpress
 from llmpress.recipe.config import MethodConfig
@@ -117,7 +118,9 @@ def compress(
     are unfused for the compression and fused back afterwards; results name the per-expert
     layers (``...experts.3.down_proj``, see :mod:`llmpress.model.moe`).
 
-    :param model: a Hugging Face model (causal LM or encoder) on any device.
+    :param model: a Hugging Face model (causal LM or encoder) on any device, or a model loaded
+        from an llmpress checkpoint: its packed layers are unpacked to dense ones and the run
+        continues from their masks and grids (:mod:`llmpress.pipeline.resume`).
     :param recipe: a :class:`~llmpress.recipe.plan.Plan`, a :class:`Recipe`, a dict/list as in
         a YAML recipe, a file path, or a method config.
     :param calibration: token ids ``[n, L]``, or a text source (file, list of strings,
@@ -134,11 +137,12 @@ def compress(
     t0 = time.perf_counter()
     plan = make_plan(recipe, pm)
     dev = torch.device(device) if device is not None else _default_device(model)
+    start = restore_checkpoint(model, pm) if is_compressed_checkpoint(model) else None
     stages = bind(model, plan)  # validates targets and shapes before any work
     distributed.bind(dev)
     ids, calib = calibration_ids(plan, calibration, tokenizer, nsamples, seqlen, seed)
     opts = RunOptions(dev, batch_size, offload_activations, offload_stats, progress, calibration, tokenizer)
-    record = run_plan(model, plan, stages, ids, opts)
+    record = run_plan(model, plan, stages, ids, opts, start)
     result = _result(model, plan, record, calib, dev, t0)
     log.info(
         "compressed %d layers, overall sparsity %.4f in %.1fs",

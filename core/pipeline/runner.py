@@ -27,6 +27,7 @@ from llmpress.engine.stage import BlockwiseStage, BoundStage, ModelContext, Mode
 from llmpress.errors import ModelError
 from llmpress.format import kv_cache
 from llmpress.model.modules import find_blocks, in_out_features, select_targets
+from llmpress.model.results import CompressionState
 from llmpress.recipe.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -96,18 +97,39 @@ def _groups(executors: Sequence[StageExecutor]) -> Iterator[list[BlockwiseStage]
         yield run
 
 
-def run_plan(
-    model: nn.Module, plan: Plan, stages: list[BoundStage], ids: torch.Tensor | None, opts: RunOptions
-) -> RunRecord:
-    """Execute ``plan`` on ``model`` (changed in place) and return the run's record."""
+def _restored_record(model: nn.Module, start: CompressionState | None) -> RunRecord:
+    """A new record, holding the layers of a compressed checkpoint the run continues from."""
     record = RunRecord()
+    if start is None:
+        return record
+    for name, result in start.layers.items():
+        record.commit(name, model.get_submodule(name), result, "checkpoint")
+    record.state.kv_cache = start.kv_cache
+    record.restored = tuple(start.layers)
+    return record
+
+
+def run_plan(
+    model: nn.Module,
+    plan: Plan,
+    stages: list[BoundStage],
+    ids: torch.Tensor | None,
+    opts: RunOptions,
+    start: CompressionState | None = None,
+) -> RunRecord:
+    """Execute ``plan`` on ``model`` (changed in place) and return the run's record; ``start``:
+    the committed results of a compressed checkpoint the run continues from."""
+    record = _restored_record(model, start)
     min_tokens = DEFAULT_MIN_TOKENS if plan.moe_min_tokens is None else plan.moe_min_tokens
     local = None if ids is None else distributed.shard(ids)  # this process's share of the sequences
     bs = _batch_size(opts.batch_size, local if local is not None else ids)
     executors = [executor(s, record) for s in stages]
     for ex in executors:
         ex.check(model, stages, ids)  # before any work
-    teacher = _teacher(model) if any(s.config.needs_teacher for s in stages) else None
+    # a run that continues from a compressed checkpoint has no uncompressed model to copy: its
+    # recovery stages name their teacher (Distill.check)
+    needs_copy = not record.restored and any(s.config.needs_teacher for s in stages)
+    teacher = _teacher(model) if needs_copy else None
     was_training = model.training
     model.eval()
     try:

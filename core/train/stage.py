@@ -116,14 +116,19 @@ class Distill(ModelStage):
         trainable formats, the budget, the teacher's vocabulary and architecture."""
         cfg, name = self._config(), self.stage.name
         before = [s for s in stages if s.index < self.stage.index]
-        if not before and cfg.schedule is None:
+        w = cfg.loss_weights()
+        if self.record.restored and w.needs_teacher and cfg.teacher is None:
+            raise ModelError(
+                f"{name}: the model was loaded compressed (an llmpress checkpoint), so the model before the "
+                f"recipe is not the uncompressed one; give 'teacher:' the base model's folder or Hub id"
+            )
+        if not before and cfg.schedule is None and not self.record.restored:
             raise RecipeError(
                 f"{name}: a recovery stage must come after a compression stage (it is the first "
                 f"stage); move it after a pruning or quantization stage"
             )
         check_formats(before, name)
         cfg.check_budget(self._seqlen(ids), _world())
-        w = cfg.loss_weights()
         if w.squarehead > 0 and any(s.config.prunes_hidden() for s in before):
             raise ModelError(
                 f"{name}: squarehead compares hidden states of the teacher's width, but a stage "
