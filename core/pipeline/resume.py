@@ -95,12 +95,10 @@ def restore_checkpoint(model: nn.Module, pm: Llmpress | None = None) -> Compress
         replace_module(model, n, _dense(m, dtype))
     state = _state(results, qc)
     if qc is not None:
-        del model.config.quantization_config
-    for attr in ("hf_quantizer", "quantization_method"):
-        if getattr(model, attr, None) is not None:
-            setattr(model, attr, None)
-    if getattr(model, "is_quantized", False):
-        model.is_quantized = False
+        delattr(getattr(model, "config"), "quantization_config")  # noqa: B009 - typed as a Module attribute
+    for attr, value in (("hf_quantizer", None), ("quantization_method", None), ("is_quantized", False)):
+        if getattr(model, attr, None):
+            setattr(model, attr, value)
     log.info("continuing from an llmpress checkpoint: %d packed layers unpacked to dense", len(packed))
     return state
 
