@@ -93,7 +93,7 @@ class Constraints:
     masks: list[tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=list)
     grids: dict[str, nn.Linear] = dataclasses.field(default_factory=dict)
     hooks: list[torch.utils.hooks.RemovableHandle] = dataclasses.field(default_factory=list)
-    #: the layers a pruning schedule re-masks: name -> (weight, keep mask in the weight's dtype)
+    #: the layers a pruning schedule re-masks: name -> (weight, bool keep mask)
     keeps: dict[str, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -131,16 +131,16 @@ class Constraints:
 
     def _mask(self, w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mask ``w``'s gradient and re-apply ``mask`` after each step; returns the keep tensor."""
-        keep = mask.to(device=w.device, dtype=w.dtype)  # [out, in]
+        keep = mask.to(device=w.device, dtype=torch.bool)  # [out, in], 1 byte a weight
         self.masks.append((w, keep))
-        self.hooks.append(w.register_hook(lambda g, k=keep: g * k))
+        self.hooks.append(w.register_hook(lambda g, k=keep: torch.where(k, g, 0.0)))
         return keep
 
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Pruned weights back to exactly zero (after each optimizer step)."""
         for w, keep in self.masks:
-            w.mul_(keep)
+            w.masked_fill_(~keep, 0.0)
 
     @torch.no_grad()
     def finish(self) -> list[str]:

@@ -45,7 +45,7 @@ class PruneSchedule:
 @dataclasses.dataclass
 class GradualPruning:
     """Re-selects the keep masks (updated in place, so the gradient hooks see them) of the
-    scheduled layers: name -> (weight, keep [out, in] in the weight's dtype)."""
+    scheduled layers: name -> (weight, bool keep [out, in])."""
 
     schedule: PruneSchedule
     layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -68,9 +68,9 @@ class GradualPruning:
                 if self.schedule.score == "magnitude"
                 else w.float().pow(2) * self.fisher[name]
             )
-            score = torch.where(keep.bool(), score, torch.full_like(score, -torch.inf))  # pruned stay pruned
-            keep.mul_(unstructured_mask(score, s, "row").to(keep.dtype))
-            w.mul_(keep)
+            score = torch.where(keep, score, torch.full_like(score, -torch.inf))  # pruned stay pruned
+            keep.logical_and_(unstructured_mask(score, s, "row").to(keep.device))
+            w.masked_fill_(~keep, 0.0)
             if name in self.fisher:
                 self.fisher[name].zero_()
         return s
@@ -79,7 +79,7 @@ class GradualPruning:
         """The final keep masks (bool, on CPU)."""
         for h in self.hooks:
             h.remove()
-        return {n: keep.bool().cpu() for n, (_, keep) in self.layers.items()}
+        return {n: keep.cpu() for n, (_, keep) in self.layers.items()}
 
 
 def _accumulate_into(fisher: torch.Tensor) -> Callable[[torch.Tensor], None]:
