@@ -103,3 +103,24 @@ def test_an_fp8_checkpoint_is_refused_before_any_change(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="cannot be unpacked"):
         llmpress.compress(model, [{"method": "magnitude", "sparsity": 0.5}], progress=False)
     assert any(isinstance(m, LlmpressLinear) for m in model.modules())  # left as it was
+
+
+def test_distill_only_recipe_on_a_saved_structured_model(tmp_path: Path) -> None:
+    """A width-pruned model saves as a plain smaller checkpoint: a distill-only recipe recovers it
+    when its teacher is named (smaller than the teacher), and is refused without one."""
+    model, result = llmpress.compress(
+        tiny_llama(seed=0), [{"method": "minitron", "ratio": 0.3}], IDS, progress=False
+    )
+    save_result(model, tmp_path / "small", report=result)
+    tiny_llama(seed=0).save_pretrained(tmp_path / "base")
+    small = AutoModelForCausalLM.from_pretrained(tmp_path / "small", dtype=torch.float32)
+    shapes = {n: p.shape for n, p in small.named_parameters()}
+    with pytest.raises(llmpress.errors.RecipeError, match="compressed earlier"):
+        llmpress.compress(small, [{**DISTILL, "preset": "minitron"}], IDS, progress=False)
+    before = {n: p.detach().clone() for n, p in small.named_parameters()}
+    out, res = llmpress.compress(
+        small, [{**DISTILL, "preset": "minitron", "teacher": str(tmp_path / "base")}], IDS, progress=False
+    )
+    assert {n: p.shape for n, p in out.named_parameters()} == shapes
+    assert res.recovery is not None and res.recovery["steps"] > 0
+    assert any(not torch.equal(p, before[n]) for n, p in out.named_parameters())

@@ -59,6 +59,10 @@ def check_teacher(teacher: nn.Module, student: nn.Module, w: LossWeights) -> Non
             )
 
 
+def _parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def check_after_compression(record: RunRecord, label: str) -> None:
     """A recovery stage needs a compression stage before it."""
     if not record.state.layers and not record.modules and not record.structure:
@@ -101,6 +105,8 @@ class Distill(ModelStage):
     """Recovery training of the whole model (the stage's ``targets`` are not used)."""
 
     _loaded: nn.Module | None = None
+    #: the model was compressed before this run (:meth:`check`)
+    _earlier: bool = False
 
     def _config(self) -> RecoveryConfig:
         cfg = self.config
@@ -122,11 +128,6 @@ class Distill(ModelStage):
                 f"{name}: the model was loaded compressed (an llmpress checkpoint), so the model before the "
                 f"recipe is not the uncompressed one; give 'teacher:' the base model's folder or Hub id"
             )
-        if not before and cfg.schedule is None and not self.record.restored:
-            raise RecipeError(
-                f"{name}: a recovery stage must come after a compression stage (it is the first "
-                f"stage); move it after a pruning or quantization stage"
-            )
         check_formats(before, name)
         cfg.check_budget(self._seqlen(ids), _world())
         if w.squarehead > 0 and any(s.config.prunes_hidden() for s in before):
@@ -140,10 +141,20 @@ class Distill(ModelStage):
             teacher, _ = load_model(cfg.teacher, dtype=torch.float32, device="cpu", tokenizer=False)
             self._loaded = teacher.eval().requires_grad_(False)
             check_teacher(self._loaded, model, LossWeights(kl=1.0))  # vocabulary and architecture
+        # compressed before this run: loaded from an llmpress checkpoint, or smaller than its teacher
+        self._earlier = bool(self.record.restored) or (
+            self._loaded is not None and _parameters(model) < _parameters(self._loaded)
+        )
+        if not before and cfg.schedule is None and not self._earlier:
+            raise RecipeError(
+                f"{name}: a recovery stage must come after a compression stage (it is the first "
+                f"stage); move it after a pruning or quantization stage, or, for a model compressed "
+                f"earlier, give 'teacher:' its uncompressed base model"
+            )
 
     def run(self, ctx: ModelContext) -> None:
         cfg = self._config()
-        if cfg.schedule is None:
+        if cfg.schedule is None and not self._earlier:
             check_after_compression(ctx.record, self.stage.name)
         check_trainable(ctx.record.state)
         world = _world()
