@@ -24,31 +24,41 @@ Kurtic et al.).
 The one-shot model is compressed once per row; each budget recompresses it (same seed, the same
 model) because a recipe's ``distill`` stage must follow a compression stage in the same run.
 
-Measured (2026-12-06) only as a quick CPU run, 2 CPU cores shared with other jobs (the train
-seconds and tokens/s are noisy); the default 1M/4M budgets need a GPU (5M training tokens per
-row at ~100 tokens/s is ~14 hours on these cores). ``--tokens 8192,32768 --max-tokens 16384
---seqlen 256 --batch-size 4 --lr 3e-4 --nsamples 32 --threads 2`` (``--prune-every 4``):
+Measured (2026-12-06) only as a quick CPU run (1 thread, 2 cores shared with other jobs, so the
+train seconds and tokens/s are noisy); the default 1M/4M budgets need a GPU (5M training tokens
+per row at ~500 tokens/s is ~3 hours a row on these cores)::
 
-| row | one-shot ppl | ppl after 8.192k | train s 8.192k | tokens/s 8.192k | ppl after 32.768k | train s 32.768k | tokens/s 32.768k | gap closed at 32.768k % |
+    python examples/benchmarks/recovery_quality.py --device cpu --threads 1 --tokens 16384,65536 \
+        --max-tokens 8192 --seqlen 256 --batch-size 8 --lr 1e-4 --rows <rows>
+
+| row | one-shot ppl | ppl after 16.384k | train s 16.384k | tokens/s 16.384k | ppl after 65.536k | train s 65.536k | tokens/s 65.536k | gap closed at 65.536k % |
 |---|---|---|---|---|---|---|---|---|
-| dense | 7.258 | - | - | - | - | - | - | - |
-| minitron-ce | 98.834 | 24.339 | 48 | 172 | 19.158 | 351 | 93 | 87 |
-| minitron-kl+sqh | 98.834 | 22.676 | 112 | 73 | 17.296 | 128 | 256 | 89 |
-| sparsegpt70 | 17.666 | 14.543 | 69 | 119 | 13.130 | 778 | 42 | 44 |
-| minitron-kl | 98.834 | 23.509 | 33 | 251 | 18.215 | 182 | 180 | 88 |
-| gradual70 | 8.508 (at 50 %) | 50.276 | 182 | 45 | 107818.668 | 264 | 124 | - |
+| dense | 7.071 | - | - | - | - | - | - | - |
+| minitron-ce | 88.713 | 26.848 | 18 | 892 | 18.383 | 67 | 980 | 86 |
+| minitron-kl | 88.713 | 26.020 | 26 | 626 | 17.651 | 103 | 638 | 87 |
+| minitron-kl+sqh | 88.713 | 25.934 | 26 | 621 | 17.536 | 110 | 593 | 87 |
+| flap-ce | 71.658 | 34.948 | 18 | 887 | 24.052 | 98 | 671 | 74 |
+| flap-kl | 71.658 | 33.841 | 64 | 258 | 22.889 | 266 | 246 | 76 |
+| flap-kl+sqh | 71.658 | 33.264 | 19 | 863 | 22.103 | 84 | 783 | 77 |
+| sparsegpt70 | 16.159 | 14.218 | 37 | 447 | 12.769 | 145 | 452 | 37 |
+| sparsegpt24 | 9.941 | 9.532 | 26 | 642 | 9.182 | 96 | 686 | 26 |
+| gptq3-g128 | 7.837 | 7.836 | 26 | 630 | 7.832 | 124 | 527 | 1 |
+| gradual70 | 8.201 (at 50 %) | 28.638 | 26 | 637 | 19.116 | 177 | 369 | - |
 
-Even at 8k-33k tokens (under 1 % of the default budgets) recovery closes most of the
-50 % structured gap, and KL + SquareHead beats CE alone at equal tokens (17.3 against 19.2 at 32k);
-70 % SparseGPT closes 44 % of its (smaller) gap. ``gradual70`` (its one-shot column: SparseGPT
-at 50 %, where it starts) is far worse than one-shot 70 % plus recovery at 8k tokens (50.3
-against 14.5): over 8 steps the cubic ramp prunes the last 20 % by score without SparseGPT's
-reconstruction and reaches 70 % after 6 of them, leaving 2 steps to recover; the papers'
-gradual runs are thousands of steps long. At 32k tokens (32 steps, a Fisher re-selection every
-4) it diverges to a perplexity of 1e5: not explained yet (a fault of the schedule, the Fisher
-score or the lr 3e-4 with masks changing under AdamW's moments); to investigate before its
-numbers mean anything. KL alone sits between CE and KL + SquareHead at both budgets (23.5 and
-18.2). Not yet measured: FLAP, 2:4, 3-bit GPTQ, and every row at 1M/4M tokens.
+At under 2 % of the default budgets, recovery closes most of the 50 % structured gap (74-87 %)
+and distillation beats CE alone at equal tokens in both families (Minitron 17.54 KL+SquareHead,
+17.65 KL, 18.38 CE; FLAP 22.10, 22.89, 24.05), the papers' shape. SparseGPT 70 % closes 37 %
+and 2:4 26 % at 65k tokens, still rising with tokens. 3-bit GPTQ g128 is within 11 % of the
+dense perplexity one-shot on this model and STE training barely moves it at these budgets.
+
+``gradual70`` trails one-shot SparseGPT 70 % plus recovery at equal tokens (19.1 against 12.8 at
+65k). Why: its ramp re-selects the mask every 16 steps, so over 32 steps it prunes the last
+19 % of each row at once at step 16 by the diagonal-Fisher score, with no OBS reconstruction of
+the remaining weights, and has 16 steps to recover; SparseGPT's one-shot 70 % already
+reconstructs each layer. The gradual runs of the papers (sparse pretraining, OBS-IHT) are
+thousands of steps long and re-prune a little at a time. At 16k tokens the row was 28.6 and
+at 65k 19.1: the gap narrows with the budget, as expected, but these budgets cannot show
+where (or whether) it crosses; that needs the 1M/4M GPU run.
 """
 
 from __future__ import annotations
