@@ -40,6 +40,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from llmpress.cli.eval_harness import EvalRecord
+from llmpress.errors import LlmpressError
 from llmpress.format.output import atomic_write
 from llmpress.hub.allocation import allocation_context
 from llmpress.hub.errors import CardTemplateError
@@ -70,7 +71,6 @@ _PIPELINE_TAGS = {
     "AutoModelForSequenceClassification": "text-classification",
     "AutoModelForTokenClassification": "token-classification",
 }
-_METHOD_NAMES = {"wanda": "Wanda", "sparsegpt": "SparseGPT", "gptq": "GPTQ", "rtn": "RTN", "owl": "OWL"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
@@ -205,57 +205,20 @@ def _size_summary(info: FolderInfo, hub_id: str | None, local: Path | None, api:
 
 
 def _describe_stage(stage: dict[str, Any]) -> str:
-    method = str(stage.get("method"))
-    name = _METHOD_NAMES.get(method, method)
-    acts = stage.get("activations")
-    if "sparsity" in stage:
-        pattern = stage.get("pattern") or "unstructured"
-        text = f"{name} pruning to {100 * float(stage['sparsity']):.0f} % {pattern} sparsity"
-    elif method == "fp8":
-        scales = (
-            "one scale per tensor" if stage.get("weights") == "tensor" else "one scale per output channel"
-        )
-        how = (
-            "with one calibrated scale per layer (static)"
-            if acts == "static"
-            else "per token at run time (dynamic)"
-        )
-        text = f"FP8 (E4M3) weights with {scales}; activations quantized to FP8 {how}"
-    elif method == "smoothquant":
-        text = (
-            f"SmoothQuant (alpha {stage.get('alpha', 0.5)}): activation outliers moved into the weights, "
-            f"the model's function unchanged"
-        )
-    elif "bits" in stage:
-        gs = stage.get("group_size")
-        group = "per output channel" if gs == -1 else f"group size {gs}" if gs else "default groups"
-        text = f"{name} quantization to {stage['bits']} bits ({group})"
-        if acts:
-            how = (
-                "with one calibrated scale per layer (static)"
-                if acts == "int8-static"
-                else "per token at run time (dynamic)"
-            )
-            text += f"; activations quantized to INT8 {how}"
-    elif method == "distill":
-        text = _describe_distill(stage)
-    else:
-        text = f"{name}"
+    """The stage in words: its method config's :meth:`~llmpress.recipe.config.MethodConfig.describe`
+    (the method's name when it is not installed or the entry does not resolve)."""
+    from llmpress.recipe.plan import make_plan
+
+    try:
+        text = make_plan({"stages": [stage]}).stages[0].config.describe()
+    except LlmpressError as e:
+        log.info("stage %r described by its name only (%s)", stage.get("method"), e)
+        text = str(stage.get("method"))
     if stage.get("targets"):
         text += f" on layers matching {', '.join(map(str, stage['targets']))}"
     if stage.get("ignore"):
         text += f" except {', '.join(map(str, stage['ignore']))}"
     return text
-
-
-def _describe_distill(stage: dict[str, Any]) -> str:
-    """A recovery stage: its loss (preset or weights) and token budget."""
-    weights = {k: stage[k] for k in ("ce", "kl", "squarehead") if stage.get(k)}
-    loss = " + ".join(f"{k} {v:g}" for k, v in weights.items()) or "default loss: ce 1 + squarehead 1"
-    if stage.get("preset"):
-        loss = f"preset {stage['preset']}" + (f", {loss}" if weights else "")
-    tokens = f" on {int(stage['tokens']):,} tokens" if isinstance(stage.get("tokens"), (int, float)) else ""
-    return f"recovery training by distillation from the uncompressed model ({loss}){tokens}, the compression kept"
 
 
 def _tags(info: FolderInfo, extra: Sequence[str]) -> list[str]:

@@ -42,6 +42,7 @@ class EvoPressConfig(AllocationConfig):
     (default: in the database folder when there is one)."""
 
     method: ClassVar[str] = "evopress"
+    display_name: ClassVar[str] = "EvoPress"
     citation: ClassVar[str] = """@article{sieberling2024evopress,
       title   = {{EvoPress}: Towards Optimal Dynamic Model Compression via Evolutionary Search},
       author  = {Sieberling, Oliver and Kuznedelev, Denis and Kurtic, Eldar and Alistarh, Dan},

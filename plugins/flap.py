@@ -33,6 +33,7 @@ class FlapConfig(StructuredConfig):
     """FLAP: fluctuation scores, global allocation, bias compensation (all by default)."""
 
     method: ClassVar[str] = "flap"
+    display_name: ClassVar[str] = "FLAP"
     score_stats: ClassVar[frozenset[str]] = frozenset({"mean_var"})
     allocation: Literal["uniform", "global"] = "global"
     bias_compensation: bool = True

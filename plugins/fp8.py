@@ -24,6 +24,7 @@ class FP8Config(MethodConfig):
     ``weights``: ``channel`` (one scale per output row) or ``tensor``."""
 
     method: ClassVar[str] = "fp8"
+    display_name: ClassVar[str] = "FP8"
     quantizes: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = False
     stats: ClassVar[frozenset[str]] = frozenset()
@@ -42,6 +43,15 @@ class FP8Config(MethodConfig):
 
     def calibrated(self) -> bool:
         return self.activations == "static"
+
+    def describe(self) -> str:
+        scales = "one scale per tensor" if self.weights == "tensor" else "one scale per output channel"
+        how = (
+            "with one calibrated scale per layer (static)"
+            if self.activations == "static"
+            else "per token at run time (dynamic)"
+        )
+        return f"FP8 (E4M3) weights with {scales}; activations quantized to FP8 {how}"
 
 
 def fp8_quantize(weight: torch.Tensor, config: FP8Config) -> tuple[torch.Tensor, QuantState]:

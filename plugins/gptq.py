@@ -33,6 +33,7 @@ class GPTQConfig(OBSConfig, QuantConfig):
     """GPTQ: quantization grid options plus the OBS sweep's."""
 
     method: ClassVar[str] = "gptq"
+    display_name: ClassVar[str] = "GPTQ"
     citation: ClassVar[str] = """@inproceedings{frantar2023gptq,
       title     = {{GPTQ}: Accurate Post-Training Quantization for Generative Pre-trained Transformers},
       author    = {Frantar, Elias and Ashkboos, Saleh and Hoefler, Torsten and Alistarh, Dan},

@@ -32,6 +32,7 @@ class LLMPrunerConfig(StructuredConfig):
     """Taylor importance of coupled groups; uniform widths per layer by default."""
 
     method: ClassVar[str] = "llm_pruner"
+    display_name: ClassVar[str] = "LLM-Pruner"
     score_stats: ClassVar[frozenset[str]] = frozenset({"grad"})
     citation: ClassVar[str] = """@inproceedings{ma2023llmpruner,
       title     = {LLM-Pruner: On the Structural Pruning of Large Language Models},

@@ -28,6 +28,7 @@ class MagnitudeStructuredConfig(StructuredConfig):
     """Remove the heads and neurons whose weights have the smallest L2 norm."""
 
     method: ClassVar[str] = "magnitude_structured"
+    display_name: ClassVar[str] = "magnitude"
     citation: ClassVar[str] = """@inproceedings{li2017pruning,
       title     = {Pruning Filters for Efficient ConvNets},
       author    = {Li, Hao and Kadav, Asim and Durdanovic, Igor and Samet, Hanan and Graf, Hans Peter},

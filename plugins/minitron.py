@@ -31,6 +31,7 @@ class MinitronConfig(StructuredConfig):
     """Activation-based importance; uniform widths per layer by default."""
 
     method: ClassVar[str] = "minitron"
+    display_name: ClassVar[str] = "Minitron"
     score_stats: ClassVar[frozenset[str]] = frozenset({"sq_norms"})
     citation: ClassVar[str] = """@inproceedings{muralidharan2024compact,
       title     = {Compact Language Models via Pruning and Knowledge Distillation},

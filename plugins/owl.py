@@ -31,6 +31,7 @@ class OWLConfig(AllocationConfig):
     """``M``: outlier threshold (times the mean score); ``lam``: the sparsity spread lambda."""
 
     method: ClassVar[str] = "owl"
+    display_name: ClassVar[str] = "OWL"
     handles: ClassVar[frozenset[LevelKind]] = frozenset({LevelKind.SPARSITY})
     citation: ClassVar[str] = """@inproceedings{yin2024owl,
       title     = {Outlier Weighed Layerwise Sparsity ({OWL}): A Missing Secret Sauce for Pruning {LLMs} to High Sparsity},

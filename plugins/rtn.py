@@ -21,6 +21,7 @@ class RTNConfig(QuantConfig):
     """RTN: ``bits``, ``group_size``, ``symmetric``; needs no calibration data."""
 
     method: ClassVar[str] = "rtn"
+    display_name: ClassVar[str] = "RTN"
     needs_calibration: ClassVar[bool] = False
     stats: ClassVar[frozenset[str]] = frozenset()
     citation: ClassVar[str] = """@article{dettmers2022llmint8,

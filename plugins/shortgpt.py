@@ -18,6 +18,7 @@ class ShortGPTConfig(AllocationConfig):
     """No options: the influence is measured on the calibration tokens."""
 
     method: ClassVar[str] = "shortgpt"
+    display_name: ClassVar[str] = "ShortGPT"
     handles: ClassVar[frozenset[LevelKind]] = frozenset({LevelKind.BLOCKS})
     citation: ClassVar[str] = """@article{men2024shortgpt,
       title   = {{ShortGPT}: Layers in Large Language Models are More Redundant Than You Expect},

@@ -20,6 +20,7 @@ class SLEBConfig(AllocationConfig):
     per score (0: all fitness tokens)."""
 
     method: ClassVar[str] = "sleb"
+    display_name: ClassVar[str] = "SLEB"
     handles: ClassVar[frozenset[LevelKind]] = frozenset({LevelKind.BLOCKS})
     citation: ClassVar[str] = """@inproceedings{song2024sleb,
       title     = {{SLEB}: Streamlining {LLMs} through Redundancy Verification and Elimination of Transformer Blocks},

@@ -24,6 +24,7 @@ class SmoothQuantConfig(BlockMethodConfig):
     """``alpha`` in [0, 1]: the share of the activations' range moved into the weights."""
 
     method: ClassVar[str] = "smoothquant"
+    display_name: ClassVar[str] = "SmoothQuant"
     stats: ClassVar[frozenset[str]] = frozenset({"absmax"})
     citation: ClassVar[str] = """@inproceedings{xiao2023smoothquant,
       title     = {{SmoothQuant}: Accurate and Efficient Post-Training Quantization for Large Language Models},
@@ -33,6 +34,9 @@ class SmoothQuantConfig(BlockMethodConfig):
     }"""
 
     alpha: Annotated[float, Field(ge=0, le=1)] = 0.5
+
+    def describe(self) -> str:
+        return f"SmoothQuant (alpha {self.alpha}): activation outliers moved into the weights, the model's function unchanged"
 
 
 @hookimpl

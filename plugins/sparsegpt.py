@@ -29,6 +29,7 @@ class SparseGPTConfig(OBSConfig, PruningConfig):
     """SparseGPT: the sparsity target plus the OBS sweep's options."""
 
     method: ClassVar[str] = "sparsegpt"
+    display_name: ClassVar[str] = "SparseGPT"
     citation: ClassVar[str] = """@inproceedings{frantar2023sparsegpt,
       title     = {{SparseGPT}: Massive Language Models Can Be Accurately Pruned in One-Shot},
       author    = {Frantar, Elias and Alistarh, Dan},

@@ -19,6 +19,7 @@ class WandaConfig(PruningConfig):
     """Wanda: no weight update; the comparison group is the output row (the paper's choice)."""
 
     method: ClassVar[str] = "wanda"
+    display_name: ClassVar[str] = "Wanda"
     stats: ClassVar[frozenset[str]] = frozenset({"sq_norms"})
     citation: ClassVar[str] = """@inproceedings{sun2024simple,
       title     = {A Simple and Effective Pruning Approach for Large Language Models},

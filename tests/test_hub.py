@@ -382,3 +382,27 @@ def test_examples_publish_prints_the_repo_url(local_hub: LocalHubServer, tmp_pat
     assert code == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"{local_hub.url}/local-user/example"
     assert ModelCard.load("local-user/example").data.eval_results
+
+
+def test_card_describes_stages_through_their_configs() -> None:
+    """Each stage is described by its method config's ``describe()``; an unknown method by its name."""
+    from llmpress.hub.card import _describe_stage
+
+    assert (
+        _describe_stage({"method": "sparsegpt", "sparsity": 0.6})
+        == "SparseGPT pruning to 60 % unstructured sparsity"
+    )
+    assert _describe_stage({"method": "wanda", "pattern": "2:4", "targets": ["mlp"]}) == (
+        "Wanda pruning to 50 % 2:4 sparsity on layers matching mlp"
+    )
+    assert (
+        _describe_stage({"method": "gptq", "bits": 3, "group_size": 128})
+        == "GPTQ quantization to 3 bits (group size 128)"
+    )
+    assert "FLAP structured pruning of heads and neurons, 30 %" in _describe_stage(
+        {"method": "flap", "ratio": 0.3}
+    )
+    assert "from `base-model` (preset minitron, kl 1) on 4,096 tokens" in _describe_stage(
+        {"method": "distill", "preset": "minitron", "tokens": 4096, "teacher": "base-model"}
+    )
+    assert _describe_stage({"method": "no-such-method", "x": 1}) == "no-such-method"

@@ -194,6 +194,8 @@ class MethodConfig:
     needs_teacher: ClassVar[bool] = False
     #: BibTeX of the method's paper(s), cited in model cards
     citation: ClassVar[str] = ""
+    #: how model cards and reports name the method (``"SparseGPT"``; default: ``method``)
+    display_name: ClassVar[str] = ""
     #: the type checker of the class's fields (built on first use, per class)
     _llmpress_schema: ClassVar[_Schema | None] = None
 
@@ -205,6 +207,11 @@ class MethodConfig:
     def label(cls) -> str:
         """How messages name this config (``method 'wanda'``)."""
         return f"method {cls.method!r}"
+
+    def describe(self) -> str:
+        """One clause saying what the stage does, for model cards (``SparseGPT pruning to 50 %
+        unstructured sparsity``). Methods override it to name their options."""
+        return self.display_name or self.method
 
     @classmethod
     def _schema(cls) -> _Schema:
@@ -341,6 +348,10 @@ class PruningConfig(MethodConfig):
                     f"or make them agree"
                 )
 
+    def describe(self) -> str:
+        s = self.sparsity_target().sparsity
+        return f"{self.display_name or self.method} pruning to {100 * s:.0f} % {self.pattern} sparsity"
+
     def check_module(self, name: str, in_features: int, out_features: int) -> None:
         nm = parse_pattern(self.pattern)
         if nm is not None:
@@ -394,6 +405,21 @@ class QuantConfig(MethodConfig):
 
     def allocatable(self) -> Allocatable | None:
         return Allocatable(LevelKind.BITS, float(self.bits))
+
+    def describe(self) -> str:
+        gs = self.group_size
+        group = "per output channel" if gs == -1 else f"group size {gs}"
+        text = f"{self.display_name or self.method} quantization to {self.bits} bits ({group})"
+        scheme = self.activation_scheme()
+        if scheme is not None:
+            kind, _, how = scheme.partition("-")
+            when = (
+                "with one calibrated scale per layer (static)"
+                if how == "static"
+                else "per token at run time (dynamic)"
+            )
+            text += f"; activations quantized to {kind.upper()} {when}"
+        return text
 
     def at_level(self: C, value: float) -> C:
         return dataclasses.replace(self, bits=int(value))  # type: ignore[call-arg]

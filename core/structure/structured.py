@@ -118,6 +118,10 @@ class StructuredConfig(BlockMethodConfig):
     stats = _Stats()  # type: ignore[assignment]
     needs_calibration = _NeedsCalibration()  # type: ignore[assignment]
 
+    def describe(self) -> str:
+        what = " and ".join(self.structures)
+        return f"{self.display_name or self.method} structured pruning of {what}, {100 * self.ratio:.0f} % of the blocks' parameters removed"
+
     def needed_stats(self) -> frozenset[str]:
         extra = set()
         if self.bias_compensation:

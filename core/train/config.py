@@ -120,6 +120,18 @@ class RecoveryConfig(MethodConfig):
         w = {"ce": 0.0, "kl": 0.0, "squarehead": 0.0, **base, **pick}
         return LossWeights(temperature=self.temperature, **w)
 
+    def describe(self) -> str:
+        w = self.loss_weights()
+        loss = " + ".join(
+            f"{k} {v:g}" for k, v in (("ce", w.ce), ("kl", w.kl), ("squarehead", w.squarehead)) if v
+        )
+        loss = f"preset {self.preset}, {loss}" if self.preset else loss
+        teacher = f"`{self.teacher}`" if self.teacher else "the uncompressed model"
+        return (
+            f"recovery training by distillation from {teacher} ({loss}) on {self.tokens:,} tokens, "
+            f"the compression kept"
+        )
+
     def check_budget(self, seqlen: int, world: int = 1) -> None:
         """Raise unless ``tokens`` pays for at least one optimizer step."""
         one = self.batch_size * seqlen * self.grad_accum * world
