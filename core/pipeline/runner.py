@@ -128,7 +128,7 @@ def run_plan(
         ex.check(model, stages, ids)  # before any work
     # a run that continues from a compressed checkpoint has no uncompressed model to copy: its
     # recovery stages name their teacher (Distill.check)
-    needs_copy = not record.restored and any(s.config.needs_teacher for s in stages)
+    needs_copy = not record.restored and any(s.config.copies_model() for s in stages)
     teacher = _teacher(model) if needs_copy else None
     was_training = model.training
     model.eval()

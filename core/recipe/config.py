@@ -208,6 +208,11 @@ class MethodConfig:
         """How messages name this config (``method 'wanda'``)."""
         return f"method {cls.method!r}"
 
+    def copies_model(self) -> bool:
+        """Whether the runner must keep a frozen copy of the model as it was before the first
+        stage for this stage (``needs_teacher``; a stage that names its own teacher does not)."""
+        return self.needs_teacher
+
     def describe(self) -> str:
         """One clause saying what the stage does, for model cards (``SparseGPT pruning to 50 %
         unstructured sparsity``). Methods override it to name their options."""

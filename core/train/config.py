@@ -120,6 +120,9 @@ class RecoveryConfig(MethodConfig):
         w = {"ce": 0.0, "kl": 0.0, "squarehead": 0.0, **base, **pick}
         return LossWeights(temperature=self.temperature, **w)
 
+    def copies_model(self) -> bool:
+        return self.teacher is None and self.loss_weights().needs_teacher
+
     def describe(self) -> str:
         w = self.loss_weights()
         loss = " + ".join(
