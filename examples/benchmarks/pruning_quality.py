@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--patterns", default="unstructured,2:4")
     ap.add_argument("--table", choices=["methods", "admm"], default="methods")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--rows", default=None, help="--table admm: only these rows (comma-separated labels)")
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     if a.threads:
@@ -143,7 +144,12 @@ def admm_table(a: argparse.Namespace, tok: object, windows: torch.Tensor, fresh)
     """Perplexity of each ADMM/DSnoT row at each setting, and its summed compress time."""
     dense = perplexity_of_windows(fresh(), windows, batch_size=32)["perplexity"]
     rows: list[dict] = [{"method": "dense", **{c: dense for c, _ in ADMM_SETTINGS}, "time": 0.0}]
+    only = None if a.rows is None else set(a.rows.split(","))
+    if only is not None and not only <= {label for label, _ in ADMM_ROWS}:
+        raise SystemExit(f"--rows: unknown {sorted(only - {label for label, _ in ADMM_ROWS})}")
     for label, stage in ADMM_ROWS:
+        if only is not None and label not in only:
+            continue
         row: dict = {"method": label, "time": 0.0}
         for col, target in ADMM_SETTINGS:
             model = fresh()
