@@ -385,7 +385,9 @@ class PruningConfig(MethodConfig):
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
-        if self.dsnot is not None:
+        if self.dsnot is None:
+            del out["dsnot"]  # no refinement: the dict (and saved configs) as before DSnoT existed
+        else:
             out["dsnot"] = dataclasses.asdict(self.dsnot)
         return out
 
