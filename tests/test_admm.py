@@ -20,7 +20,7 @@ from llmpress.errors import RecipeError
 from llmpress.math.masks import unstructured_mask
 from llmpress.math.targets import SparsityTarget
 from llmpress.plugin_manager import make_plugin_manager
-from llmpress.plugins.admm import ADMMConfig, admm_factor, admm_prune, cubic_sparsity
+from llmpress.plugins.admm import ADMMConfig, _layer_mask, admm_factor, admm_prune, cubic_sparsity
 from llmpress.plugins.sparsegpt import SparseGPTConfig
 from llmpress.plugins.wanda import wanda_scores
 
@@ -111,6 +111,14 @@ def test_own_mask_exact_sparsity_nm_and_schedules() -> None:
     forced[:, :5] = True
     _, keep, _ = admm_prune(w, factor, layer_t, forced=forced)
     assert not keep[:, :5].any() and int((~keep).sum()) == int(0.6 * w.numel())
+
+
+def test_fast_layer_selection_equals_the_stable_sort() -> None:
+    s = torch.randn(60, 50, generator=torch.Generator().manual_seed(3))
+    for sparsity in (0.0, 0.3, 0.75):
+        assert torch.equal(_layer_mask(s, sparsity), unstructured_mask(s, sparsity, "layer"))
+    tied = s.masked_fill(torch.arange(50) < 10, -1.0)  # ties at the threshold: the sort decides
+    assert torch.equal(_layer_mask(tied, 0.1), unstructured_mask(tied, 0.1, "layer"))
 
 
 def test_mask_from_wanda_is_wandas_mask() -> None:
