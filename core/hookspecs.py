@@ -16,6 +16,7 @@ the model::
     score  = llmpress_score_importance(module, stats, config)
     keep   = llmpress_select_mask(scores=score, target, config)  # if score is not None
     result = llmpress_update_weights(module, mask=keep, stats, config)
+    result = llmpress_refine_mask(module, result, stats, config)  # if config.refines_mask()
 
 and then commits ``result`` (a :class:`llmpress.model.results.LayerResult`). For a
 block-level method (a :class:`llmpress.structure.block_stage.BlockMethodConfig`) it calls
@@ -123,6 +124,34 @@ def llmpress_update_weights(
 
     The engine commits the result: writes the weight with the accumulated mask applied and
     records the result for saving. ``firstresult``.
+    """
+
+
+@hookspec(firstresult=True)
+def llmpress_refine_mask(
+    module: nn.Module, result: LayerResult, stats: LayerStats | None, config: MethodConfig
+) -> LayerResult | None:
+    """Refine a layer's keep mask after the method's mask selection and weight update.
+
+    Called by the engine (:func:`llmpress.engine.solve.solve_layer`) for every target layer
+    of a stage whose config says ``config.refines_mask()`` (a pruning stage with a ``dsnot:``
+    section), right after ``llmpress_update_weights``: so it runs wherever a layer's result
+    is made, in a per-layer stage and for every level of an allocation's level database.
+    Refiners are general plugins (they register no method) and read their options from the
+    config.
+
+    :param module: the target layer, unchanged (its weight is the dense weight ``W0``).
+    :param result: the method's :class:`llmpress.model.results.LayerResult`; its ``mask``
+        (``[out, in]`` bool, ``True`` = kept) is what to refine, its ``weight`` (``None``:
+        the dense weight) the values the kept weights take.
+    :param stats: the statistics ``config.statistics()`` asked for (with a refinement the
+        config adds what the refiner needs, e.g. ``mean_var`` and ``sq_norms`` for DSnoT).
+    :param config: the stage's method config.
+    :returns: a new :class:`~llmpress.model.results.LayerResult` with the refined mask, the
+        same number of kept weights in every output row (and in every ``N:M`` group), and a
+        weight that is zero where pruned; or ``None`` to leave the result as it is.
+
+    ``firstresult``.
     """
 
 

@@ -28,6 +28,7 @@ _METHOD_HOOKS = (
     "llmpress_score_importance",
     "llmpress_select_mask",
     "llmpress_update_weights",
+    "llmpress_refine_mask",
     "llmpress_change_block",
     "llmpress_score_block",
     "llmpress_search_allocation",
@@ -68,6 +69,17 @@ class MethodHooks:
         out = self._call["llmpress_update_weights"](module=module, mask=mask, stats=stats, config=config)
         if out is not None and not isinstance(out, LayerResult):
             raise self._bad("llmpress_update_weights", "a LayerResult or None", out)
+        return out
+
+    def refine(
+        self, module: nn.Module, result: LayerResult, stats: LayerStats | None, config: MethodConfig
+    ) -> LayerResult:
+        """The result with its mask refined (``llmpress_refine_mask``), or ``result`` itself."""
+        out = self._call["llmpress_refine_mask"](module=module, result=result, stats=stats, config=config)
+        if out is None:
+            return result
+        if not isinstance(out, LayerResult):
+            raise self._bad("llmpress_refine_mask", "a LayerResult or None", out)
         return out
 
     def score_block(self, block: BlockContext, config: MethodConfig) -> BlockScore | None:

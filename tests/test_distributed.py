@@ -28,7 +28,8 @@ GPTQ = {"stages": [{"method": "gptq", "bits": 4, "group_size": 16}]}
 SPARSEGPT = {"stages": [{"method": "sparsegpt", "sparsity": 0.5}]}
 EVO = {"method": "evopress", "generations": 3, "offspring": 4, "tokens": [64, 256], "survivors": [2]}
 EVOPRESS = {"stages": [{"method": "sparsegpt", "sparsity": 0.5, "allocation": EVO}]}
-RECIPES = {"gptq": GPTQ, "sparsegpt": SPARSEGPT, "evopress": EVOPRESS}
+ADMM_DSNOT = {"stages": [{"method": "admm", "pattern": "2:4", "dsnot": {"update_threshold": 0.0}}]}
+RECIPES = {"gptq": GPTQ, "sparsegpt": SPARSEGPT, "evopress": EVOPRESS, "admm_dsnot": ADMM_DSNOT}
 
 
 def _port() -> int:

@@ -176,7 +176,8 @@ def test_every_method_config_round_trips_through_json(pm) -> None:
     for cfg in configs:
         d = cfg.to_dict()
         assert d["method"] == cfg.method and d["version"] == type(cfg).version
-        assert set(d) == {"method", "version", *type(cfg).field_names()}
+        unset = {"dsnot"} if isinstance(cfg, PruningConfig) and cfg.dsnot is None else set()
+        assert set(d) | unset == {"method", "version", *type(cfg).field_names()}  # no refinement: no key
         back = type(cfg).from_dict(json.loads(json.dumps(d)))
         assert back == cfg and type(back) is type(cfg)
         if isinstance(cfg, AllocationConfig):  # an allocation search: under a stage's allocation key

@@ -33,7 +33,8 @@ def solve_layer(
     prev_mask: torch.Tensor | None = None,
     where: str = "",
 ) -> LayerResult:
-    """The layer's result under ``config``. ``prev_mask``: earlier stages' keep mask (weights
+    """The layer's result under ``config`` (score, mask, update, then the mask refinement when
+    ``config.refines_mask()``). ``prev_mask``: earlier stages' keep mask (weights
     they pruned must stay zero) when this method selects no mask of its own. ``where`` names
     the stage in errors."""
     where = where or name
@@ -53,6 +54,10 @@ def solve_layer(
         raise ModelError(f"{where}: no plugin computed a result for {name} (method {config.method!r})")
     if res.mask is None and scores is not None:
         res = dataclasses.replace(res, mask=mask)
+    if config.refines_mask():
+        if res.mask is None:
+            raise ModelError(f"{where}: mask refinement needs a mask, but {config.method!r} chose none")
+        res = hooks.refine(module, res, stats, config)
     return calibrate_inputs(res, stats, name)
 
 

@@ -267,6 +267,11 @@ class MethodConfig:
         """What an allocation search can distribute over this stage (``None``: nothing)."""
         return None
 
+    def refines_mask(self) -> bool:
+        """True to refine each layer's keep mask after the weight update
+        (``llmpress_refine_mask``; DSnoT on a pruning stage)."""
+        return False
+
     def at_level(self: C, value: float) -> C:
         """This config at one level of an allocation (its sparsity, bits or ratio replaced)."""
         raise NotImplementedError(f"method {self.method!r} has no levels")
@@ -317,17 +322,86 @@ class MethodConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DSnoTOptions:
+    """Options of DSnoT's training-free mask refinement (Zhang et al., ICLR 2024), run on
+    every layer after the stage's mask and weight update (``llmpress_refine_mask``).
+
+    ``max_cycles``: at most this many prune-and-regrow swaps per output row;
+    ``update_threshold``: a row stops once its expected reconstruction error
+    ``|sum_j (W0 - W)_ij E[x_j]|`` is at most this; ``var_power``: regrowth candidates are
+    ranked by ``W_ij E[x_j] / Var(x_j)^var_power``. Defaults are the paper's.
+    """
+
+    max_cycles: PositiveInt = 50
+    update_threshold: Annotated[float, Field(ge=0)] = 0.1
+    var_power: Annotated[float, Field(ge=0)] = 1.0
+
+    @classmethod
+    def parse(cls, value: object, label: str) -> DSnoTOptions:
+        """From a recipe's mapping (or an instance); one :class:`RecipeError` line on bad input."""
+        if isinstance(value, cls):
+            return value
+        if value is True:
+            return cls()
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(value, Mapping):
+            raise RecipeError(
+                f"{label}: dsnot must be a mapping with keys {names} (or omitted), got {value!r}"
+            )
+        unknown = sorted(set(map(str, value)) - set(names))
+        if unknown:
+            raise RecipeError(f"{label}: unknown dsnot option(s) {unknown}; valid options: {names}")
+        hints = get_type_hints(cls, include_extras=True)
+        for name, v in value.items():
+            try:
+                TypeAdapter(hints[name], config=ConfigDict(strict=True)).validate_python(v)
+            except ValidationError:
+                raise RecipeError(
+                    f"{label}: dsnot.{name} must be {expects(hints[name])}, got {v!r}"
+                ) from None
+        return cls(
+            **{k: (float(v) if isinstance(v, int) and k != "max_cycles" else v) for k, v in value.items()}
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class PruningConfig(MethodConfig):
     """Shared options of pruning methods.
 
     ``sparsity`` is the fraction of weights set to zero in each target layer. ``pattern``
     is ``"unstructured"`` or ``"N:M"`` (N weights kept in every M consecutive input
     weights, NVIDIA's convention: ``"2:4"`` is 50 %). With an ``N:M`` pattern ``sparsity``
-    may be omitted; if given it must equal ``1 - N/M``.
+    may be omitted; if given it must equal ``1 - N/M``. ``dsnot``: refine each layer's mask
+    with DSnoT after the method (:class:`DSnoTOptions`; a recipe gives a mapping, ``{}``
+    or ``true`` for the defaults); ``None`` (the default) leaves the method's mask as it is.
     """
 
     sparsity: float | None = None
     pattern: str = "unstructured"
+    dsnot: DSnoTOptions | None = None
+
+    def __post_init__(self) -> None:
+        if self.dsnot is not None:
+            object.__setattr__(self, "dsnot", DSnoTOptions.parse(self.dsnot, self.label()))
+        super().__post_init__()
+
+    def refines_mask(self) -> bool:
+        return self.dsnot is not None
+
+    def statistics(self) -> frozenset[str]:
+        extra = {"mean_var", "sq_norms"} if self.dsnot is not None else set()
+        return super().statistics() | extra
+
+    def calibrated(self) -> bool:
+        return super().calibrated() or self.dsnot is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.dsnot is None:
+            del out["dsnot"]  # no refinement: the dict (and saved configs) as before DSnoT existed
+        else:
+            out["dsnot"] = dataclasses.asdict(self.dsnot)
+        return out
 
     def validate(self) -> None:
         super().validate()
