@@ -102,7 +102,9 @@ class BlockPass:
             stats = {r: s.with_grad(self.record.grads[f"{step.name}.{r}"]) for r, s in stats.items()}
         return stats, col
 
-    def _on_batch(self, step: BlockStep, mods: dict[str, nn.Module], col: StatsCollector) -> Callable[[], None]:
+    def _on_batch(
+        self, step: BlockStep, mods: dict[str, nn.Module], col: StatsCollector
+    ) -> Callable[[], None]:
         """Before each batch: a new batch for ``col``, with the dense block's inputs of ``mods``
         when a ``"dense"`` statistic is collected (one more block forward per batch)."""
         if not any(STATISTICS[n].source == "dense" for n in col.needs):
