@@ -23,8 +23,8 @@ Built-in statistics (name: accumulator, shape for an input of ``in`` features):
   :class:`llmpress.engine.capture.DenseStream`). Cost, only when a stage asks for it: one
   more copy of the calibration activations (the dense stream, where the activations are
   stored), one dense copy of the current block's weights, and one more block forward per
-  batch per statistics pass (plus one per block to advance the dense stream): about 2x the
-  block forwards of GPTQ (5x with ``true_sequential``'s four passes); the extra [in, in]
+  batch per statistics pass (four with ``true_sequential``) plus one per block to advance
+  the dense stream: about twice the block forwards of GPTQ; the extra [in, in]
   accumulator is the size of the Hessian. Rows are paired token by token, so a layer whose
   tokens differ between the two models (routed MoE experts) cannot have it.
 """
