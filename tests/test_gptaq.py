@@ -237,3 +237,15 @@ def test_cli_gptaq_saves_and_reloads(cli_env: dict, capsys: pytest.CaptureFixtur
     for name in cfg["modules"]:
         w = weight_of(model.get_submodule(name)).reshape(-1, 128)
         assert int(max(len(torch.unique(row)) for row in w)) <= 16, name
+
+
+def test_routed_experts_are_refused_before_any_block_changes() -> None:
+    from models import tiny_mixtral
+
+    model = tiny_mixtral()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ModelError, match="experts"):
+        llmpress.compress(model, {"method": "gptaq", **W4}, calib_ids(4, 16), progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    stage = {"method": "gptaq", **W4, "ignore": [".*experts.*"]}
+    llmpress.compress(tiny_mixtral(), {"stages": [stage]}, calib_ids(4, 16), progress=False)

@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 from llmpress.engine import distributed
 from llmpress.engine.capture import BlockActivations, DenseStream, outside_blocks_on
 from llmpress.engine.gradients import collect_gradients
-from llmpress.engine.moe_stats import complete_expert_stats
+from llmpress.engine.moe_stats import complete_expert_stats, expert_targets
 from llmpress.engine.stage import BlockStep, BlockwiseStage
 from llmpress.engine.stats import STATISTICS, LayerStats, StatsCollector
+from llmpress.errors import ModelError
 from llmpress.model.modules import find_blocks
 from llmpress.model.offload import onload
 
@@ -123,6 +124,19 @@ class BlockPass:
 
         return on_batch
 
+    def _check_dense(self, stages: Sequence[BlockwiseStage]) -> None:
+        """Refuse, before any block changes, a ``"dense"`` statistic of routed experts: they
+        see different tokens in the dense and the compressed model, so rows cannot pair up."""
+        for s in stages:
+            for i, names in s.stage.targets.items():
+                if expert_targets(self.blocks[i], names):
+                    raise ModelError(
+                        f"{s.stage.name}: method {s.config.method!r} needs the dense model's inputs "
+                        f"token by token (statistic 'dense_cross'), but the routed experts of "
+                        f"{self.prefix}.{i} see different tokens in the dense and the compressed "
+                        "model; leave the experts out of this stage's targets (ignore: ['.*experts.*'])"
+                    )
+
     def plan(self, stages: Sequence[BlockwiseStage], progress: bool) -> None:
         """The planning pass of the stages that ask for one: every block of the unchanged
         model on its own activations (a copy: the real pass starts afresh)."""
@@ -159,7 +173,10 @@ class BlockPass:
         self.plan(stages, progress)
         for s in stages:
             s.begin(self)
-        wants_dense = any(STATISTICS[n].source == "dense" for s in stages for n in s.config.statistics())
+        wants_dense = [
+            s for s in stages if any(STATISTICS[n].source == "dense" for n in s.config.statistics())
+        ]
+        self._check_dense(wants_dense)
         if wants_dense and self.acts is not None:
             self.dense = DenseStream(self.acts)  # the inputs before block 0 are the dense model's
             log.info("keeping the dense model's block inputs (statistic 'dense_cross')")
