@@ -170,13 +170,13 @@ class BlockPass:
         """Planning pass, whole-model changes, then each block (up to ``last``) through every
         stage in order, its outputs becoming the next block's inputs."""
         self.stages = list(stages)
-        self.plan(stages, progress)
-        for s in stages:
-            s.begin(self)
         wants_dense = [
             s for s in stages if any(STATISTICS[n].source == "dense" for n in s.config.statistics())
         ]
         self._check_dense(wants_dense)
+        self.plan(stages, progress)
+        for s in stages:
+            s.begin(self)
         if wants_dense and self.acts is not None:
             self.dense = DenseStream(self.acts)  # the inputs before block 0 are the dense model's
             log.info("keeping the dense model's block inputs (statistic 'dense_cross')")
