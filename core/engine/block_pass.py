@@ -10,8 +10,9 @@ the device; accelerate's offload hooks place the rest.
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,11 +20,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmpress.engine import distributed
-from llmpress.engine.capture import BlockActivations, outside_blocks_on
+from llmpress.engine.capture import BlockActivations, DenseStream, outside_blocks_on
 from llmpress.engine.gradients import collect_gradients
-from llmpress.engine.moe_stats import complete_expert_stats
+from llmpress.engine.moe_stats import complete_expert_stats, expert_targets
 from llmpress.engine.stage import BlockStep, BlockwiseStage
-from llmpress.engine.stats import LayerStats, StatsCollector
+from llmpress.engine.stats import STATISTICS, LayerStats, StatsCollector
+from llmpress.errors import ModelError
 from llmpress.model.modules import find_blocks
 from llmpress.model.offload import onload
 
@@ -53,6 +55,8 @@ class BlockPass:
         #: statistics accumulate on the CPU (each batch's part computed on the device)
         self.offload_stats = offload_stats
         self.acts: BlockActivations | None = None
+        #: the dense model's block inputs, kept only when a stage asks for ``dense_cross``
+        self.dense: DenseStream | None = None
         #: the stages of the current pass, in order
         self.stages: list[BlockwiseStage] = []
 
@@ -90,7 +94,7 @@ class BlockPass:
             return {}, None
         store = torch.device("cpu") if self.offload_stats else None
         with StatsCollector(mods, statistics, store) as col:
-            self.acts.run(step.module, keep_outputs=False, on_batch=col.new_batch)
+            self.acts.run(step.module, keep_outputs=False, on_batch=self._on_batch(step, mods, col))
         info = complete_expert_stats(step.module, mods, col, self.acts, self.moe_min_tokens, step.name)
         self.record.moe_info.update({f"{step.name}.{r}": v for r, v in info.items()})
         distributed.reduce_stats(col.stats)  # every rank solves on the sums of all ranks
@@ -98,6 +102,40 @@ class BlockPass:
         if "grad" in statistics:
             stats = {r: s.with_grad(self.record.grads[f"{step.name}.{r}"]) for r, s in stats.items()}
         return stats, col
+
+    def _on_batch(
+        self, step: BlockStep, mods: dict[str, nn.Module], col: StatsCollector
+    ) -> Callable[[], None]:
+        """Before each batch: a new batch for ``col``, with the dense block's inputs of ``mods``
+        when a ``"dense"`` statistic is collected (one more block forward per batch)."""
+        if not any(STATISTICS[n].source == "dense" for n in col.needs):
+            return col.new_batch
+        dense, batches = self.dense, itertools.count()
+        if dense is None:
+            raise RuntimeError("a 'dense' statistic needs BlockPass.run() to keep the dense stream")
+
+        def on_batch() -> None:
+            col.active = False  # the dense forward runs through the same layers
+            try:
+                inputs = dense.layer_inputs(step.module, next(batches), mods)
+            finally:
+                col.active = True
+            col.new_batch(inputs)
+
+        return on_batch
+
+    def _check_dense(self, stages: Sequence[BlockwiseStage]) -> None:
+        """Refuse, before any block changes, a ``"dense"`` statistic of routed experts: they
+        see different tokens in the dense and the compressed model, so rows cannot pair up."""
+        for s in stages:
+            for i, names in s.stage.targets.items():
+                if expert_targets(self.blocks[i], names):
+                    raise ModelError(
+                        f"{s.stage.name}: method {s.config.method!r} needs the dense model's inputs "
+                        f"token by token (statistic 'dense_cross'), but the routed experts of "
+                        f"{self.prefix}.{i} see different tokens in the dense and the compressed "
+                        "model; leave the experts out of this stage's targets (ignore: ['.*experts.*'])"
+                    )
 
     def plan(self, stages: Sequence[BlockwiseStage], progress: bool) -> None:
         """The planning pass of the stages that ask for one: every block of the unchanged
@@ -132,19 +170,31 @@ class BlockPass:
         """Planning pass, whole-model changes, then each block (up to ``last``) through every
         stage in order, its outputs becoming the next block's inputs."""
         self.stages = list(stages)
+        wants_dense = [
+            s for s in stages if any(STATISTICS[n].source == "dense" for n in s.config.statistics())
+        ]
+        self._check_dense(wants_dense)
         self.plan(stages, progress)
         for s in stages:
             s.begin(self)
+        if wants_dense and self.acts is not None:
+            self.dense = DenseStream(self.acts)  # the inputs before block 0 are the dense model's
+            log.info("keeping the dense model's block inputs (statistic 'dense_cross')")
         end = len(self.blocks) if last is None else last + 1
         for i in tqdm(range(end), desc=desc, disable=not progress):
             block = self.blocks[i]
             with onload(block, self.device):  # back home (or to its offload storage), changed
                 step = BlockStep(i, f"{self.prefix}.{i}", block, self)
+                if self.dense is not None:
+                    self.dense.snapshot(block)
                 for s in stages:
                     s.process_block(step)
                 if self.acts is not None and i + 1 < end:
                     self.acts.run(block, keep_outputs=True)
+                    if self.dense is not None:
+                        self.dense.advance(block)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+        self.dense = None
         for s in stages:
             s.finish(self)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -109,3 +110,60 @@ class BlockActivations:
                 self.hidden[i] = _to_store(out, self.store)
             del out
         _sync(self.store, self.compute)
+
+
+class DenseStream:
+    """The dense model's block inputs, next to the compressed model's (statistic ``dense_cross``).
+
+    ``hidden[i]``: batch ``i``'s input of the current block in the *dense* model, stored like
+    the compressed stream's (one more copy of the calibration activations); the other block
+    arguments are the compressed stream's ``kwargs``. While a block is processed,
+    :meth:`snapshot` keeps its weights as they were before any stage changed them (one
+    block's weights) and the dense forwards run the block itself with them swapped in, so
+    each dense forward costs one block forward.
+    """
+
+    def __init__(self, acts: BlockActivations) -> None:
+        self.acts = acts
+        self.hidden = [h.clone() for h in acts.hidden]
+        self.weights: dict[str, torch.Tensor] | None = None
+
+    def snapshot(self, block: nn.Module) -> None:
+        """Keep ``block``'s dense weights (call before any stage changes it)."""
+        named = itertools.chain(block.named_parameters(), block.named_buffers())
+        self.weights = {k: t.detach().clone() for k, t in named}
+
+    def _forward(self, block: nn.Module, i: int) -> torch.Tensor:
+        if self.weights is None:
+            raise RuntimeError("DenseStream: snapshot() the block before its dense forward")
+        x = self.hidden[i].to(self.acts.compute, non_blocking=True)
+        out = torch.func.functional_call(block, self.weights, (x,), self.acts.kwargs[i], strict=False)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    @torch.no_grad()
+    def layer_inputs(self, block: nn.Module, i: int, mods: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+        """Batch ``i``'s inputs of ``mods`` (submodules of ``block``, by name) in the dense block."""
+        got: dict[str, torch.Tensor] = {}
+
+        def make(name: str) -> Any:
+            def hook(mod: nn.Module, args: tuple) -> None:
+                got[name] = args[0].detach()
+
+            return hook
+
+        handles = [m.register_forward_pre_hook(make(n)) for n, m in mods.items()]
+        try:
+            self._forward(block, i)
+        finally:
+            for h in handles:
+                h.remove()
+        return got
+
+    @torch.no_grad()
+    def advance(self, block: nn.Module) -> None:
+        """Run the dense block over every batch (its outputs are the next block's dense inputs)
+        and drop its weights."""
+        for i in range(len(self.hidden)):
+            self.hidden[i] = _to_store(self._forward(block, i), self.acts.store)
+        _sync(self.acts.store, self.acts.compute)
+        self.weights = None

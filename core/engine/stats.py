@@ -16,6 +16,17 @@ Built-in statistics (name: accumulator, shape for an input of ``in`` features):
   (float32 [3]; sum, sum, max)
 * ``grad``: ``dL/dW`` of the layer's weight summed over calibration batches (float32
   [out, in], sum), from a backward pass of the whole model (see :mod:`llmpress.engine.gradients`)
+* ``dense_cross``: ``(X - X~)^T X~`` over tokens (float32 [in, in], sum), with ``X~`` the
+  layer's input in the model compressed so far and ``X`` its input in the *dense* model
+  (GPTAQ's asymmetric calibration). The block pass keeps a second stream of block inputs
+  for it, propagated through the dense weights of each block (see
+  :class:`llmpress.engine.capture.DenseStream`). Cost, only when a stage asks for it: one
+  more copy of the calibration activations (the dense stream, where the activations are
+  stored), one dense copy of the current block's weights, and one more block forward per
+  batch per statistics pass (four with ``true_sequential``) plus one per block to advance
+  the dense stream: about twice the block forwards of GPTQ; the extra [in, in]
+  accumulator is the size of the Hessian. Rows are paired token by token, so a layer whose
+  tokens differ between the two models (routed MoE experts) cannot have it.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmpress.errors import RecipeError
+from llmpress.errors import ModelError, RecipeError
 from llmpress.model.modules import in_out_features
 
 _CHUNK = 8192  # token rows per fp32 upcast, bounds the temporary memory
@@ -56,12 +67,13 @@ class Statistic:
     ``init(in_features, device)`` makes the zero accumulator; ``update(acc, x)`` adds a batch
     in place; ``merge`` is ``"sum"`` or ``"max"`` (or a tensor of per-row rules for mixed
     accumulators such as ``token_norms``). ``source`` is ``"input"`` (forward pre-hooks) or
-    ``"grad"`` (a backward pass; the engine fills it).
+    ``"grad"`` (a backward pass; the engine fills it) or ``"dense"`` (paired inputs:
+    ``update(acc, x, x_dense)`` with the same layer's input in the dense model).
     """
 
     name: str
     init: Callable[[int, torch.device], torch.Tensor]
-    update: Callable[[torch.Tensor, torch.Tensor], None]
+    update: Callable[..., None]
     merge: str | tuple[str, ...] = "sum"
     source: str = "input"
 
@@ -96,6 +108,14 @@ def _add_token_norms(acc: torch.Tensor, x: torch.Tensor) -> None:
     acc[2] = torch.maximum(acc[2], n.max())
 
 
+def _add_dense_cross(acc: torch.Tensor, x: torch.Tensor, x_dense: torch.Tensor) -> None:
+    exact_tf32 = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+    with _exact_tf32(exact_tf32):
+        for xc, dc in zip(x.split(_CHUNK), x_dense.split(_CHUNK)):
+            xf = xc.float()  # [chunk, in]
+            acc.addmm_((dc.float() - xf).t(), xf)  # [in, in]: (X - X~)^T X~
+
+
 def _no_update(acc: torch.Tensor, x: torch.Tensor) -> None:  # pragma: no cover - filled elsewhere
     raise RuntimeError("gradient statistics come from a backward pass, not from layer inputs")
 
@@ -117,6 +137,7 @@ for _s in (
     Statistic("absmax", lambda n, d: torch.zeros(n, device=d), _add_absmax, merge="max"),
     Statistic("token_norms", lambda n, d: torch.zeros(3, device=d), _add_token_norms, ("sum", "sum", "max")),
     Statistic("grad", lambda n, d: torch.zeros(0, device=d), _no_update, source="grad"),
+    Statistic("dense_cross", lambda n, d: torch.zeros(n, n, device=d), _add_dense_cross, source="dense"),
 ):
     register_statistic(_s)
 
@@ -170,7 +191,7 @@ class LayerStats:
         self.acc: dict[str, torch.Tensor] = {
             n: STATISTICS[n].init(in_features, device)
             for n in sorted(wanted)
-            if STATISTICS[n].source == "input"
+            if STATISTICS[n].source in ("input", "dense")
         }
         self.cache: dict[str, Any] = {}
         self._grad: torch.Tensor | None = None
@@ -184,16 +205,28 @@ class LayerStats:
         return view
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        """Accumulate a batch of inputs x: [..., in_features]."""
+    def add(self, x: torch.Tensor, dense: torch.Tensor | None = None) -> None:
+        """Accumulate a batch of inputs x: [..., in_features]; ``dense``: the same layer's
+        inputs in the dense model, token for token (needed by ``"dense"`` statistics)."""
         x = x.reshape(-1, self.in_features)  # [tokens, in]
+        args: tuple[torch.Tensor, ...] = (x,)
+        if any(STATISTICS[n].source == "dense" for n in self.acc):
+            if dense is None or dense.numel() != x.numel():
+                raise ModelError(
+                    "statistic 'dense_cross' pairs each token's input with the dense model's: "
+                    f"got {x.shape[0]} compressed-model rows and "
+                    f"{'no' if dense is None else dense.numel() // self.in_features} dense rows "
+                    "(routed MoE experts see different tokens; leave them out of this stage's targets)"
+                )
+            args = (x, dense.reshape(-1, self.in_features))
         for name, acc in self.acc.items():
             spec = STATISTICS[name]
+            a = args if spec.source == "dense" else args[:1]
             if self.compute is None:
-                spec.update(acc, x)
+                spec.update(acc, *a)
                 continue
             part = spec.init(self.in_features, x.device)  # offloaded: this batch's part, then folded in
-            spec.update(part, x)
+            spec.update(part, *a)
             _merge_into(spec.merge, acc, part.to(acc.device, non_blocking=False))
         self.nsamples += x.shape[0]
 
@@ -287,6 +320,12 @@ class LayerStats:
         return {"mean": float(t[0]) / n, "rms": (float(t[1]) / n) ** 0.5, "max": float(t[2])}
 
     @property
+    def dense_cross(self) -> torch.Tensor:
+        """Mean ``(X - X~)^T X~ / n`` over tokens (float32 [in, in], a new tensor): ``X`` the
+        dense model's inputs, ``X~`` the compressed model's (the scale of ``hessian``)."""
+        return self._need("dense_cross") / max(self.nsamples, 1)
+
+    @property
     def grad(self) -> torch.Tensor:
         """``dL/dW`` [out, in] summed over calibration batches (the layer's own weight)."""
         g = self._grad
@@ -315,6 +354,10 @@ class StatsCollector:
         self.order: list[str] = []
         self._seen: list[tuple[torch.Tensor, str]] = []  # inputs of this batch (kept alive)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        #: this batch's inputs of the layers in the dense model (``"dense"`` statistics)
+        self.dense: dict[str, torch.Tensor] = {}
+        #: False while another forward (the dense model's) runs through the same layers
+        self.active = True
 
     def __enter__(self) -> StatsCollector:
         for name, mod in self.modules.items():
@@ -327,11 +370,15 @@ class StatsCollector:
         self._handles.clear()
         self._seen.clear()
 
-    def new_batch(self) -> None:
+    def new_batch(self, dense: dict[str, torch.Tensor] | None = None) -> None:
+        """Start a batch; ``dense``: its layer inputs in the dense model, by layer name."""
         self._seen.clear()
+        self.dense = dense or {}
 
     def _make_hook(self, name: str):  # noqa: ANN202
         def hook(mod: nn.Module, args: tuple) -> None:
+            if not self.active:
+                return
             x = args[0]
             if name not in self.order:
                 self.order.append(name)
@@ -346,7 +393,7 @@ class StatsCollector:
                 else:
                     self.stats[name] = LayerStats(in_out_features(mod)[0], self.store, self.needs, x.device)
             self._seen.append((x, name))
-            self.stats[name].add(x.detach())
+            self.stats[name].add(x.detach(), self.dense.get(name))
 
         return hook
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from llmpress.math.obs import asymmetric_correction
+
 log = logging.getLogger(__name__)
 
 
@@ -77,3 +79,25 @@ def cached_inverse_cholesky(stats: Any, percdamp: float, perm: torch.Tensor | No
         U = _inverse_cholesky_from(box, percdamp)
         stats.cache[key] = U
     return U
+
+
+def cached_asymmetric_correction(
+    stats: Any, percdamp: float, alpha: float, perm: torch.Tensor | None = None
+) -> torch.Tensor:
+    """GPTAQ's correction ``P`` (:func:`llmpress.math.obs.asymmetric_correction`) of a
+    :class:`LayerStats` with ``hessian`` and ``dense_cross``, in the order ``perm`` if given;
+    computed once and shared by every layer fed the same input (q/k/v share one ``H`` and one
+    ``dXX^T``). Dead inputs (``diag(H) == 0``) zero their ``dXX^T`` columns, as in the reference.
+    """
+    key = f"asym_p:{percdamp}:{alpha}:{'perm' if perm is not None else 'natural'}"
+    P = stats.cache.get(key)
+    if P is None:
+        U = cached_inverse_cholesky(stats, percdamp, perm)
+        # U factors the damped inverse of the *summed* X~^T X~: take dXX^T summed over the same tokens
+        dxxt = stats.dense_cross.mul_(max(stats.nsamples, 1))
+        dxxt[:, stats.sq_norms == 0] = 0.0
+        if perm is not None:
+            dxxt = dxxt[perm][:, perm]
+        P = asymmetric_correction(dxxt, U, alpha)
+        stats.cache[key] = P
+    return P

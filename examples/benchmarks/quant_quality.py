@@ -1,11 +1,13 @@
 """Quantization quality and on-disk size on the reference model.
 
-    python examples/benchmarks/quant_quality.py [--device cuda]
+    python examples/benchmarks/quant_quality.py [--device cuda] [--rows gptaq] [--threads N]
 
 Quantizes ../shared/ref-lm/pycoder-19m with RTN and GPTQ (asymmetric, 64 calibration
 windows of 256 tokens from calib.txt), saves each in llmpress's packed format, and prints
 perplexity on eval.txt (non-overlapping 256-token windows, fp32 math) and the size on disk
 next to the dense model and the reference GPTQ code's numbers on the same model.
+``--rows gptaq``: GPTAQ against GPTQ (W4/W3 g128, act-order) and asymmetric against plain
+SparseGPT 50 %, alone and before GPTQ/GPTAQ (:data:`GPTAQ_CONFIGS`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,24 @@ CONFIGS = [
     ("SparseGPT 2:4 + 4-bit per-channel", [SP24, {"method": "gptq", "bits": 4, "group_size": -1}], 9.051),
 ]
 
+SP50 = {"method": "sparsegpt", "sparsity": 0.5}
+SP50_ASYM = {**SP50, "asymmetric": True}
+# GPTAQ (asymmetric calibration, alpha 0.25) next to the same GPTQ / SparseGPT settings
+GPTAQ_CONFIGS = [
+    ("GPTQ 4-bit g128", [{"method": "gptq", **Q4}], 5.949),
+    ("GPTAQ 4-bit g128", [{"method": "gptaq", **Q4}], None),
+    ("GPTQ 3-bit g128", [{"method": "gptq", **Q3}], 6.558),
+    ("GPTAQ 3-bit g128", [{"method": "gptaq", **Q3}], None),
+    ("GPTQ 3-bit g128 act-order", [{"method": "gptq", **Q3, "act_order": True}], 6.505),
+    ("GPTAQ 3-bit g128 act-order", [{"method": "gptaq", **Q3, "act_order": True}], None),
+    ("SparseGPT 50%", [SP50], None),
+    ("SparseGPT 50% asymmetric", [SP50_ASYM], None),
+    ("SparseGPT 50% + GPTQ 4-bit g128", [SP50, {"method": "gptq", **Q4}], None),
+    ("SparseGPT 50% + GPTAQ 4-bit g128", [SP50, {"method": "gptaq", **Q4}], None),
+    ("SparseGPT 50% asym + GPTAQ 4-bit g128", [SP50_ASYM, {"method": "gptaq", **Q4}], None),
+]
+ROWS = {"default": CONFIGS, "gptaq": GPTAQ_CONFIGS}
+
 
 def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
@@ -56,8 +76,12 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=None, help="score only the first N eval tokens")
     ap.add_argument("--only", default=None, help="comma-separated substrings of config names to run")
+    ap.add_argument("--rows", choices=sorted(ROWS), default="default", help="which set of rows to run")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     _, tok = load_model(a.model)
     windows = text_windows(tok, Path(a.eval).read_text(encoding="utf-8"), 256, a.max_tokens)
@@ -75,7 +99,7 @@ def main() -> None:
         }
     ]
     del dense
-    for name, stages, ref in CONFIGS:
+    for name, stages, ref in ROWS[a.rows]:
         if a.only and not any(s.strip() in name for s in a.only.split(",")):
             continue
         model, _ = load_model(a.model, dtype=torch.float32, device=a.device)
@@ -99,6 +123,7 @@ def main() -> None:
             save(model, d, report=report, dtype=torch.float16)
             row["mb"] = dir_size(d) / 1e6
         rows.append(row)
+        print(f"{name}: perplexity {ppl:.3f}, {dt:.1f} s", flush=True)
         del model
     compare_to_reference(rows, 1.0)
     print(
