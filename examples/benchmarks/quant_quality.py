@@ -41,6 +41,59 @@ CONFIGS = [
     ("SparseGPT 2:4 + 4-bit per-channel", [SP24, {"method": "gptq", "bits": 4, "group_size": -1}], 9.051),
 ]
 
+# issue 21, AWQ: scales and clips searched for the quantizer after it (same grid)
+AWQ_CONFIGS = [
+    (f"AWQ+{q.upper()} {b}-bit g128", [{"method": "awq", **grid}, {"method": q, **grid}], None)
+    for b, grid in ((4, Q4), (3, Q3))
+    for q in ("rtn", "gptq")
+]
+CONFIGS += AWQ_CONFIGS
+
+
+def activation_outliers(model: torch.nn.Module, ids: torch.Tensor) -> list[dict]:
+    """Per kind of block linear: max |x| per input channel on ``ids``, over all blocks: the
+    largest channel, the median channel and their ratio (AWQ and SmoothQuant act on large ratios)."""
+    from llmpress.model.modules import block_linears, find_blocks
+
+    prefix, blocks = find_blocks(model)
+    amax: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):  # noqa: ANN202
+        def f(mod: torch.nn.Module, args: tuple) -> None:
+            a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
+            amax[name] = torch.maximum(amax[name], a) if name in amax else a
+
+        return f
+
+    handles = [
+        m.register_forward_pre_hook(hook(f"{i}.{rel}"))
+        for i, b in enumerate(blocks)
+        for rel, m in block_linears(b).items()
+    ]
+    with torch.no_grad():
+        for batch in ids.split(8):
+            model(input_ids=batch)
+    for h in handles:
+        h.remove()
+    rows = []
+    for kind in dict.fromkeys(k.split(".", 1)[1] for k in amax):
+        per = [amax[k] for k in amax if k.split(".", 1)[1] == kind]
+        top = max(float(a.max()) for a in per)
+        med = float(torch.stack([a.median() for a in per]).median())
+        ratio = max(float(a.max() / a.median()) for a in per)
+        rows.append({"name": kind, "max": top, "median": med, "ratio": ratio})
+    return rows
+
+
+def print_outliers(a: argparse.Namespace, tok: object) -> None:
+    from llmpress.engine.calibration import build_calibration
+
+    model, _ = load_model(a.model, dtype=torch.float32, device=a.device)
+    ids = build_calibration(tok, a.calib, a.nsamples, a.seqlen).to(a.device)
+    print(f"\nmax |x| per input channel on {a.nsamples} x {a.seqlen} calibration tokens (dense model)\n")
+    cols = [("name", "linear", ""), ("max", "largest channel", ".3g"), ("median", "median channel", ".3g")]
+    print_table(activation_outliers(model, ids), [*cols, ("ratio", "max/median (worst block)", ".1f")])
+
 
 def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
@@ -56,8 +109,12 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=None, help="score only the first N eval tokens")
     ap.add_argument("--only", default=None, help="comma-separated substrings of config names to run")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--outliers", action="store_true", help="also print max |x| per input channel")
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     _, tok = load_model(a.model)
     windows = text_windows(tok, Path(a.eval).read_text(encoding="utf-8"), 256, a.max_tokens)
@@ -101,6 +158,8 @@ def main() -> None:
         rows.append(row)
         del model
     compare_to_reference(rows, 1.0)
+    if a.outliers:
+        print_outliers(a, tok)
     print(
         f"\nperplexity on {a.eval} ({windows.shape[0]} windows x 256), calibration {a.nsamples} x {a.seqlen}, {a.device}\n"
     )
