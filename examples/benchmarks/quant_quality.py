@@ -132,6 +132,8 @@ def main() -> None:
         }
     ]
     del dense
+    if a.outliers:
+        print_outliers(a, tok)
     for name, stages, ref in CONFIGS:
         if a.only and not any(s.strip() in name for s in a.only.split(",")):
             continue
@@ -156,10 +158,9 @@ def main() -> None:
             save(model, d, report=report, dtype=torch.float16)
             row["mb"] = dir_size(d) / 1e6
         rows.append(row)
+        print(f"{name}: perplexity {ppl:.3f}, {dt:.1f} s", flush=True)
         del model
     compare_to_reference(rows, 1.0)
-    if a.outliers:
-        print_outliers(a, tok)
     print(
         f"\nperplexity on {a.eval} ({windows.shape[0]} windows x 256), calibration {a.nsamples} x {a.seqlen}, {a.device}\n"
     )
