@@ -161,15 +161,17 @@ def llmpress_change_block(
 ) -> BlockChange | Sequence[BlockChange] | None:
     """Compute a change spanning several modules of one block (a block-level method).
 
-    :param block: the block (its module, index, qualified name, the model's config) and
-        the statistics ``config.stats`` asked for, for every linear layer of the block by
-        its name relative to the block.
+    :param block: the block (its module, index, qualified name, the model's config), the
+        statistics ``config.stats`` asked for, for every linear layer of the block by its
+        name relative to the block, and its calibration inputs (``block.inputs``, with
+        ``run(i)``: the block's output on batch ``i``).
     :param config: the stage's method config.
     :returns: one change or a sequence of changes for the core to apply
         (:mod:`llmpress.structure.blocks`): :class:`~llmpress.structure.blocks.PruneChannels` (heads or neurons
         removed across coupled modules; shapes change), :class:`~llmpress.structure.blocks.ScaleChannels`
-        (scales moved from a norm or linear into the following linears), or
-        :class:`~llmpress.structure.blocks.DropSubBlocks`; ``None`` or an empty sequence to leave the
+        (scales moved from a norm or linear into the following linears),
+        :class:`~llmpress.structure.blocks.DropSubBlocks` or :class:`~llmpress.structure.blocks.SetWeights`
+        (new weights, same shapes); ``None`` or an empty sequence to leave the
         block as it is. The block must not be modified by the hook.
 
     ``firstresult``.

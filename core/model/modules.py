@@ -47,6 +47,26 @@ def in_out_features(module: nn.Module) -> tuple[int, int]:
     return int(inp), int(out)
 
 
+@torch.no_grad()
+def norm_weight_offset(norm: nn.Module) -> float:
+    """``1.0`` for a norm that scales its output by ``1 + weight`` (Gemma's RMSNorm), ``0.0``
+    for one that scales by ``weight``. Found by running the norm once with its weight (and
+    bias) set to zero: only the ``1 + weight`` kind still gives a non-zero output."""
+    weight = norm.get_parameter("weight")
+    bias = getattr(norm, "bias", None)
+    params = [weight] + ([bias] if isinstance(bias, torch.Tensor) else [])
+    saved = [p.detach().clone() for p in params]
+    x = torch.linspace(-1.0, 2.0, weight.numel(), device=weight.device, dtype=weight.dtype)
+    try:
+        for p in params:
+            p.zero_()
+        out = norm(x.unsqueeze(0))
+    finally:
+        for p, v in zip(params, saved, strict=True):
+            p.copy_(v)
+    return 1.0 if bool(out.abs().amax() > 0) else 0.0
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's repeated block list and its qualified name.
 

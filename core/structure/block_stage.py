@@ -22,7 +22,7 @@ from llmpress.model.modules import in_out_features
 from llmpress.model.results import LayerResult, merge_results
 from llmpress.model.structures import block_widths
 from llmpress.recipe.config import MethodConfig
-from llmpress.structure.blocks import BlockContext, BlockDecision, BlockScore, apply_block_change
+from llmpress.structure.blocks import BlockContext, BlockDecision, BlockInputs, BlockScore, apply_block_change
 from llmpress.structure.hidden import PruneHidden, hidden_size, prune_hidden
 from llmpress.structure.summary import structure_summary
 
@@ -103,7 +103,9 @@ class BlockChange(BlockwiseStage):
         decision: BlockDecision | None = None,
     ) -> BlockContext:
         model_config = getattr(step.run.model, "config", None)
-        return BlockContext(step.index, step.name, step.module, model_config, stats, scores, decision)
+        acts = step.run.acts
+        inputs = None if acts is None else BlockInputs(acts, step.module)
+        return BlockContext(step.index, step.name, step.module, model_config, stats, scores, decision, inputs)
 
     def finish(self, run: BlockPass) -> None:
         before = self.record.structure_before

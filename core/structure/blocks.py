@@ -14,6 +14,7 @@ applies to the block:
   input columns of the following linears multiplied by them.
 * :class:`DropSubBlocks`: sub-blocks (``self_attn``, ``mlp``) replaced by a module adding
   nothing to the residual stream.
+* :class:`SetWeights`: new values for layers' weights, same shapes (AWQ's weight clipping).
 
 Applying a change returns per-layer results (removed indices), which the block-change stage
 (:mod:`llmpress.structure.block_stage`) records in the run's state.
@@ -22,7 +23,8 @@ Applying a change returns per-layer results (removed indices), which the block-c
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -30,8 +32,11 @@ from torch import nn
 from llmpress.engine.stats import LayerStats
 from llmpress.errors import ModelError
 from llmpress.model.dropped import DroppedModule
-from llmpress.model.modules import get_weight, in_out_features
+from llmpress.model.modules import get_weight, in_out_features, norm_weight_offset
 from llmpress.model.results import LayerResult
+
+if TYPE_CHECKING:
+    from llmpress.engine.capture import BlockActivations
 
 
 class BlockScore:
@@ -43,6 +48,35 @@ class BlockScore:
 class BlockDecision:
     """Base of a block method's decision across blocks, made once after the planning pass
     (``BlockMethodConfig.decide``) and handed to every ``llmpress_change_block`` call."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockInputs:
+    """The block's calibration inputs, as the block pass holds them (read them, do not change
+    them): batch ``i`` is ``hidden[i]`` [B, L, d] with the keyword arguments the model passes
+    its blocks (attention mask, position embeddings)."""
+
+    acts: BlockActivations
+    module: nn.Module
+
+    def __len__(self) -> int:
+        return len(self.acts.hidden)
+
+    def batch(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Batch ``i``'s input on the compute device and its keyword arguments."""
+        return self.acts.hidden[i].to(self.acts.compute), self.acts.kwargs[i]
+
+    @torch.no_grad()
+    def run(self, i: int) -> torch.Tensor:
+        """The block's output on batch ``i`` (its hidden states) with its current weights."""
+        x, kwargs = self.batch(i)
+        out = self.module(x, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def outputs(self) -> Iterator[torch.Tensor]:
+        """:meth:`run` over every batch in order."""
+        for i in range(len(self)):
+            yield self.run(i)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +96,11 @@ class BlockContext:
     scores: tuple[BlockScore | None, ...] = ()
     #: the method's decision across blocks (``BlockMethodConfig.decide``), or ``None``
     decision: BlockDecision | None = None
+    #: the block's calibration inputs (``None`` without calibration data)
+    inputs: BlockInputs | None = None
     #: what ``llmpress_score_block`` and ``llmpress_change_block`` may return (checked by the core)
     score_type: ClassVar[type[BlockScore]] = BlockScore
-    change_types: ClassVar[tuple[type[PruneChannels | ScaleChannels | DropSubBlocks], ...]] = ()
+    change_types: ClassVar[tuple[type[PruneChannels | ScaleChannels | DropSubBlocks | SetWeights], ...]] = ()
 
     def linear(self, rel: str) -> nn.Module:
         return self.module.get_submodule(rel)
@@ -110,8 +146,15 @@ class DropSubBlocks:
     names: tuple[str, ...]
 
 
-BlockChange = PruneChannels | ScaleChannels | DropSubBlocks
-BLOCK_CHANGES = (PruneChannels, ScaleChannels, DropSubBlocks)
+@dataclasses.dataclass(frozen=True)
+class SetWeights:
+    """New weights [out, in] of layers (names relative to the block), in their current shapes."""
+
+    weights: dict[str, torch.Tensor]
+
+
+BlockChange = PruneChannels | ScaleChannels | DropSubBlocks | SetWeights
+BLOCK_CHANGES = (PruneChannels, ScaleChannels, DropSubBlocks, SetWeights)
 BlockContext.change_types = BLOCK_CHANGES
 
 
@@ -174,7 +217,7 @@ def _apply_prune(model: nn.Module, ctx: BlockContext, change: PruneChannels) -> 
             removed_rows=None if r is None else _removed(out_f, r),
             removed_cols=None if c is None else _removed(in_f, c),
         )
-    _update_params(ctx, change)
+    _update_params(ctx, change.weights, change.biases)
     for rel, attrs in change.attributes.items():
         sub = block.get_submodule(rel)
         for k, v in attrs.items():
@@ -183,15 +226,17 @@ def _apply_prune(model: nn.Module, ctx: BlockContext, change: PruneChannels) -> 
 
 
 @torch.no_grad()
-def _update_params(ctx: BlockContext, change: PruneChannels) -> None:
-    """Write ``change.weights`` and ``change.biases`` into the (already resized) layers."""
+def _update_params(
+    ctx: BlockContext, weights: dict[str, torch.Tensor], biases: dict[str, torch.Tensor]
+) -> None:
+    """Write ``weights`` and ``biases`` into the (already resized) layers."""
     block = ctx.module
-    for rel, w in change.weights.items():
+    for rel, w in weights.items():
         cur = get_weight(block.get_submodule(rel))
         if tuple(w.shape) != tuple(cur.shape):
             raise ModelError(f"{ctx.name}.{rel}: new weight {tuple(w.shape)} != layer {tuple(cur.shape)}")
         cur.copy_(w.to(cur))
-    for rel, b in change.biases.items():
+    for rel, b in biases.items():
         mod = block.get_submodule(rel)
         w = get_weight(mod)
         if b.shape != (w.shape[0],):
@@ -219,7 +264,8 @@ def _apply_scale(ctx: BlockContext, change: ScaleChannels) -> None:
         nw = getattr(src, "weight", None)
         if not isinstance(nw, torch.Tensor) or nw.dim() != 1:
             raise ModelError(f"{ctx.name}.{change.source} is neither a linear layer nor a norm with a weight")
-        nw.copy_(nw / s.to(nw.device))
+        off = norm_weight_offset(src)  # Gemma's RMSNorm scales by (1 + weight)
+        nw.copy_(((off + nw.double()) / s.to(nw.device).double() - off).to(nw.dtype))
     bias = getattr(src, "bias", None)
     if isinstance(bias, torch.Tensor):
         bias.copy_(bias / s.to(bias.device))
@@ -238,6 +284,8 @@ def apply_block_change(model: nn.Module, ctx: BlockContext, change: BlockChange)
         results = _apply_prune(model, ctx, change)
     elif isinstance(change, ScaleChannels):
         _apply_scale(ctx, change)
+    elif isinstance(change, SetWeights):
+        _update_params(ctx, change.weights, {})
     else:
         for rel in change.names:
             sub = ctx.module.get_submodule(rel)

@@ -59,7 +59,58 @@ GPTAQ_CONFIGS = [
     ("SparseGPT 50% + GPTAQ 4-bit g128", [SP50, {"method": "gptaq", **Q4}], None),
     ("SparseGPT 50% asym + GPTAQ 4-bit g128", [SP50_ASYM, {"method": "gptaq", **Q4}], None),
 ]
-ROWS = {"default": CONFIGS, "gptaq": GPTAQ_CONFIGS}
+# issue 21, AWQ: scales and clips searched for the quantizer after it (same grid)
+AWQ_CONFIGS = [
+    (f"AWQ+{q.upper()} {b}-bit g128", [{"method": "awq", **grid}, {"method": q, **grid}], None)
+    for b, grid in ((4, Q4), (3, Q3))
+    for q in ("rtn", "gptq")
+]
+ROWS = {"default": CONFIGS, "gptaq": GPTAQ_CONFIGS, "awq": AWQ_CONFIGS}
+
+
+def activation_outliers(model: torch.nn.Module, ids: torch.Tensor) -> list[dict]:
+    """Per kind of block linear: max |x| per input channel on ``ids``, over all blocks: the
+    largest channel, the median channel and their ratio (AWQ and SmoothQuant act on large ratios)."""
+    from llmpress.model.modules import block_linears, find_blocks
+
+    prefix, blocks = find_blocks(model)
+    amax: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):  # noqa: ANN202
+        def f(mod: torch.nn.Module, args: tuple) -> None:
+            a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
+            amax[name] = torch.maximum(amax[name], a) if name in amax else a
+
+        return f
+
+    handles = [
+        m.register_forward_pre_hook(hook(f"{i}.{rel}"))
+        for i, b in enumerate(blocks)
+        for rel, m in block_linears(b).items()
+    ]
+    with torch.no_grad():
+        for batch in ids.split(8):
+            model(input_ids=batch)
+    for h in handles:
+        h.remove()
+    rows = []
+    for kind in dict.fromkeys(k.split(".", 1)[1] for k in amax):
+        per = [amax[k] for k in amax if k.split(".", 1)[1] == kind]
+        top = max(float(a.max()) for a in per)
+        med = float(torch.stack([a.median() for a in per]).median())
+        ratio = max(float(a.max() / a.median()) for a in per)
+        rows.append({"name": kind, "max": top, "median": med, "ratio": ratio})
+    return rows
+
+
+def print_outliers(a: argparse.Namespace, tok: object) -> None:
+    from llmpress.engine.calibration import build_calibration
+
+    model, _ = load_model(a.model, dtype=torch.float32, device=a.device)
+    ids = build_calibration(tok, a.calib, a.nsamples, a.seqlen).to(a.device)
+    print(f"\nmax |x| per input channel on {a.nsamples} x {a.seqlen} calibration tokens (dense model)\n")
+    cols = [("name", "linear", ""), ("max", "largest channel", ".3g"), ("median", "median channel", ".3g")]
+    print_table(activation_outliers(model, ids), [*cols, ("ratio", "max/median (worst block)", ".1f")])
 
 
 def dir_size(path: Path) -> int:
@@ -78,6 +129,7 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated substrings of config names to run")
     ap.add_argument("--rows", choices=sorted(ROWS), default="default", help="which set of rows to run")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--outliers", action="store_true", help="also print max |x| per input channel")
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     if a.threads:
@@ -99,6 +151,8 @@ def main() -> None:
         }
     ]
     del dense
+    if a.outliers:
+        print_outliers(a, tok)
     for name, stages, ref in ROWS[a.rows]:
         if a.only and not any(s.strip() in name for s in a.only.split(",")):
             continue
