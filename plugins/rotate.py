@@ -134,11 +134,17 @@ class Summary:
             "offline": self.offline,
             "online": [t.describe() for t in self.online],
             "runtime_cost": "; ".join(
-                f"one {t.plan().describe()} per call of each of {len(t.modules)} {t.role or ''} layers".replace("  ", " ")
+                f"one {t.plan().describe()} per {_leaf(t.modules)} call ({len(t.modules)} layers, {t.role})"
                 for t in self.online
             )
             or "none (all rotations fused into the weights)",
         }
+
+
+def _leaf(names: list[str]) -> str:
+    """What the layers are called inside their blocks (``mlp.down_proj``)."""
+    leaves = {n.split(".", 3)[-1] if n.count(".") >= 3 else n for n in names}
+    return leaves.pop() if len(leaves) == 1 else "layer"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,228 @@
+"""QuaRot rotations (``method: rotate``): Hadamard constructions, the exact equivalence of the
+rotated dense model, the online transform's kernels (torch; Triton under the interpreter in a
+subprocess), rotate + GPTQ saved and reloaded, and the errors raised before any work."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from models import calib_ids, tiny_gpt2, tiny_llama, tiny_opt, tiny_qwen2
+from transformers import AutoModelForCausalLM
+
+import llmpress
+from llmpress.errors import ModelError, RecipeError
+from llmpress.format.save import save_quantized, to_runtime
+from llmpress.format.transforms import OnlineHadamard, online_transforms
+from llmpress.math.hadamard import (
+    HadamardPlan,
+    HadamardSizeError,
+    apply_hadamard,
+    fwht,
+    hadamard_matrix,
+    hadamard_plan,
+    paley_orders,
+    random_hadamard,
+)
+
+DOWN = "model.layers.0.mlp.down_proj"
+
+
+def _scrambled(factory, seed: int = 1, **kw):  # noqa: ANN001, ANN202
+    """A tiny model whose norm scales and biases are not trivial (so fusion is exercised)."""
+    m = factory(seed=seed, **kw)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, mod in m.named_modules():
+            if "RMSNorm" in type(mod).__name__:
+                mod.weight.copy_(torch.rand(mod.weight.shape, generator=g) + 0.5)
+            bias = getattr(mod, "bias", None)
+            if n.endswith(("q_proj", "k_proj", "v_proj")) and isinstance(bias, torch.Tensor):
+                bias.copy_(torch.randn(bias.shape, generator=g) * 0.1)
+    return m
+
+
+def _logits(model, ids):  # noqa: ANN001, ANN202
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+# ------------------------------------------------------------------------------ Hadamard math
+
+
+@pytest.mark.parametrize("n", [2, 16, 12, 20, 24, 44, 96, 384, 6, 40])
+def test_hadamard_is_orthogonal_and_fast_transform_matches(n: int) -> None:
+    plan = hadamard_plan(n)
+    m = hadamard_matrix(plan)
+    assert torch.allclose(m @ m.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    block = m[: plan.block, : plan.block] * plan.block**0.5
+    assert torch.equal(block.abs(), torch.ones_like(block))  # entries +-1 before normalisation
+    x = torch.randn(3, 5, n, dtype=torch.float64)
+    assert torch.allclose(apply_hadamard(x, plan), x @ m, atol=1e-12)
+
+
+def test_hadamard_sizes_named() -> None:
+    assert hadamard_plan(384) == HadamardPlan(384, 384, 12)  # Paley 12 x Sylvester 32
+    assert hadamard_plan(1024) == HadamardPlan(1024, 1024, 1)
+    assert hadamard_plan(2 * 43 * 128).block == 256  # 86 is no Paley order: block-diagonal
+    assert hadamard_plan(256, block_size=64) == HadamardPlan(256, 64, 1)
+    assert 12 in paley_orders() and 24 not in paley_orders()  # 24 = 12 * 2
+    for bad, block in [(9, None), (1, None), (64, 48 + 1), (30, 15)]:
+        with pytest.raises(HadamardSizeError):
+            hadamard_plan(bad, block)
+
+
+def test_fwht_matches_dense_sylvester() -> None:
+    x = torch.randn(7, 64, dtype=torch.float64)
+    s = hadamard_matrix(HadamardPlan(64, 64)) * 8.0
+    assert torch.allclose(fwht(x), x @ s, atol=1e-10)
+    with pytest.raises(HadamardSizeError):
+        fwht(torch.zeros(3, 12))
+
+
+def test_random_hadamard_seeded() -> None:
+    a, b, c = random_hadamard(32, 0), random_hadamard(32, 0), random_hadamard(32, 1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.allclose(a @ a.T, torch.eye(32, dtype=torch.float64), atol=1e-12)
+
+
+TRITON_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from llmpress.kernels import hadamard as kh
+    from llmpress.math.hadamard import HadamardPlan, apply_hadamard, hadamard_matrix, sylvester
+    torch.manual_seed(0)
+    for n in (2, 8, 64, 256):
+        for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+            x = torch.randn(3, 5, n).to(dtype)
+            assert kh.triton_usable(x)
+            y = kh.fwht_triton(x)
+            ref = (x.double() @ sylvester(n)).float()
+            err = float((y.float() - ref).abs().max() / ref.abs().max())
+            assert y.dtype == dtype and y.shape == x.shape and err < tol, (n, dtype, err)
+    plan = HadamardPlan(96, 96, 12)  # Paley 12 x Sylvester 8 through the Triton butterfly
+    x = torch.randn(4, 96)
+    y = apply_hadamard(x, plan, kh.fwht)
+    assert torch.allclose(y.double(), x.double() @ hadamard_matrix(plan), atol=1e-5)
+    print("ok")
+    """
+)
+
+
+def test_triton_fwht_matches_dense_hadamard_under_interpreter() -> None:
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------ the rotated model
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2"])
+def test_rotation_keeps_logits(factory) -> None:  # noqa: ANN001
+    model = _scrambled(factory)
+    ids = calib_ids(2, 24)
+    ref = _logits(model, ids)
+    emb_before = model.get_input_embeddings().weight.clone()
+    rotated, rep = llmpress.compress(model, {"method": "rotate", "seed": 3}, None, progress=False)
+    out = _logits(rotated, ids)
+    assert torch.allclose(out, ref, atol=1e-4), float((out - ref).abs().max())
+    assert not torch.allclose(rotated.get_input_embeddings().weight, emb_before, atol=1e-3)  # it did rotate
+    for n, mod in rotated.named_modules():
+        if "RMSNorm" in type(mod).__name__:
+            assert torch.equal(mod.weight, torch.ones_like(mod.weight)), n
+    assert set(online_transforms(rotated)) == {DOWN, DOWN.replace(".0.", ".1.")}
+    assert rep.transforms is not None
+    assert rep.transforms["runtime_cost"] == "one Hadamard 64 (Sylvester) per mlp.down_proj call (2 layers, R4)"
+    assert rep.state.transforms is not None and rep.state.transforms[0]["role"] == "R4"
+
+
+def test_rotation_unties_embeddings() -> None:
+    model = _scrambled(tiny_llama, tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = calib_ids(2, 16)
+    ref = _logits(model, ids)
+    rotated, _ = llmpress.compress(model, {"method": "rotate"}, None, progress=False)
+    assert rotated.lm_head.weight is not rotated.model.embed_tokens.weight
+    assert not rotated.config.tie_word_embeddings
+    assert torch.allclose(_logits(rotated, ids), ref, atol=1e-4)
+
+
+def test_rotation_flattens_planted_outlier_channel() -> None:
+    """A residual channel 50x larger than the rest (the outliers rotations are for) spreads out."""
+    model = tiny_llama(seed=2)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 5] *= 50.0
+    ids = calib_ids(2, 16)
+    seen: dict[str, torch.Tensor] = {}
+    norm = model.model.layers[1].input_layernorm  # the residual stream entering block 1
+    h = norm.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].detach().abs().amax((0, 1))))
+    _logits(model, ids)
+    before = seen["x"].max() / seen["x"].median()
+    llmpress.compress(model, {"method": "rotate"}, None, progress=False)
+    _logits(model, ids)
+    h.remove()
+    after = seen["x"].max() / seen["x"].median()
+    assert before > 10 and after < before / 4
+
+
+# ------------------------------------------------------------------------------ rotate + GPTQ, saved
+
+
+def test_rotate_gptq_saves_and_reloads(tmp_path) -> None:  # noqa: ANN001
+    model = _scrambled(tiny_llama)
+    recipe = [{"method": "rotate"}, {"method": "gptq", "bits": 4, "group_size": 32}]
+    model, rep = llmpress.compress(model, recipe, calib_ids(8, 32), progress=False)
+    ids = calib_ids(2, 16, seed=5)
+    d = save_quantized(model, tmp_path / "rot-gptq", report=rep, dtype=torch.float32)
+    to_runtime(model, result=rep, dtype=torch.float32)  # what loading gives
+    assert isinstance(getattr(model.get_submodule(DOWN), "online_transform", None), OnlineHadamard)
+    expected = _logits(model, ids)
+    loaded = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    assert set(online_transforms(loaded)) == set(online_transforms(model))
+    got = _logits(loaded, ids)
+    assert torch.allclose(got, expected, atol=1e-4), float((got - expected).abs().max())
+    qc = loaded.config.quantization_config
+    assert qc.transforms[0]["size"] == 64 and qc.transforms[0]["location"] == "input"
+    # without the online transform the reloaded model computes something else: it is needed
+    down = loaded.get_submodule(DOWN)
+    down._forward_pre_hooks.clear()
+    assert not torch.allclose(_logits(loaded, ids), expected, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------ errors, before any work
+
+
+@pytest.mark.parametrize("factory", [tiny_opt, tiny_gpt2], ids=["opt", "gpt2"])
+def test_unrotatable_architecture_refused_before_work(factory) -> None:  # noqa: ANN001
+    model = factory()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ModelError, match="cannot be rotated"):
+        llmpress.compress(model, {"method": "rotate"}, None, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_impossible_hadamard_size_refused_before_work() -> None:
+    model = tiny_llama(intermediate=72)  # 72 = Paley 72: fine
+    llmpress.compress(model, {"method": "rotate"}, None, progress=False)
+    model = tiny_llama(seed=3)
+    before = model.model.embed_tokens.weight.clone()
+    with pytest.raises(ModelError, match="block size 24 does not divide"):
+        llmpress.compress(model, {"method": "rotate", "online_block_size": 24}, None, progress=False)
+    assert torch.equal(model.model.embed_tokens.weight, before)
+
+
+def test_bad_options_refused() -> None:
+    with pytest.raises(RecipeError, match="r3"):
+        llmpress.compress(tiny_llama(), {"method": "rotate", "r3": True}, None, progress=False)
+    with pytest.raises(RecipeError, match="first stage"):
+        llmpress.compress(
+            tiny_llama(), [{"method": "rtn", "bits": 4, "group_size": 32}, {"method": "rotate"}], None, progress=False
+        )
