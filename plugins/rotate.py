@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -114,6 +114,14 @@ class RotateConfig(MethodConfig):
             )
         if not (self.r1 or self.r2 or self.r4):
             raise RecipeError("method 'rotate': r1, r2 and r4 are all false, so nothing would rotate")
+
+    def planned_transforms(self, model: Any) -> list[dict[str, Any]]:
+        p = plans(model, self)
+        if p.inter is None:
+            return []
+        prefix, blocks = find_blocks(model)
+        names = [f"{prefix}.{i}.mlp.down_proj" for i in range(len(blocks))]
+        return [OnlineTransform.of(p.inter, names, role="R4").model_dump()]
 
 
 @hookimpl
@@ -297,7 +305,7 @@ def rotate_model(model: nn.Module, cfg: RotateConfig) -> Summary:
             rotate_input(down, m)
             attach(down, p.inter)
             names.append(f"{prefix}.{i}.mlp.down_proj")
-        online.append(OnlineTransform.of(p.inter, names, role="R4"))
+        online.append(OnlineTransform.of(p.inter, names, role="R4"))  # as planned_transforms says
         offline.append("R4: down_proj weights rotated offline to match their online input rotation")
     return Summary(offline, online)
 

@@ -4,6 +4,7 @@ subprocess), rotate + GPTQ saved and reloaded, and the errors raised before any 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -226,3 +227,52 @@ def test_bad_options_refused() -> None:
         llmpress.compress(
             tiny_llama(), [{"method": "rtn", "bits": 4, "group_size": 32}, {"method": "rotate"}], None, progress=False
         )
+
+
+# ------------------------------------------------------------------------------ compressed-tensors
+
+
+def test_compressed_tensors_export_applies_r4_through_its_own_transforms(tmp_path) -> None:  # noqa: ANN001
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.transform import TransformConfig, apply_transform_config
+    from safetensors import safe_open
+
+    from llmpress.format.compressed_tensors import save_compressed_tensors
+
+    recipe = [{"method": "rotate"}, {"method": "gptq", "bits": 4, "group_size": 32, "symmetric": True}]
+    model, rep = llmpress.compress(_scrambled(tiny_llama), recipe, calib_ids(8, 32), progress=False)
+    d = save_compressed_tensors(model, tmp_path / "ct", report=rep, dtype=torch.float32)
+    ids = calib_ids(2, 16, seed=4)
+    expected = _logits(model, ids)  # the compressed model in memory (the CPU int kernel would round to bf16)
+    cfg = json.loads((d / "config.json").read_text())["quantization_config"]
+    scheme = cfg["transform_config"]["config_groups"]["R4"]
+    assert scheme["type"] == "hadamard" and scheme["head_dim"] is None
+    assert scheme["apply"][0]["location"] == "input" and DOWN in scheme["apply"][0]["targets"]
+    with safe_open(str(d / "model.safetensors"), framework="pt") as f:
+        assert f.get_tensor(f"{DOWN}.R4_input.weight").abs().eq(1).all()
+    loaded = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()  # compressed-tensors decompresses
+    without = _logits(loaded, ids)
+    assert not torch.allclose(without, expected, atol=1e-3)  # the online transform is needed...
+    apply_transform_config(loaded, TransformConfig.model_validate(cfg["transform_config"]))  # ...and its own applies it
+    got = _logits(loaded, ids)
+    assert torch.allclose(got, expected, atol=1e-4), float((got - expected).abs().max())
+
+
+def test_compressed_tensors_refuses_paley_transform_before_work(tmp_path) -> None:  # noqa: ANN001
+    from llmpress.cli.export_checks import check_model_exportable
+    from llmpress.errors import LlmpressError
+    from llmpress.format.compressed_tensors import save_compressed_tensors
+    from llmpress.recipe.recipes import as_recipe
+
+    model = tiny_llama(intermediate=96)  # 96 = Paley 12 x Sylvester 8: compressed-tensors has no Paley
+    recipe = [{"method": "rotate"}, {"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True}]
+    with pytest.raises(LlmpressError, match="Paley"):  # what `llmpress compress --format compressed-tensors` checks first
+        check_model_exportable(model, as_recipe(recipe).resolve())
+    model, rep = llmpress.compress(model, recipe, None, progress=False)
+    with pytest.raises(LlmpressError, match="online_block_size"):
+        save_compressed_tensors(model, tmp_path / "ct", report=rep)
+    assert not (tmp_path / "ct").exists()
+    ok = tiny_llama(intermediate=96)
+    recipe[0] = {"method": "rotate", "online_block_size": 32}
+    ok, rep = llmpress.compress(ok, recipe, None, progress=False)
+    save_compressed_tensors(ok, tmp_path / "ct2", report=rep)
