@@ -198,6 +198,7 @@ def check_architecture(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if hasattr(mods["mlp.down_proj"], CHILD):
             raise ModelError(f"rotate: {prefix}.{i}.mlp.down_proj is already rotated online")
     _final_norm(model, prefix)
+    _embeddings(model)
     return prefix, blocks
 
 
@@ -240,15 +241,34 @@ def rotate_output(lin: nn.Linear, q: torch.Tensor) -> None:
 
 def fuse_norm(norm: nn.Module, readers: list[nn.Linear]) -> None:
     """Fold the RMSNorm's scale into the input columns of ``readers``; the scale becomes 1."""
-    g = norm.weight.data.double()  # type: ignore[union-attr]
+    weight = norm.weight
+    assert isinstance(weight, torch.Tensor)
+    g = weight.data.double()
     for lin in readers:
         _set(lin.weight, lin.weight.data.double() * g[None, :])
-    norm.weight.data.fill_(1.0)  # type: ignore[union-attr]
+    weight.data.fill_(1.0)
+
+
+def _lin(block: nn.Module, name: str) -> nn.Linear:
+    mod = block.get_submodule(name)
+    assert isinstance(mod, nn.Linear)
+    return mod
+
+
+def _embeddings(model: nn.Module) -> tuple[nn.Embedding, nn.Linear]:
+    """The input embedding and the lm_head (a :class:`ModelError` if they are not plain)."""
+    emb = model.get_input_embeddings()  # type: ignore[operator]
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    if not isinstance(emb, nn.Embedding) or type(head) is not nn.Linear:
+        raise ModelError(
+            f"rotate: {type(model).__name__} needs an nn.Embedding and a plain nn.Linear lm_head"
+        )
+    return emb, head
 
 
 def untie(model: nn.Module) -> None:
     """Give lm_head its own weight when it shares the embedding's."""
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()  # type: ignore[operator]
+    emb, head = _embeddings(model)
     if head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr():
         head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
     model.config.tie_word_embeddings = False  # type: ignore[union-attr]
@@ -274,34 +294,33 @@ def rotate_model(model: nn.Module, cfg: RotateConfig) -> Summary:
     prefix, blocks = check_architecture(model)
     untie(model)
     final_norm = _final_norm(model, prefix)
-    head = model.get_output_embeddings()  # type: ignore[operator]
+    emb, head = _embeddings(model)
     offline = ["RMSNorm scales fused into the following linears (norm weights 1), embeddings untied"]
     for block in blocks:
-        fuse_norm(block.input_layernorm, [block.get_submodule(n) for n in READERS_ATTN])
-        fuse_norm(block.post_attention_layernorm, [block.get_submodule(n) for n in READERS_MLP])
+        fuse_norm(block.get_submodule("input_layernorm"), [_lin(block, n) for n in READERS_ATTN])
+        fuse_norm(block.get_submodule("post_attention_layernorm"), [_lin(block, n) for n in READERS_MLP])
     fuse_norm(final_norm, [head])
     if p.hidden is not None:
         q = random_hadamard(p.hidden.size, cfg.seed, cfg.block_size)
-        emb = model.get_input_embeddings()  # type: ignore[operator]
         _set(emb.weight, emb.weight.data.double() @ q)
         for block in blocks:
             for n in (*READERS_ATTN, *READERS_MLP):
-                rotate_input(block.get_submodule(n), q)
+                rotate_input(_lin(block, n), q)
             for n in WRITERS:
-                rotate_output(block.get_submodule(n), q)
+                rotate_output(_lin(block, n), q)
         rotate_input(head, q)
         offline.append(f"R1: random {p.hidden.describe()} of the residual stream (seed {cfg.seed})")
     if p.head is not None:
         h = hadamard_matrix(p.head)
         for block in blocks:
-            rotate_heads(block.get_submodule("self_attn.v_proj"), block.get_submodule("self_attn.o_proj"), h)
+            rotate_heads(_lin(block, "self_attn.v_proj"), _lin(block, "self_attn.o_proj"), h)
         offline.append(f"R2: per-head {p.head.describe()} of values and o_proj")
     online: list[OnlineTransform] = []
     if p.inter is not None:
         m = hadamard_matrix(p.inter)
         names = []
         for i, block in enumerate(blocks):
-            down = block.get_submodule("mlp.down_proj")
+            down = _lin(block, "mlp.down_proj")
             rotate_input(down, m)
             attach(down, p.inter)
             names.append(f"{prefix}.{i}.mlp.down_proj")

@@ -141,7 +141,9 @@ def test_rotation_keeps_logits(factory) -> None:  # noqa: ANN001
             assert torch.equal(mod.weight, torch.ones_like(mod.weight)), n
     assert set(online_transforms(rotated)) == {DOWN, DOWN.replace(".0.", ".1.")}
     assert rep.transforms is not None
-    assert rep.transforms["runtime_cost"] == "one Hadamard 64 (Sylvester) per mlp.down_proj call (2 layers, R4)"
+    assert (
+        rep.transforms["runtime_cost"] == "one Hadamard 64 (Sylvester) per mlp.down_proj call (2 layers, R4)"
+    )
     assert rep.state.transforms is not None and rep.state.transforms[0]["role"] == "R4"
 
 
@@ -225,7 +227,10 @@ def test_bad_options_refused() -> None:
         llmpress.compress(tiny_llama(), {"method": "rotate", "r3": True}, None, progress=False)
     with pytest.raises(RecipeError, match="first stage"):
         llmpress.compress(
-            tiny_llama(), [{"method": "rtn", "bits": 4, "group_size": 32}, {"method": "rotate"}], None, progress=False
+            tiny_llama(),
+            [{"method": "rtn", "bits": 4, "group_size": 32}, {"method": "rotate"}],
+            None,
+            progress=False,
         )
 
 
@@ -250,10 +255,14 @@ def test_compressed_tensors_export_applies_r4_through_its_own_transforms(tmp_pat
     assert scheme["apply"][0]["location"] == "input" and DOWN in scheme["apply"][0]["targets"]
     with safe_open(str(d / "model.safetensors"), framework="pt") as f:
         assert f.get_tensor(f"{DOWN}.R4_input.weight").abs().eq(1).all()
-    loaded = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()  # compressed-tensors decompresses
+    loaded = AutoModelForCausalLM.from_pretrained(
+        d, dtype=torch.float32
+    ).eval()  # compressed-tensors decompresses
     without = _logits(loaded, ids)
     assert not torch.allclose(without, expected, atol=1e-3)  # the online transform is needed...
-    apply_transform_config(loaded, TransformConfig.model_validate(cfg["transform_config"]))  # ...and its own applies it
+    apply_transform_config(
+        loaded, TransformConfig.model_validate(cfg["transform_config"])
+    )  # ...and its own applies it
     got = _logits(loaded, ids)
     assert torch.allclose(got, expected, atol=1e-4), float((got - expected).abs().max())
 
@@ -266,7 +275,9 @@ def test_compressed_tensors_refuses_paley_transform_before_work(tmp_path) -> Non
 
     model = tiny_llama(intermediate=96)  # 96 = Paley 12 x Sylvester 8: compressed-tensors has no Paley
     recipe = [{"method": "rotate"}, {"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True}]
-    with pytest.raises(LlmpressError, match="Paley"):  # what `llmpress compress --format compressed-tensors` checks first
+    with pytest.raises(
+        LlmpressError, match="Paley"
+    ):  # what `llmpress compress --format compressed-tensors` checks first
         check_model_exportable(model, as_recipe(recipe).resolve())
     model, rep = llmpress.compress(model, recipe, None, progress=False)
     with pytest.raises(LlmpressError, match="online_block_size"):

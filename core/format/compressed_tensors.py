@@ -151,7 +151,9 @@ def _scheme_name(t: OnlineTransform, i: int) -> str:
     return t.role or f"T{i}"
 
 
-def _transform_weights(transforms: list[dict[str, Any]] | None) -> list[Callable[[], dict[str, torch.Tensor]]]:
+def _transform_weights(
+    transforms: list[dict[str, Any]] | None,
+) -> list[Callable[[], dict[str, torch.Tensor]]]:
     """The ``+-1`` matrix of every online transform, per layer, named as compressed-tensors saves it."""
     units: list[Callable[[], dict[str, torch.Tensor]]] = []
     for i, raw in enumerate(transforms or []):

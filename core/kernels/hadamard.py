@@ -75,5 +75,7 @@ def fwht_triton(x: torch.Tensor) -> torch.Tensor:
     rows = x.reshape(-1, n).contiguous()
     out = torch.empty_like(rows)
     if rows.shape[0]:
-        _fwht_kernel[(rows.shape[0],)](rows, out, rows.stride(0), out.stride(0), N=n, LOG_N=n.bit_length() - 1)
+        _fwht_kernel[(rows.shape[0],)](
+            rows, out, rows.stride(0), out.stride(0), N=n, LOG_N=n.bit_length() - 1
+        )
     return out.reshape(x.shape)

@@ -38,7 +38,7 @@ def _is_prime(q: int) -> bool:
     return q >= 2 and all(q % p for p in range(2, math.isqrt(q) + 1))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def paley_orders() -> tuple[int, ...]:
     """Orders ``q + 1`` of Paley's first construction (``q`` prime, ``q = 3 mod 4``) up to
     :data:`MAX_PALEY` that are not powers of two times a smaller such order."""
@@ -129,7 +129,9 @@ def _paley(m: int) -> torch.Tensor:
     return s + torch.eye(m, dtype=torch.float64)
 
 
-def base_matrix(m: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> torch.Tensor:
+def base_matrix(
+    m: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+) -> torch.Tensor:
     """The +-1 base matrix of order ``m`` (``[[1]]`` for 1)."""
     h = torch.ones(1, 1, dtype=torch.float64) if m == 1 else _paley(m)
     return h.to(dtype=dtype, device=device)
@@ -177,7 +179,9 @@ def apply_hadamard(x: torch.Tensor, plan: HadamardPlan, pow2_transform=fwht) -> 
     dtype = x.dtype
     work = x.float() if dtype in (torch.float16, torch.bfloat16) else x
     lead = work.shape[:-1]
-    y = pow2_transform(work.reshape(-1, plan.pow2)).reshape(*lead, plan.size // plan.block, plan.base, plan.pow2)
+    y = pow2_transform(work.reshape(-1, plan.pow2)).reshape(
+        *lead, plan.size // plan.block, plan.base, plan.pow2
+    )
     if plan.base > 1:  # [..., blocks, base, pow2] x [base, base] over the base axis
         y = torch.einsum("...gap,ab->...gbp", y, base_matrix(plan.base, y.dtype, y.device))
     return (y.reshape(*lead, plan.size) / math.sqrt(plan.block)).to(dtype)
