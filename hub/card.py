@@ -239,6 +239,13 @@ def _describe_stage(stage: dict[str, Any]) -> str:
             text += f"; activations quantized to INT8 {how}"
     elif method == "distill":
         text = _describe_distill(stage)
+    elif method == "rotate":
+        parts = [r for r, on in (("R1", stage.get("r1", True)), ("R2", stage.get("r2", True))) if on]
+        online = " and an online Hadamard before each down_proj (R4)" if stage.get("r4", True) else ""
+        text = (
+            f"QuaRot Hadamard rotations ({', '.join(parts) or 'norms fused'} fused into the weights{online}), "
+            f"the model's function unchanged"
+        )
     else:
         text = f"{name}"
     if stage.get("targets"):
@@ -889,6 +896,7 @@ def build_card_context(
         "plot": plot,
         "allocation": allocation_context(report.allocation, path, write_plot),
         "recovery": recovery,
+        "transforms": report.transforms,
         "calibration": _calibration_text(report.calibration),
         "compute": _compute(report),
         "usage": usage_snippet(model_path, auto_class, packed=info.packed, tokenizer=_has_tokenizer(path)),

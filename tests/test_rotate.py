@@ -194,6 +194,13 @@ def test_rotate_gptq_saves_and_reloads(tmp_path) -> None:  # noqa: ANN001
     assert torch.allclose(got, expected, atol=1e-4), float((got - expected).abs().max())
     qc = loaded.config.quantization_config
     assert qc.transforms[0]["size"] == 64 and qc.transforms[0]["location"] == "input"
+    from llmpress.hub.card import build_card
+
+    card = build_card(d).text
+    assert "## Transforms" in card and "QuaRot" in card
+    assert "Run-time cost: one Hadamard 64 (Sylvester) per mlp.down_proj call (2 layers, R4)" in card
+    report = json.loads((d / "llmpress_report.json").read_text())
+    assert report["transforms"]["online"][0].startswith("R4 online Hadamard 64")
     # without the online transform the reloaded model computes something else: it is needed
     down = loaded.get_submodule(DOWN)
     down._forward_pre_hooks.clear()
