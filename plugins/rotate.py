@@ -31,13 +31,7 @@ from llmpress import hookimpl
 from llmpress.engine.stage import BoundStage, ModelContext, ModelStage
 from llmpress.errors import ModelError, RecipeError
 from llmpress.format.transforms import CHILD, OnlineTransform, attach
-from llmpress.math.hadamard import (
-    HadamardPlan,
-    HadamardSizeError,
-    hadamard_matrix,
-    hadamard_plan,
-    random_hadamard,
-)
+from llmpress.math.hadamard import HadamardPlan, HadamardSizeError, Rotation, hadamard_plan, random_rotation
 from llmpress.model.modules import find_blocks
 from llmpress.recipe.config import MethodConfig, PositiveInt
 
@@ -199,6 +193,11 @@ def check_architecture(model: nn.Module) -> tuple[str, nn.ModuleList]:
             raise ModelError(f"rotate: {prefix}.{i}.mlp.down_proj is already rotated online")
     _final_norm(model, prefix)
     _embeddings(model)
+    if any(t.device.type == "meta" for t in model.parameters()):
+        raise ModelError(
+            "rotate: some weights are offloaded (on the meta device); rotating changes every weight, so load "
+            "the model in CPU or GPU memory"
+        )
     return prefix, blocks
 
 
@@ -227,16 +226,16 @@ def _set(p: nn.Parameter | torch.Tensor, value: torch.Tensor) -> None:
     p.data.copy_(value.to(p.dtype))
 
 
-def rotate_input(lin: nn.Linear, q: torch.Tensor) -> None:
+def rotate_input(lin: nn.Linear, q: Rotation) -> None:
     """``W [out, in] <- W Q``: the layer reads ``x Q`` and computes what it did from ``x``."""
-    _set(lin.weight, lin.weight.data.double() @ q)
+    _set(lin.weight, q.right(lin.weight.data.double()))
 
 
-def rotate_output(lin: nn.Linear, q: torch.Tensor) -> None:
-    """``W <- Q^T W``, ``b <- b Q``: the layer writes ``y Q`` instead of ``y``."""
-    _set(lin.weight, q.T @ lin.weight.data.double())
+def rotate_output(lin: nn.Linear, q: Rotation) -> None:
+    """``W <- Q^T W = (W^T Q)^T``, ``b <- b Q``: the layer writes ``y Q`` instead of ``y``."""
+    _set(lin.weight, q.right(lin.weight.data.double().T).T)
     if lin.bias is not None:
-        _set(lin.bias, lin.bias.data.double() @ q)
+        _set(lin.bias, q.right(lin.bias.data.double()))
 
 
 def fuse_norm(norm: nn.Module, readers: list[nn.Linear]) -> None:
@@ -275,16 +274,16 @@ def untie(model: nn.Module) -> None:
     getattr(model.config, "get_text_config", lambda: model.config)().tie_word_embeddings = False  # type: ignore[union-attr]
 
 
-def rotate_heads(v: nn.Linear, o: nn.Linear, h: torch.Tensor) -> None:
+def rotate_heads(v: nn.Linear, o: nn.Linear, h: Rotation) -> None:
     """R2: each value head ``v_h <- v_h H`` (rows of v_proj, its bias), o_proj's columns of
     each head ``W_h H`` (``H`` [hd, hd] orthogonal; grouped-query heads share ``H``)."""
-    hd = h.shape[0]
+    hd = h.plan.size
     w = v.weight.data.double().reshape(-1, hd, v.in_features)  # [kv, hd, in]
-    _set(v.weight, torch.einsum("ji,kjn->kin", h, w).reshape(v.weight.shape))  # H^T W_h
+    _set(v.weight, h.right(w.transpose(1, 2)).transpose(1, 2).reshape(v.weight.shape))  # H^T W_h
     if v.bias is not None:
-        _set(v.bias, (v.bias.data.double().reshape(-1, hd) @ h).reshape(-1))
+        _set(v.bias, h.right(v.bias.data.double().reshape(-1, hd)).reshape(-1))
     wo = o.weight.data.double().reshape(o.out_features, -1, hd)  # [out, heads, hd]
-    _set(o.weight, (wo @ h).reshape(o.weight.shape))
+    _set(o.weight, h.right(wo).reshape(o.weight.shape))
 
 
 @torch.no_grad()
@@ -301,8 +300,8 @@ def rotate_model(model: nn.Module, cfg: RotateConfig) -> Summary:
         fuse_norm(block.get_submodule("post_attention_layernorm"), [_lin(block, n) for n in READERS_MLP])
     fuse_norm(final_norm, [head])
     if p.hidden is not None:
-        q = random_hadamard(p.hidden.size, cfg.seed, cfg.block_size)
-        _set(emb.weight, emb.weight.data.double() @ q)
+        q = random_rotation(p.hidden.size, cfg.seed, cfg.block_size)
+        _set(emb.weight, q.right(emb.weight.data.double()))
         for block in blocks:
             for n in (*READERS_ATTN, *READERS_MLP):
                 rotate_input(_lin(block, n), q)
@@ -311,13 +310,13 @@ def rotate_model(model: nn.Module, cfg: RotateConfig) -> Summary:
         rotate_input(head, q)
         offline.append(f"R1: random {p.hidden.describe()} of the residual stream (seed {cfg.seed})")
     if p.head is not None:
-        h = hadamard_matrix(p.head)
+        h = Rotation(p.head)
         for block in blocks:
             rotate_heads(_lin(block, "self_attn.v_proj"), _lin(block, "self_attn.o_proj"), h)
         offline.append(f"R2: per-head {p.head.describe()} of values and o_proj")
     online: list[OnlineTransform] = []
     if p.inter is not None:
-        m = hadamard_matrix(p.inter)
+        m = Rotation(p.inter)
         names = []
         for i, block in enumerate(blocks):
             down = _lin(block, "mlp.down_proj")

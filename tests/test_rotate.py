@@ -28,6 +28,7 @@ from llmpress.math.hadamard import (
     hadamard_plan,
     paley_orders,
     random_hadamard,
+    random_rotation,
 )
 
 DOWN = "model.layers.0.mlp.down_proj"
@@ -89,6 +90,12 @@ def test_random_hadamard_seeded() -> None:
     a, b, c = random_hadamard(32, 0), random_hadamard(32, 0), random_hadamard(32, 1)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.allclose(a @ a.T, torch.eye(32, dtype=torch.float64), atol=1e-12)
+    rot = random_rotation(384, 2)  # applied to rows without the dense matrix
+    x = torch.randn(5, 384, dtype=torch.float64)
+    assert torch.allclose(rot.right(x), x @ rot.matrix(), atol=1e-12)
+    assert rot.signs is not None and torch.allclose(
+        rot.matrix(), rot.signs[:, None] * hadamard_matrix(rot.plan)
+    )
 
 
 TRITON_SCRIPT = textwrap.dedent(

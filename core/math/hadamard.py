@@ -187,11 +187,35 @@ def apply_hadamard(x: torch.Tensor, plan: HadamardPlan, pow2_transform=fwht) -> 
     return (y.reshape(*lead, plan.size) / math.sqrt(plan.block)).to(dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class Rotation:
+    """The orthogonal ``Q = diag(signs) M`` of a plan (``signs``: +-1 float64, or ``None`` for
+    ``M`` itself), applied to rows without forming ``Q``: ``n log n`` per row, so a rotation of
+    a 14336-wide layer costs no dense 14336 x 14336 matmul."""
+
+    plan: HadamardPlan
+    signs: torch.Tensor | None = None
+
+    def right(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ Q`` on the last dimension (in ``x``'s dtype; use float64 to fuse weights)."""
+        if self.signs is not None:
+            x = x * self.signs.to(x.dtype).to(x.device)
+        return apply_hadamard(x, self.plan)
+
+    def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """``Q`` as a dense ``[size, size]`` matrix."""
+        return self.right(torch.eye(self.plan.size, dtype=torch.float64)).to(dtype)
+
+
+def random_rotation(size: int, seed: int, block_size: int | None = None) -> Rotation:
+    """QuaRot's randomized Hadamard rotation ``diag(s) M`` with random signs ``s`` from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (size,), generator=g, dtype=torch.float64) * 2 - 1
+    return Rotation(hadamard_plan(size, block_size), signs)
+
+
 def random_hadamard(
     size: int, seed: int, block_size: int | None = None, dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
-    """QuaRot's randomized Hadamard rotation ``diag(s) M`` (``s`` random signs from ``seed``):
-    orthogonal ``[size, size]``, float64 by default."""
-    g = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (size,), generator=g, dtype=torch.float64) * 2 - 1
-    return (signs[:, None] * hadamard_matrix(hadamard_plan(size, block_size))).to(dtype)
+    """:func:`random_rotation` as a dense orthogonal ``[size, size]`` matrix."""
+    return random_rotation(size, seed, block_size).matrix(dtype)
