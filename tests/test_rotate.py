@@ -301,3 +301,21 @@ def test_compressed_tensors_refuses_paley_transform_before_work(tmp_path) -> Non
     recipe[0] = {"method": "rotate", "online_block_size": 32}
     ok, rep = llmpress.compress(ok, recipe, None, progress=False)
     save_compressed_tensors(ok, tmp_path / "ct2", report=rep)
+
+
+def test_rotate_only_checkpoint_reloads_and_bad_transform_entry_refused(tmp_path) -> None:  # noqa: ANN001
+    from llmpress.errors import CheckpointError
+    from llmpress.format.save import save_result
+
+    model, rep = llmpress.compress(_scrambled(tiny_qwen2), {"method": "rotate"}, None, progress=False)
+    ids = calib_ids(2, 16, seed=6)
+    expected = _logits(model, ids)
+    d = save_result(model, tmp_path / "rot", report=rep, dtype=torch.float32)  # no quantized layer
+    loaded = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    assert torch.allclose(_logits(loaded, ids), expected, atol=1e-5)
+    cfg_file = d / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["quantization_config"]["transforms"][0]["block_size"] = 48  # does not divide 64
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="transforms.*block size 48 does not divide 64"):
+        AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
