@@ -104,14 +104,13 @@ TRITON_SCRIPT = textwrap.dedent(
     from llmpress.kernels import hadamard as kh
     from llmpress.math.hadamard import HadamardPlan, apply_hadamard, hadamard_matrix, sylvester
     torch.manual_seed(0)
-    for n in (2, 8, 64, 256):
-        for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
-            x = torch.randn(3, 5, n).to(dtype)
-            assert kh.triton_usable(x)
-            y = kh.fwht_triton(x)
-            ref = (x.double() @ sylvester(n)).float()
-            err = float((y.float() - ref).abs().max() / ref.abs().max())
-            assert y.dtype == dtype and y.shape == x.shape and err < tol, (n, dtype, err)
+    for n, dtype, tol in ((2, torch.float32, 1e-5), (64, torch.float16, 2e-3), (256, torch.float32, 1e-5)):
+        x = torch.randn(3, 5 + n // 4, n).to(dtype)  # row counts that leave a partial tile
+        assert kh.triton_usable(x)
+        y = kh.fwht_triton(x)
+        ref = (x.double() @ sylvester(n)).float()
+        err = float((y.float() - ref).abs().max() / ref.abs().max())
+        assert y.dtype == dtype and y.shape == x.shape and err < tol, (n, dtype, err)
     plan = HadamardPlan(96, 96, 12)  # Paley 12 x Sylvester 8 through the Triton butterfly
     x = torch.randn(4, 96)
     y = apply_hadamard(x, plan, kh.fwht)

@@ -1,9 +1,9 @@
 """The fast Walsh-Hadamard transform of the online rotations: a Triton kernel on GPU, torch on CPU.
 
 :func:`fwht` computes the unnormalized ``x @ S_n`` (Sylvester's Hadamard, ``n`` a power of two)
-of the last dimension: one Triton program per row holds the row in registers and runs the
-``log2 n`` butterfly stages in place (each stage: view the row as ``[n / 2h, 2, h]``, swap the
-pair axis last, split it, write back ``(a + b, a - b)``), accumulating in fp32. Rows longer than
+of the last dimension: each Triton program holds a tile of rows (about 2048 values) in registers
+and runs the ``log2 n`` butterfly stages in place (each stage: view a row as ``[n / 2h, 2, h]``,
+swap the pair axis last, split it, write back ``(a + b, a - b)``), accumulating in fp32. Rows longer than
 :data:`TRITON_MAX` and CPU tensors (without ``TRITON_INTERPRET=1``) use the torch butterfly
 (:func:`llmpress.math.hadamard.fwht`). ``LLMPRESS_FWHT=torch`` forces the torch path.
 """
@@ -53,16 +53,26 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
-    def _fwht_kernel(x_ptr, out_ptr, stride_x, stride_out, N: tl.constexpr, LOG_N: tl.constexpr):
-        row = tl.program_id(0)
-        offs = tl.arange(0, N)
-        v = tl.load(x_ptr + row * stride_x + offs).to(tl.float32)  # [N]
+    def _fwht_kernel(
+        x_ptr, out_ptr, M, stride_x, stride_out, N: tl.constexpr, LOG_N: tl.constexpr, ROWS: tl.constexpr
+    ):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # [ROWS]
+        cols = tl.arange(0, N)  # [N]
+        keep = (rows < M)[:, None]
+        v = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=keep, other=0.0).to(tl.float32)
         for i in tl.static_range(LOG_N):
             h: tl.constexpr = 1 << i
-            pairs = tl.permute(tl.reshape(v, [N // (2 * h), 2, h]), [0, 2, 1])  # [N/2h, h, 2]
-            a, b = tl.split(pairs)  # [N/2h, h] each
-            v = tl.reshape(tl.permute(tl.join(a + b, a - b), [0, 2, 1]), [N])
-        tl.store(out_ptr + row * stride_out + offs, v.to(out_ptr.dtype.element_ty))
+            pairs = tl.permute(tl.reshape(v, [ROWS, N // (2 * h), 2, h]), [0, 1, 3, 2])  # [ROWS, N/2h, h, 2]
+            a, b = tl.split(pairs)  # [ROWS, N/2h, h] each
+            v = tl.reshape(tl.permute(tl.join(a + b, a - b), [0, 1, 3, 2]), [ROWS, N])
+        out = out_ptr + rows[:, None] * stride_out + cols[None, :]
+        tl.store(out, v.to(out_ptr.dtype.element_ty), mask=keep)
+
+
+def _launch(n: int) -> tuple[int, int]:
+    """(rows per program, warps): about 2048 values per program, one warp per 512 of them."""
+    rows = max(1, 2048 // n)
+    return rows, max(1, min(8, rows * n // 512))
 
 
 def fwht_triton(x: torch.Tensor) -> torch.Tensor:
@@ -74,8 +84,19 @@ def fwht_triton(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"fwht_triton needs a power-of-two row of 2 to {TRITON_MAX} values, got {n}")
     rows = x.reshape(-1, n).contiguous()
     out = torch.empty_like(rows)
-    if rows.shape[0]:
-        _fwht_kernel[(rows.shape[0],)](
-            rows, out, rows.stride(0), out.stride(0), N=n, LOG_N=n.bit_length() - 1
+    m = rows.shape[0]
+    if m:
+        per, warps = _launch(n)
+        grid = (triton.cdiv(m, per),)
+        _fwht_kernel[grid](
+            rows,
+            out,
+            m,
+            rows.stride(0),
+            out.stride(0),
+            N=n,
+            LOG_N=n.bit_length() - 1,
+            ROWS=per,
+            num_warps=warps,
         )
     return out.reshape(x.shape)
