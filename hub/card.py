@@ -852,6 +852,7 @@ def build_card_context(
         "plot": plot,
         "allocation": allocation_context(report.allocation, path, write_plot),
         "recovery": recovery,
+        "transforms": report.transforms,
         "calibration": _calibration_text(report.calibration),
         "compute": _compute(report),
         "usage": usage_snippet(model_path, auto_class, packed=info.packed, tokenizer=_has_tokenizer(path)),

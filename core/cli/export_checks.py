@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from llmpress.errors import LlmpressError
-from llmpress.format.compressed_tensors import check_no_experts
+from llmpress.format.compressed_tensors import check_no_experts, transform_config
 from llmpress.recipe.config import MethodConfig, QuantConfig
 from llmpress.recipe.recipes import ResolvedStage
 
@@ -40,9 +40,11 @@ def check_recipe_exportable(configs: Sequence[MethodConfig]) -> None:
 
 def check_model_exportable(model: nn.Module, stages: Sequence[ResolvedStage]) -> None:
     """Raise :class:`LlmpressError` if a quantization stage of ``stages`` (resolved recipe
-    stages) would reach mixture-of-experts expert projections."""
+    stages) would reach mixture-of-experts expert projections, or a stage would add an online
+    transform compressed-tensors cannot store (a Paley-based Hadamard)."""
     from llmpress.model.moe_model import expert_layer_names
 
+    transform_config([t for st in stages for t in st.config.planned_transforms(model)])  # R4 it cannot store
     names = expert_layer_names(model)
     for st in stages:
         if not _quantizes_weights(st.config) or not names:

@@ -36,6 +36,8 @@ class RunRecord:
     allocation: dict[str, Any] | None = None
     #: a recovery stage's course (``CompressionReport.recovery``)
     recovery: dict[str, Any] | None = None
+    #: a transform stage's summary (``CompressionReport.transforms``: rotations, their run-time cost)
+    transforms: dict[str, Any] | None = None
     #: stage index -> the recipe entry that reproduces what the stage chose (explicit levels)
     written_back: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
     #: the layers restored from a compressed checkpoint before the run (``llmpress.pipeline.resume``)

@@ -49,6 +49,7 @@ from safetensors import SafetensorError, safe_open
 
 from llmpress.errors import CheckpointError
 from llmpress.format.formats import FORMAT_VERSION, ModuleFormat, Values
+from llmpress.format.transforms import OnlineTransform
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,8 @@ class QuantizationConfigSchema(BaseModel):
     #: mixture-of-experts modules stored unfused (one linear per expert projection) -> their
     #: fused layout (:data:`llmpress.model.moe.LAYOUTS`); unfused before the weights load
     experts: dict[str, str] | None = None
+    #: online transforms rebuilt at load (QuaRot's R4: a Hadamard before each down_proj)
+    transforms: list[OnlineTransform] | None = None
 
     @field_validator("attributes")
     @classmethod

@@ -12,6 +12,15 @@ W8A8 layers carry their input scheme (``input_activations``: per token and dynam
 tensor and static with ``name.input_scale`` [1]): INT8 as ``int-quantized`` (``name.weight``
 int8 [out, in], ``name.weight_scale`` [out, 1]), FP8 as ``float-quantized`` (``name.weight``
 float8_e4m3fn [out, in], ``name.weight_scale`` [out, 1]).
+
+Rotations (``method: rotate``): R1 and R2 are fused into the saved weights and need nothing at
+run time. An online Hadamard (R4, before ``down_proj``) goes into ``transform_config``, which vLLM
+applies: one scheme per transform, ``type: hadamard`` (compressed-tensors' deterministic Sylvester
+matrix), ``location: input`` on the named layers, ``head_dim`` the block size of a block-diagonal
+one, with its ``+-1`` matrix stored as ``name.<scheme>_input.weight`` as compressed-tensors saves
+it. compressed-tensors has no Paley construction, so an online transform whose size is not a
+power of two times its block (a Paley base, e.g. 384 = 12 * 32) is refused before any work, naming
+``online_block_size`` as the fix.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from torch import nn
 
 from llmpress.errors import LlmpressError
 from llmpress.format.save import REPORT_FILE, atomic_directory, saved_state
+from llmpress.format.transforms import OnlineTransform
 from llmpress.model.report import CompressionReport
 from llmpress.model.results import QuantState
 from llmpress.quant.activations import FP8_DTYPE
@@ -109,6 +119,55 @@ def compressed_tensors_config(
         "kv_cache_scheme": None if kv_cache is None else KV_CACHE_SCHEME,
         "global_compression_ratio": None,
     }
+
+
+def transform_config(transforms: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """compressed-tensors' ``transform_config`` of the run's online transforms, or ``None``;
+    :class:`LlmpressError` for one it cannot express (before any work)."""
+    if not transforms:
+        return None
+    groups: dict[str, Any] = {}
+    for i, raw in enumerate(transforms):
+        t = OnlineTransform.model_validate(raw)
+        if t.base != 1:
+            raise LlmpressError(
+                f"compressed-tensors cannot store the online {t.plan().describe()} ({t.role or 'online'} "
+                f"rotation): its Hadamard transforms are Sylvester matrices (powers of two) and it has no "
+                f"Paley construction; rotate with online_block_size set to a power of two dividing "
+                f"{t.size}, or save with --format llmpress"
+            )
+        groups[_scheme_name(t, i)] = {
+            "type": "hadamard",
+            "apply": [{"targets": list(t.modules), "location": "input", "inverse": False, "ignore": []}],
+            "randomize": False,
+            "requires_grad": False,
+            "head_dim": None if t.block_size == t.size else t.block_size,
+            "precision": "float32",
+        }
+    return {"config_groups": groups}
+
+
+def _scheme_name(t: OnlineTransform, i: int) -> str:
+    return t.role or f"T{i}"
+
+
+def _transform_weights(
+    transforms: list[dict[str, Any]] | None,
+) -> list[Callable[[], dict[str, torch.Tensor]]]:
+    """The ``+-1`` matrix of every online transform, per layer, named as compressed-tensors saves it."""
+    units: list[Callable[[], dict[str, torch.Tensor]]] = []
+    for i, raw in enumerate(transforms or []):
+        t = OnlineTransform.model_validate(raw)
+        for name in t.modules:
+            key = f"{name}.{_scheme_name(t, i)}_input.weight"
+            units.append(functools.partial(_hadamard_weight, key, t.block_size))
+    return units
+
+
+def _hadamard_weight(key: str, size: int) -> dict[str, torch.Tensor]:
+    from llmpress.math.hadamard import sylvester
+
+    return {key: sylvester(size, torch.float32)}
 
 
 def check_exportable(model: Any, quantized: dict[str, QuantState]) -> None:
@@ -249,11 +308,15 @@ def save_compressed_tensors(
 
     state = saved_state(model, report)
     quantized = state.quantized
+    transforms = transform_config(state.transforms)  # refused here, before any work, if inexpressible
     units = compressed_tensors_units(model, quantized, dtype, kv_cache=state.kv_cache)
+    units += _transform_weights(state.transforms)
     with atomic_directory(out_dir, overwrite) as tmp:
         write_shards(tmp, units)  # streamed: one shard in memory at a time
         cfg = model.config.to_dict()
         cfg["quantization_config"] = compressed_tensors_config(quantized, state.kv_cache)
+        if transforms is not None:
+            cfg["quantization_config"]["transform_config"] = transforms
         cfg["dtype"] = str(dtype).replace("torch.", "")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         if getattr(model, "generation_config", None) is not None:

@@ -35,6 +35,7 @@ from llmpress.format.checkpoint import (
 from llmpress.format.formats import FORMAT_VERSION, ModuleFormat
 from llmpress.format.loading import check_shard_index
 from llmpress.format.runtime import replace_module, select_kernels
+from llmpress.format.transforms import attach_transforms
 from llmpress.kernels.registry import KernelSource
 from llmpress.model.results import CompressionState
 from llmpress.versions import package_version
@@ -73,6 +74,7 @@ class LlmpressConfig(QuantizationConfigMixin):
         self.kv_cache = kwargs.pop("kv_cache", None)
         self.attributes = kwargs.pop("attributes", None)
         self.experts = kwargs.pop("experts", None)
+        self.transforms = kwargs.pop("transforms", None)
         kwargs.pop("quant_method", None)
         #: a loaded model's compression state (its KV-cache scales), kept here for a re-save round
         #: trip (:func:`llmpress.format.save.saved_state`); in memory only, never in ``to_dict``
@@ -107,6 +109,8 @@ class LlmpressConfig(QuantizationConfigMixin):
             d["attributes"] = self.attributes
         if self.experts is not None:
             d["experts"] = self.experts
+        if self.transforms is not None:
+            d["transforms"] = self.transforms
         return d
 
 
@@ -188,6 +192,7 @@ class LlmpressHfQuantizer(HfQuantizer):
                 )
             for attr, value in attrs.items():
                 setattr(known[name], attr, value)
+        attach_transforms(model, cfg.schema.transforms or [])  # online rotations (QuaRot's R4)
         if checkpoint_files:
             self._check_files(model, [str(f) for f in checkpoint_files])
         return model
@@ -281,8 +286,13 @@ class LlmpressHfQuantizer(HfQuantizer):
             from llmpress.format import kv_cache
 
             kv_cache.enable(model, {n: (k, v) for n, (k, v) in kv.scales.items()})
+        transforms = qc.schema.transforms
+        if kv is not None or transforms:
             # kept for a re-save (llmpress.format.save.saved_state): the config object is the model's
-            qc.state = CompressionState(kv_cache=kv.model_dump())
+            qc.state = CompressionState(
+                kv_cache=None if kv is None else kv.model_dump(),
+                transforms=[t.model_dump() for t in transforms] if transforms else None,
+            )
         return model
 
     def is_serializable(self, safe_serialization: Any = None) -> bool:

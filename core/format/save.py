@@ -23,6 +23,7 @@ from llmpress.format.formats import ModuleFormat, choose_format, pack_module
 from llmpress.format.output import atomic_directory
 from llmpress.format.runtime import LlmpressLinear, replace_module
 from llmpress.format.shards import reverse_conversion, write_shards
+from llmpress.format.transforms import attach_transforms
 from llmpress.model.dropped import DroppedModule
 from llmpress.model.modules import _is_conv1d, get_weight, is_linear
 from llmpress.model.moe import UnfusedExperts
@@ -289,6 +290,7 @@ def to_runtime(
         new = fmt.spec.runtime(fmt, isinstance(bias, torch.Tensor), dev, dtype)
         new.load_state_dict({k[len(name) + 1 :]: v for k, v in sd.items() if k.startswith(name + ".")})
         replace_module(model, name, new)
+    attach_transforms(model, saved_state(model, result).transforms or [])  # online rotations follow
     cast_saved_tensors(model, dtype)
     return model
 
@@ -326,8 +328,10 @@ def save_compressed(
         config.dtype = dtype if dtype is not None else getattr(model, "dtype", None)
         config.architectures = [type(model).__name__]
         kv = state.kv_cache
+        transforms = state.transforms or None
         experts = stored_unfused(model, modules)  # MoE experts stored unfused, unfused again at load
-        if modules or plan.attributes or kv:
+        llmpress_ckpt = bool(modules or plan.attributes or kv or transforms)
+        if llmpress_ckpt:
             recipe = report.recipe if report is not None else {}
             config.quantization_config = LlmpressConfig(
                 modules=modules,
@@ -335,6 +339,7 @@ def save_compressed(
                 attributes=plan.attributes or None,
                 kv_cache=kv,
                 experts=experts or None,
+                transforms=transforms,
             )
         # an llmpress checkpoint keeps the model's own tensor names (what the quantizer checks at
         # load); transformers would otherwise rename some (Mixtral: mlp -> block_sparse_moe)
@@ -344,7 +349,7 @@ def save_compressed(
             model.generation_config.save_pretrained(tmp)
         convert = None if llmpress_ckpt else reverse_conversion(model)
         write_shards(tmp, units, convert=convert)  # streamed: one shard in memory
-        _finish_config(tmp, dtype, checksums=bool(modules or plan.attributes or kv))
+        _finish_config(tmp, dtype, checksums=llmpress_ckpt)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:
@@ -426,7 +431,8 @@ def save_result(
         )
     if fmt != "llmpress":
         raise ValueError(f"unknown format {fmt!r}; use 'llmpress' or 'compressed-tensors'")
-    if saved_state(model, report).quantized or sparse_format not in (None, "dense"):
+    state = saved_state(model, report)
+    if state.quantized or state.transforms or sparse_format not in (None, "dense"):
         return save_quantized(
             model,
             out_dir,

@@ -98,6 +98,8 @@ class CompressionReport(BaseModel):
     allocation: dict[str, Any] | None = None
     #: a recovery (training) stage's course: tokens, steps, loss curve, evaluations
     recovery: dict[str, Any] | None = None
+    #: a transform stage's summary (rotations fused offline, online transforms, run-time cost)
+    transforms: dict[str, Any] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -144,6 +146,7 @@ class CompressionReport(BaseModel):
             **({"structure": self.structure} if self.structure else {}),
             **({"allocation": self.allocation} if self.allocation is not None else {}),
             **({"recovery": self.recovery} if self.recovery is not None else {}),
+            **({"transforms": self.transforms} if self.transforms is not None else {}),
         }
 
     def to_dict(self) -> dict[str, object]:

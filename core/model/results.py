@@ -126,6 +126,9 @@ class CompressionState:
     layers: dict[str, LayerResult] = dataclasses.field(default_factory=dict)
     #: ``{"dtype": "float8_e4m3fn", "scales": {attention module: (k_scale, v_scale)}}``
     kv_cache: dict[str, Any] | None = None
+    #: online transforms applied at run time (``quantization_config.transforms`` entries,
+    #: :class:`llmpress.format.transforms.OnlineTransform` dicts), e.g. QuaRot's R4
+    transforms: list[dict[str, Any]] | None = None
 
     def keep_mask(self, name: str) -> torch.Tensor | None:
         r = self.layers.get(name)

@@ -87,6 +87,7 @@ def _result(
         versions=versions(),
         allocation=record.allocation,
         recovery=record.recovery,
+        transforms=record.transforms,
         structure=record.structure,
         state=record.state,
     )

@@ -284,6 +284,12 @@ class MethodConfig:
         """Check that this config can compress a layer of this shape (before any work);
         raise :class:`llmpress.errors.ModelError` naming the module and the fix."""
 
+    def planned_transforms(self, model: Any) -> list[dict[str, Any]]:
+        """The online transforms this stage will add to ``model``
+        (:class:`llmpress.format.transforms.OnlineTransform` dicts), so that an export can refuse
+        one it cannot store before any work (default: none)."""
+        return []
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: ``method``, ``version`` and every field."""
         out: dict[str, Any] = {"method": self.method, "version": self.version}

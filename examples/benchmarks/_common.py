@@ -74,3 +74,71 @@ def timer(device: str, warmup: int = 3, reps: int = 10):
         return statistics.median(out)
 
     return time_it
+
+
+def plant_outliers(model, channels: int = 4, scale: float = 32.0, seed: int = 0) -> dict[str, list[int]]:
+    """Give a pre-RMSNorm Llama activation outlier channels without changing its function.
+
+    In every block the same ``channels`` hidden channels of both RMSNorms' outputs are scaled by
+    ``scale`` (norm weight ``* scale``, the readers' input columns ``/ scale``) and the same
+    ``channels`` MLP channels (up_proj rows ``* scale``, down_proj input columns ``/ scale``:
+    SwiGLU is linear in up), the consistent outlier channels of large LLMs (LLM.int8(),
+    SmoothQuant). The logits change only by rounding. Returns the channels chosen.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    hidden = int(model.config.hidden_size)
+    inter = int(model.config.intermediate_size)
+    hid = torch.randperm(hidden, generator=g)[:channels].tolist()
+    mlp = torch.randperm(inter, generator=g)[:channels].tolist()
+    with torch.no_grad():
+        for block in model.model.layers:
+            for norm, readers in (
+                (block.input_layernorm, ("q_proj", "k_proj", "v_proj")),
+                (block.post_attention_layernorm, ("gate_proj", "up_proj")),
+            ):
+                norm.weight[hid] *= scale
+                parent = block.self_attn if readers[0] == "q_proj" else block.mlp
+                for r in readers:
+                    getattr(parent, r).weight[:, hid] /= scale
+            block.mlp.up_proj.weight[mlp, :] *= scale
+            block.mlp.down_proj.weight[:, mlp] /= scale
+    return {"hidden": hid, "mlp": mlp}
+
+
+def channel_absmax(model, ids, layers: list[int]) -> dict:
+    """Per input channel, max |x| over ``ids`` at three points of each block in ``layers``: the
+    residual stream entering the block, the normed input of q_proj and the input of down_proj
+    (after any online transform). Keys ``"<i> residual"``, ``"<i> q_proj in"``, ``"<i> down_proj in"``."""
+    import torch
+
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def grab(key: str):  # noqa: ANN202
+        def hook(_mod, args, kwargs) -> None:  # noqa: ANN001
+            x = args[0] if args else kwargs["hidden_states"]
+            m = x.detach().abs().float().reshape(-1, x.shape[-1]).amax(0)
+            seen[key] = m if key not in seen else torch.maximum(seen[key], m)
+
+        return hook
+
+    for i in layers:
+        block = model.model.layers[i]
+        handles.append(block.register_forward_pre_hook(grab(f"{i} residual"), with_kwargs=True))
+        handles.append(
+            block.self_attn.q_proj.register_forward_pre_hook(grab(f"{i} q_proj in"), with_kwargs=True)
+        )
+        # after the online transform's pre-hook (registered first, prepended)
+        handles.append(
+            block.mlp.down_proj.register_forward_pre_hook(grab(f"{i} down_proj in"), with_kwargs=True)
+        )
+    try:
+        with torch.no_grad():
+            for row in ids:
+                model(row[None].to(next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    return seen

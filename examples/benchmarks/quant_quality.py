@@ -1,13 +1,20 @@
 """Quantization quality and on-disk size on the reference model.
 
-    python examples/benchmarks/quant_quality.py [--device cuda] [--rows gptaq] [--threads N]
+    python examples/benchmarks/quant_quality.py [--device cuda] [--rows base|gptaq|awq|rotate|outliers] [--threads N]
 
 Quantizes ../shared/ref-lm/pycoder-19m with RTN and GPTQ (asymmetric, 64 calibration
 windows of 256 tokens from calib.txt), saves each in llmpress's packed format, and prints
 perplexity on eval.txt (non-overlapping 256-token windows, fp32 math) and the size on disk
 next to the dense model and the reference GPTQ code's numbers on the same model.
+
 ``--rows gptaq``: GPTAQ against GPTQ (W4/W3 g128, act-order) and asymmetric against plain
 SparseGPT 50 %, alone and before GPTQ/GPTAQ (:data:`GPTAQ_CONFIGS`).
+``--rows awq``: AWQ before RTN and GPTQ at W4/W3 g128 (:data:`AWQ_CONFIGS`); ``--outliers``
+prints max |x| per input channel of every kind of block linear first.
+``--rows rotate``: RTN and GPTQ at W4/W3 g128 with and without a QuaRot rotation before them
+(``method: rotate``), then max |x| per channel before and after rotation at a few layers.
+``--rows outliers``: the same on the model with planted activation outlier channels
+(:func:`_common.plant_outliers`: function-preserving, so the dense perplexity is unchanged).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import REF_LM, compare_to_reference, print_table
+from _common import REF_LM, channel_absmax, compare_to_reference, plant_outliers, print_table
 
 import llmpress
 from llmpress.cli.evaluate import perplexity_of_windows, text_windows
@@ -43,6 +50,7 @@ CONFIGS = [
     ("SparseGPT 2:4 + 4-bit per-channel", [SP24, {"method": "gptq", "bits": 4, "group_size": -1}], 9.051),
 ]
 
+
 SP50 = {"method": "sparsegpt", "sparsity": 0.5}
 SP50_ASYM = {**SP50, "asymmetric": True}
 # GPTAQ (asymmetric calibration, alpha 0.25) next to the same GPTQ / SparseGPT settings
@@ -65,7 +73,76 @@ AWQ_CONFIGS = [
     for b, grid in ((4, Q4), (3, Q3))
     for q in ("rtn", "gptq")
 ]
-ROWS = {"default": CONFIGS, "gptaq": GPTAQ_CONFIGS, "awq": AWQ_CONFIGS}
+
+ROT = {"method": "rotate"}
+# RTN/GPTQ at W4/W3 g128 without and with a rotation before them (no reference code numbers)
+ROTATE_CONFIGS = [
+    *[
+        c
+        for c in CONFIGS
+        if c[0] in ("RTN 4-bit g128", "GPTQ 4-bit g128", "RTN 3-bit g128", "GPTQ 3-bit g128")
+    ],
+    ("rotate + RTN 4-bit g128", [ROT, {"method": "rtn", **Q4}], None),
+    ("rotate + GPTQ 4-bit g128", [ROT, {"method": "gptq", **Q4}], None),
+    ("rotate + RTN 3-bit g128", [ROT, {"method": "rtn", **Q3}], None),
+    ("rotate + GPTQ 3-bit g128", [ROT, {"method": "gptq", **Q3}], None),
+]
+OUTLIER_CONFIGS = [(n, st, None) for n, st, _ in ROTATE_CONFIGS]
+
+
+def _no_change(model: torch.nn.Module) -> None:
+    return None
+
+
+def _planted(model: torch.nn.Module) -> None:
+    plant_outliers(model, channels=4, scale=32.0)
+
+
+#: --rows choice -> (configs, how each freshly loaded model is prepared)
+ROWS = {
+    "base": (CONFIGS, _no_change),
+    "gptaq": (GPTAQ_CONFIGS, _no_change),
+    "awq": (AWQ_CONFIGS, _no_change),
+    "rotate": (ROTATE_CONFIGS, _no_change),
+    "outliers": (OUTLIER_CONFIGS, _planted),
+}
+
+
+def outlier_table(model_path: str, prepare, ids: torch.Tensor, device: str) -> None:  # noqa: ANN001
+    """Print max |x| per channel (largest, median, ratio) before and after rotation at layers
+    0, 3 and the last: the residual stream, q_proj's normed input and down_proj's input."""
+    model, _ = load_model(model_path, dtype=torch.float32, device=device)
+    prepare(model)
+    n = len(model.model.layers)
+    layers = [0, n // 2 - 1, n - 1]
+    before = channel_absmax(model, ids, layers)
+    model, _ = llmpress.compress(model, {"stages": [ROT]}, None, device=device, progress=False)
+    after = channel_absmax(model, ids, layers)
+    rows = []
+    for key, b in before.items():
+        a = after[key]
+        rows.append(
+            {
+                "point": f"layer {key}",
+                "bmax": float(b.max()),
+                "bratio": float(b.max() / b.median()),
+                "amax": float(a.max()),
+                "aratio": float(a.max() / a.median()),
+            }
+        )
+    print(
+        f"\nmax |x| per input channel over {ids.shape[0]} x {ids.shape[1]} tokens, before -> after rotation\n"
+    )
+    print_table(
+        rows,
+        [
+            ("point", "where", ""),
+            ("bmax", "max before", ".2f"),
+            ("bratio", "max/median before", ".1f"),
+            ("amax", "max after", ".2f"),
+            ("aratio", "max/median after", ".1f"),
+        ],
+    )
 
 
 def activation_outliers(model: torch.nn.Module, ids: torch.Tensor) -> list[dict]:
@@ -127,25 +204,27 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=None, help="score only the first N eval tokens")
     ap.add_argument("--only", default=None, help="comma-separated substrings of config names to run")
-    ap.add_argument("--rows", choices=sorted(ROWS), default="default", help="which set of rows to run")
+    ap.add_argument("--rows", choices=sorted(ROWS), default="base", help="which set of rows (see above)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--outliers", action="store_true", help="also print max |x| per input channel")
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     if a.threads:
         torch.set_num_threads(a.threads)
+    configs, prepare = ROWS[a.rows]
 
     _, tok = load_model(a.model)
     windows = text_windows(tok, Path(a.eval).read_text(encoding="utf-8"), 256, a.max_tokens)
     out_root = Path(tempfile.mkdtemp(prefix="llmpress-qq-"))
     dense, _ = load_model(a.model, dtype=torch.float32, device=a.device)
+    prepare(dense)
     dense_dir = out_root / "dense"
     llmpress.save_compressed(dense, dense_dir, dtype=torch.float16)
     rows = [
         {
             "name": "dense fp16",
             "ppl": perplexity_of_windows(dense, windows, 32)["perplexity"],
-            "ref": 5.831,
+            "ref": 5.831 if a.rows == "base" else None,
             "mb": dir_size(dense_dir) / 1e6,
             "time": 0.0,
         }
@@ -153,10 +232,11 @@ def main() -> None:
     del dense
     if a.outliers:
         print_outliers(a, tok)
-    for name, stages, ref in ROWS[a.rows]:
+    for name, stages, ref in configs:
         if a.only and not any(s.strip() in name for s in a.only.split(",")):
             continue
         model, _ = load_model(a.model, dtype=torch.float32, device=a.device)
+        prepare(model)
         t = time.perf_counter()
         model, report = llmpress.compress(
             model,
@@ -177,7 +257,6 @@ def main() -> None:
             save(model, d, report=report, dtype=torch.float16)
             row["mb"] = dir_size(d) / 1e6
         rows.append(row)
-        print(f"{name}: perplexity {ppl:.3f}, {dt:.1f} s", flush=True)
         del model
     compare_to_reference(rows, 1.0)
     print(
@@ -195,6 +274,8 @@ def main() -> None:
             ("time", "compress s", ".1f"),
         ],
     )
+    if a.rows != "base":
+        outlier_table(a.model, prepare, windows[:16], a.device)
 
 
 if __name__ == "__main__":
