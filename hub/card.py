@@ -236,7 +236,8 @@ def _describe_stage(stage: dict[str, Any]) -> str:
                 if acts == "int8-static"
                 else "per token at run time (dynamic)"
             )
-            text += f"; activations quantized to INT8 {how}"
+            abits = 4 if str(acts).startswith("int4") else 8
+            text += f"; activations quantized to INT{abits} {how} (W{stage['bits']}A{abits})"
     elif method == "distill":
         text = _describe_distill(stage)
     else:
@@ -651,6 +652,12 @@ def _summary(
         summary += (
             f" The KV cache is stored in FP8 (E4M3) with one calibrated key scale and one value scale per "
             f"attention layer ({len(kv.get('scales', {}))} layers)."
+        )
+    if isinstance(kv, dict) and kv.get("dtype") in ("int8", "int4"):
+        group = f"group of {kv['group_size']} channels of a head" if kv.get("group_size") else "attention head"
+        summary += (
+            f" The KV cache is rounded to {str(kv['dtype']).upper()} (symmetric, one scale per token and per "
+            f"{group}, computed at run time; simulated by llmpress's attention wrapper)."
         )
     if info.quantizes_activations:
         summary += (

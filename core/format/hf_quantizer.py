@@ -280,9 +280,9 @@ class LlmpressHfQuantizer(HfQuantizer):
         if kv is not None:
             from llmpress.format import kv_cache
 
-            kv_cache.enable(model, {n: (k, v) for n, (k, v) in kv.scales.items()})
+            kv_cache.enable_state(model, kv.model_dump(exclude_none=True))
             # kept for a re-save (llmpress.format.save.saved_state): the config object is the model's
-            qc.state = CompressionState(kv_cache=kv.model_dump())
+            qc.state = CompressionState(kv_cache=kv.model_dump(exclude_none=True))
         return model
 
     def is_serializable(self, safe_serialization: Any = None) -> bool:
