@@ -654,7 +654,9 @@ def _summary(
             f"attention layer ({len(kv.get('scales', {}))} layers)."
         )
     if isinstance(kv, dict) and kv.get("dtype") in ("int8", "int4"):
-        group = f"group of {kv['group_size']} channels of a head" if kv.get("group_size") else "attention head"
+        group = (
+            f"group of {kv['group_size']} channels of a head" if kv.get("group_size") else "attention head"
+        )
         summary += (
             f" The KV cache is rounded to {str(kv['dtype']).upper()} (symmetric, one scale per token and per "
             f"{group}, computed at run time; simulated by llmpress's attention wrapper)."

@@ -141,9 +141,9 @@ def test_a_rotation_stage_before_w4a4_silences_the_warning() -> None:
     rot = ResolvedStage(0, Stage("rotate"), _FakeRotate())
     quant = dataclasses.replace(w4a4, index=1)
     assert unrotated_4bit(Plan(Recipe([]), (rot, quant))) == []
-    assert unrotated_4bit(Plan(Recipe([]), (dataclasses.replace(w4a4, index=0), dataclasses.replace(rot, index=1)))) == [
-        "stage 0 (rtn)"
-    ]  # a rotation after the quantization does not help it
+    assert unrotated_4bit(
+        Plan(Recipe([]), (dataclasses.replace(w4a4, index=0), dataclasses.replace(rot, index=1)))
+    ) == ["stage 0 (rtn)"]  # a rotation after the quantization does not help it
     assert unrotated_4bit(Plan(Recipe([], kv_cache="int4"), (rot, quant))) == []
 
 
@@ -164,7 +164,10 @@ def test_bad_combinations_get_one_clear_error() -> None:
     before = logits(model)
     with pytest.raises(ModelError, match="group_size 5 does not divide the head dimension 16"):
         llmpress.compress(
-            model, {"stages": [W4A4], "kv_cache": {"type": "int4", "group_size": 5}}, calib_ids(), progress=False
+            model,
+            {"stages": [W4A4], "kv_cache": {"type": "int4", "group_size": 5}},
+            calib_ids(),
+            progress=False,
         )
     assert torch.equal(logits(model), before)  # refused before any work
 
@@ -190,7 +193,9 @@ def test_compressed_tensors_w4a4_scheme_and_kv_refusal(tmp_path: Path) -> None:
     # its packed weights are ours, and its reader rounds inputs with s = max|x| / 7.5 (half the int4 range; vLLM and llmpress: / 7)
     _input_rounding_hooks(model, names, 7.0, divisor=7.5)
     assert torch.allclose(logits(theirs), logits(model), atol=1e-4)
-    model, rep = llmpress.compress(tiny_llama(), {"stages": [W4A4], "kv_cache": "int4"}, calib_ids(), progress=False)
+    model, rep = llmpress.compress(
+        tiny_llama(), {"stages": [W4A4], "kv_cache": "int4"}, calib_ids(), progress=False
+    )
     with pytest.raises(LlmpressError, match="kv_cache int4"):
         save_compressed_tensors(model, tmp_path / "ct", report=rep, dtype=torch.float32)
 

@@ -121,7 +121,9 @@ def _layout_problem(f: ModuleFormat) -> str | None:
         if f.format == "int" and f.activations.startswith("fp8") and not w8a8:
             return "FP8 activations on an 'int' layer go with 8-bit symmetric per-channel weights"
         if f.format == "int" and f.activations.startswith("int8") and not (w8a8 or f.bits == 4):
-            return "INT8 activations go with 8-bit symmetric per-channel weights (W8A8) or 4-bit weights (W4A8)"
+            return (
+                "INT8 activations go with 8-bit symmetric per-channel weights (W8A8) or 4-bit weights (W4A8)"
+            )
     return None
 
 
@@ -155,9 +157,9 @@ class ModuleFormat(BaseModel):
     resized: bool = False
     kind: Literal["attention", "mlp"] | None = None
     #: W8A8, W4A8, W4A4: how the layer's inputs are quantized (``llmpress.quant.activations.SCHEMES``)
-    activations: Literal["int8-dynamic", "int8-static", "int4-dynamic", "fp8-dynamic", "fp8-static"] | None = (
-        None
-    )
+    activations: (
+        Literal["int8-dynamic", "int8-static", "int4-dynamic", "fp8-dynamic", "fp8-static"] | None
+    ) = None
     #: whether a resized layer has an output bias (structured pruning may add one); absent: as the
     #: model builds it
     bias: bool | None = None

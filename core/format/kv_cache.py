@@ -190,7 +190,9 @@ def enable_int(model: nn.Module, kv_type: str, group_size: int | None = None) ->
     for m in attns.values():
         setattr(m, _INT, (INT_KV_BITS[kv_type], group_size))
     _use_wrapper(model, attns.values())
-    log.info("%s KV cache (group %s) on %d attention layers", kv_type.upper(), group_size or "head", len(attns))
+    log.info(
+        "%s KV cache (group %s) on %d attention layers", kv_type.upper(), group_size or "head", len(attns)
+    )
 
 
 def enable_state(model: nn.Module, state: dict[str, Any]) -> None:

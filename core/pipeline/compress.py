@@ -97,7 +97,11 @@ def _kv_summary(kv: dict[str, Any] | None) -> dict[str, Any] | None:
     if kv is None:
         return None
     if kv["dtype"] == "float8_e4m3fn":
-        return {"dtype": kv["dtype"], "rounding": "static per-layer key/value scales", "layers": len(kv["scales"])}
+        return {
+            "dtype": kv["dtype"],
+            "rounding": "static per-layer key/value scales",
+            "layers": len(kv["scales"]),
+        }
     group = kv.get("group_size")
     return {
         "dtype": kv["dtype"],

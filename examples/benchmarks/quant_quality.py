@@ -1,6 +1,6 @@
 """Quantization quality and on-disk size on the reference model.
 
-    python examples/benchmarks/quant_quality.py [--device cuda]
+    python examples/benchmarks/quant_quality.py [--device cuda] [--rows weights|activations|all]
 
 Quantizes ../shared/ref-lm/pycoder-19m with RTN and GPTQ (asymmetric, 64 calibration
 windows of 256 tokens from calib.txt), saves each in llmpress's packed format, and prints
@@ -56,8 +56,27 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=None, help="score only the first N eval tokens")
     ap.add_argument("--only", default=None, help="comma-separated substrings of config names to run")
+    ap.add_argument(
+        "--rows",
+        default="weights",
+        choices=["weights", "activations", "all"],
+        help="weights: the weight-only rows; activations: W4A8 / W4A4KV4 (saved, reloaded, simulated) "
+        "and each linear's max |x| per input channel; all: both",
+    )
+    ap.add_argument(
+        "--plant-outliers",
+        type=float,
+        default=None,
+        metavar="FACTOR",
+        help="run every row on a copy of the model with 4 planted outlier channels (inputs of q/k/v, gate/up "
+        "and down_proj scaled by FACTOR, the weights by 1/FACTOR: the same function)",
+    )
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
+    if a.plant_outliers:
+        from _act_rows import planted_copy
+
+        a.model = str(planted_copy(a.model, a.plant_outliers))
 
     _, tok = load_model(a.model)
     windows = text_windows(tok, Path(a.eval).read_text(encoding="utf-8"), 256, a.max_tokens)
@@ -75,7 +94,7 @@ def main() -> None:
         }
     ]
     del dense
-    for name, stages, ref in CONFIGS:
+    for name, stages, ref in CONFIGS if a.rows != "activations" else []:
         if a.only and not any(s.strip() in name for s in a.only.split(",")):
             continue
         model, _ = load_model(a.model, dtype=torch.float32, device=a.device)
@@ -100,6 +119,11 @@ def main() -> None:
             row["mb"] = dir_size(d) / 1e6
         rows.append(row)
         del model
+    if a.rows in ("activations", "all"):
+        from _act_rows import activation_rows, outlier_table
+
+        rows += activation_rows(a, tok, windows, out_root)
+        outlier_table(a, tok)
     compare_to_reference(rows, 1.0)
     print(
         f"\nperplexity on {a.eval} ({windows.shape[0]} windows x 256), calibration {a.nsamples} x {a.seqlen}, {a.device}\n"
