@@ -33,7 +33,7 @@ def _reference_rows(x: torch.Tensor, top: float, divisor: float | None = None) -
     out = torch.empty_like(x)
     for i, row in enumerate(x.float()):
         s = row.abs().max().clamp_min(1e-12) / (divisor or top)  # float32, as a GEMM's scale is
-        out[i] = torch.stack([torch.round(v / s).clamp(-top - 1, top) * s for v in row])
+        out[i] = torch.round(row / s).clamp(-top - 1, top) * s
     return out
 
 
@@ -110,10 +110,24 @@ def test_w4_activations_save_and_reload_with_identical_logits(
     select_kernels(loaded, "dense")
     select_kernels(again, "dense")
     assert torch.equal(logits(loaded), logits(again))
+    llmpress.save_quantized(
+        loaded, tmp_path / "resaved", dtype=torch.float32
+    )  # the KV cache survives a re-save
+    resaved = json.loads((tmp_path / "resaved" / "config.json").read_text())["quantization_config"]
+    assert resaved["kv_cache"] == saved["kv_cache"]
     # the runtime equals the pure math: dequantized weights, inputs and KV rounded by hand
     ref = model  # in memory: the dequantized weights, the integer KV cache switched on
     _input_rounding_hooks(ref, names, top)
     assert torch.allclose(logits(loaded), logits(ref), atol=1e-4)
+
+
+def test_rtn_w4a4_kv4_needs_no_calibration() -> None:
+    plan = make_plan({"stages": [W4A4], "kv_cache": "int4"})
+    assert not plan.needs_calibration()
+    assert make_plan({"stages": [W4A4], "kv_cache": "fp8"}).needs_calibration()
+    model, rep = llmpress.compress(tiny_llama(), plan, progress=False)
+    assert rep.kv_cache is not None and rep.kv_cache["group_size"] is None
+    assert model.config._attn_implementation == kv_cache.ATTN_IMPL
 
 
 def test_w4a4_without_rotate_warns_once(caplog: pytest.LogCaptureFixture) -> None:

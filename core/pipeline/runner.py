@@ -144,8 +144,8 @@ def run_plan(
         model.train(was_training)
     if plan.kv_cache in kv_cache.INT_KV_BITS:  # dynamic: nothing to calibrate
         kv_cache.enable_int(model, plan.kv_cache, plan.kv_group_size)
-        group = {} if plan.kv_group_size is None else {"group_size": plan.kv_group_size}
-        record.state.kv_cache = {"dtype": plan.kv_cache, **group}
+        kv_group = {} if plan.kv_group_size is None else {"group_size": plan.kv_group_size}
+        record.state.kv_cache = {"dtype": plan.kv_cache, **kv_group}
     elif plan.kv_cache is not None:
         assert ids is not None
         _calibrate_kv_cache(model, ids, bs, opts.device, record)
