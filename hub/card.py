@@ -615,6 +615,14 @@ def _summary(
             f" The KV cache is stored in FP8 (E4M3) with one calibrated key scale and one value scale per "
             f"attention layer ({len(kv.get('scales', {}))} layers)."
         )
+    if isinstance(kv, dict) and kv.get("dtype") in ("int8", "int4"):
+        group = (
+            f"group of {kv['group_size']} channels of a head" if kv.get("group_size") else "attention head"
+        )
+        summary += (
+            f" The KV cache is rounded to {str(kv['dtype']).upper()} (symmetric, one scale per token and per "
+            f"{group}, computed at run time; simulated by llmpress's attention wrapper)."
+        )
     if info.quantizes_activations:
         summary += (
             " Weight-and-activation 8-bit formats suit high-throughput serving on recent GPUs, where FP8 is "

@@ -80,7 +80,8 @@ def _fp8_supports(fmt: ModuleFormat, device: torch.device) -> bool:
 
 
 def _int8_supports(fmt: ModuleFormat, device: torch.device) -> bool:
-    return _w8a8(fmt) and fmt.activations is not None and fmt.activations.startswith("int8")
+    # W8A8 only: W4A8/W4A4 layers (4-bit codes) run the simulated path
+    return _w8a8(fmt) and fmt.bits == 8 and fmt.activations is not None and fmt.activations.startswith("int8")
 
 
 CUDA_FP8 = Kernel(

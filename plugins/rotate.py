@@ -81,6 +81,7 @@ class RotateConfig(MethodConfig):
 
     method: ClassVar[str] = "rotate"
     display_name: ClassVar[str] = "QuaRot"
+    rotates: ClassVar[bool] = True
     kind: ClassVar[type[ModelStage]] = Rotate
     stats: ClassVar[frozenset[str]] = frozenset()
     needs_calibration: ClassVar[bool] = False

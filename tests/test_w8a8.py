@@ -114,6 +114,10 @@ def test_bad_w8a8_options() -> None:
         llmpress.compress(tiny_llama(), [{**INT8_DYNAMIC, "group_size": 32}], calib_ids(), progress=False)
     with pytest.raises(RecipeError, match="activations must be"):
         llmpress.compress(
+            tiny_llama(), [{**INT8_DYNAMIC, "activations": "int2"}], calib_ids(), progress=False
+        )
+    with pytest.raises(RecipeError, match=r"'int4' \(W4A4\) needs bits: 4"):
+        llmpress.compress(
             tiny_llama(), [{**INT8_DYNAMIC, "activations": "int4"}], calib_ids(), progress=False
         )
     with pytest.raises(RecipeError, match="alpha"):
@@ -236,5 +240,5 @@ def test_fp8_kv_cache_exports_to_compressed_tensors(tmp_path: Path) -> None:
 def test_bad_kv_cache_option() -> None:
     with pytest.raises(RecipeError, match="kv_cache must be 'fp8'"):
         llmpress.compress(
-            tiny_llama(), {"stages": [{"method": "fp8"}], "kv_cache": "int4"}, calib_ids(), progress=False
+            tiny_llama(), {"stages": [{"method": "fp8"}], "kv_cache": "int2"}, calib_ids(), progress=False
         )

@@ -92,7 +92,7 @@ def run(a: argparse.Namespace) -> int:
     if a.format == "compressed-tensors":
         from llmpress.cli.export_checks import check_recipe_exportable
 
-        check_recipe_exportable([s.config for s in plan.stages])
+        check_recipe_exportable([s.config for s in plan.stages], plan.kv_cache)
     check_device(a.device)
     if a.max_gpu_memory is not None:
         from llmpress.cli.budget import parse_memory

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from torch import nn
 
 from llmpress.errors import LlmpressError
-from llmpress.format.compressed_tensors import check_no_experts, transform_config
+from llmpress.format.compressed_tensors import INT_KV_REFUSAL, check_no_experts, transform_config
+
 from llmpress.recipe.config import MethodConfig, QuantConfig
 from llmpress.recipe.recipes import ResolvedStage
 
@@ -19,9 +20,11 @@ def _quantizes_weights(config: MethodConfig) -> bool:
     return config.quantizes
 
 
-def check_recipe_exportable(configs: Sequence[MethodConfig]) -> None:
+def check_recipe_exportable(configs: Sequence[MethodConfig], kv_cache: str | None = None) -> None:
     """Raise :class:`LlmpressError` unless a recipe's result can be written as
-    compressed-tensors (a weight quantization stage, symmetric, 4 or 8 bits)."""
+    compressed-tensors (a weight quantization stage, symmetric, 4 or 8 bits; an FP8 KV cache or none)."""
+    if kv_cache not in (None, "fp8"):
+        raise LlmpressError(f"--format compressed-tensors with kv_cache: {kv_cache}: {INT_KV_REFUSAL}")
     if not any(_quantizes_weights(c) for c in configs):
         raise LlmpressError("--format compressed-tensors needs a quantized model: add an rtn or gptq stage")
     for c in configs:

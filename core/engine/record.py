@@ -68,4 +68,5 @@ class RunRecord:
         elif merged.quant is None:
             rep.sparsity = float((get_weight(mod) == 0).float().mean())
         rep.bits = None if merged.quant is None else merged.quant.bits
+        rep.activations = None if merged.quant is None else merged.quant.activations
         return merged

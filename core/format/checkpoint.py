@@ -44,6 +44,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from safetensors import SafetensorError, safe_open
 
@@ -148,18 +149,28 @@ ModuleEntry = ModuleFormat
 
 
 class KVCacheEntry(BaseModel):
-    """``quantization_config.kv_cache``: the KV cache's format and each attention layer's
-    (key, value) scales."""
+    """``quantization_config.kv_cache``: the KV cache's format; FP8: each attention layer's
+    (key, value) scales; ``int8``/``int4`` (rounded per token, dynamic): the channels of a head
+    sharing a scale (``group_size``; absent: the head dimension)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    dtype: Literal["float8_e4m3fn"]
-    scales: dict[str, list[float]]
+    dtype: Literal["float8_e4m3fn", "int8", "int4"]
+    scales: dict[str, list[float]] | None = None
+    group_size: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _fields_of_dtype(self) -> KVCacheEntry:
+        if self.dtype == "float8_e4m3fn" and (self.scales is None or self.group_size is not None):
+            raise ValueError("an FP8 kv_cache has per-layer 'scales' and no 'group_size'")
+        if self.dtype != "float8_e4m3fn" and self.scales is not None:
+            raise ValueError(f"a {self.dtype} kv_cache is dynamic and stores no 'scales'")
+        return self
 
     @field_validator("scales")
     @classmethod
-    def _positive(cls, v: dict[str, list[float]]) -> dict[str, list[float]]:
-        for name, pair in v.items():
+    def _positive(cls, v: dict[str, list[float]] | None) -> dict[str, list[float]] | None:
+        for name, pair in (v or {}).items():
             if len(pair) != 2 or not all(math.isfinite(x) and x > 0 for x in pair):
                 raise ValueError(
                     f"kv_cache scales of {name} must be two finite positive numbers (key, value), got {pair}"

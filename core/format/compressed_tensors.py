@@ -11,7 +11,11 @@ only: asymmetric pack-quantized checkpoints do not load in transformers 5.x.
 W8A8 layers carry their input scheme (``input_activations``: per token and dynamic, or per
 tensor and static with ``name.input_scale`` [1]): INT8 as ``int-quantized`` (``name.weight``
 int8 [out, in], ``name.weight_scale`` [out, 1]), FP8 as ``float-quantized`` (``name.weight``
-float8_e4m3fn [out, in], ``name.weight_scale`` [out, 1]).
+float8_e4m3fn [out, in], ``name.weight_scale`` [out, 1]). W4A8 and W4A4 layers are
+``pack-quantized`` with ``input_activations`` of 8 or 4 bits, int, per token and dynamic (what
+compressed-tensors' ``QuantizationArgs`` expresses; its reader fake-quantizes the inputs).
+An integer KV cache (per token and head group, dynamic) has no compressed-tensors form: the
+export refuses it (:data:`INT_KV_REFUSAL`).
 
 Rotations (``method: rotate``): R1 and R2 are fused into the saved weights and need nothing at
 run time. An online Hadamard (R4, before ``down_proj``) goes into ``transform_config``, which vLLM
@@ -39,7 +43,7 @@ from llmpress.format.save import REPORT_FILE, atomic_directory, saved_state
 from llmpress.format.transforms import OnlineTransform
 from llmpress.model.report import CompressionReport
 from llmpress.model.results import QuantState
-from llmpress.quant.activations import FP8_DTYPE
+from llmpress.quant.activations import FP8_DTYPE, activation_bits
 from llmpress.quant.packing import pack_int32
 
 
@@ -63,7 +67,7 @@ def _input_scheme(q: QuantState) -> dict[str, Any] | None:
         return None
     dynamic = q.activations.endswith("-dynamic")
     return {
-        "num_bits": 8,
+        "num_bits": activation_bits(q.activations),
         "type": "float" if q.activations.startswith("fp8") else "int",
         "symmetric": True,
         "strategy": "token" if dynamic else "tensor",
@@ -78,7 +82,12 @@ def _input_scheme(q: QuantState) -> dict[str, Any] | None:
 def _format(q: QuantState) -> str:
     if q.kind == "fp8":
         return "float-quantized"
-    return "int-quantized" if q.activations is not None else "pack-quantized"
+    return "int-quantized" if _int8_weights(q) else "pack-quantized"
+
+
+def _int8_weights(q: QuantState) -> bool:
+    """W8A8 INT8: weights stored unpacked as int8 (``int-quantized``); W4A8/W4A4 stay packed."""
+    return q.kind != "fp8" and q.activations is not None and q.bits == 8
 
 
 KV_CACHE_SCHEME = {
@@ -170,10 +179,23 @@ def _hadamard_weight(key: str, size: int) -> dict[str, torch.Tensor]:
     return {key: sylvester(size, torch.float32)}
 
 
-def check_exportable(model: Any, quantized: dict[str, QuantState]) -> None:
-    """Raise :class:`LlmpressError` unless every quantized layer fits compressed-tensors."""
+#: why an integer KV cache has no compressed-tensors form
+INT_KV_REFUSAL = (
+    "compressed-tensors' kv_cache_scheme has one static scale per tensor (or per head), calibrated and stored; "
+    "llmpress's integer KV cache is rounded per token and head group at run time, which it cannot express: use "
+    "--format llmpress, or kv_cache: fp8"
+)
+
+
+def check_exportable(
+    model: Any, quantized: dict[str, QuantState], kv_cache: dict[str, Any] | None = None
+) -> None:
+    """Raise :class:`LlmpressError` unless every quantized layer (and the KV cache) fits
+    compressed-tensors."""
     if not quantized:
         raise LlmpressError("compressed-tensors export needs a quantized model (add an rtn or gptq stage)")
+    if kv_cache is not None and kv_cache.get("dtype") != "float8_e4m3fn":
+        raise LlmpressError(f"kv_cache {kv_cache.get('dtype')}: {INT_KV_REFUSAL}")
     check_no_experts(model, quantized)
     for name, q in quantized.items():
         if q.bits not in (4, 8):
@@ -237,7 +259,7 @@ def compressed_tensors_units(
     :func:`llmpress.format.shards.write_shards`); offloaded weights are read from their storage.
     ``cast``: floating tensors (but FP8 codes) to ``dtype``; a tied ``lm_head`` is left out;
     ``kv_cache``: the run's KV-cache scales (``CompressionState.kv_cache``), stored per attention."""
-    check_exportable(model, quantized)
+    check_exportable(model, quantized, kv_cache)
     mods = dict(model.named_modules())
     tied = cast and getattr(model.config, "tie_word_embeddings", False)
     units: list[Callable[[], dict[str, torch.Tensor]]] = []
@@ -274,7 +296,7 @@ def _packed(name: str, q: QuantState, dtype: torch.dtype) -> dict[str, torch.Ten
     sd: dict[str, torch.Tensor] = {}
     if q.kind == "fp8":
         sd[f"{name}.weight"] = codes.view(FP8_DTYPE)
-    elif q.activations is not None:  # int-quantized: signed int8 values
+    elif _int8_weights(q):  # int-quantized: signed int8 values
         sd[f"{name}.weight"] = (codes.to(torch.int16) - 128).to(torch.int8)
     else:
         sd[f"{name}.weight_packed"] = pack_int32(codes, q.bits)

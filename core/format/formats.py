@@ -21,7 +21,9 @@ For a layer ``name`` with weight [out, in] the checkpoint holds, by ``format``:
 
 W8A8 layers (``activations`` set: ``int8-dynamic``, ``int8-static``, ``fp8-dynamic``,
 ``fp8-static``; ``int`` layers then are 8-bit symmetric per channel) quantize their inputs at
-run time; a static scheme stores its calibrated ``name.input_scale`` fp32 [1].
+run time; a static scheme stores its calibrated ``name.input_scale`` fp32 [1]. W4A8 and W4A4
+layers are 4-bit ``int`` layers (any group size) with ``int8-dynamic`` or ``int4-dynamic``
+inputs (per token, nothing more stored).
 
 ``dense``    ``name.weight`` fp16/bf16/fp32 [out, in]: a plain layer whose shape differs from what the
              model's config builds (structured pruning with per-layer widths)
@@ -111,8 +113,17 @@ def _layout_problem(f: ModuleFormat) -> str | None:
     if f.activations is not None:
         if f.format not in ("int", "fp8"):
             return f"format {f.format!r} cannot quantize activations"
-        if f.format == "int" and (f.bits, f.group_size, f.symmetric) != (8, -1, True):
-            return "INT8 activations go with 8-bit symmetric per-channel weights"
+        w8a8 = (f.bits, f.group_size, f.symmetric) == (8, -1, True)
+        if f.format == "int" and f.activations.startswith("int4") and f.bits != 4:
+            return "INT4 activations go with 4-bit weights (W4A4)"
+        if f.format == "int" and f.activations == "int8-static" and not w8a8:
+            return "static INT8 activations go with 8-bit symmetric per-channel weights (W8A8)"
+        if f.format == "int" and f.activations.startswith("fp8") and not w8a8:
+            return "FP8 activations on an 'int' layer go with 8-bit symmetric per-channel weights"
+        if f.format == "int" and f.activations.startswith("int8") and not (w8a8 or f.bits == 4):
+            return (
+                "INT8 activations go with 8-bit symmetric per-channel weights (W8A8) or 4-bit weights (W4A8)"
+            )
     return None
 
 
@@ -145,8 +156,10 @@ class ModuleFormat(BaseModel):
     nnz: int | None = Field(default=None, ge=0)  # bitmask: number of stored values
     resized: bool = False
     kind: Literal["attention", "mlp"] | None = None
-    #: W8A8: how the layer's inputs are quantized (``llmpress.quant.activations.SCHEMES``)
-    activations: Literal["int8-dynamic", "int8-static", "fp8-dynamic", "fp8-static"] | None = None
+    #: W8A8, W4A8, W4A4: how the layer's inputs are quantized (``llmpress.quant.activations.SCHEMES``)
+    activations: (
+        Literal["int8-dynamic", "int8-static", "int4-dynamic", "fp8-dynamic", "fp8-static"] | None
+    ) = None
     #: whether a resized layer has an output bias (structured pruning may add one); absent: as the
     #: model builds it
     bias: bool | None = None

@@ -285,12 +285,12 @@ class LlmpressHfQuantizer(HfQuantizer):
         if kv is not None:
             from llmpress.format import kv_cache
 
-            kv_cache.enable(model, {n: (k, v) for n, (k, v) in kv.scales.items()})
+            kv_cache.enable_state(model, kv.model_dump(exclude_none=True))
         transforms = qc.schema.transforms
         if kv is not None or transforms:
             # kept for a re-save (llmpress.format.save.saved_state): the config object is the model's
             qc.state = CompressionState(
-                kv_cache=None if kv is None else kv.model_dump(),
+                kv_cache=None if kv is None else kv.model_dump(exclude_none=True),
                 transforms=[t.model_dump() for t in transforms] if transforms else None,
             )
         return model

@@ -43,6 +43,9 @@ class ModuleReport(BaseModel):
     losses: dict[str, float] = Field(default_factory=dict)
     #: the bit width of a quantized layer's codes (``None``: not quantized)
     bits: int | None = None
+    #: how the layer's inputs are quantized at run time (W8A8, W4A8, W4A4: an activation scheme
+    #: of :data:`llmpress.quant.activations.SCHEMES`), ``None``: weight-only
+    activations: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -61,6 +64,7 @@ class ModuleReport(BaseModel):
             **({"loss": {k: float(f"{v:.6g}") for k, v in self.losses.items()}} if self.losses else {}),
             **({"info": self.info} if self.info else {}),
             **({"bits": self.bits} if self.bits is not None else {}),
+            **({"activations": self.activations} if self.activations is not None else {}),
         }
 
     def to_dict(self) -> dict[str, object]:
@@ -74,7 +78,7 @@ class CompressionReport(BaseModel):
     On disk it also holds the derived ``overall_sparsity`` and ``average_bits`` (ignored when
     read back: they are recomputed), ``base_model`` as :func:`stored_base` gives it and
     ``devices`` defaulting to ``[device]``; empty ``structure`` and a ``None`` ``allocation``
-    are left out.
+    or ``kv_cache`` are left out.
     """
 
     model_config = ConfigDict(extra="ignore")
@@ -100,6 +104,10 @@ class CompressionReport(BaseModel):
     recovery: dict[str, Any] | None = None
     #: a transform stage's summary (rotations fused offline, online transforms, run-time cost)
     transforms: dict[str, Any] | None = None
+
+    #: the quantized KV cache, as the run simulates and stores it: ``{"dtype": "int4", "group_size": 64,
+    #: "rounding": ...}`` (FP8: its dtype and the number of calibrated layers); ``None``: not quantized
+    kv_cache: dict[str, Any] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -147,6 +155,8 @@ class CompressionReport(BaseModel):
             **({"allocation": self.allocation} if self.allocation is not None else {}),
             **({"recovery": self.recovery} if self.recovery is not None else {}),
             **({"transforms": self.transforms} if self.transforms is not None else {}),
+
+            **({"kv_cache": self.kv_cache} if self.kv_cache is not None else {}),
         }
 
     def to_dict(self) -> dict[str, object]:

@@ -89,8 +89,27 @@ def _result(
         recovery=record.recovery,
         transforms=record.transforms,
         structure=record.structure,
+        kv_cache=_kv_summary(record.state.kv_cache),
         state=record.state,
     )
+
+
+def _kv_summary(kv: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The report's view of the run's KV cache (what is rounded, and how)."""
+    if kv is None:
+        return None
+    if kv["dtype"] == "float8_e4m3fn":
+        return {
+            "dtype": kv["dtype"],
+            "rounding": "static per-layer key/value scales",
+            "layers": len(kv["scales"]),
+        }
+    group = kv.get("group_size")
+    return {
+        "dtype": kv["dtype"],
+        "group_size": group,
+        "rounding": f"dynamic symmetric, one scale per token and {'head' if group is None else f'{group} channels'}",
+    }
 
 
 @with_experts_unfused  # MoE: one nn.Linear per expert projection while compressing (llmpress.model.moe)

@@ -65,6 +65,8 @@ def bind(model: nn.Module, plan: Plan) -> list[BoundStage]:
                 rs.index, rs.config, rs.hooks, dict(per_block), rs.stage.to_dict(), rs.allocation, rs.search
             )
         )
+    if plan.kv_cache in kv_cache.INT_KV_BITS:
+        kv_cache.check_int(model, plan.kv_cache, plan.kv_group_size)  # before any work
     if any(rs.config.prunes_hidden() for rs in plan.stages):
         from llmpress.structure.hidden import check_hidden_prunable
 
@@ -162,7 +164,11 @@ def run_plan(
             run.run(group, progress=opts.progress)
     finally:
         model.train(was_training)
-    if plan.kv_cache is not None:
+    if plan.kv_cache in kv_cache.INT_KV_BITS:  # dynamic: nothing to calibrate
+        kv_cache.enable_int(model, plan.kv_cache, plan.kv_group_size)
+        kv_group = {} if plan.kv_group_size is None else {"group_size": plan.kv_group_size}
+        record.state.kv_cache = {"dtype": plan.kv_cache, **kv_group}
+    elif plan.kv_cache is not None:
         assert ids is not None
         _calibrate_kv_cache(model, ids, bs, opts.device, record)
     return record

@@ -196,6 +196,10 @@ class MethodConfig:
     citation: ClassVar[str] = ""
     #: how model cards and reports name the method (``"SparseGPT"``; default: ``method``)
     display_name: ClassVar[str] = ""
+
+    #: whether the stage rotates the model (QuaRot's Hadamard rotations) so that activation
+    #: outliers are spread over the channels: 4-bit activations after it are expected to work
+    rotates: ClassVar[bool] = False
     #: the type checker of the class's fields (built on first use, per class)
     _llmpress_schema: ClassVar[_Schema | None] = None
 
@@ -458,6 +462,32 @@ class PruningConfig(MethodConfig):
         return SparsityTarget(sparsity=s, nm=nm, group=self.selection_group)
 
 
+def activations_problem(activations: str | None, bits: int, group_size: int, symmetric: bool) -> str | None:
+    """What is wrong with quantizing a stage's inputs to ``activations`` with this weight grid,
+    or ``None``: W8A8 (8-bit symmetric per-channel weights, static or dynamic INT8 inputs),
+    W4A8 and W4A4 (4-bit weights, dynamic per-token INT8 or INT4 inputs)."""
+    if activations is None:
+        return None
+    w8a8 = (bits, group_size, symmetric) == (8, -1, True)
+    if activations.startswith("int4") and bits != 4:
+        return (
+            f"activations {activations!r} (W4A4) needs bits: 4, got bits {bits}; use activations: int8 "
+            f"(W8A8 or W4A8) or bits: 4"
+        )
+    if activations == "int8-static" and not w8a8:
+        return (
+            f"activations 'int8-static' (W8A8, one calibrated input scale) needs bits: 8, group_size: -1, "
+            f"symmetric: true; got bits {bits}, group_size {group_size}, symmetric {symmetric} (W4A8 takes "
+            f"activations: int8, per token)"
+        )
+    if activations.startswith("int8") and not (w8a8 or bits == 4):
+        return (
+            f"activations {activations!r} goes with W8A8 (bits: 8, group_size: -1, symmetric: true) or W4A8 "
+            f"(bits: 4); got bits {bits}, group_size {group_size}, symmetric {symmetric}"
+        )
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantConfig(MethodConfig):
     """Shared options of weight quantization methods.
@@ -465,28 +495,27 @@ class QuantConfig(MethodConfig):
     ``bits``: 2 to 8. ``group_size``: -1 for one scale per output channel, else the number of
     consecutive input weights sharing a scale (32, 64, 128, ...; must divide the layer's
     in_features). ``symmetric``: symmetric grid (no zero point stored). ``activations``:
-    ``None`` (weight-only), ``"int8"`` (W8A8: inputs quantized per token at run time) or
-    ``"int8-static"`` (one input scale per layer, calibrated); W8A8 needs ``bits: 8``,
-    ``group_size: -1`` and ``symmetric: true`` (what int8 GEMM kernels compute).
+    ``None`` (weight-only), ``"int8"`` (inputs quantized to INT8 per token at run time),
+    ``"int8-static"`` (one input scale per layer, calibrated) or ``"int4"`` (INT4 per token at
+    run time). W8A8 needs ``bits: 8``, ``group_size: -1`` and ``symmetric: true`` (what int8 GEMM
+    kernels compute); W4A8 (``int8``) and W4A4 (``int4``) need ``bits: 4`` (any group size).
+    ``int8-static`` goes with W8A8 only.
     """
 
     quantizes: ClassVar[bool] = True
     bits: BitWidth = 4
     group_size: int = 128
     symmetric: bool = False
-    activations: Literal["int8", "int8-dynamic", "int8-static"] | None = None
+    activations: Literal["int8", "int8-dynamic", "int8-static", "int4", "int4-dynamic"] | None = None
 
     def validate(self) -> None:
         super().validate()
         problem = grid_problem(self.bits, self.group_size, self.symmetric)
         if problem is not None:
             raise RecipeError(f"method {self.method!r}: {problem}")
-        if self.activations is not None and (self.bits, self.group_size, self.symmetric) != (8, -1, True):
-            raise RecipeError(
-                f"method {self.method!r}: activations {self.activations!r} (INT8 W8A8) needs bits: 8, "
-                f"group_size: -1, symmetric: true; got bits {self.bits}, group_size "
-                f"{self.group_size}, symmetric {self.symmetric}"
-            )
+        problem = activations_problem(self.activations, self.bits, self.group_size, self.symmetric)
+        if problem is not None:
+            raise RecipeError(f"method {self.method!r}: {problem}")
 
     def allocatable(self) -> Allocatable | None:
         return Allocatable(LevelKind.BITS, float(self.bits))
@@ -504,6 +533,7 @@ class QuantConfig(MethodConfig):
                 else "per token at run time (dynamic)"
             )
             text += f"; activations quantized to {kind.upper()} {when}"
+            text += f" (W{self.bits}A{kind.removeprefix('int')})"
         return text
 
     def at_level(self: C, value: float) -> C:
@@ -513,6 +543,8 @@ class QuantConfig(MethodConfig):
         """The activation scheme (:data:`llmpress.quant.activations.SCHEMES`) or ``None``."""
         if self.activations is None:
             return None
+        if self.activations.startswith("int4"):
+            return "int4-dynamic"
         return "int8-static" if self.activations == "int8-static" else "int8-dynamic"
 
     def statistics(self) -> frozenset[str]:

@@ -9,12 +9,21 @@ recipe fails first, and hands it on: the recipe is read and resolved once per ru
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
 from llmpress.plugin_manager import Llmpress, get_plugin_manager
 from llmpress.recipe.config import MethodConfig
 from llmpress.recipe.recipes import Recipe, ResolvedStage, as_recipe
+
+log = logging.getLogger(__name__)
+
+#: the warning of a W4A4 stage (or a 4-bit KV cache) with no rotation before it
+W4A4_WARNING = (
+    "%s: 4-bit activations with no rotation stage before them: activation outliers: expect perplexity to "
+    "collapse without rotate (add a {method: rotate} stage first, or use activations: int8)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +38,10 @@ class Plan:
         return self.recipe.kv_cache
 
     @property
+    def kv_group_size(self) -> int | None:
+        return self.recipe.kv_group_size
+
+    @property
     def moe_min_tokens(self) -> int | None:
         return self.recipe.moe_min_tokens
 
@@ -36,7 +49,7 @@ class Plan:
         """Whether any stage (or the KV cache) needs calibration data."""
         return (
             any(s.config.calibrated() or s.allocation is not None for s in self.stages)
-            or self.kv_cache is not None
+            or self.kv_cache == "fp8"
         )
 
     def needing_calibration(self) -> str:
@@ -45,7 +58,7 @@ class Plan:
             return "an allocation search (its fitness compares the candidate with the dense model)"
         methods = [s.config.method for s in self.stages if s.config.calibrated()]
         parts = [f"methods {methods}"] if methods else []
-        return " and ".join(parts + (["kv_cache: fp8"] if self.kv_cache is not None else []))
+        return " and ".join(parts + (["kv_cache: fp8"] if self.kv_cache == "fp8" else []))
 
     def to_dict(self) -> dict[str, Any]:
         return self.recipe.to_dict()
@@ -58,4 +71,28 @@ def make_plan(
     if isinstance(recipe, Plan):
         return recipe
     rec = as_recipe(recipe)
-    return Plan(rec, tuple(rec.resolve(pm or get_plugin_manager())))
+    plan = Plan(rec, tuple(rec.resolve(pm or get_plugin_manager())))
+    warn_unrotated_4bit(plan)
+    return plan
+
+
+def unrotated_4bit(plan: Plan) -> list[str]:
+    """What quantizes activations to 4 bits with no rotation stage (``rotates``) before it: the
+    W4A4 stages' names, and ``kv_cache: int4`` unless some stage rotates."""
+    out: list[str] = []
+    rotated = False
+    for st in plan.stages:
+        rotated = rotated or type(st.config).rotates
+        scheme = getattr(st.config, "activation_scheme", lambda: None)()
+        if scheme is not None and scheme.startswith("int4") and not rotated:
+            out.append(st.name)
+    if plan.kv_cache == "int4" and not any(type(st.config).rotates for st in plan.stages):
+        out.append("kv_cache: int4")
+    return out
+
+
+def warn_unrotated_4bit(plan: Plan) -> None:
+    """One ``logging.warning`` when 4-bit activations come without a rotation before them."""
+    where = unrotated_4bit(plan)
+    if where:
+        log.warning(W4A4_WARNING, " and ".join(where))

@@ -180,8 +180,11 @@ class Recipe:
     """An ordered list of :class:`Stage` (or :class:`MethodConfig`, taken as a stage)."""
 
     stages: list[Stage | MethodConfig]
-    #: ``"fp8"``: calibrate per-layer key/value scales and keep the KV cache in FP8 (E4M3)
+    #: ``"fp8"``: calibrate per-layer key/value scales and keep the KV cache in FP8 (E4M3);
+    #: ``"int8"``/``"int4"``: round keys and values per token and head group (dynamic, symmetric)
     kv_cache: str | None = None
+    #: integer KV cache: channels of a head sharing one scale (``None``: the head dimension)
+    kv_group_size: int | None = None
     #: mixture-of-experts: an expert with fewer routed calibration tokens than this gets its
     #: statistics from all of its block's tokens (``None``: the default, see llmpress.engine.moe_stats)
     moe_min_tokens: int | None = None
@@ -192,7 +195,11 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"stages": [s.to_dict() for s in self.normalized()]}
         if self.kv_cache is not None:
-            out["kv_cache"] = self.kv_cache
+            out["kv_cache"] = (
+                self.kv_cache
+                if self.kv_group_size is None
+                else {"type": self.kv_cache, "group_size": self.kv_group_size}
+            )
         if self.moe_min_tokens is not None:
             out["moe_min_tokens"] = self.moe_min_tokens
         return out
@@ -301,11 +308,8 @@ class Recipe:
                     allocation=allocation,
                 )
             )
-        if kv_cache not in (None, "fp8"):
-            raise RecipeError(
-                f"kv_cache must be 'fp8' (an FP8 E4M3 KV cache with calibrated scales), got {kv_cache!r}"
-            )
-        return cls(stages=stages, kv_cache=kv_cache, moe_min_tokens=moe_min_tokens)
+        kv_type, kv_group = parse_kv_cache(kv_cache)
+        return cls(stages=stages, kv_cache=kv_type, kv_group_size=kv_group, moe_min_tokens=moe_min_tokens)
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
@@ -350,6 +354,39 @@ class Recipe:
         p = Path(path)
         d = self.to_dict()
         p.write_text(json.dumps(d, indent=2) if p.suffix == ".json" else yaml.safe_dump(d, sort_keys=False))
+
+
+KV_CACHE_TYPES = ("fp8", "int8", "int4")
+
+
+def parse_kv_cache(value: Any) -> tuple[str | None, int | None]:
+    """``kv_cache:`` of a recipe -> ``(type, group_size)``: ``fp8``, ``int8``, ``int4`` or
+    ``{type: int4, group_size: 64}`` (integer caches only; default: the head dimension)."""
+    if value is None:
+        return None, None
+    kv_type, group = value, None
+    if isinstance(value, dict):
+        extra = set(value) - {"type", "group_size"}
+        if extra or "type" not in value:
+            raise RecipeError(
+                f"kv_cache as a mapping takes 'type' and optionally 'group_size' (e.g. {{type: int4, "
+                f"group_size: 64}}), got {value!r}"
+            )
+        kv_type, group = value["type"], value.get("group_size")
+    if kv_type not in KV_CACHE_TYPES:
+        raise RecipeError(
+            f"kv_cache must be 'fp8' (FP8 E4M3 with calibrated scales), 'int8' or 'int4' (per token and head "
+            f"group, dynamic), got {kv_type!r}"
+        )
+    if group is not None:
+        if kv_type == "fp8":
+            raise RecipeError("kv_cache: fp8 has one scale per layer and takes no group_size; drop it")
+        if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+            raise RecipeError(
+                f"kv_cache group_size must be a positive integer dividing the head dimension (e.g. 64), got "
+                f"{group!r}"
+            )
+    return str(kv_type), group
 
 
 def _check_stage_count(n: int) -> None:

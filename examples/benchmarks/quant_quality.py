@@ -1,6 +1,6 @@
 """Quantization quality and on-disk size on the reference model.
 
-    python examples/benchmarks/quant_quality.py [--device cuda] [--rows base|gptaq|awq|rotate|outliers] [--threads N]
+    python examples/benchmarks/quant_quality.py [--device cuda] [--rows base|gptaq|awq|rotate|outliers|activations] [--threads N]
 
 Quantizes ../shared/ref-lm/pycoder-19m with RTN and GPTQ (asymmetric, 64 calibration
 windows of 256 tokens from calib.txt), saves each in llmpress's packed format, and prints
@@ -105,6 +105,8 @@ ROWS = {
     "awq": (AWQ_CONFIGS, _no_change),
     "rotate": (ROTATE_CONFIGS, _no_change),
     "outliers": (OUTLIER_CONFIGS, _planted),
+    # W4A8 / W4A4KV4 with and without rotation, saved, reloaded and simulated (_act_rows.py)
+    "activations": ([], _no_change),
 }
 
 
@@ -207,10 +209,22 @@ def main() -> None:
     ap.add_argument("--rows", choices=sorted(ROWS), default="base", help="which set of rows (see above)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--outliers", action="store_true", help="also print max |x| per input channel")
+    ap.add_argument(
+        "--plant-outliers",
+        type=float,
+        default=None,
+        metavar="FACTOR",
+        help="run every row on a copy of the model with 4 planted outlier channels (inputs of q/k/v, gate/up "
+        "and down_proj scaled by FACTOR, the weights by 1/FACTOR: the same function)",
+    )
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.plant_outliers:
+        from _act_rows import planted_copy
+
+        a.model = str(planted_copy(a.model, a.plant_outliers))
     configs, prepare = ROWS[a.rows]
 
     _, tok = load_model(a.model)
@@ -258,6 +272,12 @@ def main() -> None:
             row["mb"] = dir_size(d) / 1e6
         rows.append(row)
         del model
+    if a.rows == "activations":
+        from _act_rows import activation_rows
+        from _act_rows import outlier_table as channel_table
+
+        rows += activation_rows(a, tok, windows, out_root)
+        channel_table(a, tok)
     compare_to_reference(rows, 1.0)
     print(
         f"\nperplexity on {a.eval} ({windows.shape[0]} windows x 256), calibration {a.nsamples} x {a.seqlen}, {a.device}\n"
@@ -274,7 +294,7 @@ def main() -> None:
             ("time", "compress s", ".1f"),
         ],
     )
-    if a.rows != "base":
+    if a.rows in ("rotate", "outliers"):
         outlier_table(a.model, prepare, windows[:16], a.device)
 
 
