@@ -10,7 +10,6 @@ from torch import nn
 
 from llmpress.errors import LlmpressError
 from llmpress.format.compressed_tensors import INT_KV_REFUSAL, check_no_experts, transform_config
-
 from llmpress.recipe.config import MethodConfig, QuantConfig
 from llmpress.recipe.recipes import ResolvedStage
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llmpress.plugin_manager import Llmpress, get_plugin_manager
-from llmpress.recipe.config import MethodConfig
+from llmpress.recipe.config import MethodConfig, QuantConfig
 from llmpress.recipe.recipes import Recipe, ResolvedStage, as_recipe
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def unrotated_4bit(plan: Plan) -> list[str]:
     rotated = False
     for st in plan.stages:
         rotated = rotated or type(st.config).rotates
-        scheme = getattr(st.config, "activation_scheme", lambda: None)()
+        scheme = st.config.activation_scheme() if isinstance(st.config, QuantConfig) else None
         if scheme is not None and scheme.startswith("int4") and not rotated:
             out.append(st.name)
     if plan.kv_cache == "int4" and not any(type(st.config).rotates for st in plan.stages):
