@@ -76,18 +76,18 @@ AWQ_CONFIGS = [
 
 ROT = {"method": "rotate"}
 # RTN/GPTQ at W4/W3 g128 without and with a rotation before them (no reference code numbers)
-ROTATE_CONFIGS = [
+ROTATE_CONFIGS = [  # the reference numbers are for the whole eval.txt: left out here (--max-tokens)
     *[
-        c
-        for c in CONFIGS
-        if c[0] in ("RTN 4-bit g128", "GPTQ 4-bit g128", "RTN 3-bit g128", "GPTQ 3-bit g128")
+        (n, st, None)
+        for n, st, _ in CONFIGS
+        if n in ("RTN 4-bit g128", "GPTQ 4-bit g128", "RTN 3-bit g128", "GPTQ 3-bit g128")
     ],
     ("rotate + RTN 4-bit g128", [ROT, {"method": "rtn", **Q4}], None),
     ("rotate + GPTQ 4-bit g128", [ROT, {"method": "gptq", **Q4}], None),
     ("rotate + RTN 3-bit g128", [ROT, {"method": "rtn", **Q3}], None),
     ("rotate + GPTQ 3-bit g128", [ROT, {"method": "gptq", **Q3}], None),
 ]
-OUTLIER_CONFIGS = [(n, st, None) for n, st, _ in ROTATE_CONFIGS]
+OUTLIER_CONFIGS = ROTATE_CONFIGS
 
 
 def _no_change(model: torch.nn.Module) -> None:
