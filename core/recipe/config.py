@@ -369,8 +369,11 @@ class DSnoTOptions:
                 raise RecipeError(
                     f"{label}: dsnot.{name} must be {expects(hints[name])}, got {v!r}"
                 ) from None
+        d = cls()
         return cls(
-            **{k: (float(v) if isinstance(v, int) and k != "max_cycles" else v) for k, v in value.items()}
+            max_cycles=int(value.get("max_cycles", d.max_cycles)),
+            update_threshold=float(value.get("update_threshold", d.update_threshold)),  # an int is a number
+            var_power=float(value.get("var_power", d.var_power)),
         )
 
 
