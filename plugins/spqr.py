@@ -302,7 +302,7 @@ def _int_kernel(q: IntCodes, device: torch.device) -> tuple[str, Any] | None:
     return None
 
 
-def _prepare(module: LlmpressLinear) -> dict[str, Any]:
+def _prepare(module: LlmpressLinear) -> dict[Any, Any]:
     """Decode once: an ``int`` kernel's layout plus the sparse outliers where one fits the
     grid on this device, else the dense weight. Logs the choice."""
     fmt = module.fmt

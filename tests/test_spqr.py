@@ -180,3 +180,44 @@ def test_int_kernel_plus_sparse_outliers(tmp_path) -> None:  # noqa: ANN001
     assert any(s["sparse"] is not None for s in states)
     torch.testing.assert_close(got, logits(model, ids), rtol=0.05, atol=0.05)  # bf16 activations
     assert ref.shape[-1] == got.shape[-1]
+
+
+def test_card_states_stored_bits(saved: dict) -> None:
+    pytest.importorskip("jinja2")
+    from llmpress.hub.card import build_card
+
+    text = str(build_card(saved["dir"], write_plot=False))
+    assert f"store {saved['report'].stored_bits:.3f} bits per weight" in text
+    assert "fp16 outliers" in text
+
+
+def _edit(src, dst, edit) -> None:  # noqa: ANN001
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        t = load_file(f)
+        if edit(t):
+            save_file(t, f, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.pop(next(k for k in t if k.endswith("weight_zero_min")), None) is not None, "missing"),
+        (
+            lambda t: [v.zero_() for k, v in t.items() if k.endswith("weight_scale_scale")],
+            "finite and positive",
+        ),
+        (lambda t: [v.fill_(30000) for k, v in t.items() if k.endswith("outlier_cols")], "at most"),
+    ],
+)
+def test_checkpoint_validation_checks_spqr_tensors(saved: dict, tmp_path, edit, message: str) -> None:  # noqa: ANN001
+    from llmpress.errors import CheckpointError
+
+    d = tmp_path / "bad"
+    _edit(saved["dir"], d, edit)
+    with pytest.raises(CheckpointError, match=message):
+        AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)

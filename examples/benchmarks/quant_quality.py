@@ -1,11 +1,13 @@
 """Quantization quality and on-disk size on the reference model.
 
-    python examples/benchmarks/quant_quality.py [--device cuda]
+    python examples/benchmarks/quant_quality.py [--device cuda] [--rows spqr]
 
 Quantizes ../shared/ref-lm/pycoder-19m with RTN and GPTQ (asymmetric, 64 calibration
 windows of 256 tokens from calib.txt), saves each in llmpress's packed format, and prints
 perplexity on eval.txt (non-overlapping 256-token windows, fp32 math) and the size on disk
 next to the dense model and the reference GPTQ code's numbers on the same model.
+``--rows spqr``: GPTQ against SpQR (Dettmers et al.) at about the same stored bits per weight of
+the quantized layers (codes, both levels of statistics and outliers, as saved).
 """
 
 from __future__ import annotations
@@ -42,6 +44,39 @@ CONFIGS = [
 ]
 
 
+# SpQR at about 3.2, 3.9 and 4.6 stored bits per weight against GPTQ at 3 and 4 bits
+SPQR = {"method": "spqr", "act_order": True}
+SPQR_CONFIGS = [
+    ("GPTQ 3-bit g128", [{"method": "gptq", **Q3}], 6.558),
+    ("GPTQ 3-bit g128 act-order", [{"method": "gptq", **Q3, "act_order": True}], 6.505),
+    (
+        "SpQR w3 b1=32 b2=32 tau=0.45 (~3.2)",
+        [{**SPQR, "group_size": 32, "stat_group_size": 32, "outlier_threshold": 0.45}],
+        None,
+    ),
+    ("GPTQ 4-bit g128", [{"method": "gptq", **Q4}], 5.949),
+    ("GPTQ 4-bit g128 act-order", [{"method": "gptq", **Q4, "act_order": True}], None),
+    ("SpQR w3 b1=16 b2=16 tau=0.2 (~3.9)", [{**SPQR, "outlier_threshold": 0.2}], None),
+    ("SpQR w4 b1=16 b2=16 tau=1 (~4.6)", [{**SPQR, "bits": 4, "outlier_threshold": 1.0}], None),
+]
+
+
+def layer_bits(path: Path) -> float | None:
+    """Stored bits per weight of the packed layers of a saved folder (everything their format
+    stores but the bias), from the safetensors headers."""
+    import json
+
+    from llmpress.format.checkpoint import read_header
+
+    modules = json.loads((path / "config.json").read_text()).get("quantization_config", {}).get("modules", {})
+    headers = {k: h for f in path.glob("*.safetensors") for k, h in read_header(f).items()}
+    weights = sum(m["in_features"] * m["out_features"] for m in modules.values())
+    owned = [
+        h.nbytes for k, h in headers.items() if k.rpartition(".")[0] in modules and not k.endswith(".bias")
+    ]
+    return 8 * sum(owned) / weights if weights else None
+
+
 def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
@@ -56,8 +91,13 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=None, help="score only the first N eval tokens")
     ap.add_argument("--only", default=None, help="comma-separated substrings of config names to run")
+    ap.add_argument("--rows", choices=("default", "spqr"), default="default", help="which table to run")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    configs = SPQR_CONFIGS if a.rows == "spqr" else CONFIGS
 
     _, tok = load_model(a.model)
     windows = text_windows(tok, Path(a.eval).read_text(encoding="utf-8"), 256, a.max_tokens)
@@ -75,7 +115,7 @@ def main() -> None:
         }
     ]
     del dense
-    for name, stages, ref in CONFIGS:
+    for name, stages, ref in configs:
         if a.only and not any(s.strip() in name for s in a.only.split(",")):
             continue
         model, _ = load_model(a.model, dtype=torch.float32, device=a.device)
@@ -98,6 +138,7 @@ def main() -> None:
             d = out_root / name.replace(" ", "_").replace(":", "of")
             save(model, d, report=report, dtype=torch.float16)
             row["mb"] = dir_size(d) / 1e6
+            row["bits"] = layer_bits(d)
         rows.append(row)
         del model
     compare_to_reference(rows, 1.0)
@@ -112,6 +153,7 @@ def main() -> None:
             ("ref", "reference", ".3f"),
             ("delta", "vs reference %", "+.2f"),
             ("ok", "within 1 %", ""),
+            ("bits", "layer bits/weight", ".3f"),
             ("mb", "safetensors MB", ".2f"),
             ("time", "compress s", ".1f"),
         ],
