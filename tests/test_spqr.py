@@ -221,3 +221,12 @@ def test_checkpoint_validation_checks_spqr_tensors(saved: dict, tmp_path, edit, 
     _edit(saved["dir"], d, edit)
     with pytest.raises(CheckpointError, match=message):
         AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+
+
+def test_compressed_tensors_export_refused(saved: dict, tmp_path) -> None:  # noqa: ANN001
+    from llmpress.errors import LlmpressError
+    from llmpress.format.compressed_tensors import save_compressed_tensors
+
+    with pytest.raises(LlmpressError, match="cannot store 'spqr' layers"):
+        save_compressed_tensors(saved["model"], tmp_path / "ct", report=saved["report"])
+    assert not (tmp_path / "ct").exists()

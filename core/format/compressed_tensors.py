@@ -249,6 +249,12 @@ def save_compressed_tensors(
 
     state = saved_state(model, report)
     quantized = state.quantized
+    other = sorted(n for n, q in quantized.items() if q.kind not in ("int", "fp8"))
+    if other:
+        raise LlmpressError(
+            f"compressed-tensors cannot store {quantized[other[0]].kind!r} layers ({other[0]}, ...): "
+            f"save them in llmpress's own format"
+        )
     units = compressed_tensors_units(model, quantized, dtype, kv_cache=state.kv_cache)
     with atomic_directory(out_dir, overwrite) as tmp:
         write_shards(tmp, units)  # streamed: one shard in memory at a time
