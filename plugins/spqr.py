@@ -129,7 +129,7 @@ def _grid(w: torch.Tensor, bits: int, round_zero: bool) -> tuple[torch.Tensor, t
 
 
 def _dq(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    return scale * (torch.clamp(torch.round(w / scale) + zero, 0, maxq) - zero)
+    return scale * (torch.clamp(torch.round(w / scale + zero), 0, maxq) - zero)
 
 
 def likely_outliers(gw: torch.Tensor, d: torch.Tensor, threshold: float, bits: int) -> torch.Tensor:
@@ -200,7 +200,12 @@ class _Sweep:
         if self.lazy and col % self.gs == 0:  # the group starting here, with its updated weights
             self.fit(g, self.WT[j : j + self.gs].t(), self.d[j : j + self.gs])
         s, z, buf = self.scalesT[g], self.zerosT[g], self.buf
-        torch.div(w, s, out=buf).round_().add_(z).clamp_(0.0, float(self.maxq))  # codes as float
+        torch.div(w, s, out=buf)
+        if self.o.stat_bits is None:  # integer zero points: GPTQ's order of operations
+            buf.round_().add_(z)
+        else:  # real-valued zero points
+            buf.add_(z).round_()
+        buf.clamp_(0.0, float(self.maxq))  # codes as float
         self.codesT[col].copy_(buf)
         buf.sub_(z)
         torch.addcmul(w, s, buf, value=-1.0, out=err)  # w - q
