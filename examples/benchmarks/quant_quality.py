@@ -58,6 +58,14 @@ SPQR_CONFIGS = [
     ("GPTQ 4-bit g128 act-order", [{"method": "gptq", **Q4, "act_order": True}], None),
     ("SpQR w3 b1=16 b2=16 tau=0.2 (~3.9)", [{**SPQR, "outlier_threshold": 0.2}], None),
     ("SpQR w4 b1=16 b2=16 tau=1 (~4.6)", [{**SPQR, "bits": 4, "outlier_threshold": 1.0}], None),
+    ("SpQR w3 b1=16 b2=16 tau=0.6", [{**SPQR, "outlier_threshold": 0.6}], None),
+    ("SpQR w3 b1=16 b2=16 tau=1.5", [{**SPQR, "outlier_threshold": 1.5}], None),
+    (
+        "SpQR w3 b1=16 b2=16 tau=0.6 no act-order",
+        [{**SPQR, "outlier_threshold": 0.6, "act_order": False}],
+        None,
+    ),
+    ("SpQR w3 b1=64 b2=16 tau=2", [{**SPQR, "group_size": 64, "outlier_threshold": 2.0}], None),
 ]
 
 
