@@ -609,6 +609,7 @@ def _summary(
         f"{_fmt_bytes(size.before.nbytes)} ({size.before.bits_per_param:.2f}) for the dense model"
         f"{'' if size.before.measured else ' (estimated at the same dtype)'}."
     )
+    summary += _stored_bits_text(info.report)
     kv = (info.quantization_config or {}).get("kv_cache")
     if isinstance(kv, dict) and kv.get("dtype") == "float8_e4m3fn":
         summary += (
@@ -640,6 +641,19 @@ def _summary(
         )
 
     return summary
+
+
+def _stored_bits_text(report: CompressionReport | None) -> str:
+    """A sentence on the stored bits per weight where the method reports them (SpQR), or ``""``."""
+    bits = None if report is None else report.stored_bits
+    if report is None or bits is None:
+        return ""
+    outliers = int(sum(m.info.get("outliers", 0.0) for m in report.modules.values()))
+    return (
+        f" Its quantized layers store {bits:.3f} bits per weight on average, counting the codes, both levels "
+        f"of quantization statistics and {outliers:,} fp16 outliers (about 32 bits each); the per-layer "
+        f"table gives each layer's."
+    )
 
 
 def _allocation_plot(info: FolderInfo, mods: list[ModuleStats], quantized: bool) -> str | None:

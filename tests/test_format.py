@@ -62,7 +62,8 @@ def _random_24_keep(out_f: int, in_f: int, g: torch.Generator) -> torch.Tensor:
 
 @st.composite
 def module_cases(draw: st.DrawFn) -> dict:
-    fmt = draw(st.sampled_from(PACKED_FORMATS))
+    # spqr layers come from a SpQR sweep's state: tests/test_spqr.py round-trips them
+    fmt = draw(st.sampled_from([f for f in PACKED_FORMATS if f != "spqr"]))
     out_f = draw(st.integers(1, 12))
     in_f = 4 * draw(st.integers(1, 48))
     bits = draw(st.integers(2, 8))

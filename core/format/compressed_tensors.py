@@ -331,6 +331,13 @@ def save_compressed_tensors(
     state = saved_state(model, report)
     quantized = state.quantized
     transforms = transform_config(state.transforms)  # refused here, before any work, if inexpressible
+
+    other = sorted(n for n, q in quantized.items() if q.kind not in ("int", "fp8"))
+    if other:
+        raise LlmpressError(
+            f"compressed-tensors cannot store {quantized[other[0]].kind!r} layers ({other[0]}, ...): "
+            f"save them in llmpress's own format"
+        )
     units = compressed_tensors_units(model, quantized, dtype, kv_cache=state.kv_cache)
     units += _transform_weights(state.transforms)
     with atomic_directory(out_dir, overwrite) as tmp:

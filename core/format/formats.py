@@ -25,6 +25,8 @@ run time; a static scheme stores its calibrated ``name.input_scale`` fp32 [1]. W
 layers are 4-bit ``int`` layers (any group size) with ``int8-dynamic`` or ``int4-dynamic``
 inputs (per token, nothing more stored).
 
+``spqr``     SpQR codes, quantized statistics and CSR outliers (:mod:`llmpress.format.spqr_format`)
+
 ``dense``    ``name.weight`` fp16/bf16/fp32 [out, in]: a plain layer whose shape differs from what the
              model's config builds (structured pruning with per-layer widths)
 ``dropped``  no tensors: a sub-block (attention or MLP) that adds nothing to the residual stream
@@ -60,6 +62,7 @@ from pydantic import (
 from torch import nn
 
 from llmpress.errors import CheckpointError
+from llmpress.format.spqr_format import spqr_pack, spqr_tensors, spqr_unpack, spqr_values
 from llmpress.model.results import LayerResult, QuantState
 from llmpress.quant.activations import FP8_DTYPE, is_static
 from llmpress.quant.grid import IntCodes, grid_problem
@@ -87,7 +90,7 @@ def _problems(e: ValidationError) -> str:
 
 def _grid_problem(f: ModuleFormat) -> str | None:
     """What is wrong with an entry's quantization grid, or ``None``."""
-    if not f.format.startswith("int"):
+    if not f.quantized:
         has_grid = f.bits is not None or f.group_size is not None
         return f"format {f.format!r} stores no quantization grid (bits/group_size)" if has_grid else None
     if f.bits is None or f.group_size is None:
@@ -106,8 +109,13 @@ def _layout_problem(f: ModuleFormat) -> str | None:
         return f"format {f.format!r} needs in_features divisible by 4"
     if f.format == "bitmask" and (f.nnz is None or f.nnz > f.in_features * f.out_features):
         return "format 'bitmask' needs nnz between 0 and in_features * out_features"
-    if f.format != "bitmask" and f.nnz is not None:
+    if f.format not in ("bitmask", "spqr") and f.nnz is not None:
         return f"format {f.format!r} has no nnz"
+    if f.format == "spqr":
+        if not f.stat_group_size or f.out_features % f.stat_group_size:
+            return "format 'spqr' needs stat_group_size dividing out_features"
+    elif f.stat_bits is not None or f.stat_group_size is not None:
+        return "stat_bits and stat_group_size go with format 'spqr' only"
     if (f.format == "dropped") != (f.kind is not None):
         return "'kind' (attention or mlp) goes with format 'dropped' only"
     if f.activations is not None:
@@ -163,6 +171,10 @@ class ModuleFormat(BaseModel):
     #: whether a resized layer has an output bias (structured pruning may add one); absent: as the
     #: model builds it
     bias: bool | None = None
+    #: ``spqr``: bits of the quantized statistics (``None``: plain 16-bit) and the output rows
+    #: sharing one second-level statistic
+    stat_bits: int | None = Field(default=None, ge=2, le=8)
+    stat_group_size: int | None = Field(default=None, ge=1)
 
     def __init__(
         self,
@@ -198,7 +210,7 @@ class ModuleFormat(BaseModel):
 
     @property
     def quantized(self) -> bool:
-        return self.format.startswith("int")
+        return self.format.startswith("int") or self.format == "spqr"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -581,6 +593,7 @@ for _spec in (
         "bitmask", _bitmask_tensors, _bitmask_pack, _bitmask_unpack, _packed_runtime, restore=_bitmask_restore
     ),
     FormatSpec("fp8", _fp8_tensors, _fp8_pack, _fp8_unpack, _packed_runtime, values=_fp8_values),
+    FormatSpec("spqr", spqr_tensors, spqr_pack, spqr_unpack, _packed_runtime, values=spqr_values),
     FormatSpec("dense", _dense_tensors, _dense_pack, None, _dense_runtime, packed=False),
     FormatSpec("dropped", lambda f: {}, lambda f, w, r: {}, None, _dropped_runtime, packed=False),
 ):
@@ -594,8 +607,8 @@ def choose_format(quant: QuantState | None, keep: torch.Tensor | None, sparse: s
     """The storage format of a layer; ``sparse`` is ``"auto"``, ``"dense"``, ``"bitmask"`` or
     ``"2:4"``. ``None`` means a plain dense weight (no packing)."""
     is24 = keep is not None and _is_24(keep)
-    if quant is not None and getattr(quant, "kind", "int") == "fp8":
-        return "fp8"
+    if quant is not None and getattr(quant, "kind", "int") in ("fp8", "spqr"):
+        return quant.kind
     if quant is not None:
         return "int-2:4" if is24 and sparse in ("auto", "2:4") else "int"
     if keep is None or sparse == "dense":

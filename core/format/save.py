@@ -127,7 +127,8 @@ def _layer_format(
     if target is None:
         return None
     q = None if res is None else res.quant
-    grid = q is not None and q.kind == "int"
+    grid = q is not None and q.kind in ("int", "spqr")
+    spqr = None if q is None else q.spqr
     return ModuleFormat(
         format=target,
         in_features=int(in_f),
@@ -137,7 +138,11 @@ def _layer_format(
         symmetric=bool(grid and q is not None and q.symmetric),
         activations=None if q is None else q.activations,
         dtype=dtype_name,
-        nnz=int(res.mask.sum()) if target == "bitmask" and res is not None and res.mask is not None else None,
+        nnz=int(res.mask.sum())
+        if target == "bitmask" and res is not None and res.mask is not None
+        else (spqr.nnz if spqr is not None else None),
+        stat_bits=None if spqr is None else spqr.stat_bits,
+        stat_group_size=None if spqr is None else spqr.stat_group,
         resized=resized,
         bias=isinstance(getattr(mod, "bias", None), torch.Tensor) if resized else None,
     )

@@ -136,6 +136,18 @@ class CompressionReport(BaseModel):
         total = sum(n for _, n in sized)
         return sum(b * n for b, n in sized) / total if total else None
 
+    @property
+    def stored_bits(self) -> float | None:
+        """Stored bits per weight (codes, statistics, outliers) of the layers whose method
+        reports them (``info["avg_bits"]``, e.g. SpQR), weighted by layer size; else ``None``."""
+        sized = [
+            (m.info["avg_bits"], m.shape[0] * m.shape[1])
+            for m in self.modules.values()
+            if "avg_bits" in m.info
+        ]
+        total = sum(n for _, n in sized)
+        return sum(b * n for b, n in sized) / total if total else None
+
     @model_serializer(mode="plain")
     def _to_disk(self) -> dict[str, object]:
         bits = self.average_bits

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from llmpress.model.modules import get_weight, set_weight
+from llmpress.quant.spqr import SpqrExtra
 
 if TYPE_CHECKING:
     from llmpress.recipe.config import QuantConfig
@@ -43,6 +44,9 @@ class QuantState:
     kind: str = "int"
     activations: str | None = None
     input_scale: torch.Tensor | None = None
+    #: ``kind="spqr"``: the quantized statistics and sparse outliers
+    #: (:class:`llmpress.quant.spqr.SpqrExtra`); ``scales``/``zeros`` are then the decoded ones
+    spqr: SpqrExtra | None = None
 
     @classmethod
     def of(
@@ -66,6 +70,8 @@ class QuantState:
             from llmpress.quant.activations import FP8_DTYPE
 
             return self.codes.view(FP8_DTYPE).float() * self.scales.float()
+        if self.spqr is not None:
+            return self.spqr.dequantize(self.codes, self.scales, self.zeros)
         from llmpress.quant.grid import dequantize_weight
 
         return dequantize_weight(self.codes, self.scales, self.zeros, self.group_size)
@@ -77,6 +83,7 @@ class QuantState:
             scales=self.scales.to(device),
             zeros=self.zeros.to(device),
             input_scale=None if self.input_scale is None else self.input_scale.to(device),
+            spqr=None if self.spqr is None else self.spqr.to(device),
         )
 
 

@@ -1,6 +1,6 @@
 """Quantization quality and on-disk size on the reference model.
 
-    python examples/benchmarks/quant_quality.py [--device cuda] [--rows base|gptaq|awq|rotate|outliers|activations] [--threads N]
+    python examples/benchmarks/quant_quality.py [--device cuda] [--rows base|gptaq|awq|spqr|rotate|outliers|activations] [--threads N]
 
 Quantizes ../shared/ref-lm/pycoder-19m with RTN and GPTQ (asymmetric, 64 calibration
 windows of 256 tokens from calib.txt), saves each in llmpress's packed format, and prints
@@ -11,6 +11,8 @@ next to the dense model and the reference GPTQ code's numbers on the same model.
 SparseGPT 50 %, alone and before GPTQ/GPTAQ (:data:`GPTAQ_CONFIGS`).
 ``--rows awq``: AWQ before RTN and GPTQ at W4/W3 g128 (:data:`AWQ_CONFIGS`); ``--outliers``
 prints max |x| per input channel of every kind of block linear first.
+``--rows spqr``: GPTQ against SpQR (Dettmers et al.) at about the same stored bits per weight of
+the quantized layers (codes, both levels of statistics and outliers, as saved).
 ``--rows rotate``: RTN and GPTQ at W4/W3 g128 with and without a QuaRot rotation before them
 (``method: rotate``), then max |x| per channel before and after rotation at a few layers.
 ``--rows outliers``: the same on the model with planted activation outlier channels
@@ -74,6 +76,51 @@ AWQ_CONFIGS = [
     for q in ("rtn", "gptq")
 ]
 
+# SpQR at about 3.2, 3.9 and 4.6 stored bits per weight against GPTQ at 3 and 4 bits
+SPQR = {"method": "spqr", "act_order": True}
+SPQR_CONFIGS = [
+    ("GPTQ 3-bit g128", [{"method": "gptq", **Q3}], 6.558),
+    ("GPTQ 3-bit g128 act-order", [{"method": "gptq", **Q3, "act_order": True}], 6.505),
+    (
+        "SpQR w3 b1=32 b2=32 tau=0.45 (~3.2)",
+        [{**SPQR, "group_size": 32, "stat_group_size": 32, "outlier_threshold": 0.45}],
+        None,
+    ),
+    ("GPTQ 4-bit g128", [{"method": "gptq", **Q4}], 5.949),
+    ("GPTQ 4-bit g128 act-order", [{"method": "gptq", **Q4, "act_order": True}], None),
+    ("SpQR w3 b1=16 b2=16 tau=0.2 (~3.9)", [{**SPQR, "outlier_threshold": 0.2}], None),
+    ("SpQR w4 b1=16 b2=16 tau=1 (~4.6)", [{**SPQR, "bits": 4, "outlier_threshold": 1.0}], None),
+    ("SpQR w3 b1=16 b2=16 tau=0.6", [{**SPQR, "outlier_threshold": 0.6}], None),
+    ("SpQR w3 b1=16 b2=16 tau=1.5", [{**SPQR, "outlier_threshold": 1.5}], None),
+    (
+        "SpQR w3 b1=16 b2=16 tau=0.6 no act-order",
+        [{**SPQR, "outlier_threshold": 0.6, "act_order": False}],
+        None,
+    ),
+    ("SpQR w3 b1=64 b2=16 tau=2", [{**SPQR, "group_size": 64, "outlier_threshold": 2.0}], None),
+]
+
+
+def layer_bits(path: Path) -> float | None:
+    """Stored bits per weight of the packed layers of a saved folder (everything their format
+    stores but the bias), from the safetensors headers."""
+    import json
+
+    from llmpress.format.checkpoint import read_header
+
+    modules = json.loads((path / "config.json").read_text()).get("quantization_config", {}).get("modules", {})
+    headers = {k: h for f in path.glob("*.safetensors") for k, h in read_header(f).items()}
+    weights = sum(m["in_features"] * m["out_features"] for m in modules.values())
+    owned = [
+        h.nbytes for k, h in headers.items() if k.rpartition(".")[0] in modules and not k.endswith(".bias")
+    ]
+    return 8 * sum(owned) / weights if weights else None
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
 ROT = {"method": "rotate"}
 # RTN/GPTQ at W4/W3 g128 without and with a rotation before them (no reference code numbers)
 ROTATE_CONFIGS = [  # the reference numbers are for the whole eval.txt: left out here (--max-tokens)
@@ -103,6 +150,7 @@ ROWS = {
     "base": (CONFIGS, _no_change),
     "gptaq": (GPTAQ_CONFIGS, _no_change),
     "awq": (AWQ_CONFIGS, _no_change),
+    "spqr": (SPQR_CONFIGS, _no_change),
     "rotate": (ROTATE_CONFIGS, _no_change),
     "outliers": (OUTLIER_CONFIGS, _planted),
     # W4A8 / W4A4KV4 with and without rotation, saved, reloaded and simulated (_act_rows.py)
@@ -209,6 +257,7 @@ def main() -> None:
     ap.add_argument("--rows", choices=sorted(ROWS), default="base", help="which set of rows (see above)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--outliers", action="store_true", help="also print max |x| per input channel")
+    ap.add_argument("--skip-dense", action="store_true", help="leave out the dense row")
     ap.add_argument(
         "--plant-outliers",
         type=float,
@@ -237,7 +286,7 @@ def main() -> None:
     rows = [
         {
             "name": "dense fp16",
-            "ppl": perplexity_of_windows(dense, windows, 32)["perplexity"],
+            "ppl": float("nan") if a.skip_dense else perplexity_of_windows(dense, windows, 32)["perplexity"],
             "ref": 5.831 if a.rows == "base" else None,
             "mb": dir_size(dense_dir) / 1e6,
             "time": 0.0,
@@ -270,6 +319,7 @@ def main() -> None:
             d = out_root / name.replace(" ", "_").replace(":", "of")
             save(model, d, report=report, dtype=torch.float16)
             row["mb"] = dir_size(d) / 1e6
+            row["bits"] = layer_bits(d)
         rows.append(row)
         del model
     if a.rows == "activations":
@@ -291,6 +341,7 @@ def main() -> None:
             ("delta", "vs reference %", "+.2f"),
             ("ok", "within 1 %", ""),
             ("mb", "safetensors MB", ".2f"),
+            ("bits", "layer bits/weight", ".3f"),
             ("time", "compress s", ".1f"),
         ],
     )
