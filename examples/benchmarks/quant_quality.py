@@ -117,10 +117,6 @@ def layer_bits(path: Path) -> float | None:
     return 8 * sum(owned) / weights if weights else None
 
 
-def dir_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
-
-
 ROT = {"method": "rotate"}
 # RTN/GPTQ at W4/W3 g128 without and with a rotation before them (no reference code numbers)
 ROTATE_CONFIGS = [  # the reference numbers are for the whole eval.txt: left out here (--max-tokens)
