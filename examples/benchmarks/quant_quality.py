@@ -1,11 +1,15 @@
 """Quantization quality and on-disk size on the reference model.
 
-    python examples/benchmarks/quant_quality.py [--device cuda]
+    python examples/benchmarks/quant_quality.py [--device cuda] [--rows main|eora]
 
 Quantizes ../shared/ref-lm/pycoder-19m with RTN and GPTQ (asymmetric, 64 calibration
 windows of 256 tokens from calib.txt), saves each in llmpress's packed format, and prints
 perplexity on eval.txt (non-overlapping 256-token windows, fp32 math) and the size on disk
 next to the dense model and the reference GPTQ code's numbers on the same model.
+
+``--rows eora``: low-rank compensation of 3-bit GPTQ and of SparseGPT 2:4 + GPTQ 4-bit, each
+with no compensation, plain SVD (``eora`` with ``basis: identity``) and EoRA at ranks 8 and 32
+(:func:`eora_configs`); sizes on disk include the fp16 low-rank factors.
 """
 
 from __future__ import annotations
@@ -42,6 +46,27 @@ CONFIGS = [
 ]
 
 
+def eora_configs() -> list[tuple[str, list[dict], float | None]]:
+    """The ``--rows eora`` rows: each compression alone, then with plain SVD and EoRA paths."""
+    bases = [
+        ("GPTQ 3-bit g128", [{"method": "gptq", **Q3}]),
+        ("SparseGPT 2:4 + GPTQ 4-bit g128", [SP24, {"method": "gptq", **Q4}]),
+    ]
+    rows: list[tuple[str, list[dict], float | None]] = []
+    for name, stages in bases:
+        rows.append((name, stages, None))
+        for rank in (8, 32):
+            for label, basis in (("SVD", "identity"), ("EoRA", "activations")):
+                rows.append(
+                    (
+                        f"{name} + {label} r{rank}",
+                        [*stages, {"method": "eora", "rank": rank, "basis": basis}],
+                        None,
+                    )
+                )
+    return rows
+
+
 def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
@@ -56,7 +81,11 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=None, help="score only the first N eval tokens")
     ap.add_argument("--only", default=None, help="comma-separated substrings of config names to run")
+    ap.add_argument("--rows", default="main", choices=["main", "eora"], help="which table: main or eora")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.backends.cuda.matmul.allow_tf32 = False
 
     _, tok = load_model(a.model)
@@ -75,7 +104,7 @@ def main() -> None:
         }
     ]
     del dense
-    for name, stages, ref in CONFIGS:
+    for name, stages, ref in CONFIGS if a.rows == "main" else eora_configs():
         if a.only and not any(s.strip() in name for s in a.only.split(",")):
             continue
         model, _ = load_model(a.model, dtype=torch.float32, device=a.device)
