@@ -615,6 +615,7 @@ def _summary(
             f" The KV cache is stored in FP8 (E4M3) with one calibrated key scale and one value scale per "
             f"attention layer ({len(kv.get('scales', {}))} layers)."
         )
+    summary += _lowrank_text(info.quantization_config or {})
     if info.quantizes_activations:
         summary += (
             " Weight-and-activation 8-bit formats suit high-throughput serving on recent GPUs, where FP8 is "
@@ -632,6 +633,21 @@ def _summary(
         )
 
     return summary
+
+
+def _lowrank_text(qc: dict[str, Any]) -> str:
+    """A sentence on the layers' low-rank compensation paths (EoRA): ranks and parameter overhead."""
+    mods = [m for m in (qc.get("modules") or {}).values() if isinstance(m, dict) and m.get("lowrank")]
+    if not mods:
+        return ""
+    ranks = sorted({int(m["lowrank"]) for m in mods})
+    extra = sum(int(m["lowrank"]) * (int(m["in_features"]) + int(m["out_features"])) for m in mods)
+    weights = sum(int(m["in_features"]) * int(m["out_features"]) for m in mods)
+    return (
+        f" {len(mods)} layers carry a low-rank compensation path (EoRA) of rank {'/'.join(map(str, ranks))}: "
+        f"{extra:,} extra parameters stored in fp16, {100 * extra / max(weights, 1):.2f} % of those layers' "
+        f"weights."
+    )
 
 
 def _allocation_plot(info: FolderInfo, mods: list[ModuleStats], quantized: bool) -> str | None:

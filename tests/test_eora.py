@@ -23,6 +23,7 @@ from llmpress.format.lowrank import (
     write_peft_adapter,
 )
 from llmpress.format.runtime import LlmpressLinear
+from llmpress.hub import build_card
 from llmpress.format.save import save_compressed, save_quantized, to_runtime
 from llmpress.plugins.eora import eora_factors
 
@@ -137,6 +138,12 @@ def test_saved_eora_reloads_with_identical_logits(compression: list[dict], fmt: 
     assert torch.allclose(_logits(loaded), in_memory, atol=5e-3, rtol=0)  # fp16 storage only
     strip_lowrank(loaded)
     assert (_logits(loaded) - in_memory).abs().max() > 1e-3  # the path does something
+    card = str(build_card(tmp_path / "m"))  # ranks and parameter overhead
+    assert "EoRA low-rank compensation of rank 4 in the input activations' eigenspace" in card
+    extra = 2 * 4 * (64 + 48 + 48 + 64 + 96 + 96 + 96)  # 2 blocks, rank 4, in + out of q k v o gate up down
+    assert (
+        f"14 layers carry a low-rank compensation path (EoRA) of rank 4: {extra:,} extra parameters" in card
+    )
 
 
 def test_eora_after_pruning_saves_a_dense_layer_with_its_path(tmp_path: Path) -> None:
