@@ -22,9 +22,9 @@ from llmpress.format.lowrank import (
     strip_lowrank,
     write_peft_adapter,
 )
-from llmpress.format.runtime import LlmpressLinear
-from llmpress.hub import build_card
+from llmpress.format.runtime import LlmpressLinear, select_kernels
 from llmpress.format.save import save_compressed, save_quantized, to_runtime
+from llmpress.hub import build_card
 from llmpress.plugins.eora import eora_factors
 
 IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -154,6 +154,21 @@ def test_eora_after_pruning_saves_a_dense_layer_with_its_path(tmp_path: Path) ->
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert isinstance(loaded.get_submodule("model.layers.0.mlp.up_proj"), LowRankLinear)
     assert torch.allclose(_logits(loaded), in_memory, atol=1e-4, rtol=0)
+
+
+def test_eora_after_structured_pruning_compensates_the_stages_after_the_resize(tmp_path: Path) -> None:
+    gptq = {"method": "gptq", "bits": 3, "group_size": -1}  # groups of 32 need not divide the new widths
+    recipe = {
+        "stages": [{"method": "magnitude_structured", "ratio": 0.3}, gptq, {"method": "eora", "rank": 4}]
+    }
+    model, rep = llmpress.compress(tiny_llama(), recipe, calib_ids(), progress=False)
+    name = "model.layers.0.mlp.down_proj"
+    assert rep.modules[name].methods[-2:] == ["gptq", "eora"] and rep.modules[name].shape[1] < 64  # resized
+    in_memory = _logits(model)
+    save_quantized(model, tmp_path / "m", report=rep)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    select_kernels(loaded, "dense")
+    assert torch.allclose(_logits(loaded), in_memory, atol=2e-2, rtol=0)
 
 
 # ------------------------------------------------------------------------------ PEFT adapter
