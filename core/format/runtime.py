@@ -82,9 +82,9 @@ class LlmpressLinear(nn.Module):
         if self.fmt.activations is not None and not self.kernel.quantizes_activations:
             x = fake_quantize(x, self.fmt.activations, self._buffers.get("input_scale"))
         y = self.kernel.forward(self, self._kernel_state, x)
-        a = self._buffers.get(LOWRANK_A)
-        if a is not None:  # EoRA: W x + B (A x), in the input's dtype
-            y = y + lowrank_delta(x, a, self._buffers[LOWRANK_B]).to(y.dtype)
+        a, b = self._buffers.get(LOWRANK_A), self._buffers.get(LOWRANK_B)
+        if a is not None and b is not None:  # EoRA: W x + B (A x), in the input's dtype
+            y = y + lowrank_delta(x, a, b).to(y.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -128,6 +128,7 @@ def main() -> None:
             save(model, d, report=report, dtype=torch.float16)
             row["mb"] = dir_size(d) / 1e6
         rows.append(row)
+        print(f"{name}: perplexity {ppl:.3f}, {row.get('mb', 0):.2f} MB, {dt:.0f} s", flush=True)
         del model
     compare_to_reference(rows, 1.0)
     print(
