@@ -624,6 +624,7 @@ def _summary(
             f" The KV cache is rounded to {str(kv['dtype']).upper()} (symmetric, one scale per token and per "
             f"{group}, computed at run time; simulated by llmpress's attention wrapper)."
         )
+    summary += _lowrank_text(info.quantization_config or {})
     if info.quantizes_activations:
         summary += (
             " Weight-and-activation 8-bit formats suit high-throughput serving on recent GPUs, where FP8 is "
@@ -653,6 +654,21 @@ def _stored_bits_text(report: CompressionReport | None) -> str:
         f" Its quantized layers store {bits:.3f} bits per weight on average, counting the codes, both levels "
         f"of quantization statistics and {outliers:,} fp16 outliers (about 32 bits each); the per-layer "
         f"table gives each layer's."
+    )
+
+
+def _lowrank_text(qc: dict[str, Any]) -> str:
+    """A sentence on the layers' low-rank compensation paths (EoRA): ranks and parameter overhead."""
+    mods = [m for m in (qc.get("modules") or {}).values() if isinstance(m, dict) and m.get("lowrank")]
+    if not mods:
+        return ""
+    ranks = sorted({int(m["lowrank"]) for m in mods})
+    extra = sum(int(m["lowrank"]) * (int(m["in_features"]) + int(m["out_features"])) for m in mods)
+    weights = sum(int(m["in_features"]) * int(m["out_features"]) for m in mods)
+    return (
+        f" {len(mods)} layers carry a low-rank compensation path (EoRA) of rank {'/'.join(map(str, ranks))}: "
+        f"{extra:,} extra parameters stored in fp16, {100 * extra / max(weights, 1):.2f} % of those layers' "
+        f"weights."
     )
 
 

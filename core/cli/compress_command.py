@@ -76,6 +76,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="storage of pruned layers: dense (an ordinary checkpoint; default for pruning-only recipes), "
         "auto (2:4 or bitmask when smaller; default with quantization), bitmask or 2:4",
     )
+    c.add_argument(
+        "--adapter",
+        default=None,
+        choices=["peft"],
+        help="also write the low-rank paths of an 'eora' stage as a PEFT LoRA adapter in "
+        "OUT/peft_adapter (load it with peft on the compressed base without them)",
+    )
     c.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     c.set_defaults(func=run)
 
@@ -93,6 +100,10 @@ def run(a: argparse.Namespace) -> int:
         from llmpress.cli.export_checks import check_recipe_exportable
 
         check_recipe_exportable([s.config for s in plan.stages], plan.kv_cache)
+    if getattr(a, "adapter", None) == "peft" and not any(type(s.config).adds_lowrank for s in plan.stages):
+        raise LlmpressError(
+            "--adapter peft writes the low-rank paths of an 'eora' stage, and the recipe has none"
+        )
     check_device(a.device)
     if a.max_gpu_memory is not None:
         from llmpress.cli.budget import parse_memory
@@ -205,6 +216,10 @@ def _compress_into(a: argparse.Namespace, plan: Plan, out: Path | None) -> int:
         fmt=a.format,
         sparse_format=a.sparse_format,
     )
+    if getattr(a, "adapter", None) == "peft":
+        from llmpress.format.lowrank import PEFT_SUBFOLDER, lowrank_paths, write_peft_adapter
+
+        write_peft_adapter(lowrank_paths(model, report.state), out / PEFT_SUBFOLDER, base_model=str(a.model))
     distributed.barrier()
     print(compress_summary(report, plan, out))
     if report.allocation is not None:

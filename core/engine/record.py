@@ -42,6 +42,11 @@ class RunRecord:
     written_back: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
     #: the layers restored from a compressed checkpoint before the run (``llmpress.pipeline.resume``)
     restored: tuple[str, ...] = ()
+    #: whether to keep :attr:`originals` (a stage's config asks: ``MethodConfig.needs_original_weights``)
+    keep_originals: bool = False
+    #: layer name -> its weight before the run's first commit to it (a CPU copy; only with
+    #: :attr:`keep_originals`)
+    originals: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def module_report(self, name: str, mod: nn.Module) -> ModuleReport:
         """The report entry of layer ``name`` (created on first use; its shape kept current)."""
@@ -55,6 +60,8 @@ class RunRecord:
     def commit(self, name: str, mod: nn.Module, result: LayerResult, method: str) -> LayerResult:
         """Write ``result`` into ``mod``, keep it in the state and report it (sparsity from the
         mask when there is one, else the measured zeros of a dense update; bits)."""
+        if self.keep_originals and name not in self.originals:
+            self.originals[name] = get_weight(mod).detach().to("cpu", copy=True)
         merged = commit(self.state, name, mod, result)
         rep = self.module_report(name, mod)
         rep.methods.append(method)

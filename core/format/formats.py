@@ -31,6 +31,10 @@ inputs (per token, nothing more stored).
              model's config builds (structured pruning with per-layer widths)
 ``dropped``  no tensors: a sub-block (attention or MLP) that adds nothing to the residual stream
 
+Low-rank compensation (EoRA), beside any format but ``dropped``: an entry with ``lowrank: r``
+also stores ``name.weight_lora_a`` fp16 [r, in] and ``name.weight_lora_b`` fp16 [out, r], and the
+layer computes ``W x + B (A x)`` (:mod:`llmpress.format.lowrank`).
+
 Value rules (:attr:`FormatSpec.values`, checked at every load whatever the checkpoint's size):
 scales and input scales are finite and positive; zero points are at most ``2**bits - 1``.
 
@@ -176,6 +180,9 @@ class ModuleFormat(BaseModel):
     stat_bits: int | None = Field(default=None, ge=2, le=8)
     stat_group_size: int | None = Field(default=None, ge=1)
 
+    #: rank of a low-rank compensation path stored beside the weight (EoRA), or ``None``
+    lowrank: int | None = Field(default=None, ge=1)
+
     def __init__(
         self,
         format: str | None = None,  # noqa: A002 - the on-disk key
@@ -199,7 +206,7 @@ class ModuleFormat(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModuleFormat:
-        problem = _grid_problem(self) or _layout_problem(self)
+        problem = _grid_problem(self) or _layout_problem(self) or _lowrank_problem(self)
         if problem is not None:
             raise ValueError(problem)
         return self
@@ -242,8 +249,46 @@ class ModuleFormat(BaseModel):
             raise CheckpointError(f"bad quantization_config entry for {name}: {_problems(e)}") from None
 
     def tensor_shapes(self) -> Shapes:
-        """Suffix -> (shape, dtype) of every stored tensor."""
-        return self.spec.tensors(self)
+        """Suffix -> (shape, dtype) of every stored tensor (with the low-rank path's, if any)."""
+        return self.spec.tensors(self) | lowrank_shapes(self)
+
+
+# ------------------------------------------------------------------------------ low-rank path
+
+#: the stored tensors of a low-rank compensation path (A [r, in], B [out, r])
+LOWRANK_A, LOWRANK_B = "weight_lora_a", "weight_lora_b"
+
+
+def _lowrank_problem(f: ModuleFormat) -> str | None:
+    """What is wrong with an entry's low-rank rank, or ``None``."""
+    if f.lowrank is None:
+        return None
+    if f.format == "dropped":
+        return "a 'dropped' sub-block has no low-rank path"
+    if f.lowrank > min(f.in_features, f.out_features):
+        return f"lowrank {f.lowrank} exceeds min(in_features, out_features) = {min(f.in_features, f.out_features)}"
+    return None
+
+
+def lowrank_shapes(fmt: ModuleFormat) -> Shapes:
+    """The low-rank path's stored tensors (fp16), or none."""
+    r = fmt.lowrank
+    if r is None:
+        return {}
+    return {
+        LOWRANK_A: ((r, fmt.in_features), torch.float16),
+        LOWRANK_B: ((fmt.out_features, r), torch.float16),
+    }
+
+
+def pack_lowrank(fmt: ModuleFormat, result: LayerResult | None) -> dict[str, torch.Tensor]:
+    """The low-rank path's tensors from the committed result (fp16), or none."""
+    if fmt.lowrank is None:
+        return {}
+    if result is None or result.lowrank is None or result.lowrank[0].shape[0] != fmt.lowrank:
+        raise CheckpointError(f"format entry with lowrank {fmt.lowrank} needs the layer's low-rank factors")
+    a, b = result.lowrank
+    return {LOWRANK_A: a.to(torch.float16).contiguous(), LOWRANK_B: b.to(torch.float16).contiguous()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -556,6 +601,10 @@ def _dense_runtime(
     fmt: ModuleFormat, bias: bool, device: torch.device | None, dtype: torch.dtype | None
 ) -> nn.Module:
     dtype = dtype or fmt.torch_dtype
+    if fmt.lowrank is not None:
+        from llmpress.format.lowrank import LowRankLinear
+
+        return LowRankLinear(fmt, bias=bias, device=device, dtype=dtype)
     return nn.Linear(fmt.in_features, fmt.out_features, bias=bias, device=device, dtype=dtype)
 
 
@@ -632,7 +681,7 @@ def pack_module(
 ) -> dict[str, torch.Tensor]:
     """Tensors to store for a layer: its weight [out, in] and its committed result. Their
     values pass the format's rules (:attr:`FormatSpec.values`): what is saved loads."""
-    tensors = fmt.spec.pack(fmt, weight, result)
+    tensors = fmt.spec.pack(fmt, weight, result) | pack_lowrank(fmt, result)
     for suffix, rule in fmt.spec.values(fmt).items():
         problem = rule.problem(tensors[suffix]) if suffix in tensors else None
         if problem:

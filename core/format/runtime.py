@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmpress.format.formats import ModuleFormat, unpack_module
+from llmpress.format.formats import LOWRANK_A, LOWRANK_B, ModuleFormat, unpack_module
 from llmpress.kernels.registry import Kernel, KernelSource, choose_kernel
 from llmpress.quant.activations import fake_quantize
 
@@ -49,8 +49,9 @@ class LlmpressLinear(nn.Module):
         self._kernel_state: Any = None
 
     def packed(self) -> dict[str, torch.Tensor]:
-        """The stored tensors of this layer (without bias and input scale)."""
-        return {k: v for k, v in self._buffers.items() if v is not None and k != "input_scale"}
+        """The stored tensors of this layer's weight (without bias, input scale and low-rank path)."""
+        skip = ("input_scale", LOWRANK_A, LOWRANK_B)
+        return {k: v for k, v in self._buffers.items() if v is not None and k not in skip}
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight [out, in] this layer stands for."""
@@ -81,14 +82,23 @@ class LlmpressLinear(nn.Module):
         if self.fmt.activations is not None and not self.kernel.quantizes_activations:
             x = fake_quantize(x, self.fmt.activations, self._buffers.get("input_scale"))
         y = self.kernel.forward(self, self._kernel_state, x)
+        a, b = self._buffers.get(LOWRANK_A), self._buffers.get(LOWRANK_B)
+        if a is not None and b is not None:  # EoRA: W x + B (A x), in the input's dtype
+            y = y + lowrank_delta(x, a, b).to(y.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         f = self.fmt
         q = f", bits={f.bits}, group_size={f.group_size}, symmetric={f.symmetric}" if f.quantized else ""
         q += f", activations={f.activations}" if f.activations else ""
+        q += f", lowrank={f.lowrank}" if f.lowrank else ""
         k = f", kernel={self.kernel.name}" if self.kernel is not None else ""
         return f"in_features={f.in_features}, out_features={f.out_features}, format={f.format}{q}{k}"
+
+
+def lowrank_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``B (A x)`` for inputs ``x`` [..., in], ``a`` [r, in], ``b`` [out, r], in ``x``'s dtype."""
+    return torch.nn.functional.linear(torch.nn.functional.linear(x, a.to(x.dtype)), b.to(x.dtype))
 
 
 def select_kernels(

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from llmpress.format.formats import ModuleFormat, choose_format, pack_module
+from llmpress.format.lowrank import LowRankLinear
 from llmpress.format.output import atomic_directory
 from llmpress.format.runtime import LlmpressLinear, replace_module
 from llmpress.format.shards import reverse_conversion, write_shards
@@ -124,6 +125,9 @@ def _layer_format(
         resized = True
     if target is None and resized:
         target = "dense"
+    lowrank = None if res is None or res.lowrank is None else int(res.lowrank[0].shape[0])
+    if target is None and lowrank is not None:  # a low-rank path beside a plain weight (EoRA)
+        target = "dense"
     if target is None:
         return None
     q = None if res is None else res.quant
@@ -145,6 +149,7 @@ def _layer_format(
         stat_group_size=None if spqr is None else spqr.stat_group,
         resized=resized,
         bias=isinstance(getattr(mod, "bias", None), torch.Tensor) if resized else None,
+        lowrank=lowrank,
     )
 
 
@@ -174,7 +179,7 @@ def export_units(
     view_mods = {f"{e}.{n}": m for e, v in views.items() for n, m in v.named_modules() if n}
     irregular = irregular_experts(model)  # MoE experts resized by structured pruning: stored unfused
     for name, mod in [*mods.items(), *view_mods.items()]:
-        if isinstance(mod, LlmpressLinear):  # loaded packed: stored as it is
+        if isinstance(mod, (LlmpressLinear, LowRankLinear)):  # loaded packed or low-rank: as it is
             modules[name] = mod.fmt.to_dict()
             continue
         if isinstance(mod, DroppedModule):

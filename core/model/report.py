@@ -167,7 +167,6 @@ class CompressionReport(BaseModel):
             **({"allocation": self.allocation} if self.allocation is not None else {}),
             **({"recovery": self.recovery} if self.recovery is not None else {}),
             **({"transforms": self.transforms} if self.transforms is not None else {}),
-
             **({"kv_cache": self.kv_cache} if self.kv_cache is not None else {}),
         }
 

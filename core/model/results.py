@@ -108,6 +108,9 @@ class LayerResult:
     removed_rows: torch.Tensor | None = None
     removed_cols: torch.Tensor | None = None
     info: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: a low-rank compensation path ``(A [r, in], B [out, r])``: the layer computes
+    #: ``W x + B (A x)`` (EoRA); saved beside the weight (:mod:`llmpress.format.lowrank`)
+    lowrank: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def to(self, device: torch.device | str) -> LayerResult:
         """A copy with every tensor on ``device`` (e.g. CPU for a level database)."""
@@ -123,6 +126,9 @@ class LayerResult:
             removed_rows=mv(self.removed_rows),
             removed_cols=mv(self.removed_cols),
             info=dict(self.info),
+            lowrank=None
+            if self.lowrank is None
+            else (self.lowrank[0].to(device), self.lowrank[1].to(device)),
         )
 
 
@@ -161,6 +167,7 @@ def merge_results(old: LayerResult | None, new: LayerResult) -> LayerResult:
         removed_rows=old.removed_rows if new.removed_rows is None else new.removed_rows,
         removed_cols=old.removed_cols if new.removed_cols is None else new.removed_cols,
         info={**old.info, **new.info},
+        lowrank=new.lowrank if new.lowrank is not None else old.lowrank,
     )
 
 

@@ -122,6 +122,8 @@ def run_plan(
     """Execute ``plan`` on ``model`` (changed in place) and return the run's record; ``start``:
     the committed results of a compressed checkpoint the run continues from."""
     record = _restored_record(model, start)
+    # EoRA-like stages: each layer's weight before this run's first commit to it
+    record.keep_originals = any(s.config.needs_original_weights for s in stages)
     min_tokens = DEFAULT_MIN_TOKENS if plan.moe_min_tokens is None else plan.moe_min_tokens
     local = None if ids is None else distributed.shard(ids)  # this process's share of the sequences
     bs = _batch_size(opts.batch_size, local if local is not None else ids)

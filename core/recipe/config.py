@@ -192,6 +192,13 @@ class MethodConfig:
     #: whether the stage needs the model as it was before the recipe's first stage (a
     #: distillation teacher): the runner then keeps a frozen copy
     needs_teacher: ClassVar[bool] = False
+    #: whether the stage needs each layer's weight as it was before the run's first commit to it
+    #: (EoRA's compression error W - W_hat): the run's record then keeps a CPU copy of each
+    #: layer's weight at its first commit (:attr:`llmpress.engine.record.RunRecord.originals`)
+    needs_original_weights: ClassVar[bool] = False
+    #: whether the stage adds low-rank paths beside the layers' weights (EoRA), which
+    #: ``--adapter peft`` can write as a PEFT adapter
+    adds_lowrank: ClassVar[bool] = False
     #: BibTeX of the method's paper(s), cited in model cards
     citation: ClassVar[str] = ""
     #: how model cards and reports name the method (``"SparseGPT"``; default: ``method``)

@@ -1,6 +1,6 @@
 """Quantization quality and on-disk size on the reference model.
 
-    python examples/benchmarks/quant_quality.py [--device cuda] [--rows base|gptaq|awq|spqr|rotate|outliers|activations] [--threads N]
+    python examples/benchmarks/quant_quality.py [--device cuda] [--rows base|gptaq|awq|spqr|eora|rotate|outliers|activations] [--threads N]
 
 Quantizes ../shared/ref-lm/pycoder-19m with RTN and GPTQ (asymmetric, 64 calibration
 windows of 256 tokens from calib.txt), saves each in llmpress's packed format, and prints
@@ -13,6 +13,9 @@ SparseGPT 50 %, alone and before GPTQ/GPTAQ (:data:`GPTAQ_CONFIGS`).
 prints max |x| per input channel of every kind of block linear first.
 ``--rows spqr``: GPTQ against SpQR (Dettmers et al.) at about the same stored bits per weight of
 the quantized layers (codes, both levels of statistics and outliers, as saved).
+``--rows eora``: low-rank compensation of 3-bit GPTQ and of SparseGPT 2:4 + GPTQ 4-bit, each
+with no compensation, plain SVD (``eora`` with ``basis: identity``) and EoRA at ranks 8 and 32
+(:func:`eora_configs`); sizes on disk include the fp16 low-rank factors.
 ``--rows rotate``: RTN and GPTQ at W4/W3 g128 with and without a QuaRot rotation before them
 (``method: rotate``), then max |x| per channel before and after rotation at a few layers.
 ``--rows outliers``: the same on the model with planted activation outlier channels
@@ -117,6 +120,27 @@ def layer_bits(path: Path) -> float | None:
     return 8 * sum(owned) / weights if weights else None
 
 
+def eora_configs() -> list[tuple[str, list[dict], float | None]]:
+    """The ``--rows eora`` rows: each compression alone, then with plain SVD and EoRA paths."""
+    bases = [
+        ("GPTQ 3-bit g128", [{"method": "gptq", **Q3}]),
+        ("SparseGPT 2:4 + GPTQ 4-bit g128", [SP24, {"method": "gptq", **Q4}]),
+    ]
+    rows: list[tuple[str, list[dict], float | None]] = []
+    for name, stages in bases:
+        rows.append((name, stages, None))
+        for rank in (8, 32):
+            for label, basis in (("SVD", "identity"), ("EoRA", "activations")):
+                rows.append(
+                    (
+                        f"{name} + {label} r{rank}",
+                        [*stages, {"method": "eora", "rank": rank, "basis": basis}],
+                        None,
+                    )
+                )
+    return rows
+
+
 ROT = {"method": "rotate"}
 # RTN/GPTQ at W4/W3 g128 without and with a rotation before them (no reference code numbers)
 ROTATE_CONFIGS = [  # the reference numbers are for the whole eval.txt: left out here (--max-tokens)
@@ -147,6 +171,7 @@ ROWS = {
     "gptaq": (GPTAQ_CONFIGS, _no_change),
     "awq": (AWQ_CONFIGS, _no_change),
     "spqr": (SPQR_CONFIGS, _no_change),
+    "eora": (eora_configs(), _no_change),
     "rotate": (ROTATE_CONFIGS, _no_change),
     "outliers": (OUTLIER_CONFIGS, _planted),
     # W4A8 / W4A4KV4 with and without rotation, saved, reloaded and simulated (_act_rows.py)
@@ -317,6 +342,7 @@ def main() -> None:
             row["mb"] = dir_size(d) / 1e6
             row["bits"] = layer_bits(d)
         rows.append(row)
+        print(f"{name}: perplexity {ppl:.3f}, {row.get('mb', 0):.2f} MB, {dt:.0f} s", flush=True)
         del model
     if a.rows == "activations":
         from _act_rows import activation_rows
