@@ -49,7 +49,9 @@ class LowRankLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
-        return y + lowrank_delta(x, self._buffers[LOWRANK_A], self._buffers[LOWRANK_B]).to(y.dtype)
+        a, b = self._buffers[LOWRANK_A], self._buffers[LOWRANK_B]
+        assert a is not None and b is not None  # registered in __init__
+        return y + lowrank_delta(x, a, b).to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lowrank={self.fmt.lowrank}"
