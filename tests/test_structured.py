@@ -340,3 +340,18 @@ def test_evopress_over_hidden_widths_is_refused() -> None:
     stage = {"method": "flap", "ratio": 0.3, "structures": ["neurons", "hidden"], "allocation": EVO}
     with pytest.raises(RecipeError, match="hidden width is one for the whole model"):
         llmpress.compress(tiny_llama(), {"stages": [stage]}, calib_ids(), progress=False)
+
+
+def test_a_group_size_that_no_longer_divides_a_resized_layer_is_a_clear_error() -> None:
+    """GPTQ g32 after a structured stage that leaves down_proj 35 inputs wide: one clear error
+    naming the layer and the group size (not an IndexError from inside the sweep)."""
+    import llmpress
+    from llmpress.errors import LlmpressError
+
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    recipe = [
+        {"method": "magnitude_structured", "ratio": 0.3},
+        {"method": "gptq", "bits": 4, "group_size": 32},
+    ]
+    with pytest.raises(LlmpressError, match=r"down_proj.*not divisible by group_size=32"):
+        llmpress.compress(tiny_llama(), recipe, ids, progress=False)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from llmpress.errors import ModelError
-from llmpress.model.modules import get_weight
+from llmpress.model.modules import get_weight, in_out_features
 from llmpress.model.results import LayerResult
 from llmpress.quant.activations import is_static, static_scale
 
@@ -38,6 +38,8 @@ def solve_layer(
     they pruned must stay zero) when this method selects no mask of its own. ``where`` names
     the stage in errors."""
     where = where or name
+    # the shapes were checked before any work; an earlier structured stage may have resized the layer
+    config.check_module(name, *in_out_features(module))
     scores = hooks.score(module, stats, config)
     mask = None
     if scores is not None:
