@@ -70,6 +70,8 @@ def test_dataclass_stage_keeps_targets(pm) -> None:
                 "pattern": "2:4",
                 "blocksize": 128,
                 "percdamp": 0.01,
+                "asymmetric": False,
+                "alpha": 0.25,
                 "targets": ["mlp"],
                 "ignore": ["down_proj"],
             }
