@@ -83,39 +83,20 @@ def activation_rows(a: Any, tok: Any, windows: torch.Tensor, out_root: Path) -> 
     return rows
 
 
-@torch.no_grad()
-def plant_outliers(model: nn.Module, channels: list[int], factor: float) -> None:
-    """Outlier channels that leave the function unchanged (what LLMs grow in training): each
-    block's RMSNorm weights of ``channels`` times ``factor``, the matching input columns of
-    q/k/v and gate/up divided by it; ``up_proj`` rows of the same indices times ``factor``,
-    ``down_proj`` columns divided by it."""
-    for layer in model.model.layers:  # type: ignore[union-attr]
-        attn, mlp = layer.self_attn, layer.mlp
-        for norm, readers in (
-            (layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj)),
-            (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj)),
-        ):
-            norm.weight[channels] *= factor
-            for lin in readers:
-                lin.weight[:, channels] /= factor
-        mlp.up_proj.weight[channels] *= factor
-        mlp.down_proj.weight[:, channels] /= factor
-
-
 def planted_copy(model_dir: str, factor: float, n: int = 4) -> Path:
-    """A saved copy of ``model_dir`` with ``n`` planted outlier channels (see :func:`plant_outliers`)."""
+    """A saved copy of ``model_dir`` with ``n`` planted outlier channels
+    (:func:`_common.plant_outliers`: the same function, so the dense perplexity is unchanged)."""
     import tempfile
 
+    from _common import plant_outliers
+
     model, tok = load_model(model_dir, dtype=torch.float32)
-    channels = torch.randperm(model.config.hidden_size, generator=torch.Generator().manual_seed(0))[:n]
-    plant_outliers(model, channels.tolist(), factor)
+    channels = plant_outliers(model, channels=n, scale=factor)
     out = Path(tempfile.mkdtemp(prefix="llmpress-planted-"))
     model.save_pretrained(out)
     if tok is not None:
         tok.save_pretrained(out)
-    log.warning(
-        "planted outlier channels %s (x%g) into a copy of %s at %s", channels.tolist(), factor, model_dir, out
-    )
+    log.warning("planted outlier channels %s (x%g) into a copy of %s at %s", channels, factor, model_dir, out)
     return out
 
 
