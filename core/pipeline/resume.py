@@ -60,8 +60,7 @@ def _pruned(recipe: Any, pm: Llmpress) -> bool:  # noqa: ANN401 - the stored rec
     return False
 
 
-def _dense(mod: LlmpressLinear, dtype: torch.dtype) -> nn.Linear:
-    weight = mod.dequantized_weight(torch.float32)
+def _dense(mod: LlmpressLinear, weight: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
     lin = nn.Linear(
         mod.in_features, mod.out_features, bias=mod.bias is not None, device=weight.device, dtype=dtype
     )
@@ -86,13 +85,13 @@ def restore_checkpoint(model: nn.Module, pm: Llmpress | None = None) -> Compress
     packed = [(n, m) for n, m in model.named_modules() if isinstance(m, LlmpressLinear)]
     results = {n: _restored(n, m) for n, m in packed}  # all checked before any layer is replaced
     qc = _quantization_config(model)
-    if packed and _pruned(getattr(qc, "recipe", None), pm or get_plugin_manager()):
-        for n, m in packed:
-            if results[n].mask is None:
-                results[n].mask = (m.dequantized_weight(torch.float32) != 0).cpu()
+    pruned = bool(packed) and _pruned(getattr(qc, "recipe", None), pm or get_plugin_manager())
     dtype = getattr(model, "dtype", torch.float32)
-    for n, m in packed:
-        replace_module(model, n, _dense(m, dtype))
+    for n, m in packed:  # one layer at a time, each decoded once
+        weight = m.dequantized_weight(torch.float32)
+        if pruned and results[n].mask is None:
+            results[n].mask = (weight != 0).cpu()
+        replace_module(model, n, _dense(m, weight, dtype))
     state = _state(results, qc)
     if qc is not None:
         delattr(getattr(model, "config"), "quantization_config")  # noqa: B009 - typed as a Module attribute
